@@ -1,0 +1,216 @@
+"""The GRU cell as pure functions: parameters in, new hidden state out.
+
+Two variants share one parameter layout (named as the original notebook's
+TF1 weights) and differ only in where the reset gate acts:
+
+``"tf1"`` (default), TensorFlow 1 ``tf.nn.rnn_cell.GRUCell``::
+
+    r, u = sigmoid([x, h] @ W_g + b_g)          # W_g: [in_dim + units, 2 * units]
+    c    = act([x, r * h] @ W_c + b_c)          # W_c: [in_dim + units, units]
+    h'   = u * h + (1 - u) * c
+
+``"reset_after"``, cuDNN / ``torch.nn.GRU`` / ``flax.linen.GRUCell``::
+
+    r, z = sigmoid([x, h] @ W_g + b_g)
+    n    = act(x @ W_c[:in_dim] + b_c + r * (h @ W_c[in_dim:] + b_hn))
+    h'   = z * h + (1 - z) * n
+
+The reset-after form applies ``r`` after the recurrent matmul, so the three
+recurrent products ``h @ [W_hr | W_hz | W_hn]`` fuse into one matmul per step.
+
+Each step is split into the part that depends on ``x`` only
+(:func:`project_inputs`, hoisted out of the time loop by the classifier) and
+the recurrent part (:func:`recurrent_step`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+CELLS = ("tf1", "reset_after")
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "tanh": jnp.tanh,  # the notebook's (TF1 GRUCell default)
+    "relu": jax.nn.relu,
+    "softsign": jax.nn.soft_sign,
+    "hard_tanh": jax.nn.hard_tanh,
+}
+
+
+class _FieldMapping(Mapping):
+  """Read-only mapping view of a struct dataclass: ``p["kernel"] is p.kernel``."""
+
+  def _keys(self) -> tuple[str, ...]:
+    return tuple(
+        field.name
+        for field in dataclasses.fields(self)
+        if field.metadata.get("pytree_node", True)
+    )
+
+  def __getitem__(self, name: str) -> Any:
+    if name not in self._keys():
+      raise KeyError(f"{name!r}: expected one of {self._keys()}")
+    return getattr(self, name)
+
+  def __iter__(self):
+    return iter(self._keys())
+
+  def __len__(self) -> int:
+    return len(self._keys())
+
+
+@struct.dataclass
+class Dense(_FieldMapping):
+  """An affine map ``y = x @ kernel + bias``."""
+
+  kernel: jax.Array  # <float>[in_features, out_features]
+  bias: jax.Array  # <float>[out_features]
+
+
+@struct.dataclass
+class ResetAfterDense(_FieldMapping):
+  """The reset-after candidate: a second bias inside ``r * (h @ W + b_hn)``."""
+
+  kernel: jax.Array  # <float>[in_dim + units, units]
+  bias: jax.Array  # <float>[units], b_in: added to the input projection
+  recurrent_bias: jax.Array  # <float>[units], b_hn: gated by r
+
+
+def check_cell(cell: str) -> str:
+  if cell not in CELLS:
+    raise ValueError(f"unknown cell {cell!r}: expected one of {CELLS}")
+  return cell
+
+
+def check_activation(activation: str) -> str:
+  if activation not in ACTIVATIONS:
+    raise ValueError(
+        f"unknown activation {activation!r}: expected one of"
+        f" {tuple(ACTIVATIONS)}"
+    )
+  return activation
+
+
+def init_cell(
+    key: jax.Array,
+    *,
+    in_dim: int,
+    num_units: int,
+    cell: str = "tf1",
+    dtype: jnp.dtype = jnp.float32,
+) -> dict[str, Dense | ResetAfterDense]:
+  """TF1 ``GRUCell`` defaults: Glorot-uniform kernels, gate bias 1, candidate bias 0.
+
+  Returns:
+    ``{"gates": Dense, "candidate": Dense | ResetAfterDense}``.
+  """
+  check_cell(cell)
+  gates_key, candidate_key = jax.random.split(key)
+  glorot = jax.nn.initializers.glorot_uniform()
+  rows = in_dim + num_units
+  gates = Dense(
+      kernel=glorot(gates_key, (rows, 2 * num_units), dtype),
+      # Bias 1.0 starts both gates mostly open (r ~ u ~ 0.73), as TF1 did.
+      bias=jnp.ones((2 * num_units,), dtype),
+  )
+  kernel = glorot(candidate_key, (rows, num_units), dtype)
+  bias = jnp.zeros((num_units,), dtype)
+  if cell == "tf1":
+    candidate = Dense(kernel=kernel, bias=bias)
+  else:
+    candidate = ResetAfterDense(kernel=kernel, bias=bias, recurrent_bias=bias)
+  return {"gates": gates, "candidate": candidate}
+
+
+def project_inputs(params: Mapping, x: jax.Array) -> jax.Array:
+  """The part of a step that depends on ``x`` alone, for any leading dims.
+
+  Args:
+    params: a mapping with ``gates`` and ``candidate`` (each ``kernel``, ``bias``).
+    x: <float>[..., in_dim]
+
+  Returns:
+    <float>[..., 3 * units]: ``x @ W_g[:in_dim] + b_g`` then ``x @ W_c[:in_dim] + b_c``.
+  """
+  in_dim = x.shape[-1]
+  kernel = jnp.concatenate(
+      [params["gates"]["kernel"][:in_dim], params["candidate"]["kernel"][:in_dim]],
+      axis=1,
+  )  # (in_dim, 3 * units)
+  bias = jnp.concatenate([params["gates"]["bias"], params["candidate"]["bias"]])
+  return x @ kernel + bias
+
+
+def recurrent_weights(params: Mapping, *, cell: str, in_dim: int) -> tuple:
+  """The recurrent weights in the layout :func:`recurrent_step` wants (hoistable)."""
+  gates_h = params["gates"]["kernel"][in_dim:]  # (units, 2 * units)
+  candidate_h = params["candidate"]["kernel"][in_dim:]  # (units, units)
+  if check_cell(cell) == "tf1":
+    return (gates_h, candidate_h)
+  fused = jnp.concatenate([gates_h, candidate_h], axis=1)  # (units, 3 * units)
+  return (fused, params["candidate"]["recurrent_bias"])
+
+
+def recurrent_step(
+    weights: tuple,
+    h: jax.Array,
+    projected_x: jax.Array,
+    *,
+    cell: str,
+    activation: str = "tanh",
+) -> jax.Array:
+  """The recurrent part of one step.
+
+  Args:
+    weights: from :func:`recurrent_weights`.
+    h: <float>[..., units]
+    projected_x: <float>[..., 3 * units] from :func:`project_inputs`.
+
+  Returns:
+    h_new: <float>[..., units]
+  """
+  act = ACTIVATIONS[check_activation(activation)]
+  units = h.shape[-1]
+  x_gates, x_candidate = projected_x[..., : 2 * units], projected_x[..., 2 * units :]
+  if check_cell(cell) == "tf1":
+    gates_h, candidate_h = weights
+    r, u = jnp.split(jax.nn.sigmoid(x_gates + h @ gates_h), 2, axis=-1)
+    c = act(x_candidate + (r * h) @ candidate_h)
+  else:
+    fused, recurrent_bias = weights
+    hh = h @ fused  # (..., 3 * units): one matmul for r, z and n
+    r, u = jnp.split(jax.nn.sigmoid(x_gates + hh[..., : 2 * units]), 2, axis=-1)
+    c = act(x_candidate + r * (hh[..., 2 * units :] + recurrent_bias))
+  return u * h + (1.0 - u) * c
+
+
+def gru_step(
+    params: Mapping,
+    h: jax.Array,
+    x: jax.Array,
+    *,
+    cell: str = "tf1",
+    activation: str = "tanh",
+) -> jax.Array:
+  """One GRU step (see the module docstring for the equations).
+
+  Args:
+    params: a mapping with ``gates`` and ``candidate``.
+    h: <float>[..., units]
+    x: <float>[..., in_dim]
+    cell: ``"tf1"`` or ``"reset_after"``.
+    activation: name in :data:`ACTIVATIONS` for the candidate.
+
+  Returns:
+    h_new: <float>[..., units]
+  """
+  weights = recurrent_weights(params, cell=cell, in_dim=x.shape[-1])
+  return recurrent_step(
+      weights, h, project_inputs(params, x), cell=cell, activation=activation
+  )

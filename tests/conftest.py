@@ -1,0 +1,24 @@
+"""Test-wide JAX settings: float64 available, two fake CPU devices for pmap."""
+
+import os
+
+import jax
+
+# Must run before JAX initialises its backend (i.e. before any array exists).
+jax.config.update("jax_num_cpu_devices", 2)
+jax.config.update("jax_enable_x64", True)
+
+import pytest  # noqa: E402
+
+MNIST_DIR = os.environ.get(
+    "PIXELRNN_JAX_TEST_MNIST",
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "mnist"),
+)
+
+
+@pytest.fixture
+def mnist_dir():
+  """The real MNIST IDX files (../shared/mnist); skips the test when absent."""
+  if not os.path.exists(os.path.join(MNIST_DIR, "train-labels-idx1-ubyte.gz")):
+    pytest.skip(f"real MNIST files not found in {MNIST_DIR}")
+  return os.path.abspath(MNIST_DIR)
