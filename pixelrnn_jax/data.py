@@ -22,6 +22,7 @@ Splits as the notebook (TF1 ``read_data_sets``): ``valid`` = training images
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import logging
@@ -158,7 +159,7 @@ def _check_sha256(data: bytes, name: str, where: str) -> None:
     raise IDXError(
         f"{where}: SHA-256 {digest} does not match the original MNIST file"
         f" {name} ({SHA256[name]}); the file is corrupt or not MNIST. Pass"
-        " verify=False (--no-verify) to read your own IDX-format data."
+        " verify=False (--no-verify-data) to read your own IDX-format data."
     )
 
 
@@ -225,7 +226,7 @@ def _from_tfds(split: str, cache_dir: Path):
   # Offline, tfds's downloader retries for minutes; one try fails in a second.
   try:
     from tensorflow_datasets.core.download import downloader  # pylint: disable=import-outside-toplevel
-    downloader.MAX_RETRIES = 1  # pytype: disable=module-attr
+    downloader.MAX_RETRIES = 0
   except (ImportError, AttributeError):
     pass
   tfds_split = "test" if split == "test" else "train"
@@ -301,9 +302,13 @@ def default_cache_dir() -> Path:
   return Path(os.environ.get(CACHE_DIR_ENV, Path.home() / ".cache" / "pixelrnn_jax"))
 
 
-def _load_file_pair(split, data_dir, cache_dir, verify, sources):
-  """uint8 images and labels of the train or t10k file pair, from the first working source."""
-  file_split = "test" if split == "test" else "train"
+@functools.lru_cache(maxsize=4)
+def _load_file_pair(file_split, data_dir, cache_dir, verify, sources):
+  """uint8 images and labels of the train or t10k file pair, from the first working source.
+
+  Memoised: train and valid come from the same files, read once per process.
+  """
+  split = file_split
   cache_file = cache_dir / f"mnist-{file_split}.npz"
   tried = []
 
@@ -402,7 +407,9 @@ def load_mnist(
   if data_dir is None and os.environ.get(DATA_DIR_ENV):
     data_dir = os.environ[DATA_DIR_ENV]
   cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-  images, labels = _load_file_pair(split, data_dir, cache_dir, verify, sources)
+  file_split = "test" if split == "test" else "train"
+  data_dir = None if data_dir is None else str(data_dir)
+  images, labels = _load_file_pair(file_split, data_dir, cache_dir, verify, tuple(sources))
   if split == "valid":
     images, labels = images[:NUM_VALID], labels[:NUM_VALID]
   elif split == "train":

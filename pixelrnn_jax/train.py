@@ -1,0 +1,373 @@
+"""Training: the pmapped optax step, the loop, checkpoints and the run directory.
+
+``train_and_evaluate(config, workdir)`` is the entry point. The run
+directory holds::
+
+    config.json        the resolved Config
+    metrics.jsonl      one JSON line per log interval and per evaluation
+    eval.json          the final evaluation on valid (with accuracy per step)
+    checkpoints/       ckpt_<step>.msgpack (the newest K) and best.msgpack
+
+A run directory that already has checkpoints is resumed from the newest
+readable one: params, optimiser state, data position and data key, so the
+resumed run equals the uninterrupted one bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from pixelrnn_jax import checkpoint
+from pixelrnn_jax import config as config_lib
+from pixelrnn_jax import data
+from pixelrnn_jax import evaluation
+from pixelrnn_jax import gru_classifier
+
+log = logging.getLogger(__name__)
+
+AXIS = "batch"  # the pmap axis the gradients are averaged over
+
+
+class TrainState(NamedTuple):
+  step: jax.Array  # <int32>[]: optimiser steps taken
+  params: gru_classifier.Params
+  opt_state: optax.OptState
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or gradient became NaN/inf; the run stopped without saving it."""
+
+
+def make_optimizer(config: config_lib.Config) -> optax.GradientTransformation:
+  """Adam (the notebook's), optionally with a schedule and global-norm clipping."""
+  if config.lr_schedule == "constant":
+    learning_rate = config.learning_rate
+  else:
+    learning_rate = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=config.learning_rate,
+        warmup_steps=config.warmup_steps, decay_steps=config.steps, end_value=0.0,
+    )
+  parts = []
+  if config.clip_norm is not None:
+    parts.append(optax.clip_by_global_norm(config.clip_norm))
+  parts.append(optax.adam(learning_rate))
+  return optax.chain(*parts)
+
+
+def init_params(config: config_lib.Config, key: jax.Array) -> gru_classifier.Params:
+  _, in_dim = data.sequence_shape(config.order)
+  return gru_classifier.init(
+      key, num_units=config.num_units, in_dim=in_dim, cell=config.cell,
+      activation=config.activation,
+  )
+
+
+def init_train_state(config, key, optimizer) -> TrainState:
+  params = init_params(config, key)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params))
+
+
+def loss_fn(params, x, labels, *, per_step_loss: float = 0.0):
+  """Cross-entropy on the last step (the notebook's), plus an optional per-step term.
+
+  Args:
+    x: <float32>[batch, T, in_dim]
+    labels: <int32>[batch]
+
+  Returns:
+    (loss, logits <float32>[batch, T, classes])
+  """
+  logits = gru_classifier.apply(params, x)
+  loss = gru_classifier.cross_entropy(logits, labels)
+  if per_step_loss:
+    loss = loss + per_step_loss * gru_classifier.cross_entropy_per_step(logits, labels)
+  return loss, logits
+
+
+def make_train_step(optimizer: optax.GradientTransformation, *, per_step_loss: float = 0.0):
+  """Returns the pmapped train step ``(state, x, labels) -> (state, metrics)``.
+
+  ``state`` is replicated over the leading device axis, ``x`` is
+  <float32>[devices, batch_per_device, T, in_dim], ``labels``
+  <int32>[devices, batch_per_device]. Gradients and metrics are averaged over
+  devices with ``lax.pmean`` (outside the scan); the input state's buffers are
+  donated. This factory is the one place that knows about pmap.
+  """
+
+  def train_step(state: TrainState, x, labels):
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, logits), grads = grad_fn(state.params, x, labels, per_step_loss=per_step_loss)
+    grads = jax.lax.pmean(grads, AXIS)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = jax.lax.pmean(
+        {"loss": loss, "accuracy": gru_classifier.accuracy(logits, labels)}, AXIS
+    )
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  return jax.pmap(train_step, axis_name=AXIS, donate_argnums=(0,))
+
+
+def replicate(tree, num_devices: int):
+  return flax.jax_utils.replicate(tree, devices=jax.local_devices()[:num_devices])
+
+
+def unreplicate(tree):
+  return jax.device_get(flax.jax_utils.unreplicate(tree))
+
+
+# ----------------------------------------------------------------------------
+# Checkpoint contents
+
+
+def _checkpoint_tree(state: TrainState, position, data_key, best: float, config) -> dict:
+  return {
+      "state": state,
+      "data_position": np.asarray(position, np.int64),  # (epoch, index) of the next batch
+      "data_key": np.asarray(jax.random.key_data(data_key)),
+      "best_valid_accuracy": float(best),
+      "config": config.to_json(),
+  }
+
+
+def load_model(path: str | Path) -> tuple[gru_classifier.Params, config_lib.Config, dict]:
+  """Params and config of a checkpoint file, or of a run directory's best checkpoint.
+
+  Returns:
+    (params, config, info) where info has ``path`` and ``step``.
+
+  Raises:
+    CheckpointError / FileNotFoundError: naming the path and what is wrong.
+  """
+  path = Path(path)
+  if path.is_dir():
+    directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if (directory / checkpoint.BEST).is_file():
+      path = directory / checkpoint.BEST
+    else:
+      latest = checkpoint.step_checkpoints(directory)
+      if not latest:
+        raise FileNotFoundError(f"{path}: no checkpoint in this run directory")
+      path = latest[-1]
+  elif not path.exists():
+    raise FileNotFoundError(f"{path}: no such checkpoint file or run directory")
+  state_dict = checkpoint.load(path)
+  try:
+    config = config_lib.Config.from_dict(json.loads(state_dict["config"]))
+  except (KeyError, TypeError, ValueError) as error:
+    raise checkpoint.CheckpointError(f"{path}: no readable config ({error})") from error
+  template = init_params(config, jax.random.key(0))
+  params = checkpoint.restore(template, state_dict["state"]["params"])
+  return params, config, {"path": str(path), "step": int(state_dict["state"]["step"])}
+
+
+# ----------------------------------------------------------------------------
+# The loop
+
+
+class _StopOnSignal:
+  """SIGINT/SIGTERM ask the loop to checkpoint and stop; a second SIGINT aborts."""
+
+  def __init__(self):
+    self.requested = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = signal.Signals(signum).name
+    log.warning("%s received: saving a checkpoint after this step, then stopping"
+                " (press Ctrl-C again to abort without saving)", self.requested)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+  def __enter__(self):
+    for signum in (signal.SIGINT, signal.SIGTERM):
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # not the main thread: signals cannot be caught here
+        pass
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+
+def _check_devices(config) -> None:
+  available = jax.local_device_count()
+  if config.devices > available:
+    raise ValueError(
+        f"devices={config.devices} but JAX sees {available}"
+        f" {jax.default_backend()} device(s); on CPU pass --devices on the"
+        " command line (it is set before JAX starts) or call"
+        " jax.config.update('jax_num_cpu_devices', N) before any JAX work"
+    )
+
+
+def _prepare_workdir(workdir: Path, config) -> None:
+  """Writes config.json; on resume, refuses a config that changes what is computed."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  config_path = workdir / "config.json"
+  if config_path.exists() and checkpoint.step_checkpoints(workdir / "checkpoints"):
+    previous = json.loads(config_path.read_text())
+    current = dataclasses.asdict(config)
+    changed = sorted(
+        name for name in current
+        if name not in config_lib.RESUMABLE_CHANGES and previous.get(name) != current[name]
+    )
+    if changed:
+      details = ", ".join(f"{n}: {previous.get(n)!r} -> {current[n]!r}" for n in changed)
+      raise ValueError(
+          f"{workdir} holds a run with a different config ({details}); resume"
+          " with the same settings or choose a new --workdir"
+      )
+  tmp = config_path.with_suffix(".json.partial")
+  tmp.write_text(config.to_json() + "\n")
+  tmp.replace(config_path)
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+  with open(path, "a") as handle:
+    handle.write(json.dumps(record) + "\n")
+
+
+def _load_split(config, split):
+  return data.load_mnist(split, data_dir=config.data_dir, verify=config.verify_data,
+                         standardize=config.standardize)
+
+
+def train_and_evaluate(
+    config: config_lib.Config, workdir: str | Path, *, progress: bool = True
+) -> dict:
+  """Trains (or resumes) in ``workdir`` and evaluates on valid.
+
+  Returns:
+    A summary dict: ``step``, ``stopped`` (None or the signal name), ``valid``
+    (the final evaluation), ``best_valid_accuracy``, ``seconds``.
+
+  Raises:
+    ValueError: a bad config, or a workdir holding a run with another config.
+    NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+  """
+  config.validate()
+  _check_devices(config)
+  workdir = Path(workdir)
+  checkpoint_dir = workdir / "checkpoints"
+  _prepare_workdir(workdir, config)
+  train_x, train_y = _load_split(config, "train")
+  valid_x, valid_y = _load_split(config, "valid")
+
+  optimizer = make_optimizer(config)
+  init_key, data_key = jax.random.split(jax.random.key(config.seed))
+  state = init_train_state(config, init_key, optimizer)
+  position, best = (0, 0), -1.0
+  restored = checkpoint.load_latest(checkpoint_dir)
+  if restored is not None:
+    path, saved = restored
+    template = _checkpoint_tree(state, position, data_key, best, config)
+    tree = checkpoint.restore(template, saved)
+    state, position = tree["state"], tuple(int(v) for v in tree["data_position"])
+    data_key = jax.random.wrap_key_data(jnp.asarray(tree["data_key"]))
+    best = tree["best_valid_accuracy"]
+    log.info("resuming from %s (step %d)", path, int(state.step))
+
+  batches = data.Batches(
+      train_x, train_y, batch_size=config.batch_size, key=data_key,
+      order=config.order, num_devices=config.devices,
+      epoch=position[0], index=position[1],
+  )
+  train_step = make_train_step(optimizer, per_step_loss=config.per_step_loss)
+  replicated = replicate(state, config.devices)
+  step = start_step = int(state.step)
+  metrics_path = workdir / "metrics.jsonl"
+  summary: dict[str, Any] = {"stopped": None}
+  window, window_start = [], time.perf_counter()
+  run_start = time.perf_counter()
+
+  def save(kind: str) -> None:
+    tree = _checkpoint_tree(unreplicate(replicated), batches.position, data_key, best, config)
+    if kind == "best":
+      checkpoint.save(checkpoint_dir / checkpoint.BEST, tree)
+    else:
+      checkpoint.save_step(checkpoint_dir, step, tree, keep=config.keep_checkpoints)
+
+  bar = tqdm(total=config.steps, initial=step, disable=not progress, unit="step",
+             dynamic_ncols=True)
+  with _StopOnSignal() as stop, bar:
+    while step < config.steps:
+      x, y = next(batches)
+      step_start = time.perf_counter()
+      replicated, metrics = train_step(replicated, x, y)
+      metrics = {name: float(value[0]) for name, value in metrics.items()}
+      step += 1
+      if step == start_step + 1:
+        log.info("first step (compilation included) took %.1f s",
+                 time.perf_counter() - step_start)
+        window_start = time.perf_counter()
+      else:
+        window.append(metrics)
+      if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+        last = checkpoint.step_checkpoints(checkpoint_dir)
+        raise NonFiniteLossError(
+            f"step {step}: loss {metrics['loss']}, gradient norm"
+            f" {metrics['grad_norm']}; stopped without saving this state. The last"
+            f" good checkpoint is {last[-1] if last else 'none (nothing saved yet)'}."
+            " Try a lower --lr or --clip-norm 1.0, and check the input for NaNs."
+        )
+      if window and (step % config.log_every == 0 or step == config.steps):
+        seconds = time.perf_counter() - window_start
+        record = {
+            "step": step,
+            "loss": float(np.mean([m["loss"] for m in window])),
+            "accuracy": float(np.mean([m["accuracy"] for m in window])),
+            "grad_norm": float(np.mean([m["grad_norm"] for m in window])),
+            "steps_per_s": len(window) / seconds,
+            "samples_per_s": len(window) * config.batch_size / seconds,
+        }
+        _append_jsonl(metrics_path, record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
+                        samples_s=f"{record['samples_per_s']:.0f}")
+        window, window_start = [], time.perf_counter()
+      bar.update(1)
+      if step % config.eval_every == 0 or step == config.steps:
+        result = evaluation.evaluate(unreplicate(replicated).params, valid_x, valid_y,
+                                     order=config.order, batch_size=config.eval_batch_size)
+        _append_jsonl(metrics_path, {"step": step, "split": "valid",
+                                     "accuracy": result["accuracy"], "loss": result["loss"]})
+        log.info("step %d: valid accuracy %.4f, loss %.4f", step,
+                 result["accuracy"], result["loss"])
+        if result["accuracy"] > best:
+          best = result["accuracy"]
+          save("best")
+      if step % config.checkpoint_every == 0 or step == config.steps or stop.requested:
+        save("step")
+      if stop.requested:
+        summary["stopped"] = stop.requested
+        log.warning("stopped by %s at step %d; resume with the same command", stop.requested, step)
+        break
+
+  valid = evaluation.evaluate(unreplicate(replicated).params, valid_x, valid_y,
+                              order=config.order, batch_size=config.eval_batch_size)
+  if summary["stopped"] is None:
+    (workdir / "eval.json").write_text(json.dumps({"step": step, "split": "valid", **valid}))
+  summary.update(step=step, valid=valid, best_valid_accuracy=max(best, valid["accuracy"]),
+                 seconds=time.perf_counter() - run_start)
+  log.info("done: step %d, valid accuracy %.4f (best %.4f), loss %.4f, %.0f s",
+           step, valid["accuracy"], summary["best_valid_accuracy"], valid["loss"],
+           summary["seconds"])
+  return summary
