@@ -118,7 +118,7 @@ def make_train_step(optimizer: optax.GradientTransformation, *, per_step_loss: f
     metrics = jax.lax.pmean(
         {"loss": loss, "accuracy": gru_classifier.accuracy(logits, labels)}, AXIS
     )
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return TrainState(state.step + 1, params, opt_state), metrics
 
   return jax.pmap(train_step, axis_name=AXIS, donate_argnums=(0,))
@@ -129,7 +129,11 @@ def replicate(tree, num_devices: int):
 
 
 def unreplicate(tree):
-  return jax.device_get(flax.jax_utils.unreplicate(tree))
+  """The first device's copy, on the host.
+
+  (flax.jax_utils.unreplicate keeps the device axis when 1 of several devices is used.)
+  """
+  return jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data)[0], tree)
 
 
 # ----------------------------------------------------------------------------

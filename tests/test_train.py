@@ -1,0 +1,328 @@
+"""The pmapped step, the training loop, checkpoints, resume, signals and the CLI."""
+
+import gzip
+import json
+import re
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pixelrnn_jax import checkpoint
+from pixelrnn_jax import cli
+from pixelrnn_jax import config as config_lib
+from pixelrnn_jax import data
+from pixelrnn_jax import evaluation
+from pixelrnn_jax import train
+
+SMALL = dict(order="row", num_units=8, batch_size=16, steps=6, log_every=2,
+             eval_every=3, checkpoint_every=2, eval_batch_size=64)
+
+
+def _synthetic(n, seed):
+  """Learnable toy digits: the label is written as a bright row."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 10, n).astype(np.int32)
+  images = rng.uniform(0, 0.2, (n, 28, 28)).astype(np.float32)
+  images[np.arange(n), 2 * labels + 3, :] = 1.0
+  return images, labels
+
+
+@pytest.fixture
+def toy_data(monkeypatch):
+  splits = {"train": _synthetic(160, 0), "valid": _synthetic(40, 1)}
+  monkeypatch.setattr(train, "_load_split", lambda config, split: splits[split])
+  return splits
+
+
+def _params_after_one_step(config, x, y, num_devices):
+  optimizer = train.make_optimizer(config)
+  state = train.init_train_state(config, jax.random.key(0), optimizer)
+  step = train.make_train_step(optimizer)
+  per = x.shape[0] // num_devices
+  new_state, metrics = step(train.replicate(state, num_devices),
+                            x.reshape(num_devices, per, *x.shape[1:]),
+                            y.reshape(num_devices, per))
+  return state, train.unreplicate(new_state), jax.device_get(metrics)
+
+
+def test_pmapped_step_on_two_devices_equals_one_device():
+  assert jax.local_device_count() >= 2
+  config = config_lib.Config(**{**SMALL, "order": "pixel"})
+  images, labels = _synthetic(16, 3)
+  x = data.to_sequences(images, "pixel")[:, :100]  # a short sequence keeps it fast
+  before, one, m1 = _params_after_one_step(config, x, labels, 1)
+  _, two, m2 = _params_after_one_step(config, x, labels, 2)
+  chex.assert_trees_all_close(one.params, two.params, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(m1["loss"][0], m2["loss"][0], rtol=1e-5)
+  np.testing.assert_array_equal(m2["loss"][0], m2["loss"][1])  # averaged over devices
+  assert int(one.step) == 1
+  for path, old, new in zip(jax.tree_util.tree_leaves_with_path(before.params),
+                            jax.tree_util.tree_leaves(before.params),
+                            jax.tree_util.tree_leaves(one.params)):
+    assert not np.allclose(old, new), f"{path[0]} did not change"
+
+
+def test_loss_falls_on_a_fixed_batch():
+  config = config_lib.Config(**{**SMALL, "learning_rate": 3e-2})
+  optimizer = train.make_optimizer(config)
+  state = train.replicate(train.init_train_state(config, jax.random.key(0), optimizer), 1)
+  step = train.make_train_step(optimizer)
+  images, labels = _synthetic(16, 4)
+  x, y = data.to_sequences(images, "row")[None], labels[None]
+  losses = []
+  for _ in range(60):
+    state, metrics = step(state, x, y)
+    losses.append(float(metrics["loss"][0]))
+  assert losses[-1] < 0.5 * losses[0]
+
+
+def test_per_step_loss_option_changes_the_loss():
+  params = train.init_params(config_lib.Config(**SMALL), jax.random.key(0))
+  images, labels = _synthetic(8, 5)
+  x = data.to_sequences(images, "row")
+  plain, logits = train.loss_fn(params, x, labels)
+  both, _ = train.loss_fn(params, x, labels, per_step_loss=0.5)
+  from pixelrnn_jax import gru_classifier
+  np.testing.assert_allclose(
+      both, plain + 0.5 * gru_classifier.cross_entropy_per_step(logits, labels), rtol=1e-6)
+
+
+def test_optimizer_options_live_in_optax():
+  config = config_lib.Config(**{**SMALL, "steps": 100, "lr_schedule": "warmup_cosine",
+                                "warmup_steps": 10, "clip_norm": 1e-3})
+  optimizer = train.make_optimizer(config)
+  params = train.init_params(config, jax.random.key(0))
+  state = optimizer.init(params)
+  huge = jax.tree.map(lambda p: jnp.full_like(p, 1e3), params)
+  updates, state = optimizer.update(huge, state, params)
+  # Step 0 of the warm-up has learning rate 0.
+  assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(updates))
+  updates, _ = optimizer.update(huge, state, params)
+  # Adam normalises the gradient; the update is bounded by lr(1) = 1e-4.
+  assert max(float(jnp.abs(u).max()) for u in jax.tree.leaves(updates)) <= 1.01e-4
+
+
+def test_evaluate_is_exact_over_an_uneven_split():
+  params = train.init_params(config_lib.Config(**SMALL), jax.random.key(1))
+  images, labels = _synthetic(37, 6)
+  result = evaluation.evaluate(params, images, labels, order="row", batch_size=10)
+  from pixelrnn_jax import gru_classifier
+  logits = gru_classifier.apply(params, data.to_sequences(images, "row"))
+  assert result["num_examples"] == 37
+  np.testing.assert_allclose(result["accuracy"], gru_classifier.accuracy(logits, labels))
+  np.testing.assert_allclose(result["loss"], gru_classifier.cross_entropy(logits, labels),
+                             rtol=1e-5)
+  np.testing.assert_allclose(result["accuracy_per_step"],
+                             gru_classifier.accuracy_per_step(logits, labels))
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def _final_state(workdir):
+  path, saved = checkpoint.load_latest(workdir / "checkpoints")
+  return path, saved
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, toy_data, devices):
+  config = config_lib.Config(**{**SMALL, "devices": devices, "steps": 12,
+                                "checkpoint_every": 5})
+  straight = train.train_and_evaluate(config, tmp_path / "straight", progress=False)
+  # "Interrupted" after 5 steps, then resumed with the full step count.
+  train.train_and_evaluate(config.replace(steps=5), tmp_path / "resumed", progress=False)
+  resumed = train.train_and_evaluate(config, tmp_path / "resumed", progress=False)
+  assert straight["step"] == resumed["step"] == 12
+  _, a = _final_state(tmp_path / "straight")
+  _, b = _final_state(tmp_path / "resumed")
+  for x, y in zip(jax.tree.leaves(a["state"]), jax.tree.leaves(b["state"])):
+    np.testing.assert_array_equal(x, y)
+  np.testing.assert_array_equal(a["data_position"], b["data_position"])
+  assert straight["valid"] == resumed["valid"]
+
+
+def test_run_directory_contents(tmp_path, toy_data):
+  config = config_lib.Config(**SMALL)
+  summary = train.train_and_evaluate(config, tmp_path, progress=False)
+  assert json.loads((tmp_path / "config.json").read_text()) == json.loads(config.to_json())
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  train_lines = [l for l in lines if "split" not in l]
+  assert [l["step"] for l in train_lines] == [2, 4, 6]
+  assert {"loss", "accuracy", "steps_per_s", "samples_per_s"} <= set(train_lines[0])
+  assert [l["step"] for l in lines if l.get("split") == "valid"] == [3, 6]
+  eval_json = json.loads((tmp_path / "eval.json").read_text())
+  assert len(eval_json["accuracy_per_step"]) == 28
+  assert eval_json["accuracy"] == summary["valid"]["accuracy"]
+  names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+  assert names == ["best.msgpack", "ckpt_00000002.msgpack", "ckpt_00000004.msgpack",
+                   "ckpt_00000006.msgpack"]
+  train.train_and_evaluate(config.replace(steps=10, keep_checkpoints=2), tmp_path,
+                           progress=False)
+  names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+  assert names == ["best.msgpack", "ckpt_00000008.msgpack", "ckpt_00000010.msgpack"]
+
+
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, toy_data, caplog):
+  config = config_lib.Config(**SMALL)
+  train.train_and_evaluate(config, tmp_path, progress=False)
+  newest = checkpoint.step_path(tmp_path / "checkpoints", 6)
+  blob = bytearray(newest.read_bytes())
+  blob[len(blob) // 2] ^= 0xFF
+  newest.write_bytes(bytes(blob))
+  with pytest.raises(checkpoint.CheckpointError, match="checksum mismatch"):
+    checkpoint.load(newest)
+  path, saved = checkpoint.load_latest(tmp_path / "checkpoints")
+  assert path.name == "ckpt_00000004.msgpack" and int(saved["state"]["step"]) == 4
+  assert "skipping unusable checkpoint" in caplog.text
+  (tmp_path / "checkpoints" / "ckpt_00000004.msgpack").write_bytes(b"\x00" * 10)
+  assert int(checkpoint.load_latest(tmp_path / "checkpoints")[1]["state"]["step"]) == 2
+
+
+def test_non_finite_loss_stops_keeping_the_last_good_checkpoint(tmp_path, monkeypatch):
+  images, labels = _synthetic(160, 0)
+  poisoned = images.copy()
+  poisoned[:] = np.nan
+  calls = {"n": 0}
+  real_next = data.Batches.__next__
+
+  def next_batch(self):  # the fifth batch is all NaN
+    calls["n"] += 1
+    x, y = real_next(self)
+    return (np.full_like(x, np.nan), y) if calls["n"] == 5 else (x, y)
+
+  monkeypatch.setattr(train, "_load_split", lambda c, s: (images, labels))
+  monkeypatch.setattr(data.Batches, "__next__", next_batch)
+  config = config_lib.Config(**SMALL)
+  with pytest.raises(train.NonFiniteLossError, match=r"step 5: loss nan.*ckpt_00000004"):
+    train.train_and_evaluate(config, tmp_path, progress=False)
+  _, saved = checkpoint.load_latest(tmp_path / "checkpoints")
+  assert int(saved["state"]["step"]) == 4
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(saved["state"]["params"]))
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path, toy_data):
+  train.train_and_evaluate(config_lib.Config(**SMALL), tmp_path, progress=False)
+  with pytest.raises(ValueError, match=r"different config \(num_units: 8 -> 16\)"):
+    train.train_and_evaluate(config_lib.Config(**{**SMALL, "num_units": 16}), tmp_path,
+                             progress=False)
+
+
+def test_too_many_devices_is_a_clear_error(tmp_path, toy_data):
+  config = config_lib.Config(**{**SMALL, "devices": 8})
+  with pytest.raises(ValueError, match=r"devices=8 but JAX sees 2 cpu device"):
+    train.train_and_evaluate(config, tmp_path, progress=False)
+
+
+# ---------------------------------------------------------------------------- config and CLI
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--steps", "-5"], r"steps=-5: expected a positive integer"),
+    (["--batch-size", "15", "--devices", "2"], r"batch_size=15 does not divide across devices=2"),
+    (["--order", "diagonal"], r"unknown order 'diagonal'"),
+    (["--cell", "lstm"], r"unknown cell 'lstm'"),
+    (["--lr", "0"], r"learning_rate=0.0: expected > 0"),
+    (["--clip-norm", "-1"], r"clip_norm=-1.0"),
+    (["--lr-schedule", "step"], r"lr_schedule='step'"),
+    (["--warmup-steps", "50", "--steps", "10"], r"warmup_steps=50"),
+])
+def test_config_errors_fail_before_any_work(tmp_path, flags, match, capsys):
+  workdir = tmp_path / "run"
+  assert cli.main(["train", "--workdir", str(workdir), *flags]) == 2
+  assert re.search(match, capsys.readouterr().err)
+  assert not workdir.exists()
+
+
+def test_bad_flag_type_is_an_argparse_error(tmp_path):
+  with pytest.raises(SystemExit) as info:
+    cli.main(["train", "--workdir", str(tmp_path), "--steps", "ten"])
+  assert info.value.code == 2
+
+
+def test_flags_map_onto_config():
+  args = cli.build_parser().parse_args(
+      ["train", "--workdir", "w", "--units", "32", "--lr", "0.01", "--clip-norm", "none",
+       "--order", "permuted", "--standardize", "--per-step-loss", "0.1"])
+  config = cli.config_from_flags(args)
+  assert config == config_lib.Config(num_units=32, learning_rate=0.01, clip_norm=None,
+                                     order="permuted", standardize=True, per_step_loss=0.1)
+  assert config_lib.Config() == cli.config_from_flags(
+      cli.build_parser().parse_args(["train", "--workdir", "w"]))
+
+
+def test_notebook_defaults():
+  config = config_lib.Config()
+  assert (config.num_units, config.cell, config.learning_rate, config.batch_size,
+          config.steps, config.order) == (64, "tf1", 1e-3, 512, 10_000, "pixel")
+
+
+def test_evaluate_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+  assert cli.main(["evaluate", "--checkpoint", str(tmp_path / "nope")]) == 2
+  assert "no such checkpoint file or run directory" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def test_cli_end_to_end_on_real_mnist_row_order(tmp_path, mnist_dir, capsys):
+  workdir = tmp_path / "row"
+  start = time.monotonic()
+  code = cli.main(["train", "--workdir", str(workdir), "--data-dir", mnist_dir,
+                   "--order", "row", "--steps", "300", "--batch-size", "128",
+                   "--lr", "3e-3", "--eval-every", "300", "--no-progress"])
+  assert code == 0
+  assert time.monotonic() - start < 45
+  final = json.loads((workdir / "eval.json").read_text())
+  assert final["accuracy"] > 0.90
+  capsys.readouterr()
+  assert cli.main(["evaluate", "--checkpoint", str(workdir), "--split", "valid",
+                   "--data-dir", mnist_dir, "--json"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert result["order"] == "row" and result["step"] == 300
+  assert result["accuracy"] == final["accuracy"]
+  np.testing.assert_allclose(result["loss"], final["loss"], rtol=1e-6)
+  assert len(result["accuracy_per_step"]) == 28
+
+
+def _write_fake_idx(directory, n=5200):
+  images, labels = _synthetic(n, 7)
+  (directory / "train-images-idx3-ubyte.gz").write_bytes(
+      gzip.compress(data.to_idx((images * 255).astype(np.uint8)), compresslevel=1))
+  (directory / "train-labels-idx1-ubyte.gz").write_bytes(
+      gzip.compress(data.to_idx(labels.astype(np.uint8))))
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path, signum, code):
+  _write_fake_idx(tmp_path)
+  workdir = tmp_path / "run"
+  env = {**os.environ, "PIXELRNN_JAX_CACHE": str(tmp_path / "cache")}
+  process = subprocess.Popen(
+      [sys.executable, "-m", "pixelrnn_jax", "train", "--workdir", str(workdir),
+       "--data-dir", str(tmp_path), "--no-verify-data", "--order", "row",
+       "--units", "8", "--batch-size", "16", "--steps", "100000", "--log-every", "5",
+       "--checkpoint-every", "1000000", "--eval-every", "1000000", "--no-progress"],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.monotonic() + 60
+  while not (metrics.exists() and metrics.read_text().strip()):
+    assert process.poll() is None, process.communicate()
+    assert time.monotonic() < deadline
+    time.sleep(0.2)
+  process.send_signal(signum)
+  _, stderr = process.communicate(timeout=60)
+  assert process.returncode == code, stderr
+  assert "Traceback" not in stderr
+  assert f"{signal.Signals(signum).name} received" in stderr
+  params, config, info = train.load_model(workdir / "checkpoints" / os.listdir(
+      workdir / "checkpoints")[0])
+  assert 5 <= info["step"] < 100000 and config.num_units == 8
+  assert params.gates.kernel.shape == (28 + 8, 16)
