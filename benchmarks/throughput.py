@@ -1,0 +1,445 @@
+"""Train- and eval-step throughput, memory and scaling, side by side with peers.
+
+The notebook's model (GRU-64, T=784, batch 512, float32; logits at every
+step, cross-entropy on the last, Adam) as:
+
+* pixelrnn_jax, both cells (and each scan implementation),
+* flax.linen ``nn.RNN(nn.GRUCell(64))`` + ``nn.Dense`` with the same optax Adam,
+* ``torch.nn.GRU(1, 64)`` + ``nn.Linear`` with ``torch.optim.Adam`` (cuDNN on
+  GPU; skipped with a note when torch is not installed: ``pip install -e '.[bench]'``).
+
+All contestants run in one process, interleaved (A, B, C, A, B, C, ...) after
+warm-up; compilation is timed apart. The speed-up of pixelrnn_jax over each
+peer is computed per round and reported as the median over rounds.
+
+    python benchmarks/throughput.py            # full run: ~10 min on 2 CPU cores
+    python benchmarks/throughput.py --quick    # ~1 min smoke run
+    python benchmarks/throughput.py --only pixelrnn_jax --steps 16 --batch 8 --rounds 1 --no-memory --no-scaling
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from pixelrnn_jax import gru_classifier
+from pixelrnn_jax import train as train_lib
+from pixelrnn_jax import config as config_lib
+
+CLASSES = 10
+IN_DIM = 1
+
+
+# ----------------------------------------------------------------------------
+# FLOPs and the machine's matmul rate
+
+
+def train_step_flops(*, batch: int, steps: int, units: int, in_dim: int = IN_DIM,
+                     classes: int = CLASSES) -> float:
+  """FLOPs of one train step, counted from the matmul shapes.
+
+  Per example and step the forward does ``[x, h] @ W`` for the three gates
+  ((in_dim + units) x 3 units multiply-adds, both cells) and the readout
+  (units x classes); a multiply-add is 2 FLOPs. The backward does two
+  matmuls of the same size per forward matmul (input and weight
+  gradients), so a train step is 3x the forward. Elementwise work and Adam
+  (13k weights) are left out.
+  """
+  forward = 2 * batch * steps * ((in_dim + units) * 3 * units + units * classes)
+  return 3.0 * forward
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+  """This machine's fp32 matmul rate: the best of ``repeats`` n x n jnp matmuls."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  matmul = jax.jit(lambda a: a @ a)
+  matmul(a).block_until_ready()
+  best = min(_timed(lambda: matmul(a).block_until_ready()) for _ in range(repeats))
+  return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------
+# Contestants: setup(batch, steps, units) -> (train_step(), eval_step()), each blocking
+
+
+def _inputs(batch, steps, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(size=(batch, steps, IN_DIM)).astype(np.float32)
+  y = rng.integers(0, CLASSES, size=batch).astype(np.int32)
+  return x, y
+
+
+def pixelrnn_jax_setup(cell: str, impl: str | None = None, devices: int = 1):
+  def setup(batch, steps, units):
+    config = config_lib.Config(num_units=units, cell=cell, batch_size=batch,
+                               devices=devices, order="pixel",
+                               **({"impl": impl} if impl else {}))
+    optimizer = train_lib.make_optimizer(config)
+    state = train_lib.init_train_state(config, jax.random.key(0), optimizer)
+    state = train_lib.replicate(state, devices)
+    step = train_lib.make_train_step(optimizer, **({"impl": impl} if impl else {}))
+    x, y = _inputs(batch, steps)
+    x_dev = jax.device_put(x.reshape(devices, batch // devices, steps, IN_DIM),
+                           )
+    y_dev = y.reshape(devices, batch // devices)
+    params = train_lib.unreplicate(state).params
+    apply = jax.jit(lambda p, x: gru_classifier.apply(p, x, **({"impl": impl} if impl else {})))
+    x_eval = jnp.asarray(x)
+    holder = {"state": state}
+
+    def train_step():
+      holder["state"], metrics = step(holder["state"], x_dev, y_dev)
+      jax.block_until_ready(metrics)
+
+    def eval_step():
+      apply(params, x_eval).block_until_ready()
+
+    return train_step, eval_step
+  return setup
+
+
+def flax_setup(batch, steps, units):
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+
+  class FlaxGRU(nn.Module):
+    units: int
+
+    @nn.compact
+    def __call__(self, x):
+      hs = nn.RNN(nn.GRUCell(self.units))(x)  # (B, T, units)
+      return nn.Dense(CLASSES)(hs)  # (B, T, classes): logits at every step
+
+  model = FlaxGRU(units)
+  x, y = _inputs(batch, steps)
+  x, y = jnp.asarray(x), jnp.asarray(y)
+  params = model.init(jax.random.key(0), x[:1])
+  optimizer = optax.adam(1e-3)
+
+  @jax.jit
+  def step(params, opt_state, x, y):
+    def loss_fn(params):
+      logits = model.apply(params, x)
+      return optax.softmax_cross_entropy_with_integer_labels(logits[:, -1], y).mean()
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  apply = jax.jit(model.apply)
+  holder = {"params": params, "opt": optimizer.init(params)}
+
+  def train_step():
+    holder["params"], holder["opt"], loss = step(holder["params"], holder["opt"], x, y)
+    loss.block_until_ready()
+
+  def eval_step():
+    apply(params, x).block_until_ready()
+
+  return train_step, eval_step
+
+
+def torch_setup(batch, steps, units):
+  import torch  # pylint: disable=import-outside-toplevel
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+
+  class TorchGRU(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.gru = torch.nn.GRU(IN_DIM, units, batch_first=True)
+      self.out = torch.nn.Linear(units, CLASSES)
+
+    def forward(self, x):
+      hs, _ = self.gru(x)  # (B, T, units)
+      return self.out(hs)  # (B, T, classes)
+
+  torch.manual_seed(0)
+  model = TorchGRU().to(device)
+  optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+  x, y = _inputs(batch, steps)
+  x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).long().to(device)
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+  def train_step():
+    optimizer.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(model(x)[:, -1], y)
+    loss.backward()
+    optimizer.step()
+    sync()
+
+  def eval_step():
+    with torch.no_grad():
+      model(x)
+    sync()
+
+  return train_step, eval_step
+
+
+def torch_available() -> bool:
+  try:
+    import torch  # pylint: disable=import-outside-toplevel,unused-import
+    return True
+  except ImportError:
+    return False
+
+
+def contestants(args) -> dict:
+  ours = {}
+  for cell in ("tf1", "reset_after"):
+    for impl in _impls():
+      name = f"pixelrnn_jax {cell}" + (f" ({impl})" if impl else "")
+      ours[name] = pixelrnn_jax_setup(cell, impl)
+  if args.devices > 1:
+    for cell in ("tf1", "reset_after"):
+      ours[f"pixelrnn_jax {cell} x{args.devices} devices"] = pixelrnn_jax_setup(
+          cell, _impls()[0], devices=args.devices)
+  peers = {"flax.linen nn.RNN(GRUCell)": flax_setup}
+  if torch_available():
+    peers["torch.nn.GRU"] = torch_setup
+  selected = {**ours, **peers}
+  if args.only:
+    selected = {k: v for k, v in selected.items() if k.startswith(args.only)}
+  return selected
+
+
+def _impls() -> list:
+  """The scan implementations the library offers (None: it offers one)."""
+  return list(getattr(gru_classifier, "IMPLS", [None]))
+
+
+# ----------------------------------------------------------------------------
+# Measurements
+
+
+def interleaved(setups: dict, *, batch, steps, units, rounds, iters) -> dict:
+  """Compiles every contestant, then times them in interleaved rounds."""
+  runners, compile_s = {}, {}
+  for name, setup in setups.items():
+    train_step, eval_step = setup(batch, steps, units)
+    compile_s[name] = {"train": _timed(train_step), "eval": _timed(eval_step)}
+    train_step(), eval_step()  # warm-up past the first (compiling) call
+    runners[name] = (train_step, eval_step)
+    print(f"  ready: {name} (first train step {compile_s[name]['train']:.1f} s,"
+          f" first eval step {compile_s[name]['eval']:.1f} s)", flush=True)
+  times = {name: {"train": [], "eval": []} for name in runners}
+  for round_index in range(rounds):
+    for name, (train_step, eval_step) in runners.items():
+      times[name]["train"].append(_timed(lambda: [train_step() for _ in range(iters)]) / iters)
+      times[name]["eval"].append(_timed(lambda: [eval_step() for _ in range(iters)]) / iters)
+    print(f"  round {round_index + 1}/{rounds}: " + ", ".join(
+        f"{n} {t['train'][-1]:.3f}s" for n, t in times.items()), flush=True)
+  return {"compile_s": compile_s, "step_s": times}
+
+
+def speedups(times: dict, ours: str) -> dict:
+  """Median over rounds of peer_time / ours_time, per peer and step kind."""
+  result = {}
+  for name, kinds in times.items():
+    if name == ours:
+      continue
+    result[name] = {
+        kind: statistics.median(p / o for p, o in zip(kinds[kind], times[ours][kind]))
+        for kind in ("train", "eval")
+    }
+  return result
+
+
+def _peak_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def memory_probe(name: str, batch: int, steps: int, units: int) -> dict:
+  """Runs in a fresh process: the extra peak memory of two train steps."""
+  setups = contestants(argparse.Namespace(only=None, devices=1))
+  train_step, _ = setups[name](batch, steps, units)
+  gpu = jax.default_backend() != "cpu"
+  before = _peak_rss_bytes()
+  train_step()
+  train_step()
+  result = {"peak_rss_increase_bytes": _peak_rss_bytes() - before}
+  if gpu and name.startswith("torch"):
+    import torch  # pylint: disable=import-outside-toplevel
+    result["device_peak_bytes"] = torch.cuda.max_memory_allocated()
+  elif gpu:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    result["device_peak_bytes"] = stats.get("peak_bytes_in_use")
+  return result
+
+
+def memory_table(names, batches, steps, units) -> dict:
+  table = {}
+  for name in names:
+    for batch in batches:
+      out = subprocess.run(
+          [sys.executable, __file__, "--memory-probe", name, "--batch", str(batch),
+           "--steps", str(steps), "--units", str(units)],
+          capture_output=True, text=True, check=False)
+      if out.returncode:
+        table[f"{name} @ {batch}"] = {"error": out.stderr.strip()[-300:]}
+      else:
+        table[f"{name} @ {batch}"] = json.loads(out.stdout.strip().splitlines()[-1])
+      print(f"  memory {name} batch {batch}: {table[f'{name} @ {batch}']}", flush=True)
+  return table
+
+
+def scaling(setup, lengths, batches, units, iters) -> dict:
+  rows = []
+  for batch in batches:
+    for steps in lengths:
+      train_step, _ = setup(batch, steps, units)
+      train_step()
+      train_step()
+      seconds = min(_timed(train_step) for _ in range(iters))
+      rows.append({"batch": batch, "steps": steps, "train_step_s": seconds})
+      print(f"  scaling batch {batch} T {steps}: {seconds:.3f} s", flush=True)
+  return {"rows": rows}
+
+
+def machine() -> dict:
+  model = platform.processor()
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        model = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  versions = {}
+  for package in ("jax", "jaxlib", "flax", "optax", "torch"):
+    try:
+      from importlib.metadata import version  # pylint: disable=import-outside-toplevel
+      versions[package] = version(package)
+    except Exception:  # pylint: disable=broad-except
+      versions[package] = None
+  return {
+      "date": datetime.date.today().isoformat(),
+      "cpu": model,
+      "cpu_count": os.cpu_count(),
+      "backend": jax.default_backend(),
+      "devices": [str(d) for d in jax.devices()],
+      "python": platform.python_version(),
+      "versions": versions,
+  }
+
+
+# ----------------------------------------------------------------------------
+
+
+def _print_report(report: dict, ours: str) -> None:
+  main = report["main"]
+  step_s = main["step_s"]
+  batch, steps = report["shape"]["batch"], report["shape"]["steps"]
+  flops = report["train_step_flops"]
+  print(f"\n## Train and eval step, GRU-{report['shape']['units']}, T={steps},"
+        f" batch {batch}, float32 ({report['machine']['backend']},"
+        f" {report['machine']['cpu']}, {report['machine']['cpu_count']} cores)\n")
+  print("| implementation | train step (s) | train samples/s | GFLOP/s | % of matmul peak"
+        f" | eval step (s) | compile train (s) | speed-up of `{ours}` train / eval |")
+  print("|---|---|---|---|---|---|---|---|")
+  for name, kinds in step_s.items():
+    train_s = statistics.median(kinds["train"])
+    eval_s = statistics.median(kinds["eval"])
+    ratio = report["speedups"].get(name)
+    ratio_text = "1 (reference)" if name == ours else (
+        f"{ratio['train']:.2f}x / {ratio['eval']:.2f}x" if ratio else "")
+    print(f"| {name} | {train_s:.3f} | {batch / train_s:.0f} | {flops / train_s / 1e9:.1f}"
+          f" | {100 * flops / train_s / 1e9 / report['matmul_gflops']:.0f}% | {eval_s:.3f}"
+          f" | {main['compile_s'][name]['train']:.1f} | {ratio_text} |")
+  print(f"\nTrain step FLOPs {flops / 1e9:.1f} G (matmuls, from the shapes);"
+        f" fp32 matmul peak measured in this run: {report['matmul_gflops']:.0f} GFLOP/s."
+        f" Ratios: median over {len(next(iter(step_s.values()))['train'])} interleaved rounds"
+        " of peer time / pixelrnn_jax time.")
+  if report.get("memory"):
+    print("\n| train step memory | extra peak RSS (MiB) | device peak (MiB) |\n|---|---|---|")
+    for name, row in report["memory"].items():
+      rss = row.get("peak_rss_increase_bytes")
+      device = row.get("device_peak_bytes")
+      print(f"| {name} | {rss / 2**20:.0f} | "
+            f"{'' if device is None else f'{device / 2**20:.0f}'} |" if rss is not None
+            else f"| {name} | error | {row.get('error', '')[:80]} |")
+  if report.get("scaling"):
+    rows = report["scaling"]["rows"]
+    print("\n| batch | T | train step (s) | s per 1000 steps of T | samples/s |\n|---|---|---|---|---|")
+    for row in rows:
+      print(f"| {row['batch']} | {row['steps']} | {row['train_step_s']:.3f} |"
+            f" {1000 * row['train_step_s'] / row['steps']:.3f} |"
+            f" {row['batch'] / row['train_step_s']:.0f} |")
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true", help="a ~1 minute smoke run")
+  parser.add_argument("--batch", type=int, default=512)
+  parser.add_argument("--steps", type=int, default=784, help="sequence length T")
+  parser.add_argument("--units", type=int, default=64)
+  parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
+  parser.add_argument("--iters", type=int, default=2, help="steps timed per round")
+  parser.add_argument("--devices", type=int, default=1,
+                      help="also time pixelrnn_jax pmapped over N host devices")
+  parser.add_argument("--only", default=None, help="contestants whose name starts so")
+  parser.add_argument("--no-memory", action="store_true")
+  parser.add_argument("--no-scaling", action="store_true")
+  parser.add_argument("--json", default=None, help="write the report here")
+  parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.devices > 1:
+    jax.config.update("jax_num_cpu_devices", args.devices)
+
+  if args.memory_probe:
+    print(json.dumps(memory_probe(args.memory_probe, args.batch, args.steps, args.units)))
+    return {}
+
+  if args.quick:
+    args.batch, args.steps = min(args.batch, 128), min(args.steps, 196)
+    args.rounds = args.rounds or 3
+  rounds = args.rounds or 5
+  setups = contestants(args)
+  ours = next(name for name in setups if name.startswith("pixelrnn_jax"))
+  report = {"machine": machine(),
+            "command": "python benchmarks/throughput.py " + " ".join(argv or sys.argv[1:]),
+            "shape": {"batch": args.batch, "steps": args.steps, "units": args.units},
+            "train_step_flops": train_step_flops(batch=args.batch, steps=args.steps,
+                                                 units=args.units)}
+  print(f"machine: {report['machine']}", flush=True)
+  if not torch_available():
+    print("note: torch is not installed; the torch.nn.GRU column is skipped"
+          " (pip install -e '.[bench]')")
+  report["matmul_gflops"] = matmul_gflops()
+  report["main"] = interleaved(setups, batch=args.batch, steps=args.steps, units=args.units,
+                               rounds=rounds, iters=args.iters)
+  report["speedups"] = speedups(report["main"]["step_s"], ours)
+  if not args.no_memory:
+    batches = (128,) if args.quick else (128, 512, 2048)
+    report["memory"] = memory_table(list(setups), batches, args.steps, args.units)
+  if not args.no_scaling:
+    lengths = (49, 98) if args.quick else (98, 196, 392, 784)
+    batches = (64,) if args.quick else (64, 256, 512, 1024)
+    report["scaling"] = scaling(setups[ours], lengths, batches, args.units, iters=2)
+  _print_report(report, ours)
+  if args.json:
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=1))
+  return report
+
+
+if __name__ == "__main__":
+  main()
