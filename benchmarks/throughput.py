@@ -12,7 +12,7 @@ All contestants run in one process, interleaved (A, B, C, A, B, C, ...) after
 warm-up; compilation is timed apart. The speed-up of pixelrnn_jax over each
 peer is computed per round and reported as the median over rounds.
 
-    python benchmarks/throughput.py            # full run: ~10 min on 2 CPU cores
+    python benchmarks/throughput.py            # full run: ~12 min on 2 CPU cores
     python benchmarks/throughput.py --quick    # ~1 min smoke run
     python benchmarks/throughput.py --only pixelrnn_jax --steps 16 --batch 8 --rounds 1 --no-memory --no-scaling
 """
@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -249,38 +249,52 @@ def interleaved(setups: dict, *, batch, steps, units, rounds, iters) -> dict:
   return {"compile_s": compile_s, "step_s": times}
 
 
-def speedups(times: dict, ours: str) -> dict:
-  """Median over rounds of peer_time / ours_time, per peer and step kind."""
-  result = {}
-  for name, kinds in times.items():
-    if name == ours:
-      continue
-    result[name] = {
-        kind: statistics.median(p / o for p, o in zip(kinds[kind], times[ours][kind]))
-        for kind in ("train", "eval")
-    }
-  return result
+def speedups(times: dict) -> dict:
+  """For each pixelrnn_jax variant and peer: median over rounds of peer time / ours."""
+  ours = [name for name in times if name.startswith("pixelrnn_jax")]
+  peers = [name for name in times if not name.startswith("pixelrnn_jax")]
+  return {
+      mine: {
+          peer: {kind: statistics.median(p / o for p, o in zip(times[peer][kind],
+                                                               times[mine][kind]))
+                 for kind in ("train", "eval")}
+          for peer in peers
+      }
+      for mine in ours
+  }
 
 
-def _peak_rss_bytes() -> int:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def _status_bytes(field: str) -> int:
+  """A VmRSS/VmHWM line of /proc/self/status, in bytes."""
+  for line in Path("/proc/self/status").read_text().splitlines():
+    if line.startswith(field + ":"):
+      return int(line.split()[1]) * 1024
+  raise KeyError(field)
 
 
-def memory_probe(name: str, batch: int, steps: int, units: int) -> dict:
-  """Runs in a fresh process: the extra peak memory of two train steps."""
-  setups = contestants(argparse.Namespace(only=None, devices=1))
+def memory_probe(name: str, batch: int, steps: int, units: int, devices: int) -> dict:
+  """Runs in a fresh process: how far two train steps raise the resident set.
+
+  After a first (compiling) step, the peak-RSS counter is reset (Linux
+  ``clear_refs`` 5) and two more steps run: the result is the peak minus the
+  resident set before them, i.e. the step's own transient memory.
+  """
+  setups = contestants(argparse.Namespace(only=None, devices=devices))
   train_step, _ = setups[name](batch, steps, units)
-  gpu = jax.default_backend() != "cpu"
-  before = _peak_rss_bytes()
+  train_step()
+  gc.collect()
+  before = _status_bytes("VmRSS")
+  Path("/proc/self/clear_refs").write_text("5")
   train_step()
   train_step()
-  result = {"peak_rss_increase_bytes": _peak_rss_bytes() - before}
-  if gpu and name.startswith("torch"):
-    import torch  # pylint: disable=import-outside-toplevel
-    result["device_peak_bytes"] = torch.cuda.max_memory_allocated()
-  elif gpu:
-    stats = jax.local_devices()[0].memory_stats() or {}
-    result["device_peak_bytes"] = stats.get("peak_bytes_in_use")
+  result = {"peak_rss_increase_bytes": _status_bytes("VmHWM") - before}
+  if jax.default_backend() != "cpu":
+    if name.startswith("torch"):
+      import torch  # pylint: disable=import-outside-toplevel
+      result["device_peak_bytes"] = torch.cuda.max_memory_allocated()
+    else:
+      stats = jax.local_devices()[0].memory_stats() or {}
+      result["device_peak_bytes"] = stats.get("peak_bytes_in_use")
   return result
 
 
@@ -290,7 +304,7 @@ def memory_table(names, batches, steps, units) -> dict:
     for batch in batches:
       out = subprocess.run(
           [sys.executable, __file__, "--memory-probe", name, "--batch", str(batch),
-           "--steps", str(steps), "--units", str(units)],
+           "--steps", str(steps), "--units", str(units), "--devices", "1"],
           capture_output=True, text=True, check=False)
       if out.returncode:
         table[f"{name} @ {batch}"] = {"error": out.stderr.strip()[-300:]}
@@ -343,7 +357,7 @@ def machine() -> dict:
 # ----------------------------------------------------------------------------
 
 
-def _print_report(report: dict, ours: str) -> None:
+def _print_report(report: dict) -> None:
   main = report["main"]
   step_s = main["step_s"]
   batch, steps = report["shape"]["batch"], report["shape"]["steps"]
@@ -352,17 +366,22 @@ def _print_report(report: dict, ours: str) -> None:
         f" batch {batch}, float32 ({report['machine']['backend']},"
         f" {report['machine']['cpu']}, {report['machine']['cpu_count']} cores)\n")
   print("| implementation | train step (s) | train samples/s | GFLOP/s | % of matmul peak"
-        f" | eval step (s) | compile train (s) | speed-up of `{ours}` train / eval |")
-  print("|---|---|---|---|---|---|---|---|")
+        " | eval step (s) | first train step (s) |")
+  print("|---|---|---|---|---|---|---|")
   for name, kinds in step_s.items():
     train_s = statistics.median(kinds["train"])
     eval_s = statistics.median(kinds["eval"])
-    ratio = report["speedups"].get(name)
-    ratio_text = "1 (reference)" if name == ours else (
-        f"{ratio['train']:.2f}x / {ratio['eval']:.2f}x" if ratio else "")
     print(f"| {name} | {train_s:.3f} | {batch / train_s:.0f} | {flops / train_s / 1e9:.1f}"
           f" | {100 * flops / train_s / 1e9 / report['matmul_gflops']:.0f}% | {eval_s:.3f}"
-          f" | {main['compile_s'][name]['train']:.1f} | {ratio_text} |")
+          f" | {main['compile_s'][name]['train']:.1f} |")
+  peers = sorted({peer for row in report["speedups"].values() for peer in row})
+  if peers:
+    print("\n| speed-up (peer time / pixelrnn_jax time), train / eval | "
+          + " | ".join(peers) + " |")
+    print("|---|" + "---|" * len(peers))
+    for mine, row in report["speedups"].items():
+      print(f"| {mine} | " + " | ".join(
+          f"{row[p]['train']:.2f}x / {row[p]['eval']:.2f}x" for p in peers) + " |")
   print(f"\nTrain step FLOPs {flops / 1e9:.1f} G (matmuls, from the shapes);"
         f" fp32 matmul peak measured in this run: {report['matmul_gflops']:.0f} GFLOP/s."
         f" Ratios: median over {len(next(iter(step_s.values()))['train'])} interleaved rounds"
@@ -393,8 +412,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--units", type=int, default=64)
   parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
   parser.add_argument("--iters", type=int, default=2, help="steps timed per round")
-  parser.add_argument("--devices", type=int, default=1,
-                      help="also time pixelrnn_jax pmapped over N host devices")
+  parser.add_argument("--devices", type=int, default=min(2, os.cpu_count() or 1),
+                      help="also time pixelrnn_jax pmapped over N host devices (1: off)")
   parser.add_argument("--only", default=None, help="contestants whose name starts so")
   parser.add_argument("--no-memory", action="store_true")
   parser.add_argument("--no-scaling", action="store_true")
@@ -405,7 +424,8 @@ def main(argv=None) -> dict:
     jax.config.update("jax_num_cpu_devices", args.devices)
 
   if args.memory_probe:
-    print(json.dumps(memory_probe(args.memory_probe, args.batch, args.steps, args.units)))
+    print(json.dumps(memory_probe(args.memory_probe, args.batch, args.steps, args.units,
+                                  args.devices)))
     return {}
 
   if args.quick:
@@ -426,15 +446,16 @@ def main(argv=None) -> dict:
   report["matmul_gflops"] = matmul_gflops()
   report["main"] = interleaved(setups, batch=args.batch, steps=args.steps, units=args.units,
                                rounds=rounds, iters=args.iters)
-  report["speedups"] = speedups(report["main"]["step_s"], ours)
+  report["speedups"] = speedups(report["main"]["step_s"])
   if not args.no_memory:
     batches = (128,) if args.quick else (128, 512, 2048)
-    report["memory"] = memory_table(list(setups), batches, args.steps, args.units)
+    single_device = [name for name in setups if "devices" not in name]
+    report["memory"] = memory_table(single_device, batches, args.steps, args.units)
   if not args.no_scaling:
     lengths = (49, 98) if args.quick else (98, 196, 392, 784)
     batches = (64,) if args.quick else (64, 256, 512, 1024)
     report["scaling"] = scaling(setups[ours], lengths, batches, args.units, iters=2)
-  _print_report(report, ours)
+  _print_report(report)
   if args.json:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=1))

@@ -12,6 +12,7 @@ from typing import Any
 
 from pixelrnn_jax import data
 from pixelrnn_jax import gru_cell
+from pixelrnn_jax import gru_classifier
 
 LR_SCHEDULES = ("constant", "warmup_cosine")
 
@@ -24,6 +25,7 @@ class Config:
   num_units: int = 64  # GRU width; the notebook's 64 gives 13,322 weights
   cell: str = "tf1"  # "tf1" (the notebook's GRUCell) or "reset_after" (cuDNN form)
   activation: str = "tanh"  # candidate nonlinearity; tanh as TF1's default
+  impl: str = "fused"  # scan core: fused (hand-written backward, fast) or scan (autodiff reference)
 
   # --- data
   order: str = "pixel"  # pixel (784 x 1, the notebook), permuted (psMNIST) or row (28 x 28)
@@ -56,6 +58,7 @@ class Config:
     """Raises ValueError naming the first bad field and the fix."""
     gru_cell.check_cell(self.cell)
     gru_cell.check_activation(self.activation)
+    gru_classifier.check_impl(self.impl)
     data.check_order(self.order)
     if self.lr_schedule not in LR_SCHEDULES:
       raise ValueError(
@@ -103,5 +106,5 @@ class Config:
 # Fields that may differ when a run is resumed: they change how far and how
 # often, not what is computed.
 RESUMABLE_CHANGES = ("steps", "log_every", "eval_every", "checkpoint_every",
-                     "keep_checkpoints", "eval_batch_size", "data_dir",
+                     "keep_checkpoints", "eval_batch_size", "data_dir", "impl",
                      "verify_data")

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from pixelrnn_jax import fused_scan
 from pixelrnn_jax import gru_cell
 from pixelrnn_jax.gru_cell import Dense, ResetAfterDense  # noqa: F401 (re-export)
 
@@ -143,20 +144,43 @@ def as_sequence(x, in_dim: int) -> jax.Array:
   return sequence
 
 
-def hidden_states(params: Params, x: jax.Array) -> jax.Array:
+# "fused": custom_vjp with a hand-written backward (fused_scan.py), the default;
+# "scan": autodiff through a plain lax.scan of gru_cell.recurrent_step, the reference.
+IMPLS = ("fused", "scan")
+DEFAULT_IMPL = "fused"
+DEFAULT_UNROLL = 1
+
+
+def check_impl(impl: str) -> str:
+  if impl not in IMPLS:
+    raise ValueError(f"unknown impl {impl!r}: expected one of {IMPLS}")
+  return impl
+
+
+def hidden_states(params: Params, x: jax.Array, *, impl: str = DEFAULT_IMPL,
+                  unroll: int = DEFAULT_UNROLL) -> jax.Array:
   """The hidden state after every step, time-major.
 
   Args:
     params: from :func:`init`.
     x: <float>[batch, T, in_dim]
+    impl: ``"fused"`` (hand-written backward) or ``"scan"`` (autodiff reference).
+    unroll: time steps per loop iteration.
 
   Returns:
     <float>[T, batch, units]
   """
+  check_impl(impl)
   x = jnp.swapaxes(x, 0, 1)  # (T, B, in_dim)
+  in_dim = x.shape[-1]
+  weights = gru_cell.recurrent_weights(params, cell=params.cell, in_dim=in_dim)
+  if impl == "fused":
+    w_x = jnp.concatenate([params.gates.kernel[:in_dim], params.candidate.kernel[:in_dim]],
+                          axis=1)  # (in_dim, 3 * units)
+    b = jnp.concatenate([params.gates.bias, params.candidate.bias])
+    return fused_scan.recurrence(params.cell, params.activation, unroll, x, w_x, b, weights)
   # Hoisted out of the loop: the input half of every step, for all T at once.
   projected = gru_cell.project_inputs(params, x)  # (T, B, 3 * units)
-  weights = gru_cell.recurrent_weights(params, cell=params.cell, in_dim=x.shape[-1])
 
   def step(h, projected_t):
     h = gru_cell.recurrent_step(
@@ -165,17 +189,21 @@ def hidden_states(params: Params, x: jax.Array) -> jax.Array:
     return h, h
 
   h0 = jnp.zeros((x.shape[1], params.num_units), projected.dtype)
-  _, hs = jax.lax.scan(step, h0, projected)
+  _, hs = jax.lax.scan(step, h0, projected, unroll=unroll)
   return hs
 
 
-def apply(params: Params, x) -> jax.Array:
+def apply(params: Params, x, *, impl: str = DEFAULT_IMPL,
+          unroll: int = DEFAULT_UNROLL) -> jax.Array:
   """Logits after every step, stacked (the notebook's ``logits_list``).
 
   Args:
     params: from :func:`init`.
     x: <float>[batch, T, in_dim]; with in_dim 1 also [batch, 28, 28] or
       [batch, 784] images, read row-major pixel by pixel.
+    impl: ``"fused"`` (default, hand-written backward) or ``"scan"``
+      (autodiff through a plain scan, the reference); same values.
+    unroll: time steps per loop iteration.
 
   Returns:
     <float>[batch, T, num_classes]; ``logits[:, -1]`` is the prediction.
@@ -184,7 +212,7 @@ def apply(params: Params, x) -> jax.Array:
     ValueError: for a bad shape or dtype (see :func:`as_sequence`).
   """
   x = as_sequence(x, params.in_dim)
-  hs = hidden_states(params, x)  # (T, B, units)
+  hs = hidden_states(params, x, impl=impl, unroll=unroll)  # (T, B, units)
   # Hoisted out of the loop: one readout matmul over all stacked states.
   logits = hs @ params.output.kernel + params.output.bias  # (T, B, classes)
   return jnp.swapaxes(logits, 0, 1)

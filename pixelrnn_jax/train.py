@@ -82,7 +82,8 @@ def init_train_state(config, key, optimizer) -> TrainState:
                     opt_state=optimizer.init(params))
 
 
-def loss_fn(params, x, labels, *, per_step_loss: float = 0.0):
+def loss_fn(params, x, labels, *, per_step_loss: float = 0.0,
+            impl: str = gru_classifier.DEFAULT_IMPL):
   """Cross-entropy on the last step (the notebook's), plus an optional per-step term.
 
   Args:
@@ -92,14 +93,15 @@ def loss_fn(params, x, labels, *, per_step_loss: float = 0.0):
   Returns:
     (loss, logits <float32>[batch, T, classes])
   """
-  logits = gru_classifier.apply(params, x)
+  logits = gru_classifier.apply(params, x, impl=impl)
   loss = gru_classifier.cross_entropy(logits, labels)
   if per_step_loss:
     loss = loss + per_step_loss * gru_classifier.cross_entropy_per_step(logits, labels)
   return loss, logits
 
 
-def make_train_step(optimizer: optax.GradientTransformation, *, per_step_loss: float = 0.0):
+def make_train_step(optimizer: optax.GradientTransformation, *, per_step_loss: float = 0.0,
+                    impl: str = gru_classifier.DEFAULT_IMPL):
   """Returns the pmapped train step ``(state, x, labels) -> (state, metrics)``.
 
   ``state`` is replicated over the leading device axis, ``x`` is
@@ -111,7 +113,8 @@ def make_train_step(optimizer: optax.GradientTransformation, *, per_step_loss: f
 
   def train_step(state: TrainState, x, labels):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, logits), grads = grad_fn(state.params, x, labels, per_step_loss=per_step_loss)
+    (loss, logits), grads = grad_fn(state.params, x, labels, per_step_loss=per_step_loss,
+                                    impl=impl)
     grads = jax.lax.pmean(grads, AXIS)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -295,7 +298,8 @@ def train_and_evaluate(
       order=config.order, num_devices=config.devices,
       epoch=position[0], index=position[1],
   )
-  train_step = make_train_step(optimizer, per_step_loss=config.per_step_loss)
+  train_step = make_train_step(optimizer, per_step_loss=config.per_step_loss,
+                               impl=config.impl)
   replicated = replicate(state, config.devices)
   step = start_step = int(state.step)
   metrics_path = workdir / "metrics.jsonl"

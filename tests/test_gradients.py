@@ -10,7 +10,7 @@ from pixelrnn_jax import gru_cell
 from pixelrnn_jax import gru_classifier
 
 
-def _setup(cell, *, units, steps, seed=0):
+def _setup(cell, *, units, steps, seed=0, impl=gru_classifier.DEFAULT_IMPL):
   params = gru_classifier.init(
       jax.random.key(seed), num_units=units, cell=cell, dtype=jnp.float64
   )
@@ -26,7 +26,7 @@ def _setup(cell, *, units, steps, seed=0):
 
   @jax.jit
   def loss(params, x):
-    logits = gru_classifier.apply(params, x)
+    logits = gru_classifier.apply(params, x, impl=impl)
     # Last-step loss (the notebook's) plus a term on every step's logits.
     return gru_classifier.cross_entropy(logits, labels) + 1e-2 * jnp.mean(
         weights * logits
@@ -35,10 +35,11 @@ def _setup(cell, *, units, steps, seed=0):
   return loss, params, x
 
 
+@pytest.mark.parametrize("impl", gru_classifier.IMPLS)
 @pytest.mark.parametrize("cell", gru_cell.CELLS)
 @pytest.mark.parametrize("steps, units", [(784, 3), (12, 6)])
-def test_check_grads_every_leaf_and_input(cell, steps, units):
-  loss, params, x = _setup(cell, units=units, steps=steps)
+def test_check_grads_every_leaf_and_input(cell, steps, units, impl):
+  loss, params, x = _setup(cell, units=units, steps=steps, impl=impl)
   check_grads(loss, (params, x), order=1, modes=("rev",), eps=1e-6,
               atol=1e-6, rtol=1e-5)
 
