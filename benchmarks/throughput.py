@@ -91,20 +91,21 @@ def _inputs(batch, steps, seed=0):
 
 def pixelrnn_jax_setup(cell: str, impl: str | None = None, devices: int = 1):
   def setup(batch, steps, units):
+    extra = {"impl": impl} if impl else {}
     config = config_lib.Config(num_units=units, cell=cell, batch_size=batch,
-                               devices=devices, order="pixel",
-                               **({"impl": impl} if impl else {}))
+                               devices=devices, order="pixel", **extra)
     optimizer = train_lib.make_optimizer(config)
-    state = train_lib.init_train_state(config, jax.random.key(0), optimizer)
-    state = train_lib.replicate(state, devices)
-    step = train_lib.make_train_step(optimizer, **({"impl": impl} if impl else {}))
+    state = train_lib.replicate(
+        train_lib.init_train_state(config, jax.random.key(0), optimizer), devices)
+    step = train_lib.make_train_step(optimizer, **extra)
     x, y = _inputs(batch, steps)
-    x_dev = jax.device_put(x.reshape(devices, batch // devices, steps, IN_DIM),
-                           )
+    x_dev = jax.device_put(x.reshape(devices, batch // devices, steps, IN_DIM))
     y_dev = y.reshape(devices, batch // devices)
     params = train_lib.unreplicate(state).params
-    apply = jax.jit(lambda p, x: gru_classifier.apply(p, x, **({"impl": impl} if impl else {})))
-    x_eval = jnp.asarray(x)
+    forward = lambda p, x: gru_classifier.apply(p, x, **extra)
+    # The eval step is split across the same devices as the train step.
+    apply = jax.jit(forward) if devices == 1 else jax.pmap(forward, in_axes=(None, 0))
+    x_eval = x_dev[0] if devices == 1 else x_dev
     holder = {"state": state}
 
     def train_step():
@@ -114,6 +115,11 @@ def pixelrnn_jax_setup(cell: str, impl: str | None = None, devices: int = 1):
     def eval_step():
       apply(params, x_eval).block_until_ready()
 
+    def xla_temp_bytes():
+      return step.lower(holder["state"], x_dev, y_dev).compile().memory_analysis(
+      ).temp_size_in_bytes
+
+    train_step.xla_temp_bytes = xla_temp_bytes
     return train_step, eval_step
   return setup
 
@@ -150,6 +156,9 @@ def flax_setup(batch, steps, units):
   def train_step():
     holder["params"], holder["opt"], loss = step(holder["params"], holder["opt"], x, y)
     loss.block_until_ready()
+
+  train_step.xla_temp_bytes = lambda: step.lower(
+      holder["params"], holder["opt"], x, y).compile().memory_analysis().temp_size_in_bytes
 
   def eval_step():
     apply(params, x).block_until_ready()
@@ -288,6 +297,8 @@ def memory_probe(name: str, batch: int, steps: int, units: int, devices: int) ->
   train_step()
   train_step()
   result = {"peak_rss_increase_bytes": _status_bytes("VmHWM") - before}
+  if hasattr(train_step, "xla_temp_bytes"):
+    result["xla_temp_bytes"] = train_step.xla_temp_bytes()
   if jax.default_backend() != "cpu":
     if name.startswith("torch"):
       import torch  # pylint: disable=import-outside-toplevel
@@ -387,13 +398,15 @@ def _print_report(report: dict) -> None:
         f" Ratios: median over {len(next(iter(step_s.values()))['train'])} interleaved rounds"
         " of peer time / pixelrnn_jax time.")
   if report.get("memory"):
-    print("\n| train step memory | extra peak RSS (MiB) | device peak (MiB) |\n|---|---|---|")
+    mib = lambda v: "" if v is None else f"{v / 2**20:.0f}"
+    print("\n| train step memory @ batch | XLA temp buffers (MiB) | extra peak RSS (MiB)"
+          " | device peak (MiB) |\n|---|---|---|---|")
     for name, row in report["memory"].items():
-      rss = row.get("peak_rss_increase_bytes")
-      device = row.get("device_peak_bytes")
-      print(f"| {name} | {rss / 2**20:.0f} | "
-            f"{'' if device is None else f'{device / 2**20:.0f}'} |" if rss is not None
-            else f"| {name} | error | {row.get('error', '')[:80]} |")
+      if "error" in row:
+        print(f"| {name} | error: {row['error'][:80]} | | |")
+        continue
+      print(f"| {name} | {mib(row.get('xla_temp_bytes'))} |"
+            f" {mib(row.get('peak_rss_increase_bytes'))} | {mib(row.get('device_peak_bytes'))} |")
   if report.get("scaling"):
     rows = report["scaling"]["rows"]
     print("\n| batch | T | train step (s) | s per 1000 steps of T | samples/s |\n|---|---|---|---|---|")

@@ -32,36 +32,38 @@ def _parse_optional_float(text: str) -> float | None:
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-  """One flag per Config field (``--batch-size`` for ``batch_size``), defaults from Config."""
+  """``--recipe`` plus one flag per Config field (``--batch-size`` for ``batch_size``).
+
+  A flag that is given overrides the recipe's value; the others keep it.
+  """
   helps = _field_help()
   hints = typing.get_type_hints(config_lib.Config)
+  parser.add_argument("--recipe", choices=sorted(config_lib.RECIPES), default="notebook",
+                      help="named starting config (default: notebook); flags override it")
   for field in dataclasses.fields(config_lib.Config):
     flag = "--" + field.name.replace("_", "-")
     kind = hints[field.name]
-    text = f"{helps.get(field.name, '')} (default: {field.default})"
+    text = f"{helps.get(field.name, '')} (notebook: {field.default})"
+    common = dict(default=argparse.SUPPRESS, help=text, dest=field.name)
     if kind is bool:
-      parser.add_argument(flag, action=argparse.BooleanOptionalAction,
-                          default=field.default, help=text)
+      parser.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
     elif kind in (int, float, str):
-      parser.add_argument(flag, type=kind, default=field.default, help=text)
+      parser.add_argument(flag, type=kind, **common)
     elif kind == (float | None):
-      parser.add_argument(flag, type=_parse_optional_float, default=field.default,
-                          metavar="FLOAT|none", help=text)
+      parser.add_argument(flag, type=_parse_optional_float, metavar="FLOAT|none", **common)
     else:  # str | None
-      parser.add_argument(flag, type=str, default=field.default, help=text)
-  parser.set_defaults(lr=None)
-  parser.add_argument("--lr", type=float, dest="lr", help="alias of --learning-rate")
-  parser.add_argument("--units", type=int, dest="units", help="alias of --num-units")
+      parser.add_argument(flag, type=str, **common)
+  parser.add_argument("--lr", type=float, dest="learning_rate", default=argparse.SUPPRESS,
+                      help="alias of --learning-rate")
+  parser.add_argument("--units", type=int, dest="num_units", default=argparse.SUPPRESS,
+                      help="alias of --num-units")
 
 
 def config_from_flags(args: argparse.Namespace) -> config_lib.Config:
-  values = {field.name: getattr(args, field.name)
-            for field in dataclasses.fields(config_lib.Config)}
-  if getattr(args, "lr", None) is not None:
-    values["learning_rate"] = args.lr
-  if getattr(args, "units", None) is not None:
-    values["num_units"] = args.units
-  return config_lib.Config(**values)
+  """The recipe's Config with every given flag applied (validated)."""
+  given = {field.name: getattr(args, field.name)
+           for field in dataclasses.fields(config_lib.Config) if hasattr(args, field.name)}
+  return config_lib.RECIPES[args.recipe].replace(**given)
 
 
 def _use_cpu_devices(count: int) -> None:
@@ -94,9 +96,35 @@ def build_parser() -> argparse.ArgumentParser:
   evaluate.add_argument("--order", default=None,
                         help="pixel|permuted|row (default: the checkpoint's)")
   evaluate.add_argument("--batch-size", type=int, default=1000)
+  evaluate.add_argument("--devices", type=int, default=1,
+                        help="split each batch across N devices (host CPU devices on CPU)")
   evaluate.add_argument("--verify-data", action=argparse.BooleanOptionalAction,
                         default=None, help="check IDX checksums (default: as trained)")
   evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+  evaluate.add_argument("--early-exit", default=None, metavar="THRESHOLDS",
+                        help="comma-separated confidence thresholds, e.g. 0.9,0.99: accuracy"
+                             " against mean pixels read for each")
+
+  predict = commands.add_parser(
+      "predict", help="classify images, optionally stopping early once confident")
+  predict.add_argument("--checkpoint", required=True,
+                       help="a checkpoint file, or a run directory (its best checkpoint)")
+  predict.add_argument("inputs", nargs="+", metavar="IMAGE",
+                       help="28x28 .png/.npy files, or example indices with --split")
+  predict.add_argument("--confidence", type=float, default=1.0,
+                       help="stop reading pixels once the top probability reaches this"
+                            " (default 1.0: read all)")
+  predict.add_argument("--split", choices=("valid", "test"), default=None,
+                       help="read IMAGE arguments as indices into this MNIST split")
+  predict.add_argument("--data-dir", default=None, help="directory of MNIST IDX files")
+  predict.add_argument("--json", action="store_true", help="one JSON object per input")
+
+  plot = commands.add_parser("plot", help="write PNG pictures of a training run")
+  plot.add_argument("run_dir", help="a training run directory")
+  plot.add_argument("--data-dir", default=None, help="directory of MNIST IDX files")
+  plot.add_argument("--examples", type=int, default=500,
+                    help="valid images used for the per-pixel, early-exit and gradient pictures")
+  plot.add_argument("--out", default=None, help="output directory (default RUN_DIR/plots)")
   return parser
 
 
@@ -113,6 +141,9 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
+  if args.devices < 1:
+    raise ValueError(f"--devices {args.devices}: expected a positive integer")
+  _use_cpu_devices(args.devices)
   from pixelrnn_jax import data, evaluation, train  # pylint: disable=import-outside-toplevel
   params, config, info = train.load_model(args.checkpoint)
   order = data.check_order(args.order or config.order)
@@ -124,8 +155,10 @@ def _evaluate(args) -> int:
                                    standardize=config.standardize,
                                    verify=config.verify_data if args.verify_data is None
                                    else args.verify_data)
+  thresholds = _parse_thresholds(args.early_exit) if args.early_exit else ()
   result = evaluation.evaluate(params, images, labels, order=order,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size, early_exit_thresholds=thresholds,
+                               devices=args.devices)
   result.update(split=args.split, order=order, checkpoint=info["path"], step=info["step"])
   if args.json:
     print(json.dumps(result))
@@ -137,6 +170,75 @@ def _evaluate(args) -> int:
   print(f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}")
   print("accuracy after t steps: " + "  ".join(
       f"{t}:{curve[t - 1]:.3f}" for t in range(stride, len(curve) + 1, stride)))
+  for row in result.get("early_exit", []):
+    print(f"early exit at confidence {row['threshold']:g}: accuracy {row['accuracy']:.4f},"
+          f" mean pixels read {row['mean_steps']:.1f} of {len(curve)}")
+  return 0
+
+
+def _parse_thresholds(text: str) -> tuple[float, ...]:
+  try:
+    values = tuple(float(v) for v in text.split(",") if v.strip())
+  except ValueError as error:
+    raise ValueError(f"--early-exit {text!r}: expected numbers like 0.9,0.99") from error
+  bad = [v for v in values if not 0 < v <= 1]
+  if not values or bad:
+    raise ValueError(f"--early-exit {text!r}: thresholds must be probabilities in (0, 1]")
+  return values
+
+
+def _predict(args) -> int:
+  """Answers every valid input; a bad one gets its own error line and exit code 1."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from pixelrnn_jax import data, early_exit, images, train  # pylint: disable=import-outside-toplevel
+  if not 0 < args.confidence <= 1:
+    raise ValueError(f"--confidence {args.confidence}: expected a probability in (0, 1]")
+  params, config, info = train.load_model(args.checkpoint)
+  loaded, failed = [], 0
+  split_images = split_labels = None
+  if args.split:
+    split_images, split_labels = data.load_mnist(
+        args.split, data_dir=args.data_dir or config.data_dir, verify=config.verify_data)
+  for name in args.inputs:
+    try:
+      if args.split:
+        if not name.isdigit() or int(name) >= len(split_images):
+          raise images.ImageError(f"{name}: expected an index 0..{len(split_images) - 1}"
+                                  f" into {args.split}")
+        loaded.append((name, split_images[int(name)], int(split_labels[int(name)])))
+      else:
+        loaded.append((name, images.load_image(name), None))
+    except images.ImageError as error:
+      failed += 1
+      print(json.dumps({"input": name, "error": str(error)}) if args.json
+            else f"{name}: error: {error}", file=sys.stdout if args.json else sys.stderr)
+  if loaded:
+    pixels = np.stack([image for _, image, _ in loaded])
+    if config.standardize:
+      pixels = (pixels - data.TRAIN_MEAN) / data.TRAIN_STD
+    x = data.to_sequences(pixels, config.order)
+    out = early_exit.predict(params, x, threshold=args.confidence)
+    total = x.shape[1]
+    for i, (name, _, label) in enumerate(loaded):
+      row = {"input": name, "label": int(out["label"][i]),
+             "probability": float(out["probability"][i]), "pixels_read": int(out["steps"][i]),
+             "pixels_total": total}
+      if label is not None:
+        row["true_label"] = label
+      if args.json:
+        print(json.dumps(row))
+      else:
+        truth = "" if label is None else f" (true {label})"
+        print(f"{name}: {row['label']}{truth} p={row['probability']:.4f} after"
+              f" {row['pixels_read']}/{total} pixels")
+  return 1 if failed else 0
+
+
+def _plot(args) -> int:
+  from pixelrnn_jax import plots  # pylint: disable=import-outside-toplevel
+  for path in plots.plot_run(args.run_dir, data_dir=args.data_dir, examples=args.examples,
+                             out_dir=args.out):
+    print(path)
   return 0
 
 
@@ -149,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   from pixelrnn_jax import checkpoint, data, train  # pylint: disable=import-outside-toplevel
   try:
-    return _train(args) if args.command == "train" else _evaluate(args)
-  except (ValueError, FileNotFoundError) as error:  # bad flags, data, checkpoints
+    return {"train": _train, "evaluate": _evaluate, "predict": _predict,
+            "plot": _plot}[args.command](args)
+  except (ValueError, FileNotFoundError, ImportError) as error:  # bad flags, data, files
     print(f"pixelrnn-jax {args.command}: error: {error}", file=sys.stderr)
     return 2
   except train.NonFiniteLossError as error:

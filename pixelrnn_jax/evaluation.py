@@ -8,26 +8,36 @@ import numpy as np
 import optax
 
 from pixelrnn_jax import data
+from pixelrnn_jax import early_exit
 from pixelrnn_jax import gru_classifier
 
 
-@jax.jit
-def _batch_sums(params, x, labels, mask):
+def _batch_sums(params, x, labels, mask, thresholds):
   """Sums over the real (mask = 1) examples of one padded batch.
 
   Args:
     x: <float>[batch, T, in_dim]
     labels: <int32>[batch]
     mask: <float32>[batch], 0 for padding.
+    thresholds: <float32>[K] early-exit confidence thresholds (K may be 0).
   """
   logits = gru_classifier.apply(params, x)  # (B, T, classes)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, -1], labels)
   correct = jnp.argmax(logits, axis=-1) == labels[:, None]  # (B, T)
+  exits = early_exit.exit_steps(logits, thresholds)  # (K, B)
+  correct_at_exit = jnp.take_along_axis(correct[None], exits[..., None], axis=-1)[..., 0]
   return {
       "loss": jnp.sum(losses * mask),
       "correct": jnp.sum(correct[:, -1] * mask),
       "correct_per_step": jnp.sum(correct * mask[:, None], axis=0),  # (T,)
+      "exit_correct": jnp.sum(correct_at_exit * mask, axis=-1),  # (K,)
+      "exit_steps": jnp.sum((exits + 1) * mask, axis=-1),  # (K,)
   }
+
+
+_jitted_batch_sums = jax.jit(_batch_sums)
+# Each device scores its slice of the batch; params and thresholds are broadcast.
+_pmapped_batch_sums = jax.pmap(_batch_sums, in_axes=(None, 0, 0, 0, None))
 
 
 def evaluate(
@@ -37,20 +47,32 @@ def evaluate(
     *,
     order: str,
     batch_size: int = 1000,
+    early_exit_thresholds: tuple[float, ...] = (),
+    devices: int = 1,
 ) -> dict:
   """Loss, top-1 accuracy and accuracy after every step over all of a split.
 
   The last batch is padded to ``batch_size`` and masked, so every example
-  counts once and there is one compilation.
+  counts once and there is one compilation. With ``devices > 1`` each batch
+  is split across that many devices (``jax.pmap``).
 
   Returns:
     ``{"accuracy": float, "loss": float, "accuracy_per_step": list[float] (T),
-    "num_examples": int}``.
+    "num_examples": int}``, plus with thresholds ``"early_exit"``: one
+    ``{"threshold", "accuracy", "mean_steps"}`` per threshold (each example
+    answered at the first step whose top probability reaches the threshold).
   """
   if len(images) != len(labels) or len(images) == 0:
     raise ValueError(f"{len(images)} images and {len(labels)} labels: expected"
                      " the same non-zero number")
+  if devices > jax.local_device_count():
+    raise ValueError(f"devices={devices} but JAX sees {jax.local_device_count()} device(s)")
   batch_size = min(batch_size, len(images))
+  batch_size = -(-batch_size // devices) * devices  # a multiple of the devices
+  for threshold in early_exit_thresholds:
+    if not 0 < threshold <= 1:
+      raise ValueError(f"early-exit threshold {threshold}: expected a probability in (0, 1]")
+  thresholds = np.asarray(early_exit_thresholds, np.float32)
   totals = None
   for start in range(0, len(images), batch_size):
     x = data.to_sequences(images[start : start + batch_size], order)
@@ -61,13 +83,25 @@ def evaluate(
     if real < batch_size:  # pad to the one compiled shape
       x = np.concatenate([x, np.zeros((batch_size - real, *x.shape[1:]), x.dtype)])
       y = np.concatenate([y, np.zeros(batch_size - real, y.dtype)])
-    sums = _batch_sums(params, x, y, mask)
+    if devices == 1:
+      sums = _jitted_batch_sums(params, x, y, mask, thresholds)
+    else:
+      split = lambda a: a.reshape(devices, batch_size // devices, *a.shape[1:])
+      sums = jax.tree.map(lambda s: s.sum(0), _pmapped_batch_sums(
+          params, split(x), split(y), split(mask), thresholds))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
   n = len(images)
-  return {
+  result = {
       "accuracy": float(totals["correct"]) / n,
       "loss": float(totals["loss"]) / n,
       "accuracy_per_step": (np.asarray(totals["correct_per_step"]) / n).tolist(),
       "num_examples": n,
   }
+  if early_exit_thresholds:
+    result["early_exit"] = [
+        {"threshold": float(t), "accuracy": float(c) / n, "mean_steps": float(s) / n}
+        for t, c, s in zip(early_exit_thresholds, totals["exit_correct"],
+                           totals["exit_steps"])
+    ]
+  return result

@@ -97,6 +97,10 @@ def check_activation(activation: str) -> str:
   return activation
 
 
+GATE_BIAS_INITS = ("constant", "chrono", "uniform")
+RECURRENT_INITS = ("glorot", "orthogonal")
+
+
 def init_cell(
     key: jax.Array,
     *,
@@ -104,22 +108,60 @@ def init_cell(
     num_units: int,
     cell: str = "tf1",
     dtype: jnp.dtype = jnp.float32,
+    gate_bias_init: str = "constant",
+    recurrent_init: str = "glorot",
+    max_steps: int = 784,
 ) -> dict[str, Dense | ResetAfterDense]:
-  """TF1 ``GRUCell`` defaults: Glorot-uniform kernels, gate bias 1, candidate bias 0.
+  """Initial cell weights; the defaults are TF1 ``GRUCell``'s.
+
+  TF1: Glorot-uniform kernels, gate bias 1.0 (r ~ u ~ 0.73 at the start),
+  candidate bias 0.
+
+  Args:
+    gate_bias_init: the update-gate bias (the reset-gate bias stays 1.0):
+      ``"constant"`` 1.0 (TF1); ``"chrono"`` ``log(U[1, max_steps - 1])``
+      (Tallec & Ollivier 2018: the gate keeps memory over a spread of time
+      scales up to the sequence length); ``"uniform"`` ``logit(U[1/max_steps,
+      1 - 1/max_steps])`` (the uniform gate initialisation of Gu et al. 2020).
+    recurrent_init: the ``h`` rows of the kernels: ``"glorot"`` (TF1, one
+      Glorot-uniform draw over the whole ``[in_dim + units, ...]`` kernel) or
+      ``"orthogonal"`` (one orthogonal ``[units, units]`` block per gate).
+    max_steps: the sequence length the gate initialisations aim at.
 
   Returns:
     ``{"gates": Dense, "candidate": Dense | ResetAfterDense}``.
   """
   check_cell(cell)
-  gates_key, candidate_key = jax.random.split(key)
+  if gate_bias_init not in GATE_BIAS_INITS:
+    raise ValueError(f"unknown gate_bias_init {gate_bias_init!r}: expected one of"
+                     f" {GATE_BIAS_INITS}")
+  if recurrent_init not in RECURRENT_INITS:
+    raise ValueError(f"unknown recurrent_init {recurrent_init!r}: expected one of"
+                     f" {RECURRENT_INITS}")
+  if max_steps < 3:
+    raise ValueError(f"max_steps={max_steps}: expected at least 3")
+  gates_key, candidate_key, bias_key, orthogonal_key = jax.random.split(key, 4)
   glorot = jax.nn.initializers.glorot_uniform()
   rows = in_dim + num_units
-  gates = Dense(
-      kernel=glorot(gates_key, (rows, 2 * num_units), dtype),
-      # Bias 1.0 starts both gates mostly open (r ~ u ~ 0.73), as TF1 did.
-      bias=jnp.ones((2 * num_units,), dtype),
-  )
+  gates_kernel = glorot(gates_key, (rows, 2 * num_units), dtype)
   kernel = glorot(candidate_key, (rows, num_units), dtype)
+  if recurrent_init == "orthogonal":
+    orthogonal = jax.nn.initializers.orthogonal()
+    blocks = [orthogonal(k, (num_units, num_units), dtype)
+              for k in jax.random.split(orthogonal_key, 3)]  # r, u, c
+    gates_kernel = gates_kernel.at[in_dim:].set(jnp.concatenate(blocks[:2], axis=1))
+    kernel = kernel.at[in_dim:].set(blocks[2])
+  reset_bias = jnp.ones((num_units,), dtype)
+  if gate_bias_init == "constant":
+    update_bias = jnp.ones((num_units,), dtype)
+  elif gate_bias_init == "chrono":
+    update_bias = jnp.log(jax.random.uniform(bias_key, (num_units,), dtype, 1.0,
+                                             max_steps - 1.0))
+  else:
+    p = jax.random.uniform(bias_key, (num_units,), dtype, 1.0 / max_steps,
+                           1.0 - 1.0 / max_steps)
+    update_bias = jnp.log(p) - jnp.log1p(-p)
+  gates = Dense(kernel=gates_kernel, bias=jnp.concatenate([reset_bias, update_bias]))
   bias = jnp.zeros((num_units,), dtype)
   if cell == "tf1":
     candidate = Dense(kernel=kernel, bias=bias)

@@ -65,11 +65,16 @@ def init(
     cell: str = "tf1",
     activation: str = "tanh",
     dtype: jnp.dtype = jnp.float32,
+    gate_bias_init: str = "constant",
+    recurrent_init: str = "glorot",
+    max_steps: int = 784,
 ) -> Params:
   """Initialises the classifier as the notebook's TF1 defaults.
 
   GRU kernels Glorot-uniform, gate bias 1.0, candidate bias 0; readout
   kernel truncated-normal (stddev 0.1, cut at 2 stddev), readout bias 0.
+  ``gate_bias_init``, ``recurrent_init`` and ``max_steps`` choose other
+  initialisations (see ``gru_cell.init_cell``).
 
   Raises:
     ValueError: for an unknown cell or activation, or a non-positive size.
@@ -84,7 +89,8 @@ def init(
     raise ValueError(f"dtype={dtype!r}: expected a floating dtype such as float32")
   cell_key, output_key = jax.random.split(key)
   cell_params = gru_cell.init_cell(
-      cell_key, in_dim=in_dim, num_units=num_units, cell=cell, dtype=dtype
+      cell_key, in_dim=in_dim, num_units=num_units, cell=cell, dtype=dtype,
+      gate_bias_init=gate_bias_init, recurrent_init=recurrent_init, max_steps=max_steps,
   )
   output = Dense(
       kernel=jax.nn.initializers.truncated_normal(stddev=0.1)(

@@ -69,10 +69,11 @@ def make_optimizer(config: config_lib.Config) -> optax.GradientTransformation:
 
 
 def init_params(config: config_lib.Config, key: jax.Array) -> gru_classifier.Params:
-  _, in_dim = data.sequence_shape(config.order)
+  steps, in_dim = data.sequence_shape(config.order)
   return gru_classifier.init(
       key, num_units=config.num_units, in_dim=in_dim, cell=config.cell,
-      activation=config.activation,
+      activation=config.activation, gate_bias_init=config.gate_bias_init,
+      recurrent_init=config.recurrent_init, max_steps=steps,
   )
 
 
@@ -354,7 +355,8 @@ def train_and_evaluate(
       bar.update(1)
       if step % config.eval_every == 0 or step == config.steps:
         result = evaluation.evaluate(unreplicate(replicated).params, valid_x, valid_y,
-                                     order=config.order, batch_size=config.eval_batch_size)
+                                     order=config.order, batch_size=config.eval_batch_size,
+                                     devices=config.devices)
         _append_jsonl(metrics_path, {"step": step, "split": "valid",
                                      "accuracy": result["accuracy"], "loss": result["loss"]})
         log.info("step %d: valid accuracy %.4f, loss %.4f", step,
@@ -370,7 +372,8 @@ def train_and_evaluate(
         break
 
   valid = evaluation.evaluate(unreplicate(replicated).params, valid_x, valid_y,
-                              order=config.order, batch_size=config.eval_batch_size)
+                              order=config.order, batch_size=config.eval_batch_size,
+                              devices=config.devices)
   if summary["stopped"] is None:
     (workdir / "eval.json").write_text(json.dumps({"step": step, "split": "valid", **valid}))
   summary.update(step=step, valid=valid, best_valid_accuracy=max(best, valid["accuracy"]),

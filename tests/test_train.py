@@ -110,6 +110,18 @@ def test_optimizer_options_live_in_optax():
   assert max(float(jnp.abs(u).max()) for u in jax.tree.leaves(updates)) <= 1.01e-4
 
 
+def test_evaluate_on_two_devices_equals_one_device():
+  params = train.init_params(config_lib.Config(**SMALL), jax.random.key(1))
+  images, labels = _synthetic(37, 6)
+  one = evaluation.evaluate(params, images, labels, order="row", batch_size=10,
+                            early_exit_thresholds=(0.2,))
+  two = evaluation.evaluate(params, images, labels, order="row", batch_size=10,
+                            early_exit_thresholds=(0.2,), devices=2)
+  assert one["accuracy"] == two["accuracy"] and one["early_exit"] == two["early_exit"]
+  np.testing.assert_allclose(one["loss"], two["loss"], rtol=1e-6)
+  np.testing.assert_array_equal(one["accuracy_per_step"], two["accuracy_per_step"])
+
+
 def test_evaluate_is_exact_over_an_uneven_split():
   params = train.init_params(config_lib.Config(**SMALL), jax.random.key(1))
   images, labels = _synthetic(37, 6)
@@ -256,6 +268,9 @@ def test_flags_map_onto_config():
                                      order="permuted", standardize=True, per_step_loss=0.1)
   assert config_lib.Config() == cli.config_from_flags(
       cli.build_parser().parse_args(["train", "--workdir", "w"]))
+  tuned = cli.config_from_flags(cli.build_parser().parse_args(
+      ["train", "--workdir", "w", "--recipe", "tuned", "--steps", "700"]))
+  assert tuned == config_lib.RECIPES["tuned"].replace(steps=700)
 
 
 def test_notebook_defaults():

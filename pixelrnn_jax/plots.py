@@ -1,0 +1,139 @@
+"""``pixelrnn-jax plot RUN_DIR``: PNG pictures of a run (headless, matplotlib Agg).
+
+* ``learning_curves.png``: training loss, training and valid accuracy vs step;
+* ``accuracy_per_pixel.png``: valid accuracy if the prediction were made after t pixels;
+* ``early_exit.png``: accuracy against mean pixels read, per confidence threshold;
+* ``gradient_norms.png``: ``||dL/dh_t||`` over t at initialisation and at each
+  kept checkpoint (the vanishing gradient behind the notebook's 2.30 plateau).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from pixelrnn_jax import checkpoint
+from pixelrnn_jax import data
+from pixelrnn_jax import diagnostics
+from pixelrnn_jax import evaluation
+from pixelrnn_jax import train
+
+log = logging.getLogger(__name__)
+
+THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
+
+
+def _pyplot():
+  try:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+  except ImportError as error:
+    raise ImportError("plotting needs matplotlib: pip install 'pixelrnn_jax[plot]'") from error
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
+
+
+def _read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+  path = run_dir / "metrics.jsonl"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: no metrics; is {run_dir} a training run directory?")
+  lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return ([l for l in lines if "split" not in l], [l for l in lines if l.get("split") == "valid"])
+
+
+def learning_curves(run_dir: Path, out: Path) -> Path:
+  plt = _pyplot()
+  train_lines, valid_lines = _read_metrics(run_dir)
+  fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+  loss_ax.plot([l["step"] for l in train_lines], [l["loss"] for l in train_lines])
+  loss_ax.axhline(np.log(10), color="grey", ls=":", label="ln 10 = 2.30 (chance)")
+  loss_ax.set(xlabel="step", ylabel="training loss (last step)", title="loss")
+  loss_ax.legend()
+  acc_ax.plot([l["step"] for l in train_lines], [l["accuracy"] for l in train_lines],
+              label="train (batch)")
+  acc_ax.plot([l["step"] for l in valid_lines], [l["accuracy"] for l in valid_lines],
+              "o-", label="valid")
+  acc_ax.set(xlabel="step", ylabel="accuracy", title="accuracy", ylim=(0, 1))
+  acc_ax.legend()
+  fig.suptitle(run_dir.name)
+  return _save(fig, out / "learning_curves.png")
+
+
+def accuracy_per_pixel(curve, out: Path, title: str) -> Path:
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ax.plot(np.arange(1, len(curve) + 1), curve)
+  ax.set(xlabel="pixels read", ylabel="valid accuracy", title=title, ylim=(0, 1))
+  ax.grid(alpha=0.3)
+  return _save(fig, out / "accuracy_per_pixel.png")
+
+
+def early_exit_tradeoff(rows: list[dict], total: int, out: Path, title: str) -> Path:
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ax.plot([r["mean_steps"] for r in rows], [r["accuracy"] for r in rows], "o-")
+  for r in rows:
+    ax.annotate(f"{r['threshold']:g}", (r["mean_steps"], r["accuracy"]),
+                textcoords="offset points", xytext=(4, -10), fontsize=8)
+  ax.set(xlabel=f"mean pixels read (of {total})", ylabel="valid accuracy", title=title)
+  ax.grid(alpha=0.3)
+  return _save(fig, out / "early_exit.png")
+
+
+def gradient_norms(curves: dict[str, np.ndarray], out: Path, title: str) -> Path:
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for label, curve in curves.items():
+    ax.semilogy(np.arange(1, len(curve) + 1), np.maximum(curve, 1e-30), label=label)
+  ax.set(xlabel="step t", ylabel="mean ||dL/dh_t||", title=title)
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  return _save(fig, out / "gradient_norms.png")
+
+
+def _save(fig, path: Path) -> Path:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  _pyplot().close(fig)
+  return path
+
+
+def plot_run(run_dir: str | Path, *, data_dir: str | None = None, examples: int = 500,
+             out_dir: str | Path | None = None) -> list[Path]:
+  """Writes every picture of a run; returns their paths.
+
+  The valid-split pictures use the run's best checkpoint (else its newest) on
+  the first ``examples`` valid images.
+  """
+  run_dir = Path(run_dir)
+  out = Path(out_dir) if out_dir else run_dir / "plots"
+  written = [learning_curves(run_dir, out)]
+  params, config, info = train.load_model(run_dir)
+  images, labels = data.load_mnist("valid", data_dir=data_dir or config.data_dir,
+                                   verify=config.verify_data, standardize=config.standardize)
+  images, labels = images[:examples], labels[:examples]
+  result = evaluation.evaluate(params, images, labels, order=config.order,
+                               early_exit_thresholds=THRESHOLDS)
+  name = f"{run_dir.name}, step {info['step']}, {len(labels)} valid images"
+  written.append(accuracy_per_pixel(result["accuracy_per_step"], out, name))
+  total = data.sequence_shape(config.order)[0]
+  written.append(early_exit_tradeoff(result["early_exit"], total, out, name))
+  x = data.to_sequences(images[:100], config.order)
+  y = labels[:100]
+  curves = {"initialisation": np.asarray(diagnostics.hidden_gradient_norms(
+      train.init_params(config, jax.random.split(jax.random.key(config.seed))[0]), x, y))}
+  for path in checkpoint.step_checkpoints(run_dir / "checkpoints"):
+    try:
+      ckpt_params, _, ckpt_info = train.load_model(path)
+    except (checkpoint.CheckpointError, ValueError) as error:
+      log.warning("skipping %s: %s", path, error)
+      continue
+    curves[f"step {ckpt_info['step']}"] = np.asarray(
+        diagnostics.hidden_gradient_norms(ckpt_params, x, y))
+  written.append(gradient_norms(curves, out, f"{run_dir.name}: gradient reaching h_t"))
+  return written

@@ -1,0 +1,71 @@
+"""Every recipe option sets what it claims."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pixelrnn_jax import config as config_lib
+from pixelrnn_jax import gru_classifier
+from pixelrnn_jax import train
+
+
+def test_chrono_update_gate_bias():
+  params = gru_classifier.init(jax.random.key(0), num_units=512, gate_bias_init="chrono",
+                               max_steps=784)
+  reset, update = np.asarray(params.gates.bias[:512]), np.asarray(params.gates.bias[512:])
+  np.testing.assert_array_equal(reset, 1.0)
+  # log U[1, 783]: exp(b) uniform on [1, 783].
+  assert update.min() >= 0.0 and update.max() <= np.log(783) + 1e-5
+  scales = np.exp(update)
+  np.testing.assert_allclose(scales.mean(), 392, rtol=0.08)
+  assert abs(np.median(update) - np.log(392)) < 0.2
+
+
+def test_uniform_update_gate_bias():
+  params = gru_classifier.init(jax.random.key(0), num_units=512, gate_bias_init="uniform",
+                               max_steps=100)
+  update = np.asarray(params.gates.bias[512:], np.float64)
+  gate = 1 / (1 + np.exp(-update))  # sigmoid(b) ~ U[1/100, 99/100]
+  assert gate.min() >= 0.01 - 1e-6 and gate.max() <= 0.99 + 1e-6
+  np.testing.assert_allclose(gate.mean(), 0.5, atol=0.04)
+
+
+def test_orthogonal_recurrent_blocks():
+  units = 16
+  params = gru_classifier.init(jax.random.key(0), num_units=units, in_dim=3,
+                               recurrent_init="orthogonal")
+  glorot = gru_classifier.init(jax.random.key(0), num_units=units, in_dim=3)
+  blocks = [params.gates.kernel[3:, :units], params.gates.kernel[3:, units:],
+            params.candidate.kernel[3:]]
+  for block in blocks:
+    np.testing.assert_allclose(block.T @ block, np.eye(units), atol=1e-5)
+  # The input rows keep the Glorot draw.
+  np.testing.assert_array_equal(params.gates.kernel[:3], glorot.gates.kernel[:3])
+
+
+def test_defaults_stay_tf1():
+  params = gru_classifier.init(jax.random.key(0))
+  np.testing.assert_array_equal(params.gates.bias, 1.0)
+
+
+def test_config_passes_options_and_sequence_length():
+  config = config_lib.Config(order="row", gate_bias_init="chrono", num_units=256)
+  params = train.init_params(config, jax.random.key(0))
+  assert params.gates.bias[256:].max() <= np.log(27) + 1e-5  # row order: T = 28
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(gate_bias_init="zeros"), "gate_bias_init='zeros'"),
+    (dict(recurrent_init="identity"), "recurrent_init='identity'"),
+])
+def test_bad_options(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    config_lib.Config(**kwargs)
+
+
+def test_recipes_are_valid_and_the_notebook_one_is_the_default():
+  assert config_lib.RECIPES["notebook"] == config_lib.Config()
+  tuned = config_lib.RECIPES["tuned"]
+  assert (tuned.gate_bias_init, tuned.recurrent_init, tuned.clip_norm) == (
+      "chrono", "orthogonal", 1.0)
