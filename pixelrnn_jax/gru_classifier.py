@@ -264,3 +264,14 @@ def accuracy_per_step(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """<float>[T]: top-1 accuracy if the prediction were made after step t."""
   _check_labels(logits, labels)
   return jnp.mean(jnp.argmax(logits, axis=-1) == labels[:, None], axis=0)
+
+
+def load_pretrained(name: str = "pixel") -> Params:
+  """Shipped trained weights (``pixelrnn_jax/pretrained/<name>.*``), checksum-verified.
+
+  The config they were trained with (order, standardisation) is in
+  ``pixelrnn_jax.pretrained.metadata(name)``.
+  """
+  from pixelrnn_jax import pretrained, train  # pylint: disable=import-outside-toplevel
+  params, _, _ = train.load_model(pretrained.PREFIX + name)
+  return params

@@ -155,7 +155,8 @@ def _checkpoint_tree(state: TrainState, position, data_key, best: float, config)
 
 
 def load_model(path: str | Path) -> tuple[gru_classifier.Params, config_lib.Config, dict]:
-  """Params and config of a checkpoint file, or of a run directory's best checkpoint.
+  """Params and config of a checkpoint file, a run directory's best checkpoint,
+  or shipped weights (``"pretrained:pixel"``).
 
   Returns:
     (params, config, info) where info has ``path`` and ``step``.
@@ -163,6 +164,9 @@ def load_model(path: str | Path) -> tuple[gru_classifier.Params, config_lib.Conf
   Raises:
     CheckpointError / FileNotFoundError: naming the path and what is wrong.
   """
+  if str(path).startswith("pretrained:"):
+    from pixelrnn_jax import pretrained  # pylint: disable=import-outside-toplevel
+    path = pretrained.checked_path(str(path).removeprefix(pretrained.PREFIX))
   path = Path(path)
   if path.is_dir():
     directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
