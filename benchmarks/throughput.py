@@ -414,6 +414,11 @@ def _print_report(report: dict) -> None:
       print(f"| {row['batch']} | {row['steps']} | {row['train_step_s']:.3f} |"
             f" {1000 * row['train_step_s'] / row['steps']:.3f} |"
             f" {row['batch'] / row['train_step_s']:.0f} |")
+    for batch in sorted({row["batch"] for row in rows}):
+      mine = sorted((r["steps"], r["train_step_s"]) for r in rows if r["batch"] == batch)
+      (t0, s0), (t1, s1) = mine[0], mine[-1]
+      print(f"batch {batch}: T x{t1 / t0:.0f} ({t0} -> {t1}) costs x{s1 / s0:.1f}"
+            " (linear in T would be the same factor)")
 
 
 def main(argv=None) -> dict:

@@ -25,9 +25,10 @@ small and in cache:
   and at this machine's memory bandwidth that costs more than 784 small
   GEMMs on data already in cache. Likewise, recomputing the gates in bulk
   instead of storing them was slower.
-* An ``optimization_barrier`` after each sigmoid stops XLA:CPU from fusing
-  the sigmoid into each consumer and recomputing it (reset_after's forward
-  went from 455 ms to 182 ms).
+* The step's forward equations are ``gru_cell.activations``, shared with the
+  reference path. Its ``optimization_barrier`` after each sigmoid stops
+  XLA:CPU from fusing the sigmoid into each consumer and recomputing it
+  (reset_after's forward went from 455 ms to 182 ms).
 
 The readout stays outside (one matmul over all steps), so autodiff handles it.
 """
@@ -57,38 +58,13 @@ def _project(x, w_x, b):
   return x @ w_x + b
 
 
-def _gates(cell, activation, weights, projected, h_prev):
-  """The activations of a step (or of all steps in bulk: leading dims are free).
-
-  Returns:
-    r, u, c, and for reset_after ``hn = h_prev @ W_hn + b_hn`` (else None).
-  """
-  act = gru_cell.ACTIVATIONS[activation]
-  units = h_prev.shape[-1]
-  x_gates, x_candidate = projected[..., : 2 * units], projected[..., 2 * units :]
-  # The barrier materialises the gates once: without it XLA:CPU fuses the
-  # sigmoid into each consumer and recomputes it (reset_after's forward took
-  # 2x longer, see the module docstring).
-  if cell == "tf1":
-    gates_h, candidate_h = weights
-    gates = jax.lax.optimization_barrier(
-        jax.nn.sigmoid(x_gates + h_prev @ gates_h))  # (..., 2u)
-    r, u = gates[..., :units], gates[..., units:]
-    return r, u, act(x_candidate + (r * h_prev) @ candidate_h), None
-  fused, recurrent_bias = weights
-  hh = h_prev @ fused  # (..., 3u): one matmul for r, z and n
-  gates = jax.lax.optimization_barrier(jax.nn.sigmoid(x_gates + hh[..., : 2 * units]))
-  r, u = gates[..., :units], gates[..., units:]
-  hn = hh[..., 2 * units :] + recurrent_bias
-  return r, u, act(x_candidate + r * hn), hn
-
-
 def _forward(cell, activation, unroll, x, w_x, b, weights, *, keep_gates=False):
   """The forward scan: hs <[T, B, u]> and, if keep_gates, the gates of every step."""
   units = w_x.shape[-1] // 3
 
   def step(h, x_t):  # h: (B, u), x_t: (B, in_dim)
-    r, u, c, hn = _gates(cell, activation, weights, _project(x_t, w_x, b), h)
+    r, u, c, hn = gru_cell.activations(weights, h, _project(x_t, w_x, b), cell=cell,
+                                       activation=activation)
     h_new = u * h + (1.0 - u) * c
     if not keep_gates:
       return h_new, h_new

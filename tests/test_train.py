@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import chex
 import jax
@@ -341,3 +342,16 @@ def test_signal_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path, signum, 
       workdir / "checkpoints")[0])
   assert 5 <= info["step"] < 100000 and config.num_units == 8
   assert params.gates.kernel.shape == (28 + 8, 16)
+
+
+def test_example_script_trains_through_the_library(tmp_path):
+  _write_fake_idx(tmp_path)
+  script = Path(__file__).resolve().parents[1] / "examples" / "train_mnist.py"
+  result = subprocess.run(
+      [sys.executable, str(script), "--workdir", str(tmp_path / "run"), "--data-dir",
+       str(tmp_path), "--no-verify-data", "--order", "row", "--units", "8",
+       "--batch-size", "16", "--steps", "3", "--eval-every", "3"],
+      capture_output=True, text=True, timeout=120,
+      env={**os.environ, "PIXELRNN_JAX_CACHE": str(tmp_path / "cache")})
+  assert result.returncode == 0, result.stderr
+  assert json.loads((tmp_path / "run" / "eval.json").read_text())["step"] == 3
