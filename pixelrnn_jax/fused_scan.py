@@ -17,18 +17,18 @@ small and in cache:
   are written in terms of the stored activations), the gradient for
   ``h_{t-1}`` (tf1: two matmuls; reset_after: one) and accumulates the
   weight gradients in the loop carry.
-* **Why accumulate in the loop, not one big GEMM after it**: we measured both
-  on the 2-core reference machine. Emitting every step's ``[B, 3u]``
-  gradient and contracting ``H_prev^T @ d_pre`` over all ``T x B`` rows after
-  the scan took 1.04 s per train step against 0.68 s in the loop: the
+* **Why accumulate in the loop, not one big GEMM after it**: both were
+  measured on the 2-core reference machine during development. Emitting every
+  step's ``[B, 3u]`` gradient and contracting ``H_prev^T @ d_pre`` over all
+  ``T x B`` rows after the scan was about 1.5x slower per train step: the
   ``[T, B, 3u]`` array (308 MB at batch 512) must be written and read back,
-  and at this machine's memory bandwidth that costs more than 784 small
-  GEMMs on data already in cache. Likewise, recomputing the gates in bulk
-  instead of storing them was slower.
+  and at this machine's memory bandwidth that costs more than 784 small GEMMs
+  on data already in cache. Likewise, recomputing the gates in bulk instead
+  of storing them was slower.
 * The step's forward equations are ``gru_cell.activations``, shared with the
   reference path. Its ``optimization_barrier`` after each sigmoid stops
   XLA:CPU from fusing the sigmoid into each consumer and recomputing it
-  (reset_after's forward went from 455 ms to 182 ms).
+  (it more than halved reset_after's forward).
 
 The readout stays outside (one matmul over all steps), so autodiff handles it.
 """

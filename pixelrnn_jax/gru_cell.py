@@ -223,7 +223,7 @@ def activations(
   x_gates, x_candidate = projected_x[..., : 2 * units], projected_x[..., 2 * units :]
   # The barrier materialises the gates once: without it XLA:CPU fuses the
   # sigmoid into each consumer and recomputes it (the reset_after forward
-  # took 2.5x longer; see fused_scan's docstring).
+  # took over twice as long; see fused_scan's docstring).
   if check_cell(cell) == "tf1":
     gates_h, candidate_h = weights
     gates = jax.lax.optimization_barrier(jax.nn.sigmoid(x_gates + h @ gates_h))

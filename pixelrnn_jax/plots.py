@@ -125,8 +125,13 @@ def plot_run(run_dir: str | Path, *, data_dir: str | None = None, examples: int 
   written.append(early_exit_tradeoff(result["early_exit"], total, out, name))
   x = data.to_sequences(images[:100], config.order)
   y = labels[:100]
+  init_key = jax.random.split(jax.random.key(config.seed))[0]
   curves = {"initialisation": np.asarray(diagnostics.hidden_gradient_norms(
-      train.init_params(config, jax.random.split(jax.random.key(config.seed))[0]), x, y))}
+      train.init_params(config, init_key), x, y))}
+  notebook_init = config.replace(gate_bias_init="constant", recurrent_init="glorot")
+  if notebook_init != config:  # the contrast that explains the notebook's plateau
+    curves["notebook (TF1) initialisation"] = np.asarray(diagnostics.hidden_gradient_norms(
+        train.init_params(notebook_init, init_key), x, y))
   for path in checkpoint.step_checkpoints(run_dir / "checkpoints"):
     try:
       ckpt_params, _, ckpt_info = train.load_model(path)

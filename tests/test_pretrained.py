@@ -1,0 +1,60 @@
+"""The weights shipped in pixelrnn_jax/pretrained load and reproduce their recorded accuracy."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from pixelrnn_jax import checkpoint
+from pixelrnn_jax import cli
+from pixelrnn_jax import data
+from pixelrnn_jax import evaluation
+from pixelrnn_jax import gru_classifier
+from pixelrnn_jax import pretrained
+
+NAMES = pretrained.available()
+
+
+def test_pixel_weights_are_shipped():
+  assert "pixel" in NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_load_pretrained(name):
+  params = gru_classifier.load_pretrained(name)
+  meta = pretrained.metadata(name)
+  assert params.num_units == meta["config"]["num_units"]
+  assert params.cell == meta["config"]["cell"]
+  assert gru_classifier.count_params(params) < 20_000
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pretrained_reproduces_recorded_subset_accuracy(name, mnist_dir):
+  meta = pretrained.metadata(name)
+  config = meta["config"]
+  images, labels = data.load_mnist("valid", data_dir=mnist_dir,
+                                   standardize=config["standardize"])
+  subset = slice(0, pretrained.SUBSET)
+  result = evaluation.evaluate(gru_classifier.load_pretrained(name), images[subset],
+                               labels[subset], order=config["order"])
+  np.testing.assert_allclose(result["accuracy"],
+                             meta[f"valid_first_{pretrained.SUBSET}_accuracy"], atol=1e-9)
+
+
+def test_corrupted_pretrained_file_is_refused(tmp_path, monkeypatch):
+  name = NAMES[0]
+  for path in pretrained.paths(name):
+    shutil.copy(path, tmp_path / path.name)
+  blob = bytearray((tmp_path / f"{name}.msgpack").read_bytes())
+  blob[-5] ^= 0x01
+  (tmp_path / f"{name}.msgpack").write_bytes(bytes(blob))
+  monkeypatch.setattr(pretrained, "DIRECTORY", tmp_path)
+  with pytest.raises(checkpoint.CheckpointError, match="does not match the recorded"):
+    gru_classifier.load_pretrained(name)
+
+
+def test_unknown_name_lists_what_is_available(capsys):
+  with pytest.raises(FileNotFoundError, match=r"no pretrained weights named 'cifar'"):
+    gru_classifier.load_pretrained("cifar")
+  assert cli.main(["evaluate", "--checkpoint", "pretrained:cifar"]) == 2
+  assert "available" in capsys.readouterr().err
