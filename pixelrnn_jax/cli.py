@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   for noisy in ("jax._src.xla_bridge", "absl"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  from pixelrnn_jax import checkpoint, data, train  # pylint: disable=import-outside-toplevel
+  from pixelrnn_jax import train  # pylint: disable=import-outside-toplevel
   try:
     return {"train": _train, "evaluate": _evaluate, "predict": _predict,
             "plot": _plot}[args.command](args)
@@ -259,7 +259,6 @@ def main(argv: list[str] | None = None) -> int:
   except train.NonFiniteLossError as error:
     print(f"pixelrnn-jax {args.command}: error: {error}", file=sys.stderr)
     return 1
-  del checkpoint, data
 
 
 if __name__ == "__main__":
