@@ -1,7 +1,6 @@
 """Every recipe option sets what it claims."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
