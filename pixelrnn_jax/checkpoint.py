@@ -91,6 +91,14 @@ def step_path(directory: str | os.PathLike, step: int) -> Path:
   return Path(directory) / f"ckpt_{step:08d}.msgpack"
 
 
+def step_of(path: str | os.PathLike) -> int:
+  """The step in a step checkpoint's file name (``ckpt_00001500.msgpack`` -> 1500)."""
+  match = _STEP_FILE.match(Path(path).name)
+  if match is None:
+    raise ValueError(f"{path} is not a step checkpoint (expected ckpt_NNNNNNNN.msgpack)")
+  return int(match.group(1))
+
+
 def step_checkpoints(directory: str | os.PathLike) -> list[Path]:
   """Step checkpoints in ``directory``, oldest first."""
   directory = Path(directory)

@@ -52,19 +52,22 @@ class NonFiniteLossError(FloatingPointError):
   """The loss or gradient became NaN/inf; the run stopped without saving it."""
 
 
+def make_schedule(config: config_lib.Config) -> optax.Schedule:
+  """The learning rate as a function of the step."""
+  if config.lr_schedule == "constant":
+    return optax.constant_schedule(config.learning_rate)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.learning_rate,
+      warmup_steps=config.warmup_steps, decay_steps=config.steps, end_value=0.0,
+  )
+
+
 def make_optimizer(config: config_lib.Config) -> optax.GradientTransformation:
   """Adam (the notebook's), optionally with a schedule and global-norm clipping."""
-  if config.lr_schedule == "constant":
-    learning_rate = config.learning_rate
-  else:
-    learning_rate = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.learning_rate,
-        warmup_steps=config.warmup_steps, decay_steps=config.steps, end_value=0.0,
-    )
   parts = []
   if config.clip_norm is not None:
     parts.append(optax.clip_by_global_norm(config.clip_norm))
-  parts.append(optax.adam(learning_rate))
+  parts.append(optax.adam(make_schedule(config)))
   return optax.chain(*parts)
 
 
@@ -248,9 +251,28 @@ def _prepare_workdir(workdir: Path, config) -> None:
           f"{workdir} holds a run with a different config ({details}); resume"
           " with the same settings or choose a new --workdir"
       )
+    if previous.get("steps") != config.steps:
+      _warn_if_schedule_changes(config.replace(steps=previous["steps"]), config,
+                                checkpoint.step_checkpoints(workdir / "checkpoints")[-1])
   tmp = config_path.with_suffix(".json.partial")
   tmp.write_text(config.to_json() + "\n")
   tmp.replace(config_path)
+
+
+def _warn_if_schedule_changes(previous, config, latest: Path) -> None:
+  """A new --steps on resume reshapes a warmup_cosine schedule: say so, with numbers."""
+  if config.lr_schedule == "constant":
+    return
+  step = checkpoint.step_of(latest)
+  before = float(make_schedule(previous)(step))
+  after = float(make_schedule(config)(step))
+  log.warning(
+      "resuming at step %d with steps %d -> %d stretches the %s schedule: the learning"
+      " rate there goes from %.3g to %.3g and decays to 0 at step %d; this run is no"
+      " longer the same as a fresh run with --steps %d",
+      step, previous.steps, config.steps, config.lr_schedule, before, after,
+      config.steps, config.steps,
+  )
 
 
 def _append_jsonl(path: Path, record: dict) -> None:

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import logging
 import re
 import os
 import signal
@@ -226,6 +227,33 @@ def test_resume_with_a_different_config_is_refused(tmp_path, toy_data):
   with pytest.raises(ValueError, match=r"different config \(num_units: 8 -> 16\)"):
     train.train_and_evaluate(config_lib.Config(**{**SMALL, "num_units": 16}), tmp_path,
                              progress=False)
+
+
+def test_resume_with_more_steps_warns_that_the_cosine_schedule_stretches(
+    tmp_path, toy_data, caplog):
+  config = config_lib.Config(**{**SMALL, "lr_schedule": "warmup_cosine", "warmup_steps": 2,
+                                "learning_rate": 1e-2})
+  train.train_and_evaluate(config, tmp_path, progress=False)
+  longer = config.replace(steps=12)
+  # The numbers the warning must give: lr at step 6 under both schedules.
+  before = float(train.make_schedule(config)(6))
+  after = float(train.make_schedule(longer)(6))
+  assert before == 0.0 and after > 0.004
+  with caplog.at_level(logging.WARNING, logger="pixelrnn_jax.train"):
+    summary = train.train_and_evaluate(longer, tmp_path, progress=False)
+  assert summary["step"] == 12
+  warnings = [r.getMessage() for r in caplog.records if "stretches" in r.getMessage()]
+  assert len(warnings) == 1
+  assert "step 6 with steps 6 -> 12" in warnings[0]
+  assert f"from {before:.3g} to {after:.3g}" in warnings[0]
+
+
+def test_resume_with_more_steps_and_a_constant_rate_does_not_warn(tmp_path, toy_data, caplog):
+  config = config_lib.Config(**SMALL)
+  train.train_and_evaluate(config, tmp_path, progress=False)
+  with caplog.at_level(logging.WARNING, logger="pixelrnn_jax.train"):
+    train.train_and_evaluate(config.replace(steps=8), tmp_path, progress=False)
+  assert not [r for r in caplog.records if "stretches" in r.getMessage()]
 
 
 def test_too_many_devices_is_a_clear_error(tmp_path, toy_data):
