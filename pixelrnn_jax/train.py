@@ -285,6 +285,48 @@ def _load_split(config, split):
                          standardize=config.standardize)
 
 
+def _init_or_restore(config, optimizer, checkpoint_dir: Path):
+  """A fresh (state, data position, data key, best valid accuracy), or the newest checkpoint's."""
+  init_key, data_key = jax.random.split(jax.random.key(config.seed))
+  state = init_train_state(config, init_key, optimizer)
+  position, best = (0, 0), -1.0
+  restored = checkpoint.load_latest(checkpoint_dir)
+  if restored is None:
+    return state, position, data_key, best
+  path, saved = restored
+  template = _checkpoint_tree(state, position, data_key, best, config)
+  tree = checkpoint.restore(template, saved)
+  log.info("resuming from %s (step %d)", path, int(tree["state"].step))
+  return (tree["state"], tuple(int(v) for v in tree["data_position"]),
+          jax.random.wrap_key_data(jnp.asarray(tree["data_key"])),
+          tree["best_valid_accuracy"])
+
+
+def _check_finite(step: int, metrics: dict, checkpoint_dir: Path) -> None:
+  """Stops the run, naming the last good checkpoint, when the loss or gradient is NaN/inf."""
+  if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
+    return
+  last = checkpoint.step_checkpoints(checkpoint_dir)
+  raise NonFiniteLossError(
+      f"step {step}: loss {metrics['loss']}, gradient norm"
+      f" {metrics['grad_norm']}; stopped without saving this state. The last"
+      f" good checkpoint is {last[-1] if last else 'none (nothing saved yet)'}."
+      " Try a lower --lr or --clip-norm 1.0, and check the input for NaNs."
+  )
+
+
+def _window_record(step: int, window: list[dict], seconds: float, batch_size: int) -> dict:
+  """One metrics.jsonl line: the means over the steps since the last log line."""
+  return {
+      "step": step,
+      "loss": float(np.mean([m["loss"] for m in window])),
+      "accuracy": float(np.mean([m["accuracy"] for m in window])),
+      "grad_norm": float(np.mean([m["grad_norm"] for m in window])),
+      "steps_per_s": len(window) / seconds,
+      "samples_per_s": len(window) * batch_size / seconds,
+  }
+
+
 def train_and_evaluate(
     config: config_lib.Config, workdir: str | Path, *, progress: bool = True
 ) -> dict:
@@ -307,19 +349,7 @@ def train_and_evaluate(
   valid_x, valid_y = _load_split(config, "valid")
 
   optimizer = make_optimizer(config)
-  init_key, data_key = jax.random.split(jax.random.key(config.seed))
-  state = init_train_state(config, init_key, optimizer)
-  position, best = (0, 0), -1.0
-  restored = checkpoint.load_latest(checkpoint_dir)
-  if restored is not None:
-    path, saved = restored
-    template = _checkpoint_tree(state, position, data_key, best, config)
-    tree = checkpoint.restore(template, saved)
-    state, position = tree["state"], tuple(int(v) for v in tree["data_position"])
-    data_key = jax.random.wrap_key_data(jnp.asarray(tree["data_key"]))
-    best = tree["best_valid_accuracy"]
-    log.info("resuming from %s (step %d)", path, int(state.step))
-
+  state, position, data_key, best = _init_or_restore(config, optimizer, checkpoint_dir)
   batches = data.Batches(
       train_x, train_y, batch_size=config.batch_size, key=data_key,
       order=config.order, num_devices=config.devices,
@@ -356,24 +386,10 @@ def train_and_evaluate(
         window_start = time.perf_counter()
       else:
         window.append(metrics)
-      if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-        last = checkpoint.step_checkpoints(checkpoint_dir)
-        raise NonFiniteLossError(
-            f"step {step}: loss {metrics['loss']}, gradient norm"
-            f" {metrics['grad_norm']}; stopped without saving this state. The last"
-            f" good checkpoint is {last[-1] if last else 'none (nothing saved yet)'}."
-            " Try a lower --lr or --clip-norm 1.0, and check the input for NaNs."
-        )
+      _check_finite(step, metrics, checkpoint_dir)
       if window and (step % config.log_every == 0 or step == config.steps):
-        seconds = time.perf_counter() - window_start
-        record = {
-            "step": step,
-            "loss": float(np.mean([m["loss"] for m in window])),
-            "accuracy": float(np.mean([m["accuracy"] for m in window])),
-            "grad_norm": float(np.mean([m["grad_norm"] for m in window])),
-            "steps_per_s": len(window) / seconds,
-            "samples_per_s": len(window) * config.batch_size / seconds,
-        }
+        record = _window_record(step, window, time.perf_counter() - window_start,
+                                config.batch_size)
         _append_jsonl(metrics_path, record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
                         samples_s=f"{record['samples_per_s']:.0f}")
