@@ -48,7 +48,7 @@ def _read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 def learning_curves(run_dir: Path, out: Path) -> Path:
   plt = _pyplot()
   train_lines, valid_lines = _read_metrics(run_dir)
-  fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+  fig, (loss_ax, acc_ax, err_ax) = plt.subplots(1, 3, figsize=(16, 4))
   loss_ax.plot([l["step"] for l in train_lines], [l["loss"] for l in train_lines])
   loss_ax.axhline(np.log(10), color="grey", ls=":", label="ln 10 = 2.30 (chance)")
   loss_ax.set(xlabel="step", ylabel="training loss (last step)", title="loss")
@@ -59,6 +59,20 @@ def learning_curves(run_dir: Path, out: Path) -> Path:
               "o-", label="valid")
   acc_ax.set(xlabel="step", ylabel="accuracy", title="accuracy", ylim=(0, 1))
   acc_ax.legend()
+  # Late progress (97.7% -> 98.1%) is invisible on a linear accuracy axis.
+  errors = [100 * (1 - l["accuracy"]) for l in train_lines]
+  err_ax.semilogy([l["step"] for l in train_lines], np.maximum(errors, 1e-2),
+                  label="train (batch)", alpha=0.6)
+  title = "error rate"
+  if valid_lines:
+    valid_errors = [100 * (1 - l["accuracy"]) for l in valid_lines]
+    err_ax.semilogy([l["step"] for l in valid_lines], np.maximum(valid_errors, 1e-2), "o-",
+                    label="valid")
+    best = max(valid_lines, key=lambda l: l["accuracy"])
+    title = f"error rate (best valid {100 * best['accuracy']:.2f}% at step {best['step']})"
+  err_ax.set(xlabel="step", ylabel="error (%, log scale)", title=title)
+  err_ax.grid(alpha=0.3, which="both")
+  err_ax.legend()
   fig.suptitle(run_dir.name)
   return _save(fig, out / "learning_curves.png")
 
