@@ -34,6 +34,7 @@ class Config:
   data_dir: str | None = None  # IDX directory; None tries $PIXELRNN_JAX_MNIST_DIR, cache, downloads
   verify_data: bool = True  # check IDX files against the original MNIST SHA-256; off for your own data
   standardize: bool = False  # (x - mean) / std instead of [0, 1]; the notebook used [0, 1]
+  max_shift: int = 0  # shift each training image by up to N pixels in x and y (background-padded); 0 = off
 
   # --- optimisation
   steps: int = 10_000  # optimiser steps; the notebook ran 10000 iterations
@@ -42,6 +43,7 @@ class Config:
   lr_schedule: str = "constant"  # constant (the notebook) or warmup_cosine (decays to 0 at `steps`)
   warmup_steps: int = 0  # linear warm-up length for warmup_cosine
   clip_norm: float | None = None  # global-norm gradient clipping; None = off (the notebook)
+  weight_decay: float = 0.0  # decoupled weight decay (AdamW) on every weight; 0 = plain Adam (the notebook)
   per_step_loss: float = 0.0  # weight of the mean per-step cross-entropy added to the last-step loss
 
   # --- runtime
@@ -88,6 +90,11 @@ class Config:
       )
     if self.clip_norm is not None and not self.clip_norm > 0:
       raise ValueError(f"clip_norm={self.clip_norm!r}: expected > 0 or None (off)")
+    if not self.weight_decay >= 0:
+      raise ValueError(f"weight_decay={self.weight_decay!r}: expected >= 0 (0 = off)")
+    if not isinstance(self.max_shift, int) or isinstance(self.max_shift, bool) or not (
+        0 <= self.max_shift < 14):
+      raise ValueError(f"max_shift={self.max_shift!r}: expected an integer in [0, 13] (0 = off)")
     if self.per_step_loss < 0:
       raise ValueError(f"per_step_loss={self.per_step_loss!r}: expected >= 0")
     if self.batch_size % self.devices:

@@ -470,6 +470,11 @@ class Batches(Iterator):
   remainder that does not fill a batch is dropped. Each batch is
   ``x <float32>[devices, batch_size // devices, T, in_dim]``,
   ``y <int32>[devices, batch_size // devices]``.
+
+  ``max_shift > 0`` translates each image by a random ``(dy, dx)`` in
+  ``[-max_shift, max_shift]``, filling with the background (the smallest
+  pixel value of ``images``); the shifts come from ``(key, epoch, index)``, so
+  a resumed run draws the same ones.
   """
 
   def __init__(
@@ -481,10 +486,13 @@ class Batches(Iterator):
       key: jax.Array,
       order: str = "pixel",
       num_devices: int = 1,
+      max_shift: int = 0,
       epoch: int = 0,
       index: int = 0,
   ):
     check_order(order)
+    if not 0 <= max_shift < 14:
+      raise ValueError(f"max_shift={max_shift}: expected an integer in [0, 13]")
     if batch_size < 1 or num_devices < 1:
       raise ValueError(
           f"batch_size={batch_size}, num_devices={num_devices}: both must be >= 1"
@@ -510,6 +518,8 @@ class Batches(Iterator):
           f" {self.batches_per_epoch} batches"
       )
     self.epoch, self.index = epoch, index
+    self.max_shift = max_shift
+    self._background = images.min() if max_shift else None
     self._order_of_epoch = None
 
   @property
@@ -522,12 +532,32 @@ class Batches(Iterator):
         jax.random.permutation(jax.random.fold_in(self.key, epoch), len(self.images))
     )
 
+  def shifts(self, epoch: int, index: int) -> np.ndarray:
+    """The ``<int>[batch_size, 2]`` (dy, dx) of batch ``index`` of ``epoch``."""
+    seed = np.asarray(jax.random.key_data(jax.random.fold_in(
+        jax.random.fold_in(self.key, epoch), index)))
+    rng = np.random.default_rng(seed.astype(np.uint32).ravel())
+    return rng.integers(-self.max_shift, self.max_shift + 1, size=(self.batch_size, 2))
+
+  def _shifted(self, images: np.ndarray) -> np.ndarray:
+    m = self.max_shift
+    padded = np.pad(images, ((0, 0), (m, m), (m, m)), constant_values=self._background)
+    out = np.empty_like(images)
+    height, width = images.shape[1:]
+    for i, (dy, dx) in enumerate(self.shifts(self.epoch, self.index)):
+      # out[r, c] = image[r - dy, c - dx]: the digit moves down by dy, right by dx.
+      out[i] = padded[i, m - dy : m - dy + height, m - dx : m - dx + width]
+    return out
+
   def __next__(self) -> tuple[np.ndarray, np.ndarray]:
     if self._order_of_epoch is None or self._order_of_epoch[0] != self.epoch:
       self._order_of_epoch = (self.epoch, self.epoch_order(self.epoch))
     start = self.index * self.batch_size
     chosen = self._order_of_epoch[1][start : start + self.batch_size]
-    x = to_sequences(self.images[chosen], self.order)
+    images = self.images[chosen]
+    if self.max_shift:
+      images = self._shifted(images)
+    x = to_sequences(images, self.order)
     y = self.labels[chosen]
     self.index += 1
     if self.index == self.batches_per_epoch:

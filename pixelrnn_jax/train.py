@@ -67,7 +67,10 @@ def make_optimizer(config: config_lib.Config) -> optax.GradientTransformation:
   parts = []
   if config.clip_norm is not None:
     parts.append(optax.clip_by_global_norm(config.clip_norm))
-  parts.append(optax.adam(make_schedule(config)))
+  if config.weight_decay:
+    parts.append(optax.adamw(make_schedule(config), weight_decay=config.weight_decay))
+  else:
+    parts.append(optax.adam(make_schedule(config)))
   return optax.chain(*parts)
 
 
@@ -239,7 +242,8 @@ def _prepare_workdir(workdir: Path, config) -> None:
   workdir.mkdir(parents=True, exist_ok=True)
   config_path = workdir / "config.json"
   if config_path.exists() and checkpoint.step_checkpoints(workdir / "checkpoints"):
-    previous = json.loads(config_path.read_text())
+    defaults = dataclasses.asdict(config_lib.Config())  # fields added since that run
+    previous = {**defaults, **json.loads(config_path.read_text())}
     current = dataclasses.asdict(config)
     changed = sorted(
         name for name in current
@@ -352,7 +356,7 @@ def train_and_evaluate(
   state, position, data_key, best = _init_or_restore(config, optimizer, checkpoint_dir)
   batches = data.Batches(
       train_x, train_y, batch_size=config.batch_size, key=data_key,
-      order=config.order, num_devices=config.devices,
+      order=config.order, num_devices=config.devices, max_shift=config.max_shift,
       epoch=position[0], index=position[1],
   )
   train_step = make_train_step(optimizer, per_step_loss=config.per_step_loss,

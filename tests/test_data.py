@@ -14,7 +14,9 @@ import jax
 import numpy as np
 import pytest
 
+from pixelrnn_jax import config as config_lib
 from pixelrnn_jax import data
+from pixelrnn_jax import train
 
 
 def _fake_mnist(n=12, seed=0):
@@ -384,7 +386,65 @@ def test_resume_mid_epoch_equals_uninterrupted():
     np.testing.assert_array_equal(got[1], want[1])
 
 
+def _shift_reference(image, dy, dx, background):
+  """out[r, c] = image[r - dy, c - dx], background where that falls outside."""
+  out = np.full_like(image, background)
+  for r in range(image.shape[0]):
+    for c in range(image.shape[1]):
+      if 0 <= r - dy < image.shape[0] and 0 <= c - dx < image.shape[1]:
+        out[r, c] = image[r - dy, c - dx]
+  return out
+
+
+def test_max_shift_translates_each_image_by_its_recorded_shift():
+  rng = np.random.default_rng(0)
+  images = rng.uniform(0.5, 1.0, (30, 28, 28)).astype(np.float32)
+  images[:, :, :3] = -0.4  # background: the smallest value, used for padding
+  labels = np.arange(30, dtype=np.int32)
+  batches = data.Batches(images, labels, batch_size=10, key=jax.random.key(3), order="row",
+                         max_shift=2)
+  all_shifts = []
+  for _ in range(4):  # crosses an epoch boundary
+    shifts = batches.shifts(*batches.position)
+    x, y = next(batches)
+    for got, label, (dy, dx) in zip(x.reshape(-1, 28, 28), y.reshape(-1), shifts):
+      np.testing.assert_array_equal(got, _shift_reference(images[label], dy, dx, -0.4))
+    all_shifts.append(shifts)
+  all_shifts = np.concatenate(all_shifts)
+  assert np.abs(all_shifts).max() == 2
+  assert len({tuple(s) for s in all_shifts}) > 10  # many different shifts, not one
+
+
+def test_shifted_batches_resume_exactly():
+  images, labels = _toy(40)
+  key = jax.random.key(7)
+  straight = data.Batches(images, labels, batch_size=8, key=key, max_shift=3)
+  expected = [next(straight) for _ in range(9)]
+  resumed = data.Batches(images, labels, batch_size=8, key=key, max_shift=3, epoch=1, index=2)
+  for want in expected[7:]:
+    np.testing.assert_array_equal(next(resumed)[0], want[0])
+
+
+def test_train_passes_max_shift_to_the_batches(monkeypatch, tmp_path):
+  seen = {}
+
+  class Spy(data.Batches):
+    def __init__(self, *args, **kwargs):
+      seen.update(kwargs)
+      super().__init__(*args, **kwargs)
+
+  images, labels = _toy(64)
+  monkeypatch.setattr(data, "Batches", Spy)
+  monkeypatch.setattr(train, "_load_split",
+                      lambda config, split: (images / images.max(), labels % 10))
+  config = config_lib.Config(order="row", num_units=4, batch_size=16, steps=1, max_shift=2,
+                             eval_every=1, checkpoint_every=1, log_every=1)
+  train.train_and_evaluate(config, tmp_path, progress=False)
+  assert seen["max_shift"] == 2
+
+
 @pytest.mark.parametrize("kwargs, match", [
+    (dict(batch_size=10, max_shift=14), r"max_shift=14"),
     (dict(batch_size=9, num_devices=2), r"batch_size=9 does not divide across 2 devices"),
     (dict(batch_size=0), r"batch_size=0"),
     (dict(batch_size=100), r"larger than the 50 examples"),

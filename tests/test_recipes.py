@@ -57,6 +57,9 @@ def test_config_passes_options_and_sequence_length():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(gate_bias_init="zeros"), "gate_bias_init='zeros'"),
     (dict(recurrent_init="identity"), "recurrent_init='identity'"),
+    (dict(weight_decay=-1e-4), r"weight_decay=-0.0001: expected >= 0"),
+    (dict(max_shift=14), r"max_shift=14: expected an integer in \[0, 13\]"),
+    (dict(max_shift=-1), r"max_shift=-1"),
 ])
 def test_bad_options(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -68,3 +71,17 @@ def test_recipes_are_valid_and_the_notebook_one_is_the_default():
   tuned = config_lib.RECIPES["tuned"]
   assert (tuned.gate_bias_init, tuned.recurrent_init, tuned.clip_norm) == (
       "chrono", "orthogonal", 1.0)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_weight_decay_shrinks_every_weight_by_lr_times_decay(weight_decay):
+  # With a zero gradient Adam moves nothing, so the update is the decay alone:
+  # AdamW's p <- p - lr * wd * p (Loshchilov & Hutter), on every leaf.
+  config = config_lib.Config(learning_rate=1e-2, weight_decay=weight_decay, num_units=4)
+  params = train.init_params(config, jax.random.key(0))
+  optimizer = train.make_optimizer(config)
+  zeros = jax.tree.map(np.zeros_like, params)
+  updates, _ = optimizer.update(zeros, optimizer.init(params), params)
+  for update, param in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+    np.testing.assert_allclose(update, -1e-2 * weight_decay * np.asarray(param), rtol=1e-6,
+                               atol=1e-12)

@@ -256,6 +256,17 @@ def test_resume_with_more_steps_and_a_constant_rate_does_not_warn(tmp_path, toy_
   assert not [r for r in caplog.records if "stretches" in r.getMessage()]
 
 
+def test_a_run_from_before_a_new_config_field_still_resumes(tmp_path, toy_data):
+  config = config_lib.Config(**SMALL)
+  train.train_and_evaluate(config, tmp_path, progress=False)
+  saved = json.loads((tmp_path / "config.json").read_text())
+  del saved["weight_decay"], saved["max_shift"]  # fields added later, at their defaults
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  assert train.train_and_evaluate(config.replace(steps=8), tmp_path, progress=False)["step"] == 8
+  with pytest.raises(ValueError, match=r"different config \(max_shift: 0 -> 1\)"):
+    train.train_and_evaluate(config.replace(steps=10, max_shift=1), tmp_path, progress=False)
+
+
 def test_too_many_devices_is_a_clear_error(tmp_path, toy_data):
   config = config_lib.Config(**{**SMALL, "devices": 8})
   with pytest.raises(ValueError, match=r"devices=8 but JAX sees 2 cpu device"):
