@@ -69,8 +69,8 @@ def test_bad_options(kwargs, match):
 def test_recipes_are_valid_and_the_notebook_one_is_the_default():
   assert config_lib.RECIPES["notebook"] == config_lib.Config()
   tuned = config_lib.RECIPES["tuned"]
-  assert (tuned.gate_bias_init, tuned.recurrent_init, tuned.clip_norm) == (
-      "chrono", "orthogonal", 1.0)
+  assert (tuned.gate_bias_init, tuned.recurrent_init, tuned.clip_norm, tuned.max_shift) == (
+      "chrono", "orthogonal", 1.0, 1)
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
