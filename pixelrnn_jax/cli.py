@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
   predict.add_argument("--checkpoint", required=True,
                        help="a checkpoint file, or a run directory (its best checkpoint)")
   predict.add_argument("inputs", nargs="+", metavar="IMAGE",
-                       help="28x28 .png/.npy files, or example indices with --split")
+                       help="digit images (PNG, JPEG, ...; any size, either polarity, RGBA,"
+                            " 16-bit) or .npy arrays, or example indices with --split")
   predict.add_argument("--confidence", type=float, default=1.0,
                        help="stop reading pixels once the top probability reaches this"
                             " (default 1.0: read all)")
@@ -118,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="read IMAGE arguments as indices into this MNIST split")
   predict.add_argument("--data-dir", default=None, help="directory of MNIST IDX files")
   predict.add_argument("--json", action="store_true", help="one JSON object per input")
+  predict.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
+                       help="make the digit light on dark: auto (when the border is light),"
+                            " yes or no (default auto)")
+  predict.add_argument("--show", default=None, metavar="DIR",
+                       help="write DIR/<input>_seen.png: each input beside the 28x28 the model read")
 
   plot = commands.add_parser("plot", help="write PNG pictures of a training run")
   plot.add_argument("run_dir", help="a training run directory")
@@ -140,9 +146,15 @@ def _train(args) -> int:
   return _SIGNAL_EXIT.get(summary["stopped"], 0)
 
 
+def _check_positive(flag: str, value: int) -> None:
+  if value < 1:
+    raise ValueError(f"{flag} {value}: expected a positive integer")
+
+
 def _evaluate(args) -> int:
-  if args.devices < 1:
-    raise ValueError(f"--devices {args.devices}: expected a positive integer")
+  _check_positive("--devices", args.devices)
+  _check_positive("--batch-size", args.batch_size)
+  thresholds = _parse_thresholds(args.early_exit) if args.early_exit else ()
   _use_cpu_devices(args.devices)
   from pixelrnn_jax import data, evaluation, train  # pylint: disable=import-outside-toplevel
   params, config, info = train.load_model(args.checkpoint)
@@ -152,10 +164,8 @@ def _evaluate(args) -> int:
                      f" step but the checkpoint was trained on {config.order}"
                      f" ({params.in_dim} per step)")
   images, labels = data.load_mnist(args.split, data_dir=args.data_dir or config.data_dir,
-                                   standardize=config.standardize,
                                    verify=config.verify_data if args.verify_data is None
                                    else args.verify_data)
-  thresholds = _parse_thresholds(args.early_exit) if args.early_exit else ()
   result = evaluation.evaluate(params, images, labels, order=order,
                                batch_size=args.batch_size, early_exit_thresholds=thresholds,
                                devices=args.devices)
@@ -193,7 +203,12 @@ def _predict(args) -> int:
   from pixelrnn_jax import data, early_exit, images, train  # pylint: disable=import-outside-toplevel
   if not 0 < args.confidence <= 1:
     raise ValueError(f"--confidence {args.confidence}: expected a probability in (0, 1]")
-  params, config, info = train.load_model(args.checkpoint)
+  params, config, _ = train.load_model(args.checkpoint)
+  show = None
+  if args.show:
+    from pathlib import Path  # pylint: disable=import-outside-toplevel
+    show = Path(args.show)
+    show.mkdir(parents=True, exist_ok=True)
   loaded, failed = [], 0
   split_images = split_labels = None
   if args.split:
@@ -205,33 +220,51 @@ def _predict(args) -> int:
         if not name.isdigit() or int(name) >= len(split_images):
           raise images.ImageError(f"{name}: expected an index 0..{len(split_images) - 1}"
                                   f" into {args.split}")
-        loaded.append((name, split_images[int(name)], int(split_labels[int(name)])))
+        original = split_images[int(name)]
+        label = int(split_labels[int(name)])
       else:
-        loaded.append((name, images.load_image(name), None))
+        original, label = images.read_image(name), None
+      try:
+        digit = images.prepare(original, invert=args.invert)
+      except images.ImageError as error:
+        raise images.ImageError(f"{name}: {error}") from error
+      loaded.append((name, original, digit, label))
     except images.ImageError as error:
       failed += 1
       print(json.dumps({"input": name, "error": str(error)}) if args.json
             else f"{name}: error: {error}", file=sys.stdout if args.json else sys.stderr)
   if loaded:
-    pixels = np.stack([image for _, image, _ in loaded])
-    if config.standardize:
-      pixels = (pixels - data.TRAIN_MEAN) / data.TRAIN_STD
-    x = data.to_sequences(pixels, config.order)
-    out = early_exit.predict(params, x, threshold=args.confidence)
-    total = x.shape[1]
-    for i, (name, _, label) in enumerate(loaded):
+    pixels = np.stack([digit.pixels for _, _, digit, _ in loaded])  # (N, 28, 28) in [0, 1]
+    out = {key: np.asarray(value) for key, value in
+           early_exit.predict(params, pixels, threshold=args.confidence).items()}
+    total = data.sequence_shape(config.order)[0]
+    for i, (name, original, digit, label) in enumerate(loaded):
+      top3 = np.argsort(-out["probabilities"][i])[:3]
       row = {"input": name, "label": int(out["label"][i]),
-             "probability": float(out["probability"][i]), "pixels_read": int(out["steps"][i]),
-             "pixels_total": total}
+             "probability": float(out["probability"][i]),
+             "top3": [{"label": int(c), "probability": float(out["probabilities"][i][c])}
+                      for c in top3],
+             "inverted": digit.inverted, "resized": digit.resized,
+             "pixels_read": int(out["steps"][i]), "pixels_total": total}
       if label is not None:
         row["true_label"] = label
+      if show is not None:
+        row["shown"] = str(images.save_side_by_side(
+            original, digit.pixels, show / f"{_safe_stem(name)}_seen.png"))
       if args.json:
         print(json.dumps(row))
       else:
         truth = "" if label is None else f" (true {label})"
-        print(f"{name}: {row['label']}{truth} p={row['probability']:.4f} after"
-              f" {row['pixels_read']}/{total} pixels")
+        done = [what for what, flag in (("inverted", digit.inverted),
+                                        ("resized and centred", digit.resized)) if flag]
+        others = ", ".join(f"{t['label']}: {t['probability']:.3f}" for t in row["top3"][1:])
+        print(f"{name}: {row['label']}{truth} p={row['probability']:.4f} ({others}) after"
+              f" {row['pixels_read']}/{total} pixels" + (f"; {', '.join(done)}" if done else ""))
   return 1 if failed else 0
+
+
+def _safe_stem(name: str) -> str:
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.rsplit("/", 1)[-1].rsplit(".", 1)[0]) or "input"
 
 
 def _plot(args) -> int:

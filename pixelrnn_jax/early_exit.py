@@ -17,21 +17,33 @@ from pixelrnn_jax import gru_cell
 from pixelrnn_jax import gru_classifier
 
 
-@jax.jit
 def predict(params: gru_classifier.Params, x, *, threshold: float = 1.0) -> dict:
   """Reads each sequence until its top softmax probability reaches ``threshold``.
 
   Args:
-    params: from ``gru_classifier.init`` or a checkpoint.
-    x: <float>[batch, T, in_dim] (or images, as ``gru_classifier.apply`` takes).
-    threshold: in (0, 1]; 1.0 (or more) reads every step unless a probability
-      rounds to exactly 1.
+    params: from ``gru_classifier.init``, ``load`` or ``load_pretrained``.
+    x: images in [0, 1] or sequences, as ``gru_classifier.apply`` takes.
+    threshold: in (0, 1]; 1.0 reads every step unless a probability rounds
+      to exactly 1.
 
   Returns:
     ``{"label": <int32>[batch], "probability": <float>[batch],
-    "steps": <int32>[batch]}``: steps read, 1..T.
+    "probabilities": <float>[batch, classes], "steps": <int32>[batch]}``:
+    the answer, its probability and every class's at the exit step; steps
+    read, 1..T.
+
+  Raises:
+    ValueError: for a bad ``x`` (see ``gru_classifier.as_sequence``) or a
+      threshold outside (0, 1].
   """
-  x = gru_classifier.as_sequence(x, params.in_dim)
+  if not isinstance(threshold, jax.core.Tracer) and not 0 < float(threshold) <= 1:
+    raise ValueError(f"threshold={threshold!r}: expected a probability in (0, 1]")
+  x = gru_classifier.as_sequence(params, x)
+  return _predict(params, x, threshold)
+
+
+@jax.jit
+def _predict(params: gru_classifier.Params, x: jax.Array, threshold) -> dict:
   batch, total, in_dim = x.shape
   x = jnp.swapaxes(x, 0, 1)  # (T, B, in_dim)
   weights = gru_cell.recurrent_weights(params, cell=params.cell, in_dim=in_dim)
@@ -42,7 +54,7 @@ def predict(params: gru_classifier.Params, x, *, threshold: float = 1.0) -> dict
     return (t < total) & ~jnp.all(done)
 
   def body(carry):
-    t, h, done, label, probability, steps = carry
+    t, h, done, label, probability, probabilities, steps = carry
     projected = gru_cell.project_inputs(params, x[t])  # (B, 3u)
     h_new = gru_cell.recurrent_step(weights, h, projected, cell=params.cell,
                                     activation=params.activation)
@@ -52,15 +64,18 @@ def predict(params: gru_classifier.Params, x, *, threshold: float = 1.0) -> dict
     exits = ~done & ((top >= threshold) | last)
     label = jnp.where(exits, jnp.argmax(probs, axis=-1).astype(jnp.int32), label)
     probability = jnp.where(exits, top, probability)
+    probabilities = jnp.where(exits[:, None], probs, probabilities)
     steps = jnp.where(exits, t + 1, steps)
     h = jnp.where(done[:, None], h, h_new)  # exited examples keep their state
-    return t + 1, h, done | exits, label, probability, steps
+    return t + 1, h, done | exits, label, probability, probabilities, steps
 
+  classes = params.num_classes
   init = (jnp.int32(0), jnp.zeros((batch, units), x.dtype), jnp.zeros(batch, bool),
           jnp.zeros(batch, jnp.int32), jnp.zeros(batch, x.dtype),
-          jnp.full(batch, total, jnp.int32))
-  _, _, _, label, probability, steps = jax.lax.while_loop(cond, body, init)
-  return {"label": label, "probability": probability, "steps": steps}
+          jnp.zeros((batch, classes), x.dtype), jnp.full(batch, total, jnp.int32))
+  _, _, _, label, probability, probabilities, steps = jax.lax.while_loop(cond, body, init)
+  return {"label": label, "probability": probability, "probabilities": probabilities,
+          "steps": steps}
 
 
 def exit_steps(logits: jax.Array, thresholds: jax.Array) -> jax.Array:

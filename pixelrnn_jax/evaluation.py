@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pixelrnn_jax import data
 from pixelrnn_jax import early_exit
 from pixelrnn_jax import gru_classifier
 
@@ -16,7 +15,7 @@ def _batch_sums(params, x, labels, mask, thresholds):
   """Sums over the real (mask = 1) examples of one padded batch.
 
   Args:
-    x: <float>[batch, T, in_dim]
+    x: <float>[batch, T, in_dim], the model's input sequences
     labels: <int32>[batch]
     mask: <float32>[batch], 0 for padding.
     thresholds: <float32>[K] early-exit confidence thresholds (K may be 0).
@@ -40,12 +39,37 @@ _jitted_batch_sums = jax.jit(_batch_sums)
 _pmapped_batch_sums = jax.pmap(_batch_sums, in_axes=(None, 0, 0, 0, None))
 
 
+def check_labels(labels, num_classes: int, count: int | None = None) -> np.ndarray:
+  """Labels as <int32>[N] after checking them once, where the data enters.
+
+  Raises:
+    ValueError: naming the shape, dtype or values and what was expected.
+  """
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or (count is not None and len(labels) != count):
+    raise ValueError(f"labels have shape {labels.shape}: expected [{count or 'N'}], one"
+                     " integer class per image")
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"labels have dtype {labels.dtype}: expected integers in"
+                     f" [0, {num_classes})")
+  bad = labels[(labels < 0) | (labels >= num_classes)]
+  if bad.size:
+    raise ValueError(f"labels contain {bad[:5].tolist()}: expected classes in [0, {num_classes})")
+  return labels.astype(np.int32)
+
+
+def _check_positive(name: str, value) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name}={value!r}: expected a positive integer")
+  return int(value)
+
+
 def evaluate(
     params: gru_classifier.Params,
     images: np.ndarray,
     labels: np.ndarray,
     *,
-    order: str,
+    order: str | None = None,
     batch_size: int = 1000,
     early_exit_thresholds: tuple[float, ...] = (),
     devices: int = 1,
@@ -56,26 +80,44 @@ def evaluate(
   counts once and there is one compilation. With ``devices > 1`` each batch
   is split across that many devices (``jax.pmap``).
 
+  Args:
+    params: a model (``gru_classifier.load``, ``load_pretrained`` or ``init``).
+    images: <float>[N, 28, 28] or [N, 784] in [0, 1] (``data.load_mnist``),
+      read in the model's order; or sequences [N, T, in_dim] as given.
+    labels: <int>[N] in [0, num_classes), checked here once.
+    order: read the images in this order instead of the model's own.
+    batch_size, devices: positive integers.
+
   Returns:
     ``{"accuracy": float, "loss": float, "accuracy_per_step": list[float] (T),
     "num_examples": int}``, plus with thresholds ``"early_exit"``: one
     ``{"threshold", "accuracy", "mean_steps"}`` per threshold (each example
     answered at the first step whose top probability reaches the threshold).
+
+  Raises:
+    ValueError: naming a bad image shape or dtype, label, size or threshold.
   """
-  if len(images) != len(labels) or len(images) == 0:
-    raise ValueError(f"{len(images)} images and {len(labels)} labels: expected"
-                     " the same non-zero number")
+  batch_size = _check_positive("batch_size", batch_size)
+  devices = _check_positive("devices", devices)
+  if order is not None:
+    params = params.replace(order=order)
+  n = len(images) if hasattr(images, "__len__") else 0
+  if n == 0:
+    raise ValueError("no images: expected a non-empty [N, 28, 28] array")
+  labels = check_labels(labels, params.num_classes, count=n)
   if devices > jax.local_device_count():
     raise ValueError(f"devices={devices} but JAX sees {jax.local_device_count()} device(s)")
-  batch_size = min(batch_size, len(images))
+  batch_size = min(batch_size, n)
   batch_size = -(-batch_size // devices) * devices  # a multiple of the devices
   for threshold in early_exit_thresholds:
     if not 0 < threshold <= 1:
       raise ValueError(f"early-exit threshold {threshold}: expected a probability in (0, 1]")
   thresholds = np.asarray(early_exit_thresholds, np.float32)
+  # Validates the shape, dtype and values once, and puts the images in order.
+  sequences = np.asarray(gru_classifier.as_sequence(params, np.asarray(images)))
   totals = None
-  for start in range(0, len(images), batch_size):
-    x = data.to_sequences(images[start : start + batch_size], order)
+  for start in range(0, n, batch_size):
+    x = sequences[start : start + batch_size]
     y = labels[start : start + batch_size]
     real = len(y)
     mask = np.zeros(batch_size, np.float32)
@@ -91,7 +133,6 @@ def evaluate(
           params, split(x), split(y), split(mask), thresholds))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)
-  n = len(images)
   result = {
       "accuracy": float(totals["correct"]) / n,
       "loss": float(totals["loss"]) / n,

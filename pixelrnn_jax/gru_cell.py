@@ -259,27 +259,70 @@ def recurrent_step(
   return u * h + (1.0 - u) * c
 
 
+def cell_of(params: Mapping) -> str:
+  """The cell a params mapping is laid out for: ``"reset_after"`` when the
+  candidate has a ``recurrent_bias``, else ``"tf1"``; a ``Params`` says its own.
+
+  Raises:
+    ValueError: when ``gates`` / ``candidate`` are missing or have other keys.
+  """
+  declared = getattr(params, "cell", None)
+  try:
+    gates, candidate = set(params["gates"]), set(params["candidate"])
+  except (KeyError, TypeError) as error:
+    keys = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+    raise ValueError(f"params have keys {keys}: expected a mapping with 'gates' and"
+                     " 'candidate', each with 'kernel' and 'bias'") from error
+  layouts = {"tf1": {"kernel", "bias"}, "reset_after": {"kernel", "bias", "recurrent_bias"}}
+  found = [cell for cell, keys in layouts.items() if candidate == keys]
+  if gates != {"kernel", "bias"} or not found:
+    raise ValueError(f"params have gates keys {sorted(gates)} and candidate keys"
+                     f" {sorted(candidate)}: expected gates (kernel, bias) and candidate"
+                     " (kernel, bias) for tf1 or (kernel, bias, recurrent_bias) for reset_after")
+  if declared is not None and declared != found[0]:
+    raise ValueError(f"params say cell {declared!r} but hold {found[0]!r} weights")
+  return found[0]
+
+
 def gru_step(
     params: Mapping,
     h: jax.Array,
     x: jax.Array,
     *,
-    cell: str = "tf1",
-    activation: str = "tanh",
+    cell: str | None = None,
+    activation: str | None = None,
 ) -> jax.Array:
   """One GRU step (see the module docstring for the equations).
 
   Args:
-    params: a mapping with ``gates`` and ``candidate``.
+    params: a mapping with ``gates`` and ``candidate`` (e.g. the classifier's
+      ``Params``); the cell is read from it (:func:`cell_of`).
     h: <float>[..., units]
     x: <float>[..., in_dim]
-    cell: ``"tf1"`` or ``"reset_after"``.
-    activation: name in :data:`ACTIVATIONS` for the candidate.
+    cell: optional check: ``"tf1"`` or ``"reset_after"``; must match the params.
+    activation: name in :data:`ACTIVATIONS` for the candidate; defaults to
+      the params' own (a ``Params``), else tanh.
 
   Returns:
     h_new: <float>[..., units]
+
+  Raises:
+    ValueError: when the params' keys do not fit the cell, or ``h`` / ``x``
+      do not fit the kernel's shape.
   """
-  weights = recurrent_weights(params, cell=cell, in_dim=x.shape[-1])
+  found = cell_of(params)
+  if cell is not None and check_cell(cell) != found:
+    raise ValueError(f"cell={cell!r} but the params hold {found!r} weights"
+                     f" ({'with' if found == 'reset_after' else 'without'} a candidate"
+                     " recurrent_bias); drop cell= or pass matching params")
+  activation = activation or getattr(params, "activation", "tanh")
+  kernel = params["gates"]["kernel"]
+  units = kernel.shape[1] // 2
+  h, x = jnp.asarray(h), jnp.asarray(x)
+  if h.shape[-1:] != (units,) or x.ndim < 1 or x.shape[-1] + units != kernel.shape[0]:
+    raise ValueError(f"h has shape {h.shape} and x {x.shape}: the params expect"
+                     f" h [..., {units}] and x [..., {kernel.shape[0] - units}]")
+  weights = recurrent_weights(params, cell=found, in_dim=x.shape[-1])
   return recurrent_step(
-      weights, h, project_inputs(params, x), cell=cell, activation=activation
+      weights, h, project_inputs(params, x), cell=found, activation=activation
   )

@@ -8,6 +8,15 @@ step.
     logits = gru_classifier.apply(params, images)        # (B, 784, 10)
     loss = gru_classifier.cross_entropy(logits, labels)  # on logits[:, -1]
 
+    model = gru_classifier.load_pretrained("pixel")      # or load("runs/x")
+    logits = gru_classifier.apply(model, images)         # images in [0, 1]
+
+A model carries its input contract: ``order`` (a static field) says how
+images ``[B, 28, 28]`` or ``[B, 784]`` in [0, 1] become its input sequence
+(see ``preprocessing``), and a model loaded from disk has its training-time
+standardisation folded into the input projection, so it reads [0, 1] pixels
+directly. Sequences ``[B, T, in_dim]`` pass through as given.
+
 ``params`` is a pytree named as the notebook's weights::
 
     {"gates":     {"kernel": [in_dim + units, 2 * units], "bias": [2 * units]},  # (r, u)
@@ -15,33 +24,51 @@ step.
      "output":    {"kernel": [units, classes],            "bias": [classes]}}
 
 reachable as ``params["gates"]["kernel"]`` or ``params.gates.kernel``. The cell
-variant and activation ride along as static (non-array) fields.
+variant, activation and input order ride along as static (non-array) fields.
 """
 
 from __future__ import annotations
 
 import math
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import serialization
 from flax import struct
 
 from pixelrnn_jax import fused_scan
 from pixelrnn_jax import gru_cell
+from pixelrnn_jax import model_io
+from pixelrnn_jax import preprocessing
 from pixelrnn_jax.gru_cell import Dense, ResetAfterDense  # noqa: F401 (re-export)
 
 
 @struct.dataclass
 class Params(gru_cell._FieldMapping):  # pylint: disable=protected-access
-  """All weights of the classifier; ``cell`` and ``activation`` are static."""
+  """All weights of the classifier; ``cell``, ``activation`` and ``order`` are static.
+
+  ``order`` is how :func:`apply` turns images in [0, 1] into the input
+  sequence: ``"pixel"``, ``"permuted"`` or ``"row"`` (``preprocessing``);
+  ``None`` (a fresh :func:`init`) reads images row-major, pixel by pixel for
+  ``in_dim`` 1 and row by row for ``in_dim`` 28.
+  """
 
   gates: Dense  # kernel <float>[in_dim + units, 2 * units], bias <float>[2 * units]
   candidate: Dense | ResetAfterDense  # kernel <float>[in_dim + units, units]
   output: Dense  # kernel <float>[units, classes], bias <float>[classes]
   cell: str = struct.field(pytree_node=False, default="tf1")
   activation: str = struct.field(pytree_node=False, default="tanh")
+  order: str | None = struct.field(pytree_node=False, default=None)
+
+  def __post_init__(self):
+    gru_cell.check_cell(self.cell)
+    gru_cell.check_activation(self.activation)
+    if self.order is not None:
+      preprocessing.check_order(self.order)
 
   @property
   def num_units(self) -> int:
@@ -56,11 +83,14 @@ class Params(gru_cell._FieldMapping):  # pylint: disable=protected-access
     return self.output.kernel.shape[1]
 
 
+NUM_CLASSES = 10  # MNIST digits
+
+
 def init(
     key: jax.Array,
     *,
     num_units: int = 64,
-    num_classes: int = 10,
+    num_classes: int = NUM_CLASSES,
     in_dim: int = 1,
     cell: str = "tf1",
     activation: str = "tanh",
@@ -68,16 +98,19 @@ def init(
     gate_bias_init: str = "constant",
     recurrent_init: str = "glorot",
     max_steps: int = 784,
+    order: str | None = None,
 ) -> Params:
   """Initialises the classifier as the notebook's TF1 defaults.
 
   GRU kernels Glorot-uniform, gate bias 1.0, candidate bias 0; readout
   kernel truncated-normal (stddev 0.1, cut at 2 stddev), readout bias 0.
   ``gate_bias_init``, ``recurrent_init`` and ``max_steps`` choose other
-  initialisations (see ``gru_cell.init_cell``).
+  initialisations (see ``gru_cell.init_cell``). ``order`` is the input
+  order images are read in (see :class:`Params`); it must fit ``in_dim``.
 
   Raises:
-    ValueError: for an unknown cell or activation, or a non-positive size.
+    ValueError: for an unknown cell, activation or order, a non-positive
+      size, or an order that does not fit ``in_dim``.
   """
   gru_cell.check_cell(cell)
   gru_cell.check_activation(activation)
@@ -87,6 +120,9 @@ def init(
       raise ValueError(f"{name}={value!r}: expected a positive integer")
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"dtype={dtype!r}: expected a floating dtype such as float32")
+  if order is not None and preprocessing.sequence_shape(order)[1] != in_dim:
+    raise ValueError(f"order={order!r} feeds {preprocessing.sequence_shape(order)[1]}"
+                     f" values per step but in_dim={in_dim}")
   cell_key, output_key = jax.random.split(key)
   cell_params = gru_cell.init_cell(
       cell_key, in_dim=in_dim, num_units=num_units, cell=cell, dtype=dtype,
@@ -98,7 +134,7 @@ def init(
       ),
       bias=jnp.zeros((num_classes,), dtype),
   )
-  return Params(**cell_params, output=output, cell=cell, activation=activation)
+  return Params(**cell_params, output=output, cell=cell, activation=activation, order=order)
 
 
 def count_params(params) -> int:
@@ -106,48 +142,75 @@ def count_params(params) -> int:
   return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
 
 
-def as_sequence(x, in_dim: int) -> jax.Array:
-  """Validates ``x`` and returns it as <float>[batch, T, in_dim].
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
 
-  Accepts ``[batch, T, in_dim]``; with ``in_dim == 1`` also images
-  ``[batch, H, W]`` and flat ``[batch, H * W]``, read row-major pixel by pixel
-  (the notebook's order). A ``[batch, L]`` input with ``in_dim > 1`` is read as
-  ``L / in_dim`` steps of ``in_dim`` values (e.g. rows of 28).
+
+def params_dtype(params: Params) -> jnp.dtype:
+  """The one floating dtype of all weights; ValueError when they mix dtypes."""
+  dtypes = {jnp.dtype(leaf.dtype) for leaf in jax.tree_util.tree_leaves(params)}
+  if len(dtypes) != 1:
+    raise ValueError(f"params mix dtypes {sorted(map(str, dtypes))}: cast them to one,"
+                     " e.g. jax.tree.map(lambda w: w.astype(jnp.float32), params)")
+  return dtypes.pop()
+
+
+def as_sequence(params: Params, x) -> jax.Array:
+  """Validates ``x`` and returns the model's input <float>[batch, T, in_dim].
+
+  Accepted, in [0, 1] pixel units (a loaded model's scaling is folded in):
+
+  - images ``[batch, 28, 28]`` or flat ``[batch, 784]``, put in the model's
+    ``order`` (:class:`Params`);
+  - sequences ``[batch, T, in_dim]``, used as given (already in order).
+
+  Any floating dtype is accepted and cast to the params' dtype, which the
+  whole computation runs in (float16 and bfloat16 images run in float32).
 
   Raises:
-    ValueError: naming the bad shape or dtype and what was expected.
+    ValueError: naming the bad shape, dtype or values and the fix: an
+      unbatched image (add a batch axis: ``x[None]``), a shape that is neither
+      images nor ``[batch, T, in_dim]``, integer pixels, an empty batch or
+      sequence, NaN or inf (checked when ``x`` is concrete, not under jit).
   """
   shape = getattr(x, "shape", None)
   dtype = getattr(x, "dtype", None)
   if shape is None or dtype is None:
     raise ValueError(f"x: expected an array, got {type(x).__name__}")
+  shape = tuple(shape)
+  in_dim = params.in_dim
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(
         f"x has dtype {dtype}: expected a floating dtype (scale uint8 pixels"
         " to [0, 1] with x.astype(np.float32) / 255)"
     )
+  expected = f"images [batch, 28, 28] or [batch, 784], or sequences [batch, T, {in_dim}]"
+  if shape in ((28, 28), (784,)):
+    raise ValueError(f"x has shape {shape}: one unbatched image; add a batch axis: x[None]"
+                     f" (expected {expected})")
+  if len(shape) == 2 and shape[1] == in_dim and in_dim != 784:
+    raise ValueError(f"x has shape {shape}: one unbatched sequence? add a batch axis:"
+                     f" x[None] (expected {expected})")
   if len(shape) not in (2, 3):
-    raise ValueError(
-        f"x has shape {tuple(shape)} (rank {len(shape)}): expected"
-        f" [batch, T, {in_dim}], [batch, 28, 28] or [batch, 784]"
-    )
+    raise ValueError(f"x has shape {shape} (rank {len(shape)}): expected {expected}")
   if shape[0] == 0:
-    raise ValueError(f"x has shape {tuple(shape)}: the batch is empty")
-  batch = shape[0]
+    raise ValueError(f"x has shape {shape}: the batch is empty")
+  is_image = shape[1:] in (preprocessing.IMAGE_SHAPE, (preprocessing.NUM_PIXELS,))
   if len(shape) == 3 and shape[2] == in_dim:
-    sequence = x
-  elif len(shape) == 3 and in_dim == 1:
-    sequence = jnp.reshape(x, (batch, shape[1] * shape[2], 1))
-  elif len(shape) == 2 and shape[1] % in_dim == 0:
-    sequence = jnp.reshape(x, (batch, shape[1] // in_dim, in_dim))
+    sequence = x  # sequences pass through (row order: identical to the image)
+  elif is_image:
+    order = params.order or {1: "pixel", 28: "row"}.get(in_dim)
+    if order is None or preprocessing.sequence_shape(order)[1] != in_dim:
+      raise ValueError(f"x has shape {shape}: images, but the model reads {in_dim} values"
+                       f" per step (order {params.order}); pass sequences [batch, T, {in_dim}]")
+    sequence = preprocessing.to_sequences(jnp.asarray(x), order)
   else:
-    raise ValueError(
-        f"x has shape {tuple(shape)}: its last dimension does not match the"
-        f" model's in_dim={in_dim}; expected [batch, T, {in_dim}]"
-    )
+    raise ValueError(f"x has shape {shape}: expected {expected}")
   if sequence.shape[1] == 0:
-    raise ValueError(f"x has shape {tuple(shape)}: the sequence is empty")
-  return sequence
+    raise ValueError(f"x has shape {shape}: the sequence is empty")
+  if _is_concrete(x) and not np.isfinite(np.asarray(x, np.float32)).all():
+    raise ValueError(f"x has shape {shape} and contains NaN or inf: expected finite pixels")
+  return jnp.asarray(sequence, params_dtype(params))
 
 
 # "fused": custom_vjp with a hand-written backward (fused_scan.py), the default;
@@ -184,7 +247,13 @@ def hidden_states(params: Params, x: jax.Array, *, impl: str = DEFAULT_IMPL,
     w_x = jnp.concatenate([params.gates.kernel[:in_dim], params.candidate.kernel[:in_dim]],
                           axis=1)  # (in_dim, 3 * units)
     b = jnp.concatenate([params.gates.bias, params.candidate.bias])
-    return fused_scan.recurrence(params.cell, params.activation, unroll, x, w_x, b, weights)
+    try:
+      return fused_scan.recurrence(params.cell, params.activation, unroll, x, w_x, b, weights)
+    except TypeError as error:
+      # Forward mode (jax.jvp, jax.jacfwd) cannot enter a custom_vjp: the same
+      # values come from autodiff through the plain scan below.
+      if "custom_vjp" not in str(error):
+        raise
   # Hoisted out of the loop: the input half of every step, for all T at once.
   projected = gru_cell.project_inputs(params, x)  # (T, B, 3 * units)
 
@@ -204,74 +273,226 @@ def apply(params: Params, x, *, impl: str = DEFAULT_IMPL,
   """Logits after every step, stacked (the notebook's ``logits_list``).
 
   Args:
-    params: from :func:`init`.
-    x: <float>[batch, T, in_dim]; with in_dim 1 also [batch, 28, 28] or
-      [batch, 784] images, read row-major pixel by pixel.
+    params: from :func:`init`, :func:`load` or :func:`load_pretrained`.
+    x: images <float>[batch, 28, 28] or [batch, 784] in [0, 1], read in the
+      model's ``order``; or sequences <float>[batch, T, in_dim] as given.
+      Computed in the params' dtype (see :func:`as_sequence`).
     impl: ``"fused"`` (default, hand-written backward) or ``"scan"``
-      (autodiff through a plain scan, the reference); same values.
+      (autodiff through a plain scan, the reference); same values. Forward
+      mode (``jax.jvp``, ``jax.jacfwd``) of ``apply`` runs the scan core; a
+      function already jit-compiled with the fused core cannot be
+      differentiated in forward mode from outside: pass ``impl="scan"``.
     unroll: time steps per loop iteration.
 
   Returns:
     <float>[batch, T, num_classes]; ``logits[:, -1]`` is the prediction.
 
   Raises:
-    ValueError: for a bad shape or dtype (see :func:`as_sequence`).
+    ValueError: for a bad shape, dtype or value (see :func:`as_sequence`).
   """
-  x = as_sequence(x, params.in_dim)
+  x = as_sequence(params, x)
   hs = hidden_states(params, x, impl=impl, unroll=unroll)  # (T, B, units)
   # Hoisted out of the loop: one readout matmul over all stacked states.
   logits = hs @ params.output.kernel + params.output.bias  # (T, B, classes)
   return jnp.swapaxes(logits, 0, 1)
 
 
-def _check_labels(logits: jax.Array, labels: jax.Array) -> None:
-  if logits.ndim != 3:
+def _check_labels(logits: jax.Array, labels) -> jax.Array:
+  """Validates labels where they enter; returns them as a JAX integer array."""
+  if getattr(logits, "ndim", None) != 3:
+    raise ValueError(f"logits have shape {getattr(logits, 'shape', None)}: expected"
+                     " [batch, T, classes] from apply")
+  shape = getattr(labels, "shape", None)
+  if shape is None:
+    raise ValueError(f"labels: expected an integer array, got {type(labels).__name__}")
+  if tuple(shape) != logits.shape[:1]:
     raise ValueError(
-        f"logits have shape {logits.shape}: expected [batch, T, classes] from apply"
-    )
-  if labels.shape != logits.shape[:1]:
-    raise ValueError(
-        f"labels have shape {labels.shape}: expected [{logits.shape[0]}], one"
+        f"labels have shape {tuple(shape)}: expected [{logits.shape[0]}], one"
         " integer class per example"
     )
   if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise ValueError(f"labels have dtype {labels.dtype}: expected integers")
+    raise ValueError(f"labels have dtype {labels.dtype}: expected integers in"
+                     f" [0, {logits.shape[-1]}) (e.g. labels.astype(np.int32))")
+  if _is_concrete(labels):
+    values = np.asarray(labels)
+    bad = values[(values < 0) | (values >= logits.shape[-1])]
+    if bad.size:
+      raise ValueError(f"labels contain {bad[:5].tolist()}: expected classes in"
+                       f" [0, {logits.shape[-1]})")
+  return jnp.asarray(labels)
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy on the last step (the notebook's loss)."""
-  _check_labels(logits, labels)
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits[:, -1], labels
-  ).mean()
+def _in_range(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return (labels >= 0) & (labels < logits.shape[-1])
 
 
-def cross_entropy_per_step(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy over every step and example."""
-  _check_labels(logits, labels)
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits, labels[:, None]
-  ).mean()
+def _losses(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example cross-entropy; NaN (loss and gradient) for an out-of-range label."""
+  valid = _in_range(logits, labels)
+  losses = optax.softmax_cross_entropy_with_integer_labels(
+      logits, jnp.where(valid, labels, 0))
+  # A constant NaN factor makes that example's loss and gradient NaN (and
+  # only that example's), so a traced training step with a bad label stops
+  # at the trainer's non-finite check instead of training on class 0.
+  return losses * jnp.where(valid, 1.0, jnp.nan).astype(losses.dtype)
 
 
-def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Top-1 accuracy of the last step's prediction."""
-  _check_labels(logits, labels)
+def cross_entropy(logits: jax.Array, labels) -> jax.Array:
+  """Mean softmax cross-entropy on the last step (the notebook's loss).
+
+  Args:
+    logits: <float>[batch, T, classes] from :func:`apply`.
+    labels: <int>[batch], classes in [0, classes).
+
+  Returns:
+    <float>[]
+
+  Raises:
+    ValueError: for labels of the wrong shape or dtype, or (when concrete)
+      out of range. Under ``jit`` the range cannot be checked: an
+      out-of-range label makes the loss and its gradient NaN.
+  """
+  labels = _check_labels(logits, labels)
+  return _losses(logits[:, -1], labels).mean()
+
+
+def cross_entropy_per_step(logits: jax.Array, labels) -> jax.Array:
+  """Mean softmax cross-entropy over every step and example (as :func:`cross_entropy`)."""
+  labels = _check_labels(logits, labels)
+  return _losses(logits, jnp.broadcast_to(labels[:, None], logits.shape[:2])).mean()
+
+
+def accuracy(logits: jax.Array, labels) -> jax.Array:
+  """Top-1 accuracy of the last step's prediction, <float>[].
+
+  Raises:
+    ValueError: as :func:`cross_entropy`; under ``jit`` an out-of-range
+      label counts as wrong.
+  """
+  labels = _check_labels(logits, labels)
   return jnp.mean(jnp.argmax(logits[:, -1], axis=-1) == labels)
 
 
-def accuracy_per_step(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """<float>[T]: top-1 accuracy if the prediction were made after step t."""
-  _check_labels(logits, labels)
+def accuracy_per_step(logits: jax.Array, labels) -> jax.Array:
+  """<float>[T]: top-1 accuracy if the prediction were made after step t (as :func:`accuracy`)."""
+  labels = _check_labels(logits, labels)
   return jnp.mean(jnp.argmax(logits, axis=-1) == labels[:, None], axis=0)
+
+
+def fold_input_scaling(params: Params, *, mean: float, std: float) -> Params:
+  """The same model for inputs ``x`` that ``params`` read as ``(x - mean) / std``.
+
+  Every input value enters only through the affine input projection
+  ``x_std @ W_x + b``; substituting ``x_std = (x - mean) / std`` gives
+  ``x @ (W_x / std) + (b - mean / std * sum_i W_x[i])``, the same logits
+  for every input (exact up to rounding). ``W_x`` is the first ``in_dim``
+  rows of the gates' and the candidate's kernels; ``b`` their input biases
+  (for reset_after ``b_in``; ``b_hn`` is recurrent and unchanged).
+  """
+  if not std > 0:
+    raise ValueError(f"std={std!r}: expected > 0")
+  in_dim = params.in_dim
+
+  def fold(dense):
+    w_x = dense.kernel[:in_dim]
+    kernel = jnp.concatenate([w_x / std, dense.kernel[in_dim:]], axis=0)
+    return dense.replace(kernel=kernel, bias=dense.bias - (mean / std) * w_x.sum(axis=0))
+
+  return params.replace(gates=fold(params.gates), candidate=fold(params.candidate))
+
+
+def from_arrays(arrays: dict, *, cell: str = "tf1", activation: str = "tanh",
+                order: str | None = None) -> Params:
+  """Params from a state dict ``{"gates": {"kernel", "bias"}, ...}`` (a checkpoint's).
+
+  Raises:
+    ValueError: when the keys or shapes do not fit ``cell``.
+  """
+  gru_cell.check_cell(cell)
+  candidate_keys = {"kernel", "bias"} | ({"recurrent_bias"} if cell == "reset_after" else set())
+  try:
+    got = {name: set(arrays[name]) for name in ("gates", "candidate", "output")}
+  except (KeyError, TypeError) as error:
+    raise ValueError(f"params have keys {sorted(arrays) if isinstance(arrays, dict) else arrays!r}:"
+                     " expected gates, candidate and output") from error
+  expected = {"gates": {"kernel", "bias"}, "candidate": candidate_keys,
+              "output": {"kernel", "bias"}}
+  if got != expected:
+    raise ValueError(f"params have keys {got}: cell {cell!r} expects {expected}")
+  array = lambda v: jnp.asarray(v)  # noqa: E731
+  candidate_type = ResetAfterDense if cell == "reset_after" else Dense
+  params = Params(
+      gates=Dense(**{k: array(v) for k, v in arrays["gates"].items()}),
+      candidate=candidate_type(**{k: array(v) for k, v in arrays["candidate"].items()}),
+      output=Dense(**{k: array(v) for k, v in arrays["output"].items()}),
+      cell=cell, activation=activation, order=order,
+  )
+  units, classes = params.output.kernel.shape
+  rows = params.gates.kernel.shape[0]
+  shapes_ok = (params.gates.kernel.shape == (rows, 2 * units)
+               and params.gates.bias.shape == (2 * units,)
+               and params.candidate.kernel.shape == (rows, units)
+               and params.candidate.bias.shape == (units,)
+               and params.output.bias.shape == (classes,) and rows > units)
+  if not shapes_ok:
+    raise ValueError(f"params have shapes {jax.tree.map(jnp.shape, serialization.to_state_dict(params))}:"
+                     " not a GRU classifier (see the gru_classifier docstring)")
+  if order is not None and preprocessing.sequence_shape(order)[1] != params.in_dim:
+    raise ValueError(f"order={order!r} does not fit in_dim={params.in_dim}")
+  return params
+
+
+def for_images(params: Params, *, order: str, standardize: bool) -> Params:
+  """The trained ``params`` as a model that reads [0, 1] images in ``order``.
+
+  ``standardize``: the params were trained on ``preprocessing.standardize``d
+  inputs; the scaling is folded in (:func:`fold_input_scaling`).
+  """
+  if standardize:
+    # The float32 constants preprocessing.standardize (and so training) used.
+    params = fold_input_scaling(params, mean=float(np.float32(preprocessing.TRAIN_MEAN)),
+                                std=float(np.float32(preprocessing.TRAIN_STD)))
+  return params.replace(order=preprocessing.check_order(order))
+
+
+def load(source: str | os.PathLike) -> Params:
+  """A saved model, ready for [0, 1] images: a run directory, a checkpoint or ``pretrained:NAME``.
+
+  A run directory gives its best checkpoint on valid (else its newest). The
+  returned params read images in the order they were trained on, with any
+  training-time standardisation folded in, so
+  ``apply(load(source), images)`` takes images in [0, 1] as
+  ``data.load_mnist`` returns them.
+
+  Raises:
+    FileNotFoundError: nothing loadable at ``source``.
+    checkpoint.CheckpointError: a corrupt or foreign file.
+  """
+  return load_with_info(source)[0]
+
+
+def load_with_info(source: str | os.PathLike) -> tuple[Params, model_io.SavedModel]:
+  """:func:`load`, plus what was read (its config dict, path and step)."""
+  saved = model_io.read(source)
+  config = saved.config
+  try:
+    params = from_arrays(saved.arrays, cell=config.get("cell", "tf1"),
+                         activation=config.get("activation", "tanh"))
+    params = for_images(params, order=config.get("order", "pixel"),
+                        standardize=bool(config.get("standardize", False)))
+  except ValueError as error:
+    raise model_io.checkpoint.CheckpointError(f"{saved.path}: {error}") from error
+  return params, saved
 
 
 def load_pretrained(name: str = "pixel") -> Params:
   """Shipped trained weights (``pixelrnn_jax/pretrained/<name>.*``), checksum-verified.
 
-  The config they were trained with (order, standardisation) is in
+  They read images in [0, 1] in their own order (see :func:`load`). Their
+  recorded valid accuracy and training config are in
   ``pixelrnn_jax.pretrained.metadata(name)``.
+
+  Raises:
+    FileNotFoundError: for an unknown name (the message lists the names).
   """
-  from pixelrnn_jax import pretrained, train  # pylint: disable=import-outside-toplevel
-  params, _, _ = train.load_model(pretrained.PREFIX + name)
-  return params
+  return load(model_io.pretrained.PREFIX + name)

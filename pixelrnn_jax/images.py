@@ -1,26 +1,113 @@
-"""Reading single digit images for ``pixelrnn-jax predict``."""
+"""A user's digit image, in any common form, as an MNIST digit.
+
+``read_image(path)`` turns a file into a grey image in [0, 1];
+``to_mnist(image)`` normalises it the way MNIST's digits were made (LeCun,
+Cortes and Burges, "The MNIST database of handwritten digits",
+http://yann.lecun.com/exdb/mnist/): "the images were centered in a 28x28
+image by computing the center of mass of the pixels" after each digit was
+"size normalized to fit in a 20x20 pixel box while preserving their aspect
+ratio" with anti-aliasing. MNIST digits are white (1) on black (0).
+
+    image = images.read_image("my_digit.jpg")       # <float32>[H, W] in [0, 1]
+    digit = images.to_mnist(image)                  # <float32>[28, 28] in [0, 1]
+
+The steps of :func:`prepare`:
+
+1. **Polarity**: with ``invert="auto"`` a light background (the median of a
+   border ring above 0.5) is inverted, so ink is light on dark.
+2. **Paper**: the background level and its noise are read from the border;
+   everything at or below the border's median plus 6 noise standard
+   deviations (from its median absolute deviation) becomes 0 and the darkest-to-brightest ink range is stretched to
+   [0, 1], so grey or noisy paper is black and faint noise is not ink.
+3. **Already MNIST**: a 28x28 image whose background is black (border
+   median at most 0.05) is returned as it is (after any inversion).
+4. **Size and place**: otherwise the bounding box of the ink (pixels above
+   0.1 after stretching) is scaled (Pillow
+   Lanczos, anti-aliased) so its longer side is 20 pixels, and pasted into the
+   28x28 field with its centre of mass at (14, 14), the mean centre of mass of
+   MNIST's digits (row, column index; measured on the valid split).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".tif", ".tiff",
+                  ".webp")
+INVERT = ("auto", "yes", "no")
+BOX = 20  # MNIST: the digit's bounding box fits 20x20
+FIELD = 28  # MNIST: the image is 28x28
+CENTRE = 14.0  # MNIST digits' mean centre of mass (row and column index) on valid
+BACKGROUND_MAX = 0.05  # a 28x28 image whose border median is at most this is MNIST-style
+MIN_CONTRAST = 0.1  # ink less than this above the paper is no ink
+# Paper noise: 6 standard deviations (estimated from the border's median absolute
+# deviation, which ink touching the border does not move) is above the
+# brightest of ~10^8 Gaussian noise pixels.
+NOISE_SIGMAS = 6.0
+BOX_THRESHOLD = 0.1  # the ink's bounding box: pixels above this (after stretching)
 
 
 class ImageError(ValueError):
   """An input image cannot be used (names the file and what is wrong)."""
 
 
-def load_image(path: str | Path) -> np.ndarray:
-  """One 28x28 grayscale digit, white on black as MNIST, as <float32>[28, 28] in [0, 1].
+class Digit(NamedTuple):
+  """An image as the model sees it, and what was done to it."""
 
-  Accepts ``.npy`` (uint8 0..255, or float in [0, 1]; shape [28, 28] or [784])
-  and image files (PNG, JPEG, ...: converted to grayscale, must be 28x28).
+  pixels: np.ndarray  # <float32>[28, 28] in [0, 1], white digit on black
+  inverted: bool  # the image was inverted (light background)
+  resized: bool  # the ink's box was scaled to 20x20 and centred (False: passed as it is)
+
+
+# ----------------------------------------------------------------------------
+# Reading files
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+  """ITU-R 601-2 luma, as Pillow's convert("L"): <float>[H, W, 3] -> [H, W]."""
+  return rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def _composite(rgba: np.ndarray) -> np.ndarray:
+  """<float>[H, W, 4] in [0, 1] -> grey [H, W], transparent pixels as background.
+
+  The background is chosen against the visible strokes: dark strokes go on
+  white, light strokes on black, so white ink on a transparent canvas is not
+  lost on a white background (nor black ink on black).
+  """
+  grey, alpha = _luminance(rgba[..., :3]), rgba[..., 3]
+  if alpha.min() >= 1.0:
+    return grey
+  if alpha.sum() == 0:
+    return np.zeros_like(grey)
+  strokes = float((grey * alpha).sum() / alpha.sum())
+  background = 1.0 if strokes < 0.5 else 0.0
+  return alpha * grey + (1.0 - alpha) * background
+
+
+def _integer_scale(array: np.ndarray, mode: str) -> float:
+  """16-bit files by their range, 0..65535; 32-bit ("I") by 255 or their maximum."""
+  if mode.startswith("I;16"):
+    return 65535.0
+  top = float(array.max()) if array.size else 0.0
+  return 255.0 if top <= 255 else top
+
+
+def read_image(path: str | Path) -> np.ndarray:
+  """One image file as grey <float32>[H, W] in [0, 1].
+
+  Modes L, 1, RGB, CMYK, RGBA, LA, P (with or without transparency; the
+  transparent part becomes background, see :func:`_composite`), I;16 and I
+  (scaled by the file's value range: 65535 for 16-bit; 32-bit by 255, or by
+  its maximum when that is above 255) and F; PNG, JPEG, BMP, GIF, TIFF, WebP; the EXIF orientation of
+  phone photos is applied. ``.npy`` arrays: uint8 (0..255) or float in
+  [0, 1], shape [H, W] (or [784], read as 28x28).
 
   Raises:
-    ImageError: naming the file: unreadable, wrong size, wrong dtype or range.
+    ImageError: naming the file: missing, unreadable, or unusable values.
   """
   path = Path(path)
   suffix = path.suffix.lower()
@@ -31,29 +118,169 @@ def load_image(path: str | Path) -> np.ndarray:
       array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
       raise ImageError(f"{path}: not a readable .npy array ({error})") from error
-  elif suffix in IMAGE_SUFFIXES:
-    try:
-      from PIL import Image, UnidentifiedImageError  # pylint: disable=import-outside-toplevel
-    except ImportError as error:
-      raise ImageError(f"{path}: reading images needs Pillow (pip install pillow)") from error
-    try:
-      with Image.open(path) as image:
-        array = np.asarray(image.convert("L"))
-    except (UnidentifiedImageError, OSError) as error:
-      raise ImageError(f"{path}: not a readable image ({error})") from error
-  else:
-    raise ImageError(f"{path}: unsupported file type {suffix or '(none)'}; use .png or .npy")
+    return _as_grey(array, str(path))
+  if suffix not in IMAGE_SUFFIXES:
+    raise ImageError(f"{path}: unsupported file type {suffix or '(none)'}; use an image"
+                     f" ({', '.join(IMAGE_SUFFIXES)}) or .npy")
+  from PIL import Image, ImageOps, UnidentifiedImageError  # pylint: disable=import-outside-toplevel
+  try:
+    with Image.open(path) as image:
+      image = ImageOps.exif_transpose(image)
+      mode = image.mode
+      if mode == "P" or (mode in ("L", "RGB") and "transparency" in image.info):
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+      if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        grey = _composite(np.asarray(image.convert("RGBA"), np.float32) / 255.0)
+      elif mode.startswith("I"):
+        array = np.asarray(image).astype(np.float64)
+        grey = np.clip(array / _integer_scale(array, mode), 0.0, 1.0)
+      elif mode == "F":
+        grey = np.asarray(image, np.float64)
+        if grey.size and (grey.min() < 0 or grey.max() > 1):
+          grey = (grey - grey.min()) / max(grey.max() - grey.min(), 1e-12)
+      else:  # L, 1, RGB, CMYK, YCbCr, ...
+        grey = np.asarray(image.convert("L"), np.float32) / 255.0
+  except (UnidentifiedImageError, OSError, ValueError) as error:
+    raise ImageError(f"{path}: not a readable image ({error})") from error
+  return _as_grey(np.asarray(grey, np.float32), str(path))
+
+
+def _as_grey(array, name: str) -> np.ndarray:
+  array = np.asarray(array)
   if array.shape == (784,):
-    array = array.reshape(28, 28)
-  if array.shape != (28, 28):
-    raise ImageError(f"{path}: shape {array.shape}, expected 28x28 (MNIST size; resize it first)")
+    array = array.reshape(FIELD, FIELD)
+  if array.ndim != 2 or min(array.shape) < 1:
+    raise ImageError(f"{name}: shape {array.shape}, expected a 2-D grey image [H, W]")
   if array.dtype == np.uint8:
     return array.astype(np.float32) / np.float32(255.0)
   if not np.issubdtype(array.dtype, np.floating):
-    raise ImageError(f"{path}: dtype {array.dtype}, expected uint8 (0..255) or float in [0, 1]")
+    raise ImageError(f"{name}: dtype {array.dtype}, expected uint8 (0..255) or float in [0, 1]")
   if not np.all(np.isfinite(array)):
-    raise ImageError(f"{path}: float values must be finite and in [0, 1] (found NaN or inf)")
+    raise ImageError(f"{name}: float values must be finite and in [0, 1] (found NaN or inf)")
   if array.min() < 0 or array.max() > 1:
-    raise ImageError(f"{path}: float values must be finite and in [0, 1]"
+    raise ImageError(f"{name}: float values must be finite and in [0, 1]"
                      f" (found {array.min():.3g}..{array.max():.3g})")
   return array.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------
+# MNIST normalisation
+
+
+def _border(image: np.ndarray) -> np.ndarray:
+  width = max(1, round(0.05 * min(image.shape)))
+  return np.concatenate([image[:width].ravel(), image[-width:].ravel(),
+                         image[:, :width].ravel(), image[:, -width:].ravel()])
+
+
+def _resize(patch: np.ndarray, height: int, width: int) -> np.ndarray:
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  resized = Image.fromarray(patch.astype(np.float32), mode="F").resize(
+      (width, height), Image.Resampling.LANCZOS)
+  return np.clip(np.asarray(resized, np.float32), 0.0, 1.0)
+
+
+def _place_by_centre_of_mass(patch: np.ndarray) -> np.ndarray:
+  rows, cols = np.arange(patch.shape[0]), np.arange(patch.shape[1])
+  mass = patch.sum()
+  top = int(round(CENTRE - (patch.sum(1) @ rows) / mass))
+  left = int(round(CENTRE - (patch.sum(0) @ cols) / mass))
+  field = np.zeros((FIELD, FIELD), np.float32)
+  # Paste, clipped to the field (the box is 20 wide, so this loses ink only
+  # for extremely lopsided digits).
+  r0, c0 = max(top, 0), max(left, 0)
+  r1, c1 = min(top + patch.shape[0], FIELD), min(left + patch.shape[1], FIELD)
+  field[r0:r1, c0:c1] = patch[r0 - top : r1 - top, c0 - left : c1 - left]
+  return field
+
+
+def prepare(image, *, invert: str = "auto") -> Digit:
+  """Normalises one digit image as MNIST did (see the module docstring).
+
+  Args:
+    image: grey <float>[H, W] in [0, 1] (or uint8), any size and aspect ratio,
+      either polarity, e.g. from :func:`read_image`.
+    invert: ``"auto"`` (invert when the border is light), ``"yes"`` or ``"no"``.
+
+  Returns:
+    A :class:`Digit`: <float32>[28, 28] in [0, 1], white on black.
+
+  Raises:
+    ImageError: a bad array, or no ink (a blank or contrast-less image).
+    ValueError: an unknown ``invert``.
+  """
+  if invert not in INVERT:
+    raise ValueError(f"invert={invert!r}: expected one of {INVERT}")
+  grey = _as_grey(image, "image").astype(np.float64)
+  inverted = bool(np.median(_border(grey)) > 0.5) if invert == "auto" else invert == "yes"
+  if inverted:
+    grey = 1.0 - grey
+  border = _border(grey)
+  paper = float(np.median(border))
+  if grey.shape == (FIELD, FIELD) and paper <= BACKGROUND_MAX:
+    if grey.max() <= paper:
+      raise ImageError("no ink: the image is blank")
+    return Digit(grey.astype(np.float32), inverted, False)
+  noise = 1.4826 * float(np.median(np.abs(border - paper)))  # robust std (MAD)
+  ink = float(grey.max())
+  # Above the paper's noise, but never above half-way to the ink.
+  floor = min(paper + NOISE_SIGMAS * noise, paper + 0.5 * (ink - paper))
+  if ink - floor < MIN_CONTRAST:
+    hint = ("; dark ink on light paper needs --invert auto or yes" if invert == "no"
+            and paper > 0.5 else "; is the image blank?")
+    raise ImageError(f"no ink: the brightest ink ({ink:.2f}) is within {MIN_CONTRAST} of the"
+                     f" background ({floor:.2f}){hint}")
+  grey = np.clip((grey - floor) / (ink - floor), 0.0, 1.0)
+  ink_mask = grey > BOX_THRESHOLD
+  rows, cols = np.nonzero(ink_mask.any(1))[0], np.nonzero(ink_mask.any(0))[0]
+  patch = grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+  scale = BOX / max(patch.shape)
+  height = max(1, round(patch.shape[0] * scale))
+  width = max(1, round(patch.shape[1] * scale))
+  patch = _resize(patch, height, width)
+  if patch.sum() <= 0:
+    raise ImageError("no ink left after scaling the digit to 20x20")
+  return Digit(_place_by_centre_of_mass(patch), inverted, True)
+
+
+def to_mnist(image, *, invert: str = "auto") -> np.ndarray:
+  """One digit image as an MNIST digit: <float32>[28, 28] in [0, 1] (see :func:`prepare`)."""
+  return prepare(image, invert=invert).pixels
+
+
+def load_image(path: str | Path, *, invert: str = "auto") -> np.ndarray:
+  """A digit file as an MNIST digit <float32>[28, 28]: :func:`read_image` then :func:`to_mnist`.
+
+  Raises:
+    ImageError: naming the file (unreadable, unusable values, no ink).
+  """
+  try:
+    return to_mnist(read_image(path), invert=invert)
+  except ImageError as error:
+    message = str(error)
+    raise ImageError(message if message.startswith(str(path)) else f"{path}: {message}") from error
+
+
+def save_side_by_side(original, digit: np.ndarray, path: str | Path, *, height: int = 112) -> Path:
+  """Writes ``original`` (any size) beside ``digit`` (28x28), both ``height`` pixels tall, as PNG.
+
+  The digit is enlarged without smoothing, so each of its 784 pixels shows.
+  """
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  path = Path(path)
+
+  def grey(array):
+    return Image.fromarray(np.round(np.clip(array, 0, 1) * 255).astype(np.uint8), mode="L")
+
+  left = grey(_as_grey(original, "image"))
+  left = left.resize((max(1, round(left.width * height / left.height)), height),
+                     Image.Resampling.LANCZOS)
+  right = grey(digit).resize((height, height), Image.Resampling.NEAREST)
+  gap = 8
+  canvas = Image.new("L", (left.width + gap + right.width, height), 128)
+  canvas.paste(left, (0, 0))
+  canvas.paste(right, (left.width + gap, 0))
+  path.parent.mkdir(parents=True, exist_ok=True)
+  canvas.save(path)
+  return path

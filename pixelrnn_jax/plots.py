@@ -129,23 +129,22 @@ def plot_run(run_dir: str | Path, *, data_dir: str | None = None, examples: int 
   written = [learning_curves(run_dir, out)]
   params, config, info = train.load_model(run_dir)
   images, labels = data.load_mnist("valid", data_dir=data_dir or config.data_dir,
-                                   verify=config.verify_data, standardize=config.standardize)
+                                   verify=config.verify_data)
   images, labels = images[:examples], labels[:examples]
-  result = evaluation.evaluate(params, images, labels, order=config.order,
-                               early_exit_thresholds=THRESHOLDS)
+  result = evaluation.evaluate(params, images, labels, early_exit_thresholds=THRESHOLDS)
   name = f"{run_dir.name}, step {info['step']}, {len(labels)} valid images"
   written.append(accuracy_per_pixel(result["accuracy_per_step"], out, name))
   total = data.sequence_shape(config.order)[0]
   written.append(early_exit_tradeoff(result["early_exit"], total, out, name))
-  x = data.to_sequences(images[:100], config.order)
-  y = labels[:100]
+  x, y = images[:100], labels[:100]  # [0, 1] images: every model below reads its own order
   init_key = jax.random.split(jax.random.key(config.seed))[0]
+  initial = lambda c: train.as_model(train.init_params(c, init_key), c)  # noqa: E731
   curves = {"initialisation": np.asarray(diagnostics.hidden_gradient_norms(
-      train.init_params(config, init_key), x, y))}
+      initial(config), x, y))}
   notebook_init = config.replace(gate_bias_init="constant", recurrent_init="glorot")
   if notebook_init != config:  # the contrast that explains the notebook's plateau
     curves["notebook (TF1) initialisation"] = np.asarray(diagnostics.hidden_gradient_norms(
-        train.init_params(notebook_init, init_key), x, y))
+        initial(notebook_init), x, y))
   for path in checkpoint.step_checkpoints(run_dir / "checkpoints"):
     try:
       ckpt_params, _, ckpt_info = train.load_model(path)

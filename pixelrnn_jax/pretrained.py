@@ -3,6 +3,8 @@
     params = gru_classifier.load_pretrained("pixel")
     pixelrnn-jax evaluate --checkpoint pretrained:pixel
 
+(``pixelrnn_jax.export.export`` writes them from a run.)
+
 Each entry is ``pretrained/<name>.msgpack`` (params and config, in the
 checkpoint format) and ``pretrained/<name>.json``: its SHA-256, the config it
 was trained with, where it came from, and its valid accuracy, over all 5,000
@@ -47,36 +49,3 @@ def checked_path(name: str) -> Path:
         f"{weights}: SHA-256 {digest} does not match the recorded {expected};"
         " reinstall the package")
   return weights
-
-
-def export(source: str | Path, name: str, *, data_dir: str | None = None,
-           notes: str = "") -> dict:
-  """Copies a run's best params (and config) into the package, with metadata.
-
-  Evaluates on the valid split (all of it, and the first SUBSET images) so the
-  shipped accuracy is measured, not copied.
-  """
-  from pixelrnn_jax import data, evaluation, train  # pylint: disable=import-outside-toplevel
-  params, config, info = train.load_model(source)
-  data_dir = data_dir or config.data_dir
-  config = config.replace(data_dir=None)  # a path on the training machine means nothing here
-  DIRECTORY.mkdir(exist_ok=True)
-  weights = DIRECTORY / f"{name}.msgpack"
-  checkpoint.save(weights, {"state": {"params": params, "step": info["step"]},
-                            "config": config.to_json()})
-  images, labels = data.load_mnist("valid", data_dir=data_dir,
-                                   verify=config.verify_data, standardize=config.standardize)
-  full = evaluation.evaluate(params, images, labels, order=config.order)
-  subset = evaluation.evaluate(params, images[:SUBSET], labels[:SUBSET], order=config.order)
-  record = {
-      "name": name,
-      "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
-      "source": {"checkpoint": info["path"], "step": info["step"]},
-      "config": json.loads(config.to_json()),
-      "valid_accuracy": full["accuracy"],
-      "valid_loss": full["loss"],
-      f"valid_first_{SUBSET}_accuracy": subset["accuracy"],
-      "notes": notes,
-  }
-  (DIRECTORY / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
-  return record

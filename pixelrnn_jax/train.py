@@ -36,6 +36,7 @@ from pixelrnn_jax import config as config_lib
 from pixelrnn_jax import data
 from pixelrnn_jax import evaluation
 from pixelrnn_jax import gru_classifier
+from pixelrnn_jax import preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,16 @@ def make_schedule(config: config_lib.Config) -> optax.Schedule:
   """The learning rate as a function of the step."""
   if config.lr_schedule == "constant":
     return optax.constant_schedule(config.learning_rate)
+  if config.lr_schedule == "warmup_step":
+    # Linear warm-up, constant, then one divide-by-10 drop late in the run: the
+    # schedule of the published psMNIST learning curves.
+    drop_step = int(round(config.lr_drop_at * config.steps))
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps),
+         optax.piecewise_constant_schedule(
+             config.learning_rate, {drop_step - config.warmup_steps: 0.1})],
+        boundaries=[config.warmup_steps],
+    )
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=config.learning_rate,
       warmup_steps=config.warmup_steps, decay_steps=config.steps, end_value=0.0,
@@ -161,38 +172,30 @@ def _checkpoint_tree(state: TrainState, position, data_key, best: float, config)
 
 
 def load_model(path: str | Path) -> tuple[gru_classifier.Params, config_lib.Config, dict]:
-  """Params and config of a checkpoint file, a run directory's best checkpoint,
-  or shipped weights (``"pretrained:pixel"``).
+  """A saved model (``gru_classifier.load``) with the Config it was trained with.
+
+  Args:
+    path: a checkpoint file, a run directory (its best checkpoint, else its
+      newest) or shipped weights (``"pretrained:pixel"``).
 
   Returns:
-    (params, config, info) where info has ``path`` and ``step``.
+    (params, config, info): params that read [0, 1] images in the
+    config's order (standardisation folded in); info has ``path`` and ``step``.
 
   Raises:
     CheckpointError / FileNotFoundError: naming the path and what is wrong.
   """
-  if str(path).startswith("pretrained:"):
-    from pixelrnn_jax import pretrained  # pylint: disable=import-outside-toplevel
-    path = pretrained.checked_path(str(path).removeprefix(pretrained.PREFIX))
-  path = Path(path)
-  if path.is_dir():
-    directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    if (directory / checkpoint.BEST).is_file():
-      path = directory / checkpoint.BEST
-    else:
-      latest = checkpoint.step_checkpoints(directory)
-      if not latest:
-        raise FileNotFoundError(f"{path}: no checkpoint in this run directory")
-      path = latest[-1]
-  elif not path.exists():
-    raise FileNotFoundError(f"{path}: no such checkpoint file or run directory")
-  state_dict = checkpoint.load(path)
+  params, saved = gru_classifier.load_with_info(path)
   try:
-    config = config_lib.Config.from_dict(json.loads(state_dict["config"]))
-  except (KeyError, TypeError, ValueError) as error:
-    raise checkpoint.CheckpointError(f"{path}: no readable config ({error})") from error
-  template = init_params(config, jax.random.key(0))
-  params = checkpoint.restore(template, state_dict["state"]["params"])
-  return params, config, {"path": str(path), "step": int(state_dict["state"]["step"])}
+    config = config_lib.Config.from_dict(saved.config)
+  except (TypeError, ValueError) as error:
+    raise checkpoint.CheckpointError(f"{saved.path}: no readable config ({error})") from error
+  return params, config, {"path": saved.path, "step": saved.step}
+
+
+def as_model(params: gru_classifier.Params, config: config_lib.Config) -> gru_classifier.Params:
+  """Training params as the model a checkpoint loads as: [0, 1] images in config.order."""
+  return gru_classifier.for_images(params, order=config.order, standardize=config.standardize)
 
 
 # ----------------------------------------------------------------------------
@@ -285,8 +288,10 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 
 def _load_split(config, split):
-  return data.load_mnist(split, data_dir=config.data_dir, verify=config.verify_data,
-                         standardize=config.standardize)
+  """[0, 1] images and checked labels of one split."""
+  images, labels = data.load_mnist(split, data_dir=config.data_dir, verify=config.verify_data)
+  # The labels are checked once here; inside the jitted step they cannot be.
+  return images, evaluation.check_labels(labels, gru_classifier.NUM_CLASSES)
 
 
 def _init_or_restore(config, optimizer, checkpoint_dir: Path):
@@ -350,6 +355,9 @@ def train_and_evaluate(
   checkpoint_dir = workdir / "checkpoints"
   _prepare_workdir(workdir, config)
   train_x, train_y = _load_split(config, "train")
+  if config.standardize:  # trained on standardised pixels ...
+    train_x = preprocessing.standardize(train_x)
+  # ... and evaluated as a loaded model is: [0, 1] images, the scaling folded in.
   valid_x, valid_y = _load_split(config, "valid")
 
   optimizer = make_optimizer(config)
@@ -400,8 +408,8 @@ def train_and_evaluate(
         window, window_start = [], time.perf_counter()
       bar.update(1)
       if step % config.eval_every == 0 or step == config.steps:
-        result = evaluation.evaluate(unreplicate(replicated).params, valid_x, valid_y,
-                                     order=config.order, batch_size=config.eval_batch_size,
+        result = evaluation.evaluate(as_model(unreplicate(replicated).params, config),
+                                     valid_x, valid_y, batch_size=config.eval_batch_size,
                                      devices=config.devices)
         _append_jsonl(metrics_path, {"step": step, "split": "valid",
                                      "accuracy": result["accuracy"], "loss": result["loss"]})
@@ -417,8 +425,8 @@ def train_and_evaluate(
         log.warning("stopped by %s at step %d; resume with the same command", stop.requested, step)
         break
 
-  valid = evaluation.evaluate(unreplicate(replicated).params, valid_x, valid_y,
-                              order=config.order, batch_size=config.eval_batch_size,
+  valid = evaluation.evaluate(as_model(unreplicate(replicated).params, config),
+                              valid_x, valid_y, batch_size=config.eval_batch_size,
                               devices=config.devices)
   if summary["stopped"] is None:
     (workdir / "eval.json").write_text(json.dumps({"step": step, "split": "valid", **valid}))

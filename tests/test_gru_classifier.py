@@ -202,8 +202,8 @@ def test_no_recompilation_on_second_call():
     [
         (np.zeros((2, 3, 4, 5), np.float32), r"shape \(2, 3, 4, 5\) \(rank 4\)"),
         (np.zeros((2,), np.float32), r"rank 1"),
-        (np.zeros((2, 10, 3), np.float32), r"does not match the model's in_dim=2"),
-        (np.zeros((2, 7), np.float32), r"does not match the model's in_dim=2"),
+        (np.zeros((2, 10, 3), np.float32), r"\(2, 10, 3\): expected .*sequences \[batch, T, 2\]"),
+        (np.zeros((2, 7), np.float32), r"\(2, 7\): expected .*sequences \[batch, T, 2\]"),
         (np.zeros((2, 10, 2), np.int32), r"dtype int32: expected a floating"),
         (np.zeros((2, 10, 2), np.uint8), r"dtype uint8"),
         (np.zeros((0, 10, 2), np.float32), r"batch is empty"),

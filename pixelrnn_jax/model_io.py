@@ -1,0 +1,83 @@
+"""Finding and reading a saved model: a checkpoint file, a run directory, or shipped weights.
+
+The one module that reads models from disk; ``gru_classifier.load`` builds
+the model from what it returns, and the trainer, ``evaluation``, the CLI and
+the plots go through that. It knows files, not models: it imports neither
+the classifier nor the trainer, so every import points one way.
+
+Accepted sources:
+
+- ``"pretrained:<name>"``: weights shipped in the package (checksum-verified);
+- a run directory (or its ``checkpoints/``): its best checkpoint on valid,
+  else its newest step checkpoint;
+- one checkpoint file (``best.msgpack``, ``ckpt_NNNNNNNN.msgpack``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from pixelrnn_jax import checkpoint
+from pixelrnn_jax import pretrained
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedModel:
+  """What a saved model file holds."""
+
+  arrays: dict[str, Any]  # the params' state dict: {"gates": {"kernel", "bias"}, ...}
+  config: dict[str, Any]  # the training config's fields (config.json), as saved
+  path: str  # the file read
+  step: int  # optimiser steps the params were trained for
+
+
+def resolve(source: str | os.PathLike) -> Path:
+  """The checkpoint file a source names (see the module docstring).
+
+  Raises:
+    FileNotFoundError: naming the path, when nothing loadable is there.
+    checkpoint.CheckpointError: for shipped weights whose checksum fails.
+  """
+  if str(source).startswith(pretrained.PREFIX):
+    return pretrained.checked_path(str(source).removeprefix(pretrained.PREFIX))
+  path = Path(source)
+  if path.is_dir():
+    directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if (directory / checkpoint.BEST).is_file():
+      return directory / checkpoint.BEST
+    latest = checkpoint.step_checkpoints(directory)
+    if not latest:
+      raise FileNotFoundError(
+          f"{path}: no checkpoint in this run directory (expected"
+          f" checkpoints/{checkpoint.BEST} or checkpoints/ckpt_NNNNNNNN.msgpack)")
+    return latest[-1]
+  if not path.exists():
+    raise FileNotFoundError(
+        f"{path}: no such checkpoint file or run directory (or use pretrained:NAME,"
+        f" NAME one of {pretrained.available()})")
+  return path
+
+
+def read(source: str | os.PathLike) -> SavedModel:
+  """Reads the params' arrays and training config of a saved model.
+
+  Raises:
+    FileNotFoundError: nothing loadable at ``source``.
+    checkpoint.CheckpointError: a corrupt file, or one without params or config.
+  """
+  path = resolve(source)
+  state_dict = checkpoint.load(path)
+  try:
+    config = json.loads(state_dict["config"])
+    arrays = state_dict["state"]["params"]
+    step = int(state_dict["state"]["step"])
+  except (KeyError, TypeError, ValueError) as error:
+    raise checkpoint.CheckpointError(
+        f"{path}: not a model checkpoint (no params or readable config: {error})") from error
+  if not isinstance(config, dict):
+    raise checkpoint.CheckpointError(f"{path}: its config is not a JSON object")
+  return SavedModel(arrays=arrays, config=config, path=str(path), step=step)

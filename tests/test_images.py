@@ -1,0 +1,230 @@
+"""A user's digit image, in the forms people draw and save them, read as MNIST."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from pixelrnn_jax import cli
+from pixelrnn_jax import data
+from pixelrnn_jax import images
+
+CASES = Path(__file__).resolve().parents[2] / "shared" / "cases" / "predict"
+NUM_RENDERED = 200
+
+
+def _u8(x):
+  return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+
+
+def _upscaled(digit, factor):
+  image = Image.fromarray(_u8(digit)).resize((28 * factor, 28 * factor),
+                                             Image.Resampling.BILINEAR)
+  return np.asarray(image, np.float32) / 255
+
+
+# Each way people hand over a digit, rendered from an MNIST digit in [0, 1].
+def _inverted_rgb(digit, path, rng):
+  del rng
+  Image.fromarray(_u8(1 - digit)).convert("RGB").save(path.with_suffix(".png"))
+  return path.with_suffix(".png")
+
+
+def _rgba_canvas(digit, path, rng):
+  del rng
+  rgba = np.zeros((28, 28, 4), np.uint8)
+  rgba[..., 3] = _u8(digit)  # black strokes, the ink in alpha only
+  Image.fromarray(rgba, "RGBA").save(path.with_suffix(".png"))
+  return path.with_suffix(".png")
+
+
+def _sixteen_bit(digit, path, rng):
+  del rng
+  Image.fromarray(np.round(digit * 65535).astype(np.uint16)).save(path.with_suffix(".png"))
+  return path.with_suffix(".png")
+
+
+def _grey_paper_jpeg(digit, path, rng):
+  """A phone photo: dark ink on noisy light-grey paper, large, with margins."""
+  ink = _upscaled(digit, 4)  # 112x112
+  paper = rng.normal(0.78, 0.025, (220, 180)).clip(0, 1)
+  top, left = rng.integers(20, 220 - 112 - 20), rng.integers(15, 180 - 112 - 15)
+  paper[top:top + 112, left:left + 112] *= 1 - 0.85 * ink
+  Image.fromarray(_u8(paper)).convert("RGB").save(path.with_suffix(".jpg"), quality=85)
+  return path.with_suffix(".jpg")
+
+
+def _off_centre_canvas(digit, path, rng):
+  """White on black, three times MNIST size, off centre on a wide canvas."""
+  ink = _upscaled(digit, 3)  # 84x84
+  canvas = np.zeros((100, 190), np.float32)
+  top, left = rng.integers(0, 100 - 84), rng.integers(0, 30)
+  canvas[top:top + 84, left:left + 84] = ink
+  Image.fromarray(_u8(canvas)).save(path.with_suffix(".png"))
+  return path.with_suffix(".png")
+
+
+VARIANTS = {"inverted_rgb": _inverted_rgb, "rgba_canvas": _rgba_canvas,
+            "sixteen_bit": _sixteen_bit, "grey_paper_jpeg": _grey_paper_jpeg,
+            "off_centre_canvas": _off_centre_canvas}
+
+
+def _predict_json(args, capsys):
+  capsys.readouterr()
+  code = cli.main(["predict", "--checkpoint", "pretrained:pixel", "--json", *map(str, args)])
+  return code, [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def test_predict_on_rendered_variants_is_as_accurate_as_on_the_digits(mnist_dir, tmp_path,
+                                                                     capsys):
+  digits, labels = data.load_mnist("valid", data_dir=mnist_dir)
+  digits, labels = digits[:NUM_RENDERED], labels[:NUM_RENDERED]
+  rng = np.random.default_rng(0)
+  originals = []
+  for i, digit in enumerate(digits):
+    np.save(tmp_path / f"original_{i}.npy", digit)
+    originals.append(tmp_path / f"original_{i}.npy")
+  code, rows = _predict_json(originals, capsys)
+  assert code == 0
+  baseline = np.mean([row["label"] == y for row, y in zip(rows, labels)])
+  assert baseline > 0.95
+  for name, render in VARIANTS.items():
+    paths = [render(digit, tmp_path / f"{name}_{i}", rng) for i, digit in enumerate(digits)]
+    code, rows = _predict_json(paths, capsys)
+    assert code == 0, rows
+    accuracy = np.mean([row["label"] == y for row, y in zip(rows, labels)])
+    assert accuracy >= baseline - 0.02, (name, accuracy, baseline)
+    inverted = {row["inverted"] for row in rows}
+    assert inverted == ({True} if name in ("inverted_rgb", "rgba_canvas", "grey_paper_jpeg")
+                        else {False}), name
+
+
+def test_mnist_digits_pass_unchanged(mnist_dir):
+  digits, _ = data.load_mnist("valid", data_dir=mnist_dir)
+  unchanged = np.mean([np.array_equal(images.to_mnist(d), d) for d in digits])
+  assert unchanged >= 0.995
+
+
+def test_normalising_an_mnist_digit_again_changes_little(mnist_dir):
+  """The full path (box to 20x20, centre of mass) on MNIST's own digits, padded to 32x32."""
+  digits, _ = data.load_mnist("valid", data_dir=mnist_dir)
+  errors = []
+  for digit in digits[:300]:
+    redone = images.to_mnist(np.pad(digit, 2))
+    errors.append(np.abs(redone - digit).mean())
+  assert np.median(errors) < 0.03
+
+
+@pytest.mark.skipif(not CASES.is_dir(), reason="shared/cases/predict not present")
+def test_shared_cases_each_variant_at_least_7_of_8(capsys):
+  files = sorted(CASES.glob("*.png"))
+  code, rows = _predict_json(files, capsys)
+  assert code == 0
+  right = {}
+  for row in rows:
+    variant = re.sub(r"_\d+_label\d\.png$", "", Path(row["input"]).name)
+    label = int(re.search(r"label(\d)", row["input"]).group(1))
+    right.setdefault(variant, []).append(row["label"] == label)
+    assert len(row["top3"]) == 3 and row["top3"][0]["label"] == row["label"]
+    assert row["pixels_read"] == 784
+  assert set(right) == {"ref", "whitebg", "rgba_canvas", "rgba_white", "i16", "big32"}
+  for variant, results in right.items():
+    assert sum(results) >= 7, (variant, results)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def test_every_image_mode_reads_as_ink_on_black(tmp_path):
+  ink = np.zeros((28, 28), np.float32)
+  ink[6:22, 12:16] = 1.0
+  u8 = _u8(ink)
+  paths = {}
+  Image.fromarray(u8).save(paths.setdefault("L", tmp_path / "l.png"))
+  Image.fromarray(255 - u8).convert("RGB").save(paths.setdefault("RGB white", tmp_path / "w.png"))
+  Image.fromarray(np.stack([255 - u8, u8], -1), "LA").save(paths.setdefault("LA", tmp_path / "la.png"))
+  white = np.full((28, 28, 4), 255, np.uint8)
+  white[..., 3] = u8
+  Image.fromarray(white, "RGBA").save(paths.setdefault("RGBA white", tmp_path / "rw.png"))
+  palette = Image.fromarray(u8).convert("P")
+  palette.info["transparency"] = 0
+  palette.save(paths.setdefault("P transparent", tmp_path / "p.png"), transparency=0)
+  Image.fromarray((ink * 65535).astype(np.uint16)).save(paths.setdefault("I;16", tmp_path / "i16.png"))
+  Image.fromarray((ink * 4095).astype(np.int32), "I").save(paths.setdefault("I", tmp_path / "i.tif"))
+  Image.fromarray(255 - u8).save(paths.setdefault("JPEG", tmp_path / "j.jpg"), quality=95)
+  for mode, path in paths.items():
+    digit = images.prepare(images.read_image(path))
+    assert digit.pixels.shape == (28, 28) and digit.pixels.dtype == np.float32, mode
+    error = np.abs(digit.pixels - ink).mean()
+    assert error < 0.02, (mode, error)
+
+
+def test_invert_flag_and_report(tmp_path, capsys):
+  digit = np.zeros((28, 28), np.float32)
+  digit[5:23, 13:15] = 1.0
+  Image.fromarray(_u8(1 - digit)).save(tmp_path / "paper.png")
+  for flag in ("auto", "yes"):
+    capsys.readouterr()
+    code = cli.main(["predict", "--checkpoint", "pretrained:pixel", "--invert", flag,
+                     str(tmp_path / "paper.png")])
+    out = capsys.readouterr().out
+    assert code == 0 and "; inverted" in out and ": 1 " in out, (flag, out)
+  # Not inverted, dark ink on white paper is no ink at all: a per-file error with the fix.
+  assert cli.main(["predict", "--checkpoint", "pretrained:pixel", "--invert", "no",
+                   str(tmp_path / "paper.png")]) == 1
+  assert "--invert auto or yes" in capsys.readouterr().err
+  Image.fromarray(_u8(digit)).save(tmp_path / "ink.png")
+  assert cli.main(["predict", "--checkpoint", "pretrained:pixel", "--invert", "no",
+                   str(tmp_path / "ink.png")]) == 0
+  assert "inverted" not in capsys.readouterr().out
+
+
+def test_blank_image_is_a_per_file_error_and_others_are_answered(tmp_path, capsys):
+  Image.fromarray(np.full((40, 30), 200, np.uint8)).save(tmp_path / "blank.png")
+  digit = np.zeros((28, 28), np.uint8)
+  digit[5:23, 13:15] = 255
+  Image.fromarray(digit).save(tmp_path / "one.png")
+  code, rows = _predict_json([tmp_path / "blank.png", tmp_path / "one.png"], capsys)
+  assert code == 1
+  assert "no ink" in rows[0]["error"] and rows[0]["input"].endswith("blank.png")
+  assert rows[1]["label"] == 1
+
+
+def test_show_writes_the_input_beside_what_the_model_read(tmp_path, capsys):
+  Image.fromarray(np.pad(np.full((30, 6), 255, np.uint8), 20)).save(tmp_path / "a.png")
+  code, rows = _predict_json([tmp_path / "a.png", "--show", tmp_path / "seen"], capsys)
+  assert code == 0 and rows[0]["resized"] is True
+  shown = Image.open(rows[0]["shown"])
+  assert shown.height == 112 and shown.width > 112
+
+
+# ---------------------------------------------------------------------------- properties
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(height=st.integers(8, 90), width=st.integers(8, 90), stroke=st.integers(1, 6),
+       light_paper=st.booleans(), noise=st.sampled_from([0.0, 0.02]), seed=st.integers(0, 999))
+def test_any_drawn_digit_becomes_an_mnist_digit(height, width, stroke, light_paper, noise, seed):
+  rng = np.random.default_rng(seed)
+  image = np.zeros((height, width))
+  top, left = rng.integers(0, max(1, height // 3)), rng.integers(0, max(1, width // 3))
+  length = max(2, min(height - top, width - left) // 2)
+  image[top:top + length, left:left + stroke] = 1.0  # a "1" somewhere in the frame
+  image = (image * 0.9 + rng.normal(0, noise, image.shape)).clip(0, 1)
+  if light_paper:
+    image = 1 - image
+  digit = images.prepare(image.astype(np.float32))
+  pixels = digit.pixels
+  assert pixels.shape == (28, 28) and pixels.dtype == np.float32
+  assert 0 <= pixels.min() and pixels.max() <= 1 and pixels.max() > 0.5
+  assert digit.inverted == light_paper
+  rows, cols = np.nonzero(pixels > 0.05)
+  if digit.resized:
+    assert np.ptp(rows) < 22 and np.ptp(cols) < 22  # the 20x20 box, plus Lanczos' fringe
+    centre = np.array([(pixels.sum(1) * np.arange(28)).sum(), (pixels.sum(0) * np.arange(28)).sum()])
+    np.testing.assert_allclose(centre / pixels.sum(), 14.0, atol=1.0)
