@@ -8,23 +8,24 @@ Intentionally flags only: the logic lives in the library
 """
 
 import argparse
-import logging
+import sys
 
 from pixelrnn_jax import cli
 
 
-def main():
+def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", required=True, help="run directory (resumed if it exists)")
-  cli.add_config_flags(parser)
+  parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+  cli.add_train_flags(parser)  # exactly the flags of `pixelrnn-jax train`
   args = parser.parse_args()
-  config = cli.config_from_flags(args)
-  logging.basicConfig(level=logging.INFO)
-  from pixelrnn_jax import train  # after the flags: --devices must be set before JAX starts
-  cli._use_cpu_devices(config.devices)  # pylint: disable=protected-access
-  train.train_and_evaluate(config, args.workdir)
+  cli.setup_logging(args.verbose)
+  try:
+    return cli.run_training(args)
+  except (ValueError, FileNotFoundError) as error:  # bad flag values, data or files
+    print(f"{parser.prog}: error: {error}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -12,10 +12,12 @@ import inspect
 import json
 import logging
 import re
+import signal
 import sys
 import typing
 
-from pixelrnn_jax import config as config_lib
+# Only the standard library at import time: main() must be running (and
+# catching Ctrl-C) before JAX is imported, which takes seconds.
 
 # Exit codes: 1 = the run failed, 2 = bad flags or input, 128 + n = stopped by signal n.
 _SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
@@ -23,6 +25,7 @@ _SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
 
 def _field_help() -> dict[str, str]:
   """The why-comment of each Config field, as its --help text."""
+  from pixelrnn_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   source = inspect.getsource(config_lib.Config)
   return dict(re.findall(r"^\s+(\w+): [^=]+=[^#]*#\s*(.+)$", source, re.MULTILINE))
 
@@ -36,6 +39,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
   A flag that is given overrides the recipe's value; the others keep it.
   """
+  from pixelrnn_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   helps = _field_help()
   hints = typing.get_type_hints(config_lib.Config)
   parser.add_argument("--recipe", choices=sorted(config_lib.RECIPES), default="notebook",
@@ -59,8 +63,35 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                       help="alias of --num-units")
 
 
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+  """The ``train`` command's flags: --workdir, progress, and the Config flags."""
+  parser.add_argument("--workdir", required=True,
+                      help="run directory: config, metrics, checkpoints; resumed if it has"
+                           " checkpoints")
+  parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                      help="a progress bar (default: only when stderr is a terminal;"
+                           " otherwise one log line per --log-every steps)")
+  add_config_flags(parser)
+
+
+def run_training(args: argparse.Namespace) -> int:
+  """Runs ``train`` from parsed flags (the CLI's and the example script's); the exit code."""
+  config = config_from_flags(args)  # bad values fail here, before any work
+  _use_cpu_devices(config.devices)
+  from pixelrnn_jax import train  # pylint: disable=import-outside-toplevel
+  summary = train.train_and_evaluate(config, args.workdir, progress=args.progress)
+  valid = summary["valid"]
+  best = summary["best_valid_accuracy"]
+  print(f"step {summary['step']}/{config.steps}: valid accuracy {valid['accuracy']:.4f},"
+        f" loss {valid['loss']:.4f}, {summary['seconds']:.0f} s"
+        + (f"; best {best:.4f} (checkpoints/best.msgpack)" if best is not None else "")
+        + f"; run directory {args.workdir}")
+  return _SIGNAL_EXIT.get(summary["stopped"], 0)
+
+
 def config_from_flags(args: argparse.Namespace) -> config_lib.Config:
   """The recipe's Config with every given flag applied (validated)."""
+  from pixelrnn_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   given = {field.name: getattr(args, field.name)
            for field in dataclasses.fields(config_lib.Config) if hasattr(args, field.name)}
   return config_lib.RECIPES[args.recipe].replace(**given)
@@ -76,19 +107,23 @@ def _use_cpu_devices(count: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+  from pixelrnn_jax import __version__  # pylint: disable=import-outside-toplevel
   parser = argparse.ArgumentParser(
       prog="pixelrnn-jax",
       description="Sequential MNIST with a GRU that reads one pixel at a time.")
+  parser.add_argument("--version", action="version", version=f"pixelrnn-jax {__version__}")
   parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+  # -v also after the subcommand; SUPPRESS keeps the top-level value when absent.
+  verbose = argparse.ArgumentParser(add_help=False)
+  verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="debug logging")
   commands = parser.add_subparsers(dest="command", required=True)
+  add_command = lambda name, **kw: commands.add_parser(name, parents=[verbose], **kw)  # noqa: E731
 
-  train = commands.add_parser("train", help="train (or resume) a run in --workdir")
-  train.add_argument("--workdir", required=True,
-                     help="run directory: config, metrics, checkpoints; resumed if it has checkpoints")
-  train.add_argument("--no-progress", action="store_true", help="no progress bar")
-  add_config_flags(train)
+  train = add_command("train", help="train (or resume) a run in --workdir")
+  add_train_flags(train)
 
-  evaluate = commands.add_parser("evaluate", help="score a checkpoint on a split")
+  evaluate = add_command("evaluate", help="score a checkpoint on a split")
   evaluate.add_argument("--checkpoint", required=True,
                         help="a checkpoint file, or a run directory (its best checkpoint)")
   evaluate.add_argument("--split", choices=("valid", "test"), default="valid")
@@ -105,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated confidence thresholds, e.g. 0.9,0.99: accuracy"
                              " against mean pixels read for each")
 
-  predict = commands.add_parser(
+  predict = add_command(
       "predict", help="classify images, optionally stopping early once confident")
   predict.add_argument("--checkpoint", required=True,
                        help="a checkpoint file, or a run directory (its best checkpoint)")
@@ -125,25 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
   predict.add_argument("--show", default=None, metavar="DIR",
                        help="write DIR/<input>_seen.png: each input beside the 28x28 the model read")
 
-  plot = commands.add_parser("plot", help="write PNG pictures of a training run")
+  plot = add_command("plot", help="write PNG pictures of a training run")
   plot.add_argument("run_dir", help="a training run directory")
   plot.add_argument("--data-dir", default=None, help="directory of MNIST IDX files")
   plot.add_argument("--examples", type=int, default=500,
                     help="valid images used for the per-pixel, early-exit and gradient pictures")
   plot.add_argument("--out", default=None, help="output directory (default RUN_DIR/plots)")
   return parser
-
-
-def _train(args) -> int:
-  config = config_from_flags(args)  # bad values fail here, before any work
-  _use_cpu_devices(config.devices)
-  from pixelrnn_jax import train  # pylint: disable=import-outside-toplevel
-  summary = train.train_and_evaluate(config, args.workdir, progress=not args.no_progress)
-  valid = summary["valid"]
-  print(f"step {summary['step']}/{config.steps}: valid accuracy {valid['accuracy']:.4f},"
-        f" loss {valid['loss']:.4f}, best {summary['best_valid_accuracy']:.4f},"
-        f" {summary['seconds']:.0f} s; run directory {args.workdir}")
-  return _SIGNAL_EXIT.get(summary["stopped"], 0)
 
 
 def _check_positive(flag: str, value: int) -> None:
@@ -275,23 +298,63 @@ def _plot(args) -> int:
   return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = build_parser()
-  args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+class _Terminated(Exception):
+  """SIGTERM outside the training loop (which handles it with a checkpoint)."""
+
+
+def _raise_terminated(signum, frame):
+  del signum, frame
+  raise _Terminated
+
+
+def setup_logging(verbose: bool) -> None:
+  logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-  for noisy in ("jax._src.xla_bridge", "absl"):
+  for noisy in ("jax", "absl"):  # -v is for this package's messages, not JAX's compiler
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  from pixelrnn_jax import train  # pylint: disable=import-outside-toplevel
+
+
+def main(argv: list[str] | None = None) -> int:
+  """The ``pixelrnn-jax`` command; returns its exit code.
+
+  Exit codes: 0 done; 1 the run failed (non-finite loss) or some predict
+  inputs were unusable; 2 bad flags, data or files (one line on stderr);
+  130 / 143 stopped by SIGINT / SIGTERM (one line; training saves first).
+  """
+  argv = sys.argv[1:] if argv is None else argv
+  named = [word for word in argv if word in ("train", "evaluate", "predict", "plot")]
+  command = " ".join(["pixelrnn-jax", *named[:1]])  # for messages before the flags are parsed
   try:
-    return {"train": _train, "evaluate": _evaluate, "predict": _predict,
-            "plot": _plot}[args.command](args)
-  except (ValueError, FileNotFoundError, ImportError) as error:  # bad flags, data, files
-    print(f"pixelrnn-jax {args.command}: error: {error}", file=sys.stderr)
-    return 2
-  except train.NonFiniteLossError as error:
-    print(f"pixelrnn-jax {args.command}: error: {error}", file=sys.stderr)
-    return 1
+    previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
+  except ValueError:  # not the main thread
+    previous_term = None
+  try:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    from pixelrnn_jax import train  # pylint: disable=import-outside-toplevel
+    handlers = {"train": run_training, "evaluate": _evaluate, "predict": _predict,
+                "plot": _plot}
+    try:
+      return handlers[args.command](args)
+    except (ValueError, FileNotFoundError, ImportError) as error:  # bad flags, data, files
+      print(f"{command}: error: {_one_line(error)}", file=sys.stderr)
+      return 2
+    except train.NonFiniteLossError as error:
+      print(f"{command}: error: {error}", file=sys.stderr)
+      return 1
+  except KeyboardInterrupt:
+    print(f"{command}: interrupted (SIGINT)", file=sys.stderr)
+    return 130
+  except _Terminated:
+    print(f"{command}: terminated (SIGTERM)", file=sys.stderr)
+    return 143
+  finally:
+    if previous_term is not None:
+      signal.signal(signal.SIGTERM, previous_term)
+
+
+def _one_line(error: Exception) -> str:
+  return " ".join(str(error).split())
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ labels <int32>[N])``. The four original IDX files are looked for in this
 order, and the first source that works is logged:
 
 1. ``data_dir`` (an argument, else the ``PIXELRNN_JAX_MNIST_DIR`` environment
-   variable): a directory with ``train-images-idx3-ubyte[.gz]`` etc.;
+   variable): a directory with ``train-images-idx3-ubyte[.gz]`` etc. (also
+   ``train-images.idx3-ubyte``); when given, it is the only source;
 2. the numpy cache of an earlier verified load (``cache_dir``, else
    ``PIXELRNN_JAX_CACHE``, else ``~/.cache/pixelrnn_jax``);
 3. tensorflow-datasets ``mnist`` when installed (extra ``tfds``);
@@ -182,10 +183,17 @@ def read_idx(path: str | os.PathLike, *, verify: bool = False) -> np.ndarray:
   return parse_idx(data, name=str(path))
 
 
+def accepted_names(name: str) -> list[str]:
+  """File names read as ``name`` (e.g. train-images-idx3-ubyte): ``-`` or ``.``
+  before ``idx`` (both spellings are in circulation), with or without ``.gz``."""
+  dotted = name.replace("-idx", ".idx")
+  return [name, f"{name}.gz", dotted, f"{dotted}.gz"]
+
+
 def _find_idx(directory: Path, name: str) -> Path | None:
-  for candidate in (directory / name, directory / f"{name}.gz"):
-    if candidate.is_file():
-      return candidate
+  for candidate in accepted_names(name):
+    if (directory / candidate).is_file():
+      return directory / candidate
   return None
 
 
@@ -203,12 +211,21 @@ def _check_pair(images: np.ndarray, labels: np.ndarray, where: str) -> None:
 
 
 def _read_pair_from_dir(directory: Path, split: str, verify: bool):
-  arrays = []
-  for name in _split_files(split):
-    path = _find_idx(directory, name)
-    if path is None:
-      raise FileNotFoundError(f"no {name}[.gz] in {directory}")
-    arrays.append(read_idx(path, verify=verify))
+  """The images and labels files of ``split`` in ``directory``.
+
+  Raises:
+    DataNotFoundError: naming the directory, the missing files and the accepted names.
+  """
+  if not directory.is_dir():
+    raise DataNotFoundError(f"data directory {directory} does not exist; pass a directory"
+                            " with the MNIST IDX files, or leave out --data-dir to download")
+  missing = [name for name in _split_files(split) if _find_idx(directory, name) is None]
+  if missing:
+    raise DataNotFoundError(
+        f"data directory {directory} has no {' and no '.join(missing)} (accepted names: "
+        + "; ".join(", ".join(accepted_names(name)) for name in missing) + ")")
+  arrays = [read_idx(_find_idx(directory, name), verify=verify)
+            for name in _split_files(split)]
   _check_pair(*arrays, where=str(directory))
   return arrays
 
@@ -316,15 +333,11 @@ def _load_file_pair(file_split, data_dir, cache_dir, verify, sources):
   cache_file = cache_dir / f"mnist-{file_split}.npz"
   tried = []
 
-  if data_dir is not None:
-    try:
-      pair = _read_pair_from_dir(Path(data_dir), file_split, verify)
-      log.info("MNIST %s: read IDX files from %s", file_split, data_dir)
-      return pair
-    except FileNotFoundError as error:
-      tried.append(f"directory {data_dir}: {error}")
-  else:
-    tried.append(f"directory: none given (pass data_dir or set {DATA_DIR_ENV})")
+  if data_dir is not None:  # an explicit directory is authoritative: no fallback
+    pair = _read_pair_from_dir(Path(data_dir), file_split, verify)
+    log.info("MNIST %s: read IDX files from %s", file_split, data_dir)
+    return pair
+  tried.append(f"directory: none given (pass data_dir or set {DATA_DIR_ENV})")
 
   if verify and cache_file.is_file():
     try:
@@ -390,6 +403,8 @@ def load_mnist(
     split: ``"train"`` (55,000: training images 5000..59999), ``"valid"`` (the
       first 5,000 training images) or ``"test"`` (the 10,000 t10k images).
     data_dir: a directory of IDX files; defaults to ``$PIXELRNN_JAX_MNIST_DIR``.
+      When given (either way) it is the only source: missing files are an
+      error, never a download.
     cache_dir: where downloads and the numpy cache go.
     verify: check every IDX file against the original's SHA-256.
     standardize: return ``(x - TRAIN_MEAN) / TRAIN_STD`` instead of [0, 1].

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -267,18 +268,20 @@ def _prepare_workdir(workdir: Path, config) -> None:
 
 
 def _warn_if_schedule_changes(previous, config, latest: Path) -> None:
-  """A new --steps on resume reshapes a warmup_cosine schedule: say so, with numbers."""
+  """A new --steps on resume reshapes a warmup_cosine or warmup_step schedule: say so, with numbers."""
   if config.lr_schedule == "constant":
     return
   step = checkpoint.step_of(latest)
   before = float(make_schedule(previous)(step))
   after = float(make_schedule(config)(step))
+  shape = (f"decays to 0 at step {config.steps}" if config.lr_schedule == "warmup_cosine"
+           else f"drops tenfold at step {round(config.lr_drop_at * config.steps)}")
   log.warning(
-      "resuming at step %d with steps %d -> %d stretches the %s schedule: the learning"
-      " rate there goes from %.3g to %.3g and decays to 0 at step %d; this run is no"
-      " longer the same as a fresh run with --steps %d",
-      step, previous.steps, config.steps, config.lr_schedule, before, after,
-      config.steps, config.steps,
+      "resuming at step %d with steps %d -> %d reshapes the %s schedule: the learning"
+      " rate there goes from %.3g to %.3g and %s; this run is no longer the same as a"
+      " fresh run with --steps %d",
+      step, previous.steps, config.steps, config.lr_schedule, before, after, shape,
+      config.steps,
   )
 
 
@@ -336,20 +339,41 @@ def _window_record(step: int, window: list[dict], seconds: float, batch_size: in
   }
 
 
+def _mark_resume(metrics_path: Path, step: int) -> None:
+  """Drops records past ``step`` (a fallback to an older checkpoint recomputes
+  them) and appends ``{"event": "resume", "step": step}``, so no step repeats."""
+  if metrics_path.exists():
+    kept = [line for line in metrics_path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    partial = metrics_path.with_suffix(".jsonl.partial")
+    partial.write_text("".join(line + "\n" for line in kept))
+    partial.replace(metrics_path)
+  _append_jsonl(metrics_path, {"event": "resume", "step": step})
+
+
 def train_and_evaluate(
-    config: config_lib.Config, workdir: str | Path, *, progress: bool = True
+    config: config_lib.Config, workdir: str | Path, *, progress: bool | None = None
 ) -> dict:
   """Trains (or resumes) in ``workdir`` and evaluates on valid.
 
+  Args:
+    config: the run; a relative ``data_dir`` is recorded as absolute.
+    workdir: the run directory (created; resumed when it has checkpoints).
+    progress: a tqdm bar on stderr; None (default) shows it only when stderr
+      is a terminal, else one log line per ``log_every`` steps.
+
   Returns:
     A summary dict: ``step``, ``stopped`` (None or the signal name), ``valid``
-    (the final evaluation), ``best_valid_accuracy``, ``seconds``.
+    (the final evaluation), ``best_valid_accuracy`` (of ``best.msgpack``; None
+    when no evaluation has been saved as best), ``seconds``.
 
   Raises:
     ValueError: a bad config, or a workdir holding a run with another config.
     NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
   """
   config.validate()
+  if config.data_dir is not None:
+    config = config.replace(data_dir=str(Path(config.data_dir).resolve()))
   _check_devices(config)
   workdir = Path(workdir)
   checkpoint_dir = workdir / "checkpoints"
@@ -372,6 +396,10 @@ def train_and_evaluate(
   replicated = replicate(state, config.devices)
   step = start_step = int(state.step)
   metrics_path = workdir / "metrics.jsonl"
+  if start_step > 0:
+    _mark_resume(metrics_path, start_step)
+  if progress is None:
+    progress = sys.stderr.isatty()
   summary: dict[str, Any] = {"stopped": None}
   window, window_start = [], time.perf_counter()
   run_start = time.perf_counter()
@@ -405,6 +433,9 @@ def train_and_evaluate(
         _append_jsonl(metrics_path, record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
                         samples_s=f"{record['samples_per_s']:.0f}")
+        if not progress:
+          log.info("step %d/%d: loss %.4f, accuracy %.3f, %.2f steps/s", step, config.steps,
+                   record["loss"], record["accuracy"], record["steps_per_s"])
         window, window_start = [], time.perf_counter()
       bar.update(1)
       if step % config.eval_every == 0 or step == config.steps:
@@ -430,9 +461,10 @@ def train_and_evaluate(
                               devices=config.devices)
   if summary["stopped"] is None:
     (workdir / "eval.json").write_text(json.dumps({"step": step, "split": "valid", **valid}))
-  summary.update(step=step, valid=valid, best_valid_accuracy=max(best, valid["accuracy"]),
+  written = (checkpoint_dir / checkpoint.BEST).is_file() and best >= 0
+  summary.update(step=step, valid=valid, best_valid_accuracy=best if written else None,
                  seconds=time.perf_counter() - run_start)
-  log.info("done: step %d, valid accuracy %.4f (best %.4f), loss %.4f, %.0f s",
-           step, valid["accuracy"], summary["best_valid_accuracy"], valid["loss"],
-           summary["seconds"])
+  log.info("done: step %d, valid accuracy %.4f, loss %.4f, %.0f s%s", step,
+           valid["accuracy"], valid["loss"], summary["seconds"],
+           f"; best {best:.4f} in {checkpoint_dir / checkpoint.BEST}" if written else "")
   return summary

