@@ -291,6 +291,7 @@ def _safe_stem(name: str) -> str:
 
 
 def _plot(args) -> int:
+  _check_positive("--examples", args.examples)
   from pixelrnn_jax import plots  # pylint: disable=import-outside-toplevel
   for path in plots.plot_run(args.run_dir, data_dir=args.data_dir, examples=args.examples,
                              out_dir=args.out):

@@ -152,6 +152,6 @@ RECIPES = {
     "tuned-permuted": Config(
         order="permuted", gate_bias_init="chrono", recurrent_init="orthogonal",
         standardize=True, clip_norm=5.0, lr_schedule="warmup_step", learning_rate=5e-3,
-        warmup_steps=100, lr_drop_at=0.8, steps=10_000, batch_size=256, eval_every=500,
+        warmup_steps=100, lr_drop_at=0.8, steps=16_000, batch_size=256, eval_every=500,
     ),
 }
