@@ -6,7 +6,7 @@ logged; the run directories stay resumable. Prints one row per seed and the
 spread (max - min) of the valid accuracy at step N.
 
     python benchmarks/seed_spread.py --recipe tuned-permuted --seeds 1 2 --at-step 2000 \
-        --data-dir ../shared/mnist --devices 2 --runs runs/seeds
+        --devices 2 --runs runs/seeds
 
 A seed whose run directory already holds the evaluation at step N is not
 trained again, so the seed-0 row can come from the full run (``--reuse

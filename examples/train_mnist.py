@@ -3,7 +3,7 @@
 Intentionally flags only: the logic lives in the library
 (``pixelrnn_jax.train.train_and_evaluate``), where it is tested.
 
-    python examples/train_mnist.py --workdir runs/notebook --data-dir ../shared/mnist
+    python examples/train_mnist.py --workdir runs/notebook
     python examples/train_mnist.py --workdir runs/row --order row --steps 300 --batch-size 128 --lr 3e-3
 """
 
@@ -25,6 +25,9 @@ def main() -> int:
   except (ValueError, FileNotFoundError) as error:  # bad flag values, data or files
     print(f"{parser.prog}: error: {error}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:  # before training starts (training itself saves and stops)
+    print(f"{parser.prog}: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   evaluate = add_command("evaluate", help="score a checkpoint on a split")
   evaluate.add_argument("--checkpoint", required=True,
-                        help="a checkpoint file, or a run directory (its best checkpoint)")
+                        help="pretrained:NAME (shipped weights: pixel, permuted), a run"
+                             " directory (its best checkpoint) or a checkpoint file")
   evaluate.add_argument("--split", choices=("valid", "test"), default="valid")
   evaluate.add_argument("--data-dir", default=None, help="directory of MNIST IDX files")
   evaluate.add_argument("--order", default=None,
@@ -143,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
   predict = add_command(
       "predict", help="classify images, optionally stopping early once confident")
   predict.add_argument("--checkpoint", required=True,
-                       help="a checkpoint file, or a run directory (its best checkpoint)")
+                       help="pretrained:NAME (shipped weights: pixel, permuted), a run"
+                            " directory (its best checkpoint) or a checkpoint file")
   predict.add_argument("inputs", nargs="+", metavar="IMAGE",
                        help="digit images (PNG, JPEG, ...; any size, either polarity, RGBA,"
                             " 16-bit) or .npy arrays, or example indices with --split")
@@ -186,6 +188,10 @@ def _evaluate(args) -> int:
     raise ValueError(f"--order {order} feeds {data.sequence_shape(order)[1]} values per"
                      f" step but the checkpoint was trained on {config.order}"
                      f" ({params.in_dim} per step)")
+  if order != config.order:
+    logging.getLogger(__name__).warning(
+        "evaluating a model trained on %s order in %s order (--order): expect a much lower"
+        " accuracy", config.order, order)
   images, labels = data.load_mnist(args.split, data_dir=args.data_dir or config.data_dir,
                                    verify=config.verify_data if args.verify_data is None
                                    else args.verify_data)
@@ -221,7 +227,8 @@ def _parse_thresholds(text: str) -> tuple[float, ...]:
 
 
 def _predict(args) -> int:
-  """Answers every valid input; a bad one gets its own error line and exit code 1."""
+  """Answers every usable input, in input order; an unusable one gets its own error
+  line (and exit code 1), and the others are still answered."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   from pixelrnn_jax import data, early_exit, images, train  # pylint: disable=import-outside-toplevel
   if not 0 < args.confidence <= 1:
@@ -232,58 +239,71 @@ def _predict(args) -> int:
     from pathlib import Path  # pylint: disable=import-outside-toplevel
     show = Path(args.show)
     show.mkdir(parents=True, exist_ok=True)
-  loaded, failed = [], 0
   split_images = split_labels = None
   if args.split:
     split_images, split_labels = data.load_mnist(
         args.split, data_dir=args.data_dir or config.data_dir, verify=config.verify_data)
+  prepared = []  # per input: (name, original, digit, label) or (name, error message)
   for name in args.inputs:
     try:
       if args.split:
         if not name.isdigit() or int(name) >= len(split_images):
-          raise images.ImageError(f"{name}: expected an index 0..{len(split_images) - 1}"
+          raise images.ImageError(f"expected an index 0..{len(split_images) - 1}"
                                   f" into {args.split}")
-        original = split_images[int(name)]
-        label = int(split_labels[int(name)])
+        original, label = split_images[int(name)], int(split_labels[int(name)])
       else:
         original, label = images.read_image(name), None
-      try:
-        digit = images.prepare(original, invert=args.invert)
-      except images.ImageError as error:
-        raise images.ImageError(f"{name}: {error}") from error
-      loaded.append((name, original, digit, label))
+      prepared.append((name, original, images.prepare(original, invert=args.invert), label))
     except images.ImageError as error:
-      failed += 1
-      print(json.dumps({"input": name, "error": str(error)}) if args.json
-            else f"{name}: error: {error}", file=sys.stdout if args.json else sys.stderr)
-  if loaded:
-    pixels = np.stack([digit.pixels for _, _, digit, _ in loaded])  # (N, 28, 28) in [0, 1]
+      message = str(error)
+      prepared.append((name, message.removeprefix(f"{name}: ")))
+  usable = [item for item in prepared if len(item) == 4]
+  out = {}
+  if usable:
+    pixels = np.stack([digit.pixels for _, _, digit, _ in usable])  # (N, 28, 28) in [0, 1]
     out = {key: np.asarray(value) for key, value in
            early_exit.predict(params, pixels, threshold=args.confidence).items()}
-    total = data.sequence_shape(config.order)[0]
-    for i, (name, original, digit, label) in enumerate(loaded):
-      top3 = np.argsort(-out["probabilities"][i])[:3]
-      row = {"input": name, "label": int(out["label"][i]),
-             "probability": float(out["probability"][i]),
-             "top3": [{"label": int(c), "probability": float(out["probabilities"][i][c])}
-                      for c in top3],
-             "inverted": digit.inverted, "resized": digit.resized,
-             "pixels_read": int(out["steps"][i]), "pixels_total": total}
-      if label is not None:
-        row["true_label"] = label
-      if show is not None:
-        row["shown"] = str(images.save_side_by_side(
-            original, digit.pixels, show / f"{_safe_stem(name)}_seen.png"))
-      if args.json:
-        print(json.dumps(row))
-      else:
-        truth = "" if label is None else f" (true {label})"
-        done = [what for what, flag in (("inverted", digit.inverted),
-                                        ("resized and centred", digit.resized)) if flag]
-        others = ", ".join(f"{t['label']}: {t['probability']:.3f}" for t in row["top3"][1:])
-        print(f"{name}: {row['label']}{truth} p={row['probability']:.4f} ({others}) after"
-              f" {row['pixels_read']}/{total} pixels" + (f"; {', '.join(done)}" if done else ""))
-  return 1 if failed else 0
+  total, in_dim = data.sequence_shape(config.order)
+  unit = "pixels" if in_dim == 1 else "rows"
+  shown_names: set[str] = set()
+  i = 0
+  for item in prepared:
+    if len(item) == 2:
+      name, message = item
+      print(json.dumps({"input": name, "error": message}) if args.json
+            else f"{name}: error: {message}", file=sys.stdout if args.json else sys.stderr)
+      continue
+    name, original, digit, label = item
+    top3 = np.argsort(-out["probabilities"][i])[:3]
+    row = {"input": name, "label": int(out["label"][i]),
+           "probability": float(out["probability"][i]),
+           "top3": [{"label": int(c), "probability": float(out["probabilities"][i][c])}
+                    for c in top3],
+           "inverted": digit.inverted, "resized": digit.resized,
+           "pixels_read": int(out["steps"][i]) * in_dim, "pixels_total": total * in_dim}
+    i += 1
+    if label is not None:
+      row["true_label"] = label
+    if show is not None:
+      stem = _safe_stem(name)
+      unique = stem
+      for n in range(2, len(prepared) + 2):  # same-named inputs from other folders
+        if unique not in shown_names:
+          break
+        unique = f"{stem}_{n}"
+      shown_names.add(unique)
+      row["shown"] = str(images.save_side_by_side(original, digit.pixels,
+                                                  show / f"{unique}_seen.png"))
+    if args.json:
+      print(json.dumps(row))
+    else:
+      truth = "" if label is None else f" (true {label})"
+      done = [what for what, flag in (("inverted", digit.inverted),
+                                      ("resized and centred", digit.resized)) if flag]
+      others = ", ".join(f"{t['label']}: {t['probability']:.3f}" for t in row["top3"][1:])
+      print(f"{name}: {row['label']}{truth} p={row['probability']:.4f} ({others}) after"
+            f" {out['steps'][i - 1]}/{total} {unit}" + (f"; {', '.join(done)}" if done else ""))
+  return 1 if len(usable) < len(prepared) else 0
 
 
 def _safe_stem(name: str) -> str:
@@ -337,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
                 "plot": _plot}
     try:
       return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, ImportError) as error:  # bad flags, data, files
+    except (ValueError, OSError, ImportError) as error:  # bad flags, data, files, paths
       print(f"{command}: error: {_one_line(error)}", file=sys.stderr)
       return 2
     except train.NonFiniteLossError as error:

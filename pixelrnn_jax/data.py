@@ -178,8 +178,8 @@ def read_idx(path: str | os.PathLike, *, verify: bool = False) -> np.ndarray:
   """
   path = Path(path)
   data = _read_bytes(path)
-  if verify:
-    _check_sha256(data, path.name.removesuffix(".gz"), str(path))
+  if verify:  # by the original's name, however the file spells it
+    _check_sha256(data, path.name.removesuffix(".gz").replace(".idx", "-idx"), str(path))
   return parse_idx(data, name=str(path))
 
 
@@ -217,8 +217,10 @@ def _read_pair_from_dir(directory: Path, split: str, verify: bool):
     DataNotFoundError: naming the directory, the missing files and the accepted names.
   """
   if not directory.is_dir():
-    raise DataNotFoundError(f"data directory {directory} does not exist; pass a directory"
-                            " with the MNIST IDX files, or leave out --data-dir to download")
+    state = "is not a directory" if directory.exists() else "does not exist"
+    raise DataNotFoundError(f"data directory {directory} {state}; pass the directory of the"
+                            f" MNIST IDX files (--data-dir or ${DATA_DIR_ENV}), or neither"
+                            " to download them")
   missing = [name for name in _split_files(split) if _find_idx(directory, name) is None]
   if missing:
     raise DataNotFoundError(

@@ -18,11 +18,11 @@ small and in cache:
   ``h_{t-1}`` (tf1: two matmuls; reset_after: one) and accumulates the
   weight gradients in the loop carry.
 * **Why accumulate in the loop, not one big GEMM after it**: both were
-  measured on the 2-core reference machine during development. Emitting every
+  measured on a 2-core CPU when this core was written. Emitting every
   step's ``[B, 3u]`` gradient and contracting ``H_prev^T @ d_pre`` over all
   ``T x B`` rows after the scan was about 1.5x slower per train step: the
   ``[T, B, 3u]`` array (308 MB at batch 512) must be written and read back,
-  and at this machine's memory bandwidth that costs more than 784 small GEMMs
+  and at that CPU's memory bandwidth that costs more than 784 small GEMMs
   on data already in cache. Likewise, recomputing the gates in bulk instead
   of storing them was slower.
 * The step's forward equations are ``gru_cell.activations``, shared with the

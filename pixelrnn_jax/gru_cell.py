@@ -284,6 +284,29 @@ def cell_of(params: Mapping) -> str:
   return found[0]
 
 
+def check_weights(params: Mapping) -> tuple[str, int, int]:
+  """Checks the cell weights' keys and shapes; returns ``(cell, in_dim, units)``.
+
+  Raises:
+    ValueError: naming the keys or shapes that do not form a GRU cell.
+  """
+  cell = cell_of(params)
+  shapes = {f"{group}.{name}": tuple(getattr(params[group][name], "shape", ()))
+            for group in ("gates", "candidate") for name in params[group]}
+  kernel = shapes["gates.kernel"]
+  units = kernel[1] // 2 if len(kernel) == 2 else 0
+  rows = kernel[0] if len(kernel) == 2 else 0
+  expected = {"gates.kernel": (rows, 2 * units), "gates.bias": (2 * units,),
+              "candidate.kernel": (rows, units), "candidate.bias": (units,)}
+  if cell == "reset_after":
+    expected["candidate.recurrent_bias"] = (units,)
+  if units < 1 or rows <= units or shapes != expected:
+    raise ValueError(f"params have shapes {shapes}: a {cell} GRU cell needs gates.kernel"
+                     " [in_dim + units, 2 * units], gates.bias [2 * units], candidate.kernel"
+                     " [in_dim + units, units] and [units] biases")
+  return cell, rows - units, units
+
+
 def gru_step(
     params: Mapping,
     h: jax.Array,
@@ -310,18 +333,20 @@ def gru_step(
     ValueError: when the params' keys do not fit the cell, or ``h`` / ``x``
       do not fit the kernel's shape.
   """
-  found = cell_of(params)
+  found, in_dim, units = check_weights(params)
   if cell is not None and check_cell(cell) != found:
     raise ValueError(f"cell={cell!r} but the params hold {found!r} weights"
                      f" ({'with' if found == 'reset_after' else 'without'} a candidate"
                      " recurrent_bias); drop cell= or pass matching params")
   activation = activation or getattr(params, "activation", "tanh")
-  kernel = params["gates"]["kernel"]
-  units = kernel.shape[1] // 2
   h, x = jnp.asarray(h), jnp.asarray(x)
-  if h.shape[-1:] != (units,) or x.ndim < 1 or x.shape[-1] + units != kernel.shape[0]:
+  if (h.shape[-1:] != (units,) or x.shape[-1:] != (in_dim,)
+      or h.shape[:-1] != x.shape[:-1]):
     raise ValueError(f"h has shape {h.shape} and x {x.shape}: the params expect"
-                     f" h [..., {units}] and x [..., {kernel.shape[0] - units}]")
+                     f" h [..., {units}] and x [..., {in_dim}] with the same leading dims")
+  for name, value in (("h", h), ("x", x)):
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+      raise ValueError(f"{name} has dtype {value.dtype}: expected a floating dtype")
   weights = recurrent_weights(params, cell=found, in_dim=x.shape[-1])
   return recurrent_step(
       weights, h, project_inputs(params, x), cell=found, activation=activation

@@ -37,7 +37,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization
 from flax import struct
 
 from pixelrnn_jax import fused_scan
@@ -146,6 +145,21 @@ def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
+def check_params(params: Params) -> None:
+  """Checks that ``params`` form a classifier: GRU cell shapes (``gru_cell.check_weights``),
+  a readout ``output.kernel [units, classes]``, ``output.bias [classes]``, one dtype.
+
+  Raises:
+    ValueError: naming the shapes or dtypes that do not fit.
+  """
+  _, _, units = gru_cell.check_weights(params)
+  kernel, bias = (tuple(params.output.kernel.shape), tuple(params.output.bias.shape))
+  if len(kernel) != 2 or kernel[0] != units or bias != kernel[1:]:
+    raise ValueError(f"params have output.kernel {kernel} and output.bias {bias}: expected"
+                     f" [{units}, classes] and [classes]")
+  params_dtype(params)
+
+
 def params_dtype(params: Params) -> jnp.dtype:
   """The one floating dtype of all weights; ValueError when they mix dtypes."""
   dtypes = {jnp.dtype(leaf.dtype) for leaf in jax.tree_util.tree_leaves(params)}
@@ -171,13 +185,16 @@ def as_sequence(params: Params, x) -> jax.Array:
     ValueError: naming the bad shape, dtype or values and the fix: an
       unbatched image (add a batch axis: ``x[None]``), a shape that is neither
       images nor ``[batch, T, in_dim]``, integer pixels, an empty batch or
-      sequence, NaN or inf (checked when ``x`` is concrete, not under jit).
+      sequence; when ``x`` is concrete (not under jit) also NaN or inf, and
+      pixels outside [0, 1] in images or in the input of a model with an
+      ``order`` (a loaded one), e.g. 0..255 pixels.
   """
   shape = getattr(x, "shape", None)
   dtype = getattr(x, "dtype", None)
   if shape is None or dtype is None:
     raise ValueError(f"x: expected an array, got {type(x).__name__}")
   shape = tuple(shape)
+  check_params(params)
   in_dim = params.in_dim
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(
@@ -208,8 +225,16 @@ def as_sequence(params: Params, x) -> jax.Array:
     raise ValueError(f"x has shape {shape}: expected {expected}")
   if sequence.shape[1] == 0:
     raise ValueError(f"x has shape {shape}: the sequence is empty")
-  if _is_concrete(x) and not np.isfinite(np.asarray(x, np.float32)).all():
-    raise ValueError(f"x has shape {shape} and contains NaN or inf: expected finite pixels")
+  if _is_concrete(x):
+    values = np.asarray(x, np.float32)
+    if not np.isfinite(values).all():
+      raise ValueError(f"x has shape {shape} and contains NaN or inf: expected finite pixels")
+    # Images, and any input of a model that knows its order (a loaded one), are
+    # [0, 1] pixels; a bare model's sequences may be in any units.
+    as_images = sequence is not x or params.order is not None
+    if as_images and (values.min() < 0 or values.max() > 1):
+      raise ValueError(f"x has pixels in [{values.min():.3g}, {values.max():.3g}]: expected"
+                       " [0, 1] (divide 0..255 pixels by 255)")
   return jnp.asarray(sequence, params_dtype(params))
 
 
@@ -427,16 +452,7 @@ def from_arrays(arrays: dict, *, cell: str = "tf1", activation: str = "tanh",
       output=Dense(**{k: array(v) for k, v in arrays["output"].items()}),
       cell=cell, activation=activation, order=order,
   )
-  units, classes = params.output.kernel.shape
-  rows = params.gates.kernel.shape[0]
-  shapes_ok = (params.gates.kernel.shape == (rows, 2 * units)
-               and params.gates.bias.shape == (2 * units,)
-               and params.candidate.kernel.shape == (rows, units)
-               and params.candidate.bias.shape == (units,)
-               and params.output.bias.shape == (classes,) and rows > units)
-  if not shapes_ok:
-    raise ValueError(f"params have shapes {jax.tree.map(jnp.shape, serialization.to_state_dict(params))}:"
-                     " not a GRU classifier (see the gru_classifier docstring)")
+  check_params(params)
   if order is not None and preprocessing.sequence_shape(order)[1] != params.in_dim:
     raise ValueError(f"order={order!r} does not fit in_dim={params.in_dim}")
   return params

@@ -13,9 +13,13 @@ ratio" with anti-aliasing. MNIST digits are white (1) on black (0).
 
 The steps of :func:`prepare`:
 
+0. **Size**: an image longer than 512 pixels is first reduced to 512 on its
+   long side by area averaging (a phone photo's sensor noise averages out).
 1. **Polarity**: with ``invert="auto"`` a light background (the median of a
    border ring above 0.5) is inverted, so ink is light on dark.
-2. **Paper**: the background level and its noise are read from the border;
+2. **Paper**: uneven lighting is removed (the paper level, estimated from a
+   16-pixel-wide minimum-filtered copy of the image, is subtracted), then
+   the background level and its noise are read from the border;
    everything at or below the border's median plus 6 noise standard
    deviations (from its median absolute deviation) becomes 0 and the darkest-to-brightest ink range is stretched to
    [0, 1], so grey or noisy paper is black and faint noise is not ink.
@@ -43,6 +47,8 @@ FIELD = 28  # MNIST: the image is 28x28
 CENTRE = 14.0  # MNIST digits' mean centre of mass (row and column index) on valid
 BACKGROUND_MAX = 0.05  # a 28x28 image whose border median is at most this is MNIST-style
 MIN_CONTRAST = 0.1  # ink less than this above the paper is no ink
+MAX_SIDE = 512  # larger images are first reduced to this (area averaging)
+LIGHTING_GRID = 16  # the paper's lighting is estimated on a grid this many cells wide
 # Paper noise: 6 standard deviations (estimated from the border's median absolute
 # deviation, which ink touching the border does not move) is above the
 # brightest of ~10^8 Gaussian noise pixels.
@@ -111,6 +117,8 @@ def read_image(path: str | Path) -> np.ndarray:
   """
   path = Path(path)
   suffix = path.suffix.lower()
+  if path.is_dir():
+    raise ImageError(f"{path}: is a directory, expected an image file")
   if not path.is_file():
     raise ImageError(f"{path}: no such file")
   if suffix == ".npy":
@@ -141,7 +149,9 @@ def read_image(path: str | Path) -> np.ndarray:
           grey = (grey - grey.min()) / max(grey.max() - grey.min(), 1e-12)
       else:  # L, 1, RGB, CMYK, YCbCr, ...
         grey = np.asarray(image.convert("L"), np.float32) / 255.0
-  except (UnidentifiedImageError, OSError, ValueError) as error:
+  except Image.DecompressionBombError as error:  # Pillow's guard against huge images
+    raise ImageError(f"{path}: too large to read safely ({error}); scale it down first") from error
+  except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
     raise ImageError(f"{path}: not a readable image ({error})") from error
   return _as_grey(np.asarray(grey, np.float32), str(path))
 
@@ -174,11 +184,43 @@ def _border(image: np.ndarray) -> np.ndarray:
                          image[:, :width].ravel(), image[:, -width:].ravel()])
 
 
-def _resize(patch: np.ndarray, height: int, width: int) -> np.ndarray:
+def _resize(patch: np.ndarray, height: int, width: int, *, method: str = "LANCZOS") -> np.ndarray:
   from PIL import Image  # pylint: disable=import-outside-toplevel
   resized = Image.fromarray(patch.astype(np.float32), mode="F").resize(
-      (width, height), Image.Resampling.LANCZOS)
-  return np.clip(np.asarray(resized, np.float32), 0.0, 1.0)
+      (width, height), getattr(Image.Resampling, method))
+  return np.clip(np.asarray(resized, np.float64), 0.0, 1.0)
+
+
+def _shrink(grey: np.ndarray) -> np.ndarray:
+  """Area-averages an image longer than MAX_SIDE down to MAX_SIDE on its long side."""
+  scale = MAX_SIDE / max(grey.shape)
+  if scale >= 1:
+    return grey
+  return _resize(grey, max(1, round(grey.shape[0] * scale)),
+                 max(1, round(grey.shape[1] * scale)), method="BOX")
+
+
+def _remove_lighting(grey: np.ndarray) -> np.ndarray:
+  """Subtracts the paper's (dark, after inversion) level where it varies across the image.
+
+  The image is area-averaged to a grid LIGHTING_GRID cells on its long side;
+  a 3x3 minimum filter there removes the ink (strokes are far narrower than
+  3 cells), and the result, blurred and scaled back up, is the paper level.
+  On an even background it is a constant, which the border step removes anyway.
+  """
+  from PIL import Image, ImageFilter  # pylint: disable=import-outside-toplevel
+  if min(grey.shape) < 2 * LIGHTING_GRID:
+    return grey
+  scale = LIGHTING_GRID / max(grey.shape)
+  small = _resize(grey, max(3, round(grey.shape[0] * scale)),
+                  max(3, round(grey.shape[1] * scale)), method="BOX")
+  paper = np.asarray(Image.fromarray(small.astype(np.float32), mode="F").filter(
+      ImageFilter.MinFilter(3)), np.float64)
+  padded = np.pad(paper, 1, mode="edge")  # a 3x3 mean smooths the minimum's steps
+  paper = sum(padded[i:i + paper.shape[0], j:j + paper.shape[1]]
+              for i in range(3) for j in range(3)) / 9
+  level = _resize(paper, grey.shape[0], grey.shape[1], method="BILINEAR")
+  return np.clip(grey - (level - level.min()), 0.0, 1.0)
 
 
 def _place_by_centre_of_mass(patch: np.ndarray) -> np.ndarray:
@@ -216,12 +258,14 @@ def prepare(image, *, invert: str = "auto") -> Digit:
   inverted = bool(np.median(_border(grey)) > 0.5) if invert == "auto" else invert == "yes"
   if inverted:
     grey = 1.0 - grey
-  border = _border(grey)
-  paper = float(np.median(border))
+  paper = float(np.median(_border(grey)))
   if grey.shape == (FIELD, FIELD) and paper <= BACKGROUND_MAX:
     if grey.max() <= paper:
       raise ImageError("no ink: the image is blank")
     return Digit(grey.astype(np.float32), inverted, False)
+  grey = _remove_lighting(_shrink(grey))
+  border = _border(grey)
+  paper = float(np.median(border))
   noise = 1.4826 * float(np.median(np.abs(border - paper)))  # robust std (MAD)
   ink = float(grey.max())
   # Above the paper's noise, but never above half-way to the ink.

@@ -42,6 +42,7 @@ def _read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no metrics; is {run_dir} a training run directory?")
   lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  lines = [l for l in lines if "event" not in l]  # resume markers
   return ([l for l in lines if "split" not in l], [l for l in lines if l.get("split") == "valid"])
 
 

@@ -213,8 +213,9 @@ class _StopOnSignal:
   def _handle(self, signum, frame):
     del frame
     self.requested = signal.Signals(signum).name
-    log.warning("%s received: saving a checkpoint after this step, then stopping"
-                " (press Ctrl-C again to abort without saving)", self.requested)
+    log.warning("%s received: saving a checkpoint after this step, then stopping%s",
+                self.requested, " (press Ctrl-C again to abort without saving)"
+                if signum == signal.SIGINT else "")
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
   def __enter__(self):

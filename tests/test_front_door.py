@@ -197,3 +197,31 @@ def test_without_a_terminal_progress_is_plain_log_lines(tmp_path, toy_data, caps
   assert code == 0
   assert "\r" not in capsys.readouterr().err
   assert re.search(r"step 4/4: loss \d", caplog.text)
+
+
+def test_dotted_names_of_the_real_files_are_checksum_verified(mnist_dir, tmp_path):
+  for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+    (tmp_path / name.replace("-idx", ".idx")).write_bytes((Path(mnist_dir) / name).read_bytes())
+  data._load_file_pair.cache_clear()
+  images, labels = data.load_mnist("valid", data_dir=tmp_path, verify=True)
+  assert images.shape == (5000, 28, 28) and list(labels[:5]) == [5, 0, 4, 1, 9]
+
+
+@pytest.mark.parametrize("flag", ["--workdir", "--show"])
+def test_a_file_where_a_directory_belongs_is_exit_2(tmp_path, capsys, flag):
+  (tmp_path / "file").write_text("x")
+  argv = (["train", "--workdir", str(tmp_path / "file"), "--steps", "1"] if flag == "--workdir"
+          else ["predict", "--checkpoint", "pretrained:pixel", "--show", str(tmp_path / "file"),
+                str(ROOT / "examples" / "seven.png")])
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "File exists" in err[0]
+
+
+def test_plot_reads_a_resumed_run(tmp_path, toy_data, capsys):
+  from pixelrnn_jax import plots
+  config = config_lib.Config(**SMALL)
+  train.train_and_evaluate(config.replace(steps=4), tmp_path, progress=False)
+  train.train_and_evaluate(config, tmp_path, progress=False)
+  assert '"event": "resume"' in (tmp_path / "metrics.jsonl").read_text()
+  assert plots.learning_curves(tmp_path, tmp_path / "plots").is_file()

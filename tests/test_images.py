@@ -50,11 +50,14 @@ def _sixteen_bit(digit, path, rng):
 
 
 def _grey_paper_jpeg(digit, path, rng):
-  """A phone photo: dark ink on noisy light-grey paper, large, with margins."""
-  ink = _upscaled(digit, 4)  # 112x112
-  paper = rng.normal(0.78, 0.025, (220, 180)).clip(0, 1)
-  top, left = rng.integers(20, 220 - 112 - 20), rng.integers(15, 180 - 112 - 15)
-  paper[top:top + 112, left:left + 112] *= 1 - 0.85 * ink
+  """A phone photo: dark ink on grey paper, light falling off across it, sensor
+  noise, large, with margins."""
+  height, width = 800, 600
+  ink = _upscaled(digit, 8)  # 224x224
+  lighting = 0.72 + 0.16 * np.linspace(-1, 1, width)[None, :] * rng.choice([-1, 1])
+  paper = (lighting + rng.normal(0, 0.045, (height, width))).clip(0, 1)
+  top, left = rng.integers(40, height - 224 - 40), rng.integers(30, width - 224 - 30)
+  paper[top:top + 224, left:left + 224] *= 1 - 0.8 * ink
   Image.fromarray(_u8(paper)).convert("RGB").save(path.with_suffix(".jpg"), quality=85)
   return path.with_suffix(".jpg")
 
@@ -228,3 +231,41 @@ def test_any_drawn_digit_becomes_an_mnist_digit(height, width, stroke, light_pap
     assert np.ptp(rows) < 22 and np.ptp(cols) < 22  # the 20x20 box, plus Lanczos' fringe
     centre = np.array([(pixels.sum(1) * np.arange(28)).sum(), (pixels.sum(0) * np.arange(28)).sum()])
     np.testing.assert_allclose(centre / pixels.sum(), 14.0, atol=1.0)
+
+
+def test_show_names_stay_apart_and_errors_keep_input_order(tmp_path, capsys):
+  digit = np.zeros((40, 40), np.uint8)
+  digit[8:32, 18:22] = 255
+  for folder in ("a", "b"):
+    (tmp_path / folder).mkdir()
+    Image.fromarray(digit).save(tmp_path / folder / "d.png")
+  (tmp_path / "folder.png").mkdir()
+  code, rows = _predict_json([tmp_path / "a" / "d.png", tmp_path / "folder.png",
+                              tmp_path / "b" / "d.png", "--show", tmp_path / "seen"], capsys)
+  assert code == 1
+  assert [Path(row["input"]).parent.name for row in rows] == ["a", tmp_path.name, "b"]
+  assert rows[1]["error"] == "is a directory, expected an image file"
+  assert rows[0]["shown"] != rows[2]["shown"]
+  assert all(Path(row["shown"]).is_file() for row in (rows[0], rows[2]))
+
+
+def test_an_image_too_large_to_decode_is_a_per_file_error(tmp_path, capsys, monkeypatch):
+  Image.new("L", (300, 300), 255).save(tmp_path / "huge.png")
+  digit = np.zeros((28, 28), np.uint8)
+  digit[5:23, 13:15] = 255
+  Image.fromarray(digit).save(tmp_path / "one.png")
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # 300x300 is over twice the limit
+  code, rows = _predict_json([tmp_path / "huge.png", tmp_path / "one.png"], capsys)
+  assert code == 1 and "too large" in rows[0]["error"] and rows[1]["label"] == 1
+
+
+def test_paper_with_uneven_light_and_noise_is_background(mnist_dir, tmp_path):
+  digits, labels = data.load_mnist("valid", data_dir=mnist_dir)
+  rng = np.random.default_rng(5)
+  for digit in digits[:5]:
+    image = images.read_image(_grey_paper_jpeg(digit, tmp_path / "p", rng))
+    pixels = images.to_mnist(image)
+    reference = images.to_mnist(np.pad(digit, 20))
+    # The paper, wherever the clean digit has no ink, is black, not grey or noisy.
+    assert pixels[reference == 0].mean() < 0.02 and pixels.max() > 0.9
+    assert np.abs(pixels - reference).mean() < 0.1

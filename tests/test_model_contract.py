@@ -304,3 +304,46 @@ def test_package_imports_form_no_cycle():
   # Loading lives below the model and the trainer.
   assert "train" not in graph["gru_classifier"] and "model_io" in graph["gru_classifier"]
   assert not graph["model_io"] & {"gru_classifier", "train", "evaluation", "cli", "config"}
+
+
+def test_pixels_outside_0_1_are_refused_for_images_and_loaded_models():
+  model = gru_classifier.load_pretrained("pixel")
+  with pytest.raises(ValueError, match=r"pixels in \[[0-9.]+, 255\]: expected \[0, 1\] \(divide"):
+    gru_classifier.apply(model, _images(2) * 255)
+  with pytest.raises(ValueError, match=r"expected \[0, 1\]"):
+    gru_classifier.apply(model, (_images(2) * 255).reshape(2, 784, 1))  # its sequences too
+  bare = gru_classifier.init(jax.random.key(0), num_units=3)
+  gru_classifier.apply(bare, np.full((1, 5, 1), 3.0, np.float32))  # a bare model's units
+
+
+@pytest.mark.parametrize("surgery, match", [
+    (lambda p: p.replace(gates=p.gates.replace(kernel=p.gates.kernel[1:])), "gates.kernel"),
+    (lambda p: p.replace(candidate=p.candidate.replace(bias=p.candidate.bias[:3])),
+     "candidate.bias"),
+    (lambda p: p.replace(output=p.output.replace(bias=p.output.bias[:9])), "output.bias"),
+])
+def test_malformed_params_are_a_value_error_everywhere(surgery, match):
+  params = surgery(gru_classifier.init(jax.random.key(0), num_units=4, in_dim=2))
+  x = jnp.zeros((1, 3, 2))
+  with pytest.raises(ValueError, match=match):
+    gru_classifier.apply(params, x)
+  with pytest.raises(ValueError, match=match):
+    early_exit.predict(params, x)
+  if match != "output.bias":
+    with pytest.raises(ValueError, match=match):
+      gru_cell.gru_step(params, jnp.zeros((1, 4)), jnp.zeros((1, 2)))
+
+
+def test_gru_step_needs_matching_leading_dims_and_float_inputs():
+  params = gru_classifier.init(jax.random.key(0), num_units=4)
+  with pytest.raises(ValueError, match="same leading dims"):
+    gru_cell.gru_step(params, jnp.zeros((3, 4)), jnp.zeros((2, 1)))
+  with pytest.raises(ValueError, match="x has dtype int32"):
+    gru_cell.gru_step(params, jnp.zeros((2, 4)), jnp.zeros((2, 1), jnp.int32))
+
+
+def test_evaluate_in_another_order_warns(caplog, capsys, mnist_dir):
+  code = cli.main(["evaluate", "--checkpoint", "pretrained:pixel", "--order", "permuted",
+                   "--data-dir", mnist_dir, "--batch-size", "5000", "--json"])
+  assert code == 0
+  assert "trained on pixel order in permuted order" in caplog.text
