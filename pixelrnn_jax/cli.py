@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -319,13 +320,19 @@ def _plot(args) -> int:
   return 0
 
 
-class _Terminated(Exception):
-  """SIGTERM outside the training loop (which handles it with a checkpoint)."""
+def _exit_on_signal(command: str):
+  """A handler that ends the command at once with one line: outside the training
+  loop (which installs its own, saving a checkpoint first) there is nothing to save,
+  and an exception raised mid-import could be swallowed by library code."""
 
+  def handler(signum, frame):
+    del frame
+    what = "interrupted" if signum == signal.SIGINT else "terminated"
+    sys.stdout.flush()
+    print(f"{command}: {what} ({signal.Signals(signum).name})", file=sys.stderr, flush=True)
+    os._exit(128 + signum)  # pylint: disable=protected-access
 
-def _raise_terminated(signum, frame):
-  del signum, frame
-  raise _Terminated
+  return handler
 
 
 def setup_logging(verbose: bool) -> None:
@@ -345,10 +352,12 @@ def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   named = [word for word in argv if word in ("train", "evaluate", "predict", "plot")]
   command = " ".join(["pixelrnn-jax", *named[:1]])  # for messages before the flags are parsed
-  try:
-    previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
-  except ValueError:  # not the main thread
-    previous_term = None
+  previous = {}
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    try:
+      previous[signum] = signal.signal(signum, _exit_on_signal(command))
+    except ValueError:  # not the main thread
+      pass
   try:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
@@ -363,15 +372,12 @@ def main(argv: list[str] | None = None) -> int:
     except train.NonFiniteLossError as error:
       print(f"{command}: error: {error}", file=sys.stderr)
       return 1
-  except KeyboardInterrupt:
+  except KeyboardInterrupt:  # a second Ctrl-C during training
     print(f"{command}: interrupted (SIGINT)", file=sys.stderr)
     return 130
-  except _Terminated:
-    print(f"{command}: terminated (SIGTERM)", file=sys.stderr)
-    return 143
   finally:
-    if previous_term is not None:
-      signal.signal(signal.SIGTERM, previous_term)
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
 
 
 def _one_line(error: Exception) -> str:

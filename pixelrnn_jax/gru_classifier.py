@@ -234,7 +234,8 @@ def as_sequence(params: Params, x) -> jax.Array:
     as_images = sequence is not x or params.order is not None
     if as_images and (values.min() < 0 or values.max() > 1):
       raise ValueError(f"x has pixels in [{values.min():.3g}, {values.max():.3g}]: expected"
-                       " [0, 1] (divide 0..255 pixels by 255)")
+                       " [0, 1] (divide 0..255 pixels by 255; do not standardise them:"
+                       " a loaded model does that itself)")
   return jnp.asarray(sequence, params_dtype(params))
 
 

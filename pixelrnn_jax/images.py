@@ -15,13 +15,16 @@ The steps of :func:`prepare`:
 
 0. **Size**: an image longer than 512 pixels is first reduced to 512 on its
    long side by area averaging (a phone photo's sensor noise averages out).
-1. **Polarity**: with ``invert="auto"`` a light background (the median of a
-   border ring above 0.5) is inverted, so ink is light on dark.
+1. **Polarity**: with ``invert="auto"`` the image is inverted when the ink
+   (the extreme, 0.05th or 99.95th percentile, farther from the paper, the
+   median of a border ring) is darker than the paper, so ink is light on dark.
 2. **Paper**: uneven lighting is removed (the paper level, estimated from a
    16-pixel-wide minimum-filtered copy of the image, is subtracted), then
    the background level and its noise are read from the border;
    everything at or below the border's median plus 6 noise standard
-   deviations (from its median absolute deviation) becomes 0 and the darkest-to-brightest ink range is stretched to
+   deviations (from its median absolute deviation) becomes 0; rows and
+   columns of ruled or graph paper (ink across 90% of the image, at most 3%
+   of it thick) are cleared and the darkest-to-brightest ink range is stretched to
    [0, 1], so grey or noisy paper is black and faint noise is not ink.
 3. **Already MNIST**: a 28x28 image whose background is black (border
    median at most 0.05) is returned as it is (after any inversion).
@@ -237,6 +240,25 @@ def _place_by_centre_of_mass(patch: np.ndarray) -> np.ndarray:
   return field
 
 
+def _remove_ruled_lines(grey: np.ndarray) -> np.ndarray:
+  """Clears the lines of ruled or graph paper and margins: rows (then columns)
+  with ink across at least 90% of the image, in runs at most 3% of the image
+  thick. A digit's own strokes are thicker than that even in a tight crop."""
+  for axis in (1, 0):  # rows, then columns
+    full = np.concatenate([[False], (grey > BOX_THRESHOLD).mean(axis=axis) >= 0.9, [False]])
+    edges = np.flatnonzero(np.diff(full.astype(np.int8)))
+    thin = 0.03 * grey.shape[1 - axis]
+    lines = [(start, end) for start, end in zip(edges[::2], edges[1::2]) if end - start <= thin]
+    if lines:
+      grey = grey.copy()
+      for start, end in lines:
+        if axis == 1:
+          grey[start:end] = 0.0
+        else:
+          grey[:, start:end] = 0.0
+  return grey
+
+
 def prepare(image, *, invert: str = "auto") -> Digit:
   """Normalises one digit image as MNIST did (see the module docstring).
 
@@ -254,8 +276,15 @@ def prepare(image, *, invert: str = "auto") -> Digit:
   """
   if invert not in INVERT:
     raise ValueError(f"invert={invert!r}: expected one of {INVERT}")
-  grey = _as_grey(image, "image").astype(np.float64)
-  inverted = bool(np.median(_border(grey)) > 0.5) if invert == "auto" else invert == "yes"
+  grey = _shrink(_as_grey(image, "image").astype(np.float64))
+  if invert == "auto":
+    # The ink is the extreme farther from the paper: dark ink on paper of any
+    # shade (dim photos, coloured paper) is inverted, light ink on dark is not.
+    paper = float(np.median(_border(grey)))
+    darkest, brightest = np.percentile(grey, [0.05, 99.95])
+    inverted = bool(paper - darkest > brightest - paper)
+  else:
+    inverted = invert == "yes"
   if inverted:
     grey = 1.0 - grey
   paper = float(np.median(_border(grey)))
@@ -263,7 +292,7 @@ def prepare(image, *, invert: str = "auto") -> Digit:
     if grey.max() <= paper:
       raise ImageError("no ink: the image is blank")
     return Digit(grey.astype(np.float32), inverted, False)
-  grey = _remove_lighting(_shrink(grey))
+  grey = _remove_lighting(grey)
   border = _border(grey)
   paper = float(np.median(border))
   noise = 1.4826 * float(np.median(np.abs(border - paper)))  # robust std (MAD)
@@ -275,8 +304,10 @@ def prepare(image, *, invert: str = "auto") -> Digit:
             and paper > 0.5 else "; is the image blank?")
     raise ImageError(f"no ink: the brightest ink ({ink:.2f}) is within {MIN_CONTRAST} of the"
                      f" background ({floor:.2f}){hint}")
-  grey = np.clip((grey - floor) / (ink - floor), 0.0, 1.0)
+  grey = _remove_ruled_lines(np.clip((grey - floor) / (ink - floor), 0.0, 1.0))
   ink_mask = grey > BOX_THRESHOLD
+  if not ink_mask.any():
+    raise ImageError("no ink left once the ruled lines were removed")
   rows, cols = np.nonzero(ink_mask.any(1))[0], np.nonzero(ink_mask.any(0))[0]
   patch = grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
   scale = BOX / max(patch.shape)

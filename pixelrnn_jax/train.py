@@ -440,6 +440,7 @@ def train_and_evaluate(
         window, window_start = [], time.perf_counter()
       bar.update(1)
       if step % config.eval_every == 0 or step == config.steps:
+        eval_start = time.perf_counter()
         result = evaluation.evaluate(as_model(unreplicate(replicated).params, config),
                                      valid_x, valid_y, batch_size=config.eval_batch_size,
                                      devices=config.devices)
@@ -450,6 +451,7 @@ def train_and_evaluate(
         if result["accuracy"] > best:
           best = result["accuracy"]
           save("best")
+        window_start += time.perf_counter() - eval_start  # steps/s counts training only
       if step % config.checkpoint_every == 0 or step == config.steps or stop.requested:
         save("step")
       if stop.requested:

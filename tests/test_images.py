@@ -269,3 +269,26 @@ def test_paper_with_uneven_light_and_noise_is_background(mnist_dir, tmp_path):
     # The paper, wherever the clean digit has no ink, is black, not grey or noisy.
     assert pixels[reference == 0].mean() < 0.02 and pixels.max() > 0.9
     assert np.abs(pixels - reference).mean() < 0.1
+
+
+@pytest.mark.parametrize("paper, ink", [(0.43, 0.05), (0.3, 0.0), (0.95, 0.2)])
+def test_dark_ink_on_paper_of_any_shade_is_inverted(paper, ink):
+  image = np.full((120, 90), paper)
+  image[20:100, 40:48] = ink  # a "1"
+  digit = images.prepare(image)
+  assert digit.inverted and digit.pixels.max() > 0.9
+  assert digit.pixels[:, :8].max() == 0 and digit.pixels[:, -8:].max() == 0  # paper is black
+
+
+def test_ruled_lines_are_not_ink(mnist_dir):
+  digits, labels = data.load_mnist("valid", data_dir=mnist_dir)
+  rng = np.random.default_rng(1)
+  for digit in digits[:5]:
+    page = np.full((600, 450), 0.95)
+    page[::37, :] = 0.6  # ruled lines across the page, 1 pixel thick
+    page[:, 60] = 0.55  # and a margin line
+    top, left = rng.integers(60, 300), rng.integers(100, 200)
+    page[top:top + 224, left:left + 224] *= 1 - 0.9 * _upscaled(digit, 8)
+    pixels = images.to_mnist(page)
+    reference = images.to_mnist(np.pad(digit, 20))
+    assert np.abs(pixels - reference).mean() < 0.1  # the digit fills the box, as without lines
