@@ -11,28 +11,30 @@ ratio" with anti-aliasing. MNIST digits are white (1) on black (0).
     image = images.read_image("my_digit.jpg")       # <float32>[H, W] in [0, 1]
     digit = images.to_mnist(image)                  # <float32>[28, 28] in [0, 1]
 
-The steps of :func:`prepare`:
+The steps of :func:`prepare`, in order:
 
-0. **Size**: an image longer than 512 pixels is first reduced to 512 on its
-   long side by area averaging (a phone photo's sensor noise averages out).
-1. **Polarity**: with ``invert="auto"`` the image is inverted when the ink
-   (the extreme, 0.05th or 99.95th percentile, farther from the paper, the
-   median of a border ring) is darker than the paper, so ink is light on dark.
-2. **Paper**: uneven lighting is removed (the paper level, estimated from a
-   16-pixel-wide minimum-filtered copy of the image, is subtracted), then
-   the background level and its noise are read from the border;
-   everything at or below the border's median plus 6 noise standard
-   deviations (from its median absolute deviation) becomes 0; rows and
-   columns of ruled or graph paper (ink across 90% of the image, at most 3%
-   of it thick) are cleared and the darkest-to-brightest ink range is stretched to
-   [0, 1], so grey or noisy paper is black and faint noise is not ink.
-3. **Already MNIST**: a 28x28 image whose background is black (border
-   median at most 0.05) is returned as it is (after any inversion).
-4. **Size and place**: otherwise the bounding box of the ink (pixels above
-   0.1 after stretching) is scaled (Pillow
-   Lanczos, anti-aliased) so its longer side is 20 pixels, and pasted into the
-   28x28 field with its centre of mass at (14, 14), the mean centre of mass of
-   MNIST's digits (row, column index; measured on the valid split).
+1. **Size**: an image longer than 512 pixels is reduced to 512 on its long
+   side by area averaging (a phone photo's sensor noise averages out).
+2. **Polarity**: with ``invert="auto"`` the image is inverted when its ink
+   (of its 0.05th and 99.95th percentiles, the one farther from the paper,
+   the median of a border ring) is darker than the paper, so that ink is
+   light on dark whatever the paper's shade.
+3. **Already MNIST**: a 28x28 image whose background is now black (border
+   median at most 0.05) is returned as it is.
+4. **Paper**: uneven lighting is subtracted (the paper level, from a copy
+   area-averaged to 16 cells across and minimum-filtered); everything at or
+   below the border's median plus 6 noise standard deviations (from its
+   median absolute deviation) becomes 0 and the ink range is stretched to
+   [0, 1], so grey or noisy paper is black and faint noise is not ink; thin
+   lines across 90% of the image (ruled paper, margins; at most 3% of the
+   image thick) are cleared.
+5. **Size and place**: the bounding box of the ink (pixels above 0.1) is
+   scaled (Pillow Lanczos, anti-aliased) so its longer side is 20 pixels, and
+   pasted into the 28x28 field with its centre of mass at (14, 14), the mean
+   centre of mass of MNIST's digits (row, column index; measured on the
+   valid split).
+
+Not handled: graph paper, hard-edged shadows, several digits in one image.
 """
 
 from __future__ import annotations
