@@ -39,25 +39,6 @@ _jitted_batch_sums = jax.jit(_batch_sums)
 _pmapped_batch_sums = jax.pmap(_batch_sums, in_axes=(None, 0, 0, 0, None))
 
 
-def check_labels(labels, num_classes: int, count: int | None = None) -> np.ndarray:
-  """Labels as <int32>[N] after checking them once, where the data enters.
-
-  Raises:
-    ValueError: naming the shape, dtype or values and what was expected.
-  """
-  labels = np.asarray(labels)
-  if labels.ndim != 1 or (count is not None and len(labels) != count):
-    raise ValueError(f"labels have shape {labels.shape}: expected [{count or 'N'}], one"
-                     " integer class per image")
-  if not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f"labels have dtype {labels.dtype}: expected integers in"
-                     f" [0, {num_classes})")
-  bad = labels[(labels < 0) | (labels >= num_classes)]
-  if bad.size:
-    raise ValueError(f"labels contain {bad[:5].tolist()}: expected classes in [0, {num_classes})")
-  return labels.astype(np.int32)
-
-
 def _check_positive(name: str, value) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
     raise ValueError(f"{name}={value!r}: expected a positive integer")
@@ -104,7 +85,7 @@ def evaluate(
   n = len(images) if hasattr(images, "__len__") else 0
   if n == 0:
     raise ValueError("no images: expected a non-empty [N, 28, 28] array")
-  labels = check_labels(labels, params.num_classes, count=n)
+  labels = gru_classifier.check_labels(labels, params.num_classes, count=n)
   if devices > jax.local_device_count():
     raise ValueError(f"devices={devices} but JAX sees {jax.local_device_count()} device(s)")
   batch_size = min(batch_size, n)

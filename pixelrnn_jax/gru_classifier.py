@@ -323,6 +323,25 @@ def apply(params: Params, x, *, impl: str = DEFAULT_IMPL,
   return jnp.swapaxes(logits, 0, 1)
 
 
+def check_labels(labels, num_classes: int = NUM_CLASSES, count: int | None = None) -> np.ndarray:
+  """Concrete labels as <int32>[N], checked where the data enters (the trainer, ``evaluate``).
+
+  Raises:
+    ValueError: naming the shape, dtype or values and what was expected.
+  """
+  labels = np.asarray(labels)
+  if labels.ndim != 1 or (count is not None and len(labels) != count):
+    raise ValueError(f"labels have shape {labels.shape}: expected [{count or 'N'}], one"
+                     " integer class per example")
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"labels have dtype {labels.dtype}: expected integers in"
+                     f" [0, {num_classes}) (e.g. labels.astype(np.int32))")
+  bad = labels[(labels < 0) | (labels >= num_classes)]
+  if bad.size:
+    raise ValueError(f"labels contain {bad[:5].tolist()}: expected classes in [0, {num_classes})")
+  return labels.astype(np.int32)
+
+
 def _check_labels(logits: jax.Array, labels) -> jax.Array:
   """Validates labels where they enter; returns them as a JAX integer array."""
   if getattr(logits, "ndim", None) != 3:
@@ -340,21 +359,13 @@ def _check_labels(logits: jax.Array, labels) -> jax.Array:
     raise ValueError(f"labels have dtype {labels.dtype}: expected integers in"
                      f" [0, {logits.shape[-1]}) (e.g. labels.astype(np.int32))")
   if _is_concrete(labels):
-    values = np.asarray(labels)
-    bad = values[(values < 0) | (values >= logits.shape[-1])]
-    if bad.size:
-      raise ValueError(f"labels contain {bad[:5].tolist()}: expected classes in"
-                       f" [0, {logits.shape[-1]})")
+    check_labels(labels, logits.shape[-1])
   return jnp.asarray(labels)
-
-
-def _in_range(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return (labels >= 0) & (labels < logits.shape[-1])
 
 
 def _losses(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Per-example cross-entropy; NaN (loss and gradient) for an out-of-range label."""
-  valid = _in_range(logits, labels)
+  valid = (labels >= 0) & (labels < logits.shape[-1])
   losses = optax.softmax_cross_entropy_with_integer_labels(
       logits, jnp.where(valid, labels, 0))
   # A constant NaN factor makes that example's loss and gradient NaN (and

@@ -295,7 +295,7 @@ def _load_split(config, split):
   """[0, 1] images and checked labels of one split."""
   images, labels = data.load_mnist(split, data_dir=config.data_dir, verify=config.verify_data)
   # The labels are checked once here; inside the jitted step they cannot be.
-  return images, evaluation.check_labels(labels, gru_classifier.NUM_CLASSES)
+  return images, gru_classifier.check_labels(labels)
 
 
 def _init_or_restore(config, optimizer, checkpoint_dir: Path):
