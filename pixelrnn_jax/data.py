@@ -34,6 +34,7 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -348,7 +349,7 @@ def _load_file_pair(file_split, data_dir, cache_dir, verify, sources):
       _check_pair(*pair, where=str(cache_file))
       log.info("MNIST %s: loaded numpy cache %s", file_split, cache_file)
       return pair
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
       log.warning("ignoring unreadable cache %s (%s)", cache_file, error)
       tried.append(f"cache {cache_file}: {error}")
 

