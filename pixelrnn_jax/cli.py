@@ -56,6 +56,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
       parser.add_argument(flag, type=kind, **common)
     elif kind == (float | None):
       parser.add_argument(flag, type=_parse_optional_float, metavar="FLOAT|none", **common)
+    elif kind == (int | None):
+      parser.add_argument(flag, type=int, **common)
     else:  # str | None
       parser.add_argument(flag, type=str, **common)
   parser.add_argument("--lr", type=float, dest="learning_rate", default=argparse.SUPPRESS,
@@ -85,7 +87,7 @@ def run_training(args: argparse.Namespace) -> int:
   best = summary["best_valid_accuracy"]
   print(f"step {summary['step']}/{config.steps}: valid accuracy {valid['accuracy']:.4f},"
         f" loss {valid['loss']:.4f}, {summary['seconds']:.0f} s"
-        + (f"; best {best:.4f} (checkpoints/best.msgpack)" if best is not None else "")
+        + (f"; best {best:.4f} ({summary['best_checkpoint']})" if best is not None else "")
         + f"; run directory {args.workdir}")
   return _SIGNAL_EXIT.get(summary["stopped"], 0)
 
@@ -368,9 +370,11 @@ def main(argv: list[str] | None = None) -> int:
       return handlers[args.command](args)
     except (ValueError, OSError, ImportError) as error:  # bad flags, data, files, paths
       print(f"{command}: error: {_one_line(error)}", file=sys.stderr)
+      train.distributed.leave(2)  # a multi-process run ends here, not at JAX's exit barrier
       return 2
-    except train.NonFiniteLossError as error:
+    except (train.NonFiniteLossError, train.distributed.PeerError) as error:
       print(f"{command}: error: {error}", file=sys.stderr)
+      train.distributed.leave(1)
       return 1
   except KeyboardInterrupt:  # a second Ctrl-C during training
     print(f"{command}: interrupted (SIGINT)", file=sys.stderr)

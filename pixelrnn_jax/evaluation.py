@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,8 +37,14 @@ def _batch_sums(params, x, labels, mask, thresholds):
 
 
 _jitted_batch_sums = jax.jit(_batch_sums)
-# Each device scores its slice of the batch; params and thresholds are broadcast.
-_pmapped_batch_sums = jax.pmap(_batch_sums, in_axes=(None, 0, 0, 0, None))
+
+
+@functools.cache
+def _pmapped_batch_sums(devices: int):
+  """Each of this process's first ``devices`` devices scores its slice of the batch
+  (local ones only, also in a multi-process run); params and thresholds are broadcast."""
+  return jax.pmap(_batch_sums, in_axes=(None, 0, 0, 0, None),
+                  devices=jax.local_devices()[:devices])
 
 
 def _check_positive(name: str, value) -> int:
@@ -110,7 +118,7 @@ def evaluate(
       sums = _jitted_batch_sums(params, x, y, mask, thresholds)
     else:
       split = lambda a: a.reshape(devices, batch_size // devices, *a.shape[1:])
-      sums = jax.tree.map(lambda s: s.sum(0), _pmapped_batch_sums(
+      sums = jax.tree.map(lambda s: s.sum(0), _pmapped_batch_sums(devices)(
           params, split(x), split(y), split(mask), thresholds))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   totals = jax.device_get(totals)

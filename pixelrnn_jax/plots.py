@@ -20,6 +20,7 @@ from pixelrnn_jax import checkpoint
 from pixelrnn_jax import data
 from pixelrnn_jax import diagnostics
 from pixelrnn_jax import evaluation
+from pixelrnn_jax import model_io
 from pixelrnn_jax import train
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def plot_run(run_dir: str | Path, *, data_dir: str | None = None, examples: int 
   if notebook_init != config:  # the contrast that explains the notebook's plateau
     curves["notebook (TF1) initialisation"] = np.asarray(diagnostics.hidden_gradient_norms(
         initial(notebook_init), x, y))
-  for path in checkpoint.step_checkpoints(run_dir / "checkpoints"):
+  for path in model_io.step_sources(run_dir):
     try:
       ckpt_params, _, ckpt_info = train.load_model(path)
     except (checkpoint.CheckpointError, ValueError) as error:

@@ -6,11 +6,19 @@ directory holds::
     config.json        the resolved Config
     metrics.jsonl      one JSON line per log interval and per evaluation
     eval.json          the final evaluation on valid (with accuracy per step)
-    checkpoints/       ckpt_<step>.msgpack (the newest K) and best.msgpack
+    checkpoints/       orbax steps <step>/: the newest K and the best on valid
+                       (``run_checkpoints``)
 
 A run directory that already has checkpoints is resumed from the newest
 readable one: params, optimiser state, data position and data key, so the
-resumed run equals the uninterrupted one bit for bit on CPU.
+resumed run equals the uninterrupted one bit for bit on CPU. (A run directory
+of pixelrnn_jax 0.2, with ``ckpt_<step>.msgpack`` files, resumes from its
+newest msgpack checkpoint and continues in orbax steps.)
+
+A multi-process run (``Config.num_processes``, ``distributed``) runs this
+same loop in every process: each drives its local devices and reads its slice
+of each global batch; process 0 writes the run's files; all of them take part
+in every checkpoint and agree, through the step itself, on when to stop.
 """
 
 from __future__ import annotations
@@ -26,18 +34,23 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import flax.jax_utils
+from flax import serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm import tqdm
 
+from pixelrnn_jax import batches as batches_lib
 from pixelrnn_jax import checkpoint
 from pixelrnn_jax import config as config_lib
 from pixelrnn_jax import data
+from pixelrnn_jax import distributed
 from pixelrnn_jax import evaluation
 from pixelrnn_jax import gru_classifier
+from pixelrnn_jax import model_io
 from pixelrnn_jax import preprocessing
+from pixelrnn_jax import run_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -120,17 +133,24 @@ def loss_fn(params, x, labels, *, per_step_loss: float = 0.0,
 
 
 def make_train_step(optimizer: optax.GradientTransformation, *, per_step_loss: float = 0.0,
-                    impl: str = gru_classifier.DEFAULT_IMPL):
-  """Returns the pmapped train step ``(state, x, labels) -> (state, metrics)``.
+                    impl: str = gru_classifier.DEFAULT_IMPL, devices=None):
+  """Returns the pmapped train step ``(state, x, labels[, stop]) -> (state, metrics)``.
 
   ``state`` is replicated over the leading device axis, ``x`` is
   <float32>[devices, batch_per_device, T, in_dim], ``labels``
   <int32>[devices, batch_per_device]. Gradients and metrics are averaged over
   devices with ``lax.pmean`` (outside the scan); the input state's buffers are
   donated. This factory is the one place that knows about pmap.
+
+  Args:
+    devices: the pmap's devices, in a multi-process run those of every process
+      (``distributed.training_devices``); None = this process's first ones.
+    stop (of the step): optional <int32>[devices], a signal number asking the run
+      to stop, else 0; ``metrics["stop"]`` is its maximum over all devices of
+      all processes, so every process learns of a signal at the same step.
   """
 
-  def train_step(state: TrainState, x, labels):
+  def train_step(state: TrainState, x, labels, stop=None):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, logits), grads = grad_fn(state.params, x, labels, per_step_loss=per_step_loss,
                                     impl=impl)
@@ -141,9 +161,11 @@ def make_train_step(optimizer: optax.GradientTransformation, *, per_step_loss: f
         {"loss": loss, "accuracy": gru_classifier.accuracy(logits, labels)}, AXIS
     )
     metrics["grad_norm"] = optax.tree.norm(grads)
+    if stop is not None:
+      metrics["stop"] = jax.lax.pmax(stop, AXIS)
     return TrainState(state.step + 1, params, opt_state), metrics
 
-  return jax.pmap(train_step, axis_name=AXIS, donate_argnums=(0,))
+  return jax.pmap(train_step, axis_name=AXIS, donate_argnums=(0,), devices=devices)
 
 
 def replicate(tree, num_devices: int):
@@ -162,13 +184,25 @@ def unreplicate(tree):
 # Checkpoint contents
 
 
-def _checkpoint_tree(state: TrainState, position, data_key, best: float, config) -> dict:
-  return {
-      "state": state,
-      "data_position": np.asarray(position, np.int64),  # (epoch, index) of the next batch
-      "data_key": np.asarray(jax.random.key_data(data_key)),
+def _checkpoint_contents(state: TrainState, position, data_key, best: float,
+                         config) -> tuple[dict, dict]:
+  """(state dict of arrays, JSON meta) of one checkpoint."""
+  meta = {
+      "data_position": [int(v) for v in position],  # (epoch, index) of the next batch
+      "data_key": np.asarray(jax.random.key_data(data_key)).tolist(),
       "best_valid_accuracy": float(best),
-      "config": config.to_json(),
+      "config": json.loads(config.to_json()),
+  }
+  return serialization.to_state_dict(state), meta
+
+
+def _legacy_contents(saved: dict) -> tuple[dict, dict]:
+  """A msgpack checkpoint of pixelrnn_jax 0.2 as (state dict, meta)."""
+  return saved["state"], {
+      "data_position": [int(v) for v in saved["data_position"]],
+      "data_key": np.asarray(saved["data_key"]).tolist(),
+      "best_valid_accuracy": float(saved["best_valid_accuracy"]),
+      "config": json.loads(saved["config"]),
   }
 
 
@@ -204,15 +238,21 @@ def as_model(params: gru_classifier.Params, config: config_lib.Config) -> gru_cl
 
 
 class _StopOnSignal:
-  """SIGINT/SIGTERM ask the loop to checkpoint and stop; a second SIGINT aborts."""
+  """SIGINT/SIGTERM ask the loop to checkpoint and stop; a second SIGINT aborts.
+
+  ``signum`` (0 until a signal) goes into the next train step, whose ``pmax``
+  tells every process of the run, so they all stop after the same step.
+  """
 
   def __init__(self):
     self.requested = None
+    self.signum = 0
     self._previous = {}
 
   def _handle(self, signum, frame):
     del frame
     self.requested = signal.Signals(signum).name
+    self.signum = int(signum)
     log.warning("%s received: saving a checkpoint after this step, then stopping%s",
                 self.requested, " (press Ctrl-C again to abort without saving)"
                 if signum == signal.SIGINT else "")
@@ -246,9 +286,15 @@ def _prepare_workdir(workdir: Path, config) -> None:
   """Writes config.json; on resume, refuses a config that changes what is computed."""
   workdir.mkdir(parents=True, exist_ok=True)
   config_path = workdir / "config.json"
-  if config_path.exists() and checkpoint.step_checkpoints(workdir / "checkpoints"):
+  latest = _latest_step(workdir)
+  if latest is not None and latest > config.steps:
+    raise ValueError(f"{workdir} holds a run already at step {latest}; --steps {config.steps}"
+                     f" is below it: pass --steps {latest} or more to go on, or choose a new"
+                     " --workdir")
+  if config_path.exists() and latest is not None:
     defaults = dataclasses.asdict(config_lib.Config())  # fields added since that run
     previous = {**defaults, **json.loads(config_path.read_text())}
+    previous["num_processes"] = previous["num_processes"] or 1  # None: one process
     current = dataclasses.asdict(config)
     changed = sorted(
         name for name in current
@@ -261,18 +307,22 @@ def _prepare_workdir(workdir: Path, config) -> None:
           " with the same settings or choose a new --workdir"
       )
     if previous.get("steps") != config.steps:
-      _warn_if_schedule_changes(config.replace(steps=previous["steps"]), config,
-                                checkpoint.step_checkpoints(workdir / "checkpoints")[-1])
-  tmp = config_path.with_suffix(".json.partial")
-  tmp.write_text(config.to_json() + "\n")
-  tmp.replace(config_path)
+      _warn_if_schedule_changes(config.replace(steps=previous["steps"]), config, latest)
+  if distributed.is_primary():
+    tmp = config_path.with_suffix(".json.partial")
+    tmp.write_text(config.to_json() + "\n")
+    tmp.replace(config_path)
 
 
-def _warn_if_schedule_changes(previous, config, latest: Path) -> None:
+def _latest_step(workdir: Path) -> int | None:
+  """The newest checkpointed step of a run directory (orbax or 0.2's msgpack), None if none."""
+  return max(map(model_io.step_of, model_io.step_sources(workdir)), default=None)
+
+
+def _warn_if_schedule_changes(previous, config, step: int) -> None:
   """A new --steps on resume reshapes a warmup_cosine or warmup_step schedule: say so, with numbers."""
   if config.lr_schedule == "constant":
     return
-  step = checkpoint.step_of(latest)
   before = float(make_schedule(previous)(step))
   after = float(make_schedule(config)(step))
   shape = (f"decays to 0 at step {config.steps}" if config.lr_schedule == "warmup_cosine"
@@ -298,32 +348,49 @@ def _load_split(config, split):
   return images, gru_classifier.check_labels(labels)
 
 
-def _init_or_restore(config, optimizer, checkpoint_dir: Path):
-  """A fresh (state, data position, data key, best valid accuracy), or the newest checkpoint's."""
+def _init_or_restore(config, optimizer, checkpoints: run_checkpoints.RunCheckpoints):
+  """A fresh (state, data position, data key, best valid accuracy), or the newest checkpoint's.
+
+  Raises:
+    CheckpointError: the run has checkpoints but none is readable.
+  """
   init_key, data_key = jax.random.split(jax.random.key(config.seed))
   state = init_train_state(config, init_key, optimizer)
   position, best = (0, 0), -1.0
-  restored = checkpoint.load_latest(checkpoint_dir)
-  if restored is None:
+  restored = checkpoints.restore_latest()
+  if restored is not None:
+    step, state_dict, meta = restored
+    where = checkpoints.path(step)
+  elif checkpoint.step_checkpoints(checkpoints.directory):  # a run of pixelrnn_jax 0.2
+    found = checkpoint.load_latest(checkpoints.directory)
+    if found is None:
+      raise checkpoint.CheckpointError(
+          f"{checkpoints.directory}: none of its msgpack checkpoints can be read (see the"
+          " warnings above); move the directory away to start afresh")
+    where, saved = found
+    state_dict, meta = _legacy_contents(saved)
+  else:
     return state, position, data_key, best
-  path, saved = restored
-  template = _checkpoint_tree(state, position, data_key, best, config)
-  tree = checkpoint.restore(template, saved)
-  log.info("resuming from %s (step %d)", path, int(tree["state"].step))
-  return (tree["state"], tuple(int(v) for v in tree["data_position"]),
-          jax.random.wrap_key_data(jnp.asarray(tree["data_key"])),
-          tree["best_valid_accuracy"])
+  state = serialization.from_state_dict(state, state_dict)
+  log.info("resuming from %s (step %d)", where, int(state.step))
+  return (state, tuple(meta["data_position"]),
+          jax.random.wrap_key_data(jnp.asarray(meta["data_key"], jnp.uint32)),
+          meta["best_valid_accuracy"])
 
 
-def _check_finite(step: int, metrics: dict, checkpoint_dir: Path) -> None:
+def _last_checkpoint(checkpoints: run_checkpoints.RunCheckpoints) -> str:
+  latest = checkpoints.latest_step()
+  return "none (nothing saved yet)" if latest is None else str(checkpoints.path(latest))
+
+
+def _check_finite(step: int, metrics: dict, checkpoints: run_checkpoints.RunCheckpoints) -> None:
   """Stops the run, naming the last good checkpoint, when the loss or gradient is NaN/inf."""
   if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
     return
-  last = checkpoint.step_checkpoints(checkpoint_dir)
   raise NonFiniteLossError(
       f"step {step}: loss {metrics['loss']}, gradient norm"
       f" {metrics['grad_norm']}; stopped without saving this state. The last"
-      f" good checkpoint is {last[-1] if last else 'none (nothing saved yet)'}."
+      f" good checkpoint is {_last_checkpoint(checkpoints)}."
       " Try a lower --lr or --clip-norm 1.0, and check the input for NaNs."
   )
 
@@ -358,26 +425,34 @@ def train_and_evaluate(
   """Trains (or resumes) in ``workdir`` and evaluates on valid.
 
   Args:
-    config: the run; a relative ``data_dir`` is recorded as absolute.
-    workdir: the run directory (created; resumed when it has checkpoints).
+    config: the run; a relative ``data_dir`` is recorded as absolute. With
+      ``num_processes`` > 1 (or in a multi-task cluster job) this process joins
+      the others first (``distributed.initialize``), before JAX starts.
+    workdir: the run directory (created; resumed when it has checkpoints); in
+      a multi-process run, the same directory for every process.
     progress: a tqdm bar on stderr; None (default) shows it only when stderr
       is a terminal, else one log line per ``log_every`` steps.
 
   Returns:
     A summary dict: ``step``, ``stopped`` (None or the signal name), ``valid``
-    (the final evaluation), ``best_valid_accuracy`` (of ``best.msgpack``; None
-    when no evaluation has been saved as best), ``seconds``.
+    (the final evaluation), ``best_valid_accuracy`` (of the best checkpoint;
+    None when no evaluation has been checkpointed), ``best_checkpoint`` (its
+    directory or None), ``seconds``.
 
   Raises:
     ValueError: a bad config, or a workdir holding a run with another config.
+    CheckpointError: the run has checkpoints and none of them can be read.
     NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+    distributed.PeerError: another process of the run died or lost its connection.
   """
   config.validate()
   if config.data_dir is not None:
     config = config.replace(data_dir=str(Path(config.data_dir).resolve()))
+  config = distributed.initialize(config)
+  config.validate()  # the batch must also divide over the processes a cluster job brought
   _check_devices(config)
+  primary = distributed.is_primary()
   workdir = Path(workdir)
-  checkpoint_dir = workdir / "checkpoints"
   _prepare_workdir(workdir, config)
   train_x, train_y = _load_split(config, "train")
   if config.standardize:  # trained on standardised pixels ...
@@ -386,40 +461,68 @@ def train_and_evaluate(
   valid_x, valid_y = _load_split(config, "valid")
 
   optimizer = make_optimizer(config)
-  state, position, data_key, best = _init_or_restore(config, optimizer, checkpoint_dir)
-  batches = data.Batches(
+  checkpoints = run_checkpoints.RunCheckpoints(workdir / "checkpoints",
+                                               keep=config.keep_checkpoints)
+  state, position, data_key, best = _init_or_restore(config, optimizer, checkpoints)
+  batches = batches_lib.Batches(
       train_x, train_y, batch_size=config.batch_size, key=data_key,
       order=config.order, num_devices=config.devices, max_shift=config.max_shift,
+      num_processes=config.num_processes, process_index=config.process_id,
       epoch=position[0], index=position[1],
   )
-  train_step = make_train_step(optimizer, per_step_loss=config.per_step_loss,
-                               impl=config.impl)
+  multi_process = config.num_processes > 1
+  train_step = make_train_step(
+      optimizer, per_step_loss=config.per_step_loss, impl=config.impl,
+      devices=distributed.training_devices(config.devices) if multi_process else None)
   replicated = replicate(state, config.devices)
   step = start_step = int(state.step)
   metrics_path = workdir / "metrics.jsonl"
-  if start_step > 0:
+  if start_step > 0 and primary:
     _mark_resume(metrics_path, start_step)
   if progress is None:
     progress = sys.stderr.isatty()
   summary: dict[str, Any] = {"stopped": None}
   window, window_start = [], time.perf_counter()
   run_start = time.perf_counter()
+  saved_step = start_step if start_step in checkpoints.steps() else None
 
-  def save(kind: str) -> None:
-    tree = _checkpoint_tree(unreplicate(replicated), batches.position, data_key, best, config)
-    if kind == "best":
-      checkpoint.save(checkpoint_dir / checkpoint.BEST, tree)
-    else:
-      checkpoint.save_step(checkpoint_dir, step, tree, keep=config.keep_checkpoints)
+  def save(valid_accuracy: float | None = None) -> None:
+    nonlocal saved_step
+    state_dict, meta = _checkpoint_contents(unreplicate(replicated), batches.position,
+                                            data_key, best, config)
+    try:  # in a multi-process run, orbax's barriers are collectives with the peers
+      checkpoints.save(step, state_dict, meta, valid_accuracy=valid_accuracy)
+    except Exception as error:  # pylint: disable=broad-except
+      if distributed.is_peer_failure(error):
+        raise distributed.peer_error(error, step, _last_checkpoint(checkpoints)) from error
+      raise
+    saved_step = step
 
-  bar = tqdm(total=config.steps, initial=step, disable=not progress, unit="step",
-             dynamic_ncols=True)
-  with _StopOnSignal() as stop, bar:
+  def evaluate() -> dict:
+    # Every process scores the whole split on its own devices (same params, same result).
+    return evaluation.evaluate(as_model(unreplicate(replicated).params, config),
+                               valid_x, valid_y, batch_size=config.eval_batch_size,
+                               devices=config.devices)
+
+  bar = tqdm(total=config.steps, initial=step, disable=not (progress and primary),
+             unit="step", dynamic_ncols=True)
+  # A process waiting on a dead peer ends with one line, not a hang or JAX's abort.
+  watchdog = distributed.Watchdog(config.distributed_timeout,
+                                  lambda: _last_checkpoint(checkpoints), enabled=multi_process)
+  with _StopOnSignal() as stop, bar, watchdog:
     while step < config.steps:
       x, y = next(batches)
       step_start = time.perf_counter()
-      replicated, metrics = train_step(replicated, x, y)
-      metrics = {name: float(value[0]) for name, value in metrics.items()}
+      signals = np.full((config.devices,), stop.signum, np.int32)
+      try:
+        replicated, metrics = train_step(replicated, x, y, signals)
+        metrics = {name: float(value) for name, value in unreplicate(metrics).items()}
+      except Exception as error:  # pylint: disable=broad-except
+        if not multi_process:
+          raise
+        raise distributed.peer_error(error, step + 1, _last_checkpoint(checkpoints)) from error
+      agreed_signal = int(metrics.pop("stop"))  # the same on every process
+      watchdog.progress()
       step += 1
       if step == start_step + 1:
         log.info("first step (compilation included) took %.1f s",
@@ -427,47 +530,52 @@ def train_and_evaluate(
         window_start = time.perf_counter()
       else:
         window.append(metrics)
-      _check_finite(step, metrics, checkpoint_dir)
+      _check_finite(step, metrics, checkpoints)
       if window and (step % config.log_every == 0 or step == config.steps):
         record = _window_record(step, window, time.perf_counter() - window_start,
                                 config.batch_size)
-        _append_jsonl(metrics_path, record)
+        if primary:
+          _append_jsonl(metrics_path, record)
         bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
                         samples_s=f"{record['samples_per_s']:.0f}")
-        if not progress:
+        if not progress and primary:
           log.info("step %d/%d: loss %.4f, accuracy %.3f, %.2f steps/s", step, config.steps,
                    record["loss"], record["accuracy"], record["steps_per_s"])
         window, window_start = [], time.perf_counter()
       bar.update(1)
       if step % config.eval_every == 0 or step == config.steps:
         eval_start = time.perf_counter()
-        result = evaluation.evaluate(as_model(unreplicate(replicated).params, config),
-                                     valid_x, valid_y, batch_size=config.eval_batch_size,
-                                     devices=config.devices)
-        _append_jsonl(metrics_path, {"step": step, "split": "valid",
-                                     "accuracy": result["accuracy"], "loss": result["loss"]})
+        result = evaluate()
+        if primary:
+          _append_jsonl(metrics_path, {"step": step, "split": "valid",
+                                       "accuracy": result["accuracy"], "loss": result["loss"]})
         log.info("step %d: valid accuracy %.4f, loss %.4f", step,
                  result["accuracy"], result["loss"])
-        if result["accuracy"] > best:
-          best = result["accuracy"]
-          save("best")
+        best = max(best, result["accuracy"])
+        save(valid_accuracy=result["accuracy"])  # preserved while it is the best
+        watchdog.progress()
         window_start += time.perf_counter() - eval_start  # steps/s counts training only
-      if step % config.checkpoint_every == 0 or step == config.steps or stop.requested:
-        save("step")
-      if stop.requested:
-        summary["stopped"] = stop.requested
-        log.warning("stopped by %s at step %d; resume with the same command", stop.requested, step)
+      if saved_step != step and (step % config.checkpoint_every == 0 or step == config.steps
+                                 or agreed_signal):
+        save()
+        watchdog.progress()
+      if agreed_signal:
+        summary["stopped"] = signal.Signals(agreed_signal).name
+        log.warning("stopped by %s at step %d; resume with the same command",
+                    summary["stopped"], step)
         break
 
-  valid = evaluation.evaluate(as_model(unreplicate(replicated).params, config),
-                              valid_x, valid_y, batch_size=config.eval_batch_size,
-                              devices=config.devices)
-  if summary["stopped"] is None:
+  valid = evaluate()
+  if summary["stopped"] is None and primary:
     (workdir / "eval.json").write_text(json.dumps({"step": step, "split": "valid", **valid}))
-  written = (checkpoint_dir / checkpoint.BEST).is_file() and best >= 0
-  summary.update(step=step, valid=valid, best_valid_accuracy=best if written else None,
-                 seconds=time.perf_counter() - run_start)
+  best_step = checkpoints.best_step()
+  checkpoints.close()
+  summary.update(
+      step=step, valid=valid,
+      best_valid_accuracy=None if best_step is None else best,
+      best_checkpoint=None if best_step is None else str(checkpoints.path(best_step)),
+      seconds=time.perf_counter() - run_start)
   log.info("done: step %d, valid accuracy %.4f, loss %.4f, %.0f s%s", step,
            valid["accuracy"], valid["loss"], summary["seconds"],
-           f"; best {best:.4f} in {checkpoint_dir / checkpoint.BEST}" if written else "")
+           f"; best {best:.4f} in {summary['best_checkpoint']}" if best_step is not None else "")
   return summary

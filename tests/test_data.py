@@ -16,6 +16,7 @@ import pytest
 
 from pixelrnn_jax import config as config_lib
 from pixelrnn_jax import data
+from pixelrnn_jax import idx
 from pixelrnn_jax import train
 
 
@@ -43,7 +44,7 @@ def unverified_original(monkeypatch):
       raw = path.read_bytes()
       raw = gzip.decompress(raw) if path.suffix == ".gz" else raw
       table[path.name.removesuffix(".gz")] = hashlib.sha256(raw).hexdigest()
-    monkeypatch.setattr(data, "SHA256", table)
+    monkeypatch.setattr(idx, "SHA256", table)
   return register
 
 
@@ -434,7 +435,7 @@ def test_train_passes_max_shift_to_the_batches(monkeypatch, tmp_path):
       super().__init__(*args, **kwargs)
 
   images, labels = _toy(64)
-  monkeypatch.setattr(data, "Batches", Spy)
+  monkeypatch.setattr(train.batches_lib, "Batches", Spy)
   monkeypatch.setattr(train, "_load_split",
                       lambda config, split: (images / images.max(), labels % 10))
   config = config_lib.Config(order="row", num_units=4, batch_size=16, steps=1, max_shift=2,
@@ -445,7 +446,7 @@ def test_train_passes_max_shift_to_the_batches(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(batch_size=10, max_shift=14), r"max_shift=14"),
-    (dict(batch_size=9, num_devices=2), r"batch_size=9 does not divide across 2 devices"),
+    (dict(batch_size=9, num_devices=2), r"batch_size=9 does not divide across 2 device\(s\) x 1 process"),
     (dict(batch_size=0), r"batch_size=0"),
     (dict(batch_size=100), r"larger than the 50 examples"),
     (dict(batch_size=10, index=5), r"outside an epoch of 5 batches"),

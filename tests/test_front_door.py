@@ -20,8 +20,9 @@ from pixelrnn_jax import checkpoint
 from pixelrnn_jax import cli
 from pixelrnn_jax import config as config_lib
 from pixelrnn_jax import data
+from pixelrnn_jax import run_checkpoints
 from pixelrnn_jax import train
-from tests.test_train import SMALL, _synthetic, _write_fake_idx, toy_data  # noqa: F401
+from tests.test_train import SMALL, _synthetic, _write_fake_idx, corrupt_step, toy_data  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +55,7 @@ def test_verbose_before_or_after_the_subcommand(argv, verbose):
   assert cli.build_parser().parse_args(argv).verbose is verbose
 
 
-_IMPORT_TO_DISTRIBUTION = {"PIL": "pillow"}
+_IMPORT_TO_DISTRIBUTION = {"PIL": "pillow", "orbax": "orbax-checkpoint"}
 _OPTIONAL = {"matplotlib": "plot", "tensorflow_datasets": "tfds"}
 
 
@@ -157,14 +158,15 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
 def test_a_stop_before_any_evaluation_reports_no_best(tmp_path, toy_data, monkeypatch, capsys):
   class StopAtOnce(train._StopOnSignal):
     def __enter__(self):
-      self.requested = "SIGINT"
+      self.requested, self.signum = "SIGINT", int(signal.SIGINT)
       return self
 
   monkeypatch.setattr(train, "_StopOnSignal", StopAtOnce)
   summary = train.train_and_evaluate(config_lib.Config(**SMALL), tmp_path, progress=False)
   assert summary["stopped"] == "SIGINT" and summary["step"] == 1
   assert summary["best_valid_accuracy"] is None
-  assert not (tmp_path / "checkpoints" / checkpoint.BEST).exists()
+  assert run_checkpoints.RunCheckpoints(tmp_path / "checkpoints",
+                                        read_only=True).best_step() is None
   code = cli.main(["train", "--workdir", str(tmp_path / "cli"), "--order", "row",
                    "--units", "8", "--batch-size", "16", "--steps", "6", "--eval-every", "3"])
   assert code == 130 and "best" not in capsys.readouterr().out
@@ -178,8 +180,7 @@ def test_metrics_mark_each_resume_and_never_repeat_a_step(tmp_path, toy_data):
   config = config_lib.Config(**{**SMALL, "log_every": 1})
   train.train_and_evaluate(config.replace(steps=4), tmp_path, progress=False)
   train.train_and_evaluate(config, tmp_path, progress=False)  # 4 -> 6
-  newest = checkpoint.step_path(tmp_path / "checkpoints", 6)
-  newest.write_bytes(b"corrupt")  # the next resume falls back to step 4
+  corrupt_step(tmp_path, 6)  # the next resume falls back to step 4
   train.train_and_evaluate(config.replace(steps=8), tmp_path, progress=False)
   records = _records(tmp_path / "metrics.jsonl")
   assert [r for r in records if "event" in r] == [{"event": "resume", "step": 4},

@@ -22,6 +22,7 @@ from pixelrnn_jax import cli
 from pixelrnn_jax import config as config_lib
 from pixelrnn_jax import data
 from pixelrnn_jax import evaluation
+from pixelrnn_jax import run_checkpoints
 from pixelrnn_jax import train
 
 SMALL = dict(order="row", num_units=8, batch_size=16, steps=6, log_every=2,
@@ -142,8 +143,22 @@ def test_evaluate_is_exact_over_an_uneven_split():
 
 
 def _final_state(workdir):
-  path, saved = checkpoint.load_latest(workdir / "checkpoints")
-  return path, saved
+  """(state dict, meta) of the run's newest checkpoint."""
+  manager = run_checkpoints.RunCheckpoints(workdir / "checkpoints", read_only=True)
+  state, meta = manager.restore(manager.latest_step())
+  manager.close()
+  return state, meta
+
+
+def corrupt_step(workdir, step):
+  """Overwrites every file of a step's ``state`` item with garbage."""
+  for path in (workdir / "checkpoints" / str(step) / "state").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"corrupt")
+
+
+def _step_names(workdir):
+  return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
 
 
 @pytest.mark.parametrize("devices", [1, 2])
@@ -155,18 +170,19 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, toy_data, devices):
   train.train_and_evaluate(config.replace(steps=5), tmp_path / "resumed", progress=False)
   resumed = train.train_and_evaluate(config, tmp_path / "resumed", progress=False)
   assert straight["step"] == resumed["step"] == 12
-  _, a = _final_state(tmp_path / "straight")
-  _, b = _final_state(tmp_path / "resumed")
-  for x, y in zip(jax.tree.leaves(a["state"]), jax.tree.leaves(b["state"])):
+  a, a_meta = _final_state(tmp_path / "straight")
+  b, b_meta = _final_state(tmp_path / "resumed")
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(x, y)
-  np.testing.assert_array_equal(a["data_position"], b["data_position"])
+  assert a_meta == b_meta
   assert straight["valid"] == resumed["valid"]
 
 
 def test_run_directory_contents(tmp_path, toy_data):
   config = config_lib.Config(**SMALL)
   summary = train.train_and_evaluate(config, tmp_path, progress=False)
-  assert json.loads((tmp_path / "config.json").read_text()) == json.loads(config.to_json())
+  resolved = config.replace(num_processes=1, process_id=0)  # as it ran
+  assert json.loads((tmp_path / "config.json").read_text()) == json.loads(resolved.to_json())
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   train_lines = [l for l in lines if "split" not in l]
   assert [l["step"] for l in train_lines] == [2, 4, 6]
@@ -175,29 +191,86 @@ def test_run_directory_contents(tmp_path, toy_data):
   eval_json = json.loads((tmp_path / "eval.json").read_text())
   assert len(eval_json["accuracy_per_step"]) == 28
   assert eval_json["accuracy"] == summary["valid"]["accuracy"]
-  names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-  assert names == ["best.msgpack", "ckpt_00000002.msgpack", "ckpt_00000004.msgpack",
-                   "ckpt_00000006.msgpack"]
+  # Saved: every 2 steps, at each evaluation (3, 6) and the end; kept: the newest
+  # keep_checkpoints (3) and the best on valid (the earliest among ties).
+  def best_step():
+    valid = [(-r["accuracy"], r["step"]) for r in map(json.loads, (
+        tmp_path / "metrics.jsonl").read_text().splitlines()) if r.get("split") == "valid"]
+    return min(valid)[1]
+
+  assert _step_names(tmp_path) == sorted({3, 4, 6, best_step()})
+  assert summary["best_checkpoint"] == str(tmp_path.absolute() / "checkpoints" / str(best_step()))
   train.train_and_evaluate(config.replace(steps=10, keep_checkpoints=2), tmp_path,
                            progress=False)
-  names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-  assert names == ["best.msgpack", "ckpt_00000008.msgpack", "ckpt_00000010.msgpack"]
+  assert _step_names(tmp_path) == sorted({9, 10, best_step()})
+  assert train.load_model(tmp_path)[2]["step"] == best_step()
 
 
-def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, toy_data, caplog):
+def _flip_a_byte(workdir, step):
+  """Flips one byte in the largest array file of a step: the files still parse."""
+  files = [p for p in (workdir / "checkpoints" / str(step) / "state").rglob("*")
+           if p.is_file() and p.parent.name == "d"]
+  path = max(files, key=lambda p: p.stat().st_size)
+  blob = bytearray(path.read_bytes())
+  blob[len(blob) // 2] ^= 0x01
+  path.write_bytes(bytes(blob))
+
+
+@pytest.mark.parametrize("damage", [corrupt_step, _flip_a_byte])
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, toy_data, caplog,
+                                                            damage):
+  config = config_lib.Config(**{**SMALL, "eval_every": 100})
+  straight = train.train_and_evaluate(config, tmp_path / "straight", progress=False)
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(config, workdir, progress=False)
+  assert _step_names(workdir) == [2, 4, 6]
+  damage(workdir, 6)
+  manager = run_checkpoints.RunCheckpoints(workdir / "checkpoints", read_only=True)
+  with pytest.raises(checkpoint.CheckpointError, match="6"):
+    manager.restore(6)
+  # The same command resumes from step 4, sets step 6 aside and computes it again.
+  resumed = train.train_and_evaluate(config, workdir, progress=False)
+  assert "skipping" in caplog.text and "moved the unreadable checkpoint" in caplog.text
+  assert (workdir / "unreadable" / "6").is_dir() and _step_names(workdir) == [2, 4, 6]
+  assert resumed["valid"] == straight["valid"]
+
+
+def test_a_run_whose_checkpoints_are_all_unreadable_stops_with_exit_2(tmp_path, toy_data,
+                                                                      capsys):
   config = config_lib.Config(**SMALL)
   train.train_and_evaluate(config, tmp_path, progress=False)
-  newest = checkpoint.step_path(tmp_path / "checkpoints", 6)
-  blob = bytearray(newest.read_bytes())
-  blob[len(blob) // 2] ^= 0xFF
-  newest.write_bytes(bytes(blob))
-  with pytest.raises(checkpoint.CheckpointError, match="checksum mismatch"):
-    checkpoint.load(newest)
-  path, saved = checkpoint.load_latest(tmp_path / "checkpoints")
-  assert path.name == "ckpt_00000004.msgpack" and int(saved["state"]["step"]) == 4
-  assert "skipping unusable checkpoint" in caplog.text
-  (tmp_path / "checkpoints" / "ckpt_00000004.msgpack").write_bytes(b"\x00" * 10)
-  assert int(checkpoint.load_latest(tmp_path / "checkpoints")[1]["state"]["step"]) == 2
+  for step in _step_names(tmp_path):
+    corrupt_step(tmp_path, step)
+  with pytest.raises(checkpoint.CheckpointError, match="none of the checkpoints"):
+    train.train_and_evaluate(config, tmp_path, progress=False)
+  assert all((tmp_path / "checkpoints" / str(s)).is_dir() for s in (3, 4, 6))  # nothing moved
+  code = cli.main(["train", "--workdir", str(tmp_path), "--order", "row", "--units", "8",
+                   "--batch-size", "16", "--steps", "6", "--eval-every", "3",
+                   "--log-every", "2", "--checkpoint-every", "2", "--eval-batch-size", "64"])
+  assert code == 2 and "none of the checkpoints" in capsys.readouterr().err
+
+
+def test_a_run_directory_of_version_0_2_still_loads_and_resumes(tmp_path, toy_data):
+  """Runs written with msgpack files (``ckpt_<step>.msgpack``, ``best.msgpack``)."""
+  config = config_lib.Config(**SMALL)
+  straight = train.train_and_evaluate(config, tmp_path / "straight", progress=False)
+  state, meta = _final_state(tmp_path / "straight")  # step 6 as 0.2 saved it
+  old = tmp_path / "old"
+  (old / "checkpoints").mkdir(parents=True)
+  (old / "config.json").write_text(config.to_json())
+  tree = {"state": state, "data_position": np.asarray(meta["data_position"]),
+          "data_key": np.asarray(meta["data_key"], np.uint32),
+          "best_valid_accuracy": meta["best_valid_accuracy"],
+          "config": json.dumps(meta["config"])}
+  checkpoint.save(checkpoint.step_path(old / "checkpoints", 6), tree)
+  checkpoint.save(old / "checkpoints" / checkpoint.BEST, tree)
+  params, loaded_config, info = train.load_model(old)
+  assert info["step"] == 6 and loaded_config == config.replace(num_processes=1, process_id=0)
+  resumed = train.train_and_evaluate(config.replace(steps=8), old, progress=False)
+  further = train.train_and_evaluate(config.replace(steps=8), tmp_path / "straight",
+                                     progress=False)
+  assert resumed["valid"] == further["valid"] and straight["step"] == 6
+  assert train.load_model(old)[2]["path"].startswith(str(old / "checkpoints"))
 
 
 def test_non_finite_loss_stops_keeping_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -215,11 +288,11 @@ def test_non_finite_loss_stops_keeping_the_last_good_checkpoint(tmp_path, monkey
   monkeypatch.setattr(train, "_load_split", lambda c, s: (images, labels))
   monkeypatch.setattr(data.Batches, "__next__", next_batch)
   config = config_lib.Config(**SMALL)
-  with pytest.raises(train.NonFiniteLossError, match=r"step 5: loss nan.*ckpt_00000004"):
+  with pytest.raises(train.NonFiniteLossError, match=r"step 5: loss nan.*checkpoints/4\."):
     train.train_and_evaluate(config, tmp_path, progress=False)
-  _, saved = checkpoint.load_latest(tmp_path / "checkpoints")
-  assert int(saved["state"]["step"]) == 4
-  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(saved["state"]["params"]))
+  state, _ = _final_state(tmp_path)
+  assert int(state["step"]) == 4
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state["params"]))
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path, toy_data):
@@ -377,8 +450,7 @@ def test_signal_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path, signum, 
   assert process.returncode == code, stderr
   assert "Traceback" not in stderr
   assert f"{signal.Signals(signum).name} received" in stderr
-  params, config, info = train.load_model(workdir / "checkpoints" / os.listdir(
-      workdir / "checkpoints")[0])
+  params, config, info = train.load_model(workdir)
   assert 5 <= info["step"] < 100000 and config.num_units == 8
   assert params.gates.kernel.shape == (28 + 8, 16)
 

@@ -1,0 +1,130 @@
+"""Shuffled, resumable training batches for the pmapped step, one process's share of each."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import jax
+import numpy as np
+
+from pixelrnn_jax.preprocessing import check_order, to_sequences
+
+
+class Batches(Iterator):
+  """Shuffled batches for a pmapped step, resumable from (epoch, index).
+
+  Each epoch is a fresh permutation drawn from ``fold_in(key, epoch)``; the
+  remainder that does not fill a batch is dropped. ``batch_size`` is the
+  global batch, over all devices of all processes: with ``num_processes > 1``
+  every process draws the same global batch from the same key and keeps only
+  slice ``process_index`` of it, so N processes with D devices each see the
+  batches of one process with N x D devices. Each batch is
+  ``x <float32>[devices, batch_size // (devices * num_processes), T, in_dim]``,
+  ``y <int32>[devices, batch_size // (devices * num_processes)]``.
+
+  ``max_shift > 0`` translates each image by a random ``(dy, dx)`` in
+  ``[-max_shift, max_shift]``, filling with the background (the smallest
+  pixel value of ``images``); the shifts come from ``(key, epoch, index)``, so
+  a resumed run draws the same ones.
+  """
+
+  def __init__(
+      self,
+      images: np.ndarray,
+      labels: np.ndarray,
+      *,
+      batch_size: int,
+      key: jax.Array,
+      order: str = "pixel",
+      num_devices: int = 1,
+      num_processes: int = 1,
+      process_index: int = 0,
+      max_shift: int = 0,
+      epoch: int = 0,
+      index: int = 0,
+  ):
+    check_order(order)
+    if not 0 <= max_shift < 14:
+      raise ValueError(f"max_shift={max_shift}: expected an integer in [0, 13]")
+    if batch_size < 1 or num_devices < 1 or num_processes < 1:
+      raise ValueError(f"batch_size={batch_size}, num_devices={num_devices},"
+                       f" num_processes={num_processes}: all must be >= 1")
+    if not 0 <= process_index < num_processes:
+      raise ValueError(f"process_index={process_index}: expected 0 <= process_index <"
+                       f" num_processes ({num_processes})")
+    shards = num_devices * num_processes
+    if batch_size % shards:
+      raise ValueError(
+          f"batch_size={batch_size} does not divide across {num_devices} device(s) x"
+          f" {num_processes} process(es); use a multiple of {shards}"
+      )
+    if len(images) != len(labels):
+      raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if batch_size > len(images):
+      raise ValueError(
+          f"batch_size={batch_size} is larger than the {len(images)} examples"
+      )
+    self.images, self.labels = images, labels
+    self.batch_size, self.num_devices, self.order = batch_size, num_devices, order
+    self.local_batch_size = batch_size // num_processes  # this process's share
+    self.local_start = process_index * self.local_batch_size
+    self.key = key
+    self.batches_per_epoch = len(images) // batch_size
+    if not 0 <= index < self.batches_per_epoch or epoch < 0:
+      raise ValueError(
+          f"position (epoch={epoch}, index={index}) is outside an epoch of"
+          f" {self.batches_per_epoch} batches"
+      )
+    self.epoch, self.index = epoch, index
+    self.max_shift = max_shift
+    self._background = images.min() if max_shift else None
+    self._order_of_epoch = None
+
+  @property
+  def position(self) -> tuple[int, int]:
+    """(epoch, index) of the next batch: pass it back to resume exactly."""
+    return self.epoch, self.index
+
+  def epoch_order(self, epoch: int) -> np.ndarray:
+    return np.asarray(
+        jax.random.permutation(jax.random.fold_in(self.key, epoch), len(self.images))
+    )
+
+  def shifts(self, epoch: int, index: int) -> np.ndarray:
+    """The ``<int>[batch_size, 2]`` (dy, dx) of batch ``index`` of ``epoch``."""
+    seed = np.asarray(jax.random.key_data(jax.random.fold_in(
+        jax.random.fold_in(self.key, epoch), index)))
+    rng = np.random.default_rng(seed.astype(np.uint32).ravel())
+    return rng.integers(-self.max_shift, self.max_shift + 1, size=(self.batch_size, 2))
+
+  def _shifted(self, images: np.ndarray) -> np.ndarray:
+    """``images`` (this process's slice of the batch) shifted by their share of the shifts."""
+    m = self.max_shift
+    padded = np.pad(images, ((0, 0), (m, m), (m, m)), constant_values=self._background)
+    out = np.empty_like(images)
+    height, width = images.shape[1:]
+    shifts = self.shifts(self.epoch, self.index)
+    shifts = shifts[self.local_start : self.local_start + self.local_batch_size]
+    for i, (dy, dx) in enumerate(shifts):
+      # out[r, c] = image[r - dy, c - dx]: the digit moves down by dy, right by dx.
+      out[i] = padded[i, m - dy : m - dy + height, m - dx : m - dx + width]
+    return out
+
+  def __next__(self) -> tuple[np.ndarray, np.ndarray]:
+    if self._order_of_epoch is None or self._order_of_epoch[0] != self.epoch:
+      self._order_of_epoch = (self.epoch, self.epoch_order(self.epoch))
+    start = self.index * self.batch_size + self.local_start
+    chosen = self._order_of_epoch[1][start : start + self.local_batch_size]
+    images = self.images[chosen]
+    if self.max_shift:
+      images = self._shifted(images)
+    x = to_sequences(images, self.order)
+    y = self.labels[chosen]
+    self.index += 1
+    if self.index == self.batches_per_epoch:
+      self.epoch, self.index = self.epoch + 1, 0
+    per_device = self.local_batch_size // self.num_devices
+    return (
+        x.reshape(self.num_devices, per_device, *x.shape[1:]),
+        y.reshape(self.num_devices, per_device),
+    )

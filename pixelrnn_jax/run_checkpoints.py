@@ -1,0 +1,217 @@
+"""A training run's checkpoints: an orbax ``CheckpointManager`` keeping the newest K and the best.
+
+Layout: ``<workdir>/checkpoints/<step>/`` with two items,
+
+- ``state``: the train state as a flax state dict of arrays (params, optimiser
+  moments, step), written by orbax's ``StandardSave``;
+- ``meta``: JSON with the config, the data position and key, the best
+  valid accuracy so far, and the SHA-256 of ``state``'s arrays, checked on
+  restore: a flipped byte fails loudly instead of loading wrong weights;
+
+and, for a step where the run evaluated on valid, orbax's metrics
+``{"valid_accuracy", "step"}``. Preservation keeps the ``keep`` newest steps
+and the one with the best valid accuracy (the earliest among ties).
+
+Orbax writes a step into a temporary directory and renames it when every
+item is complete, so a reader sees whole checkpoints only. In a multi-process
+run every process calls :meth:`RunCheckpoints.save` at the same steps with the
+same (replicated) state; process 0 writes and the others wait at orbax's
+barriers. The directory must be one that every process sees (a shared file
+system when the processes are on several machines).
+
+Single-file msgpack checkpoints (shipped weights, and runs of pixelrnn_jax
+0.2 and older) are read by :mod:`pixelrnn_jax.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+from pixelrnn_jax.checkpoint import CheckpointError
+
+log = logging.getLogger(__name__)
+
+METRIC = "valid_accuracy"
+UNREADABLE = "unreadable"  # where unreadable step directories are moved, next to checkpoints/
+
+
+class _WithoutMetricsWarning(logging.Filter):
+  """Orbax warns at every save without metrics when it tracks the best; here only
+  evaluated steps have metrics, by design."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Requested `tracked_metric`")
+
+
+logging.getLogger("absl").addFilter(_WithoutMetricsWarning())
+
+
+def state_digest(state: dict) -> str:
+  """SHA-256 over every array of a state dict: its path, dtype, shape and bytes."""
+  digest = hashlib.sha256()
+  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(state)[0],
+                           key=lambda item: jax.tree_util.keystr(item[0])):
+    leaf = np.ascontiguousarray(leaf)
+    digest.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype.str}:{leaf.shape}".encode())
+    digest.update(leaf.tobytes())
+  return digest.hexdigest()
+
+
+def _rank(metrics: dict) -> tuple[float, int]:
+  """Higher is better: the valid accuracy, then the earlier step among ties."""
+  return metrics[METRIC], -metrics["step"]
+
+
+class RunCheckpoints:
+  """The checkpoints of one run directory (see the module docstring).
+
+  Args:
+    directory: ``<workdir>/checkpoints``.
+    keep: newest steps kept besides the best; ``None`` with ``read_only``.
+    read_only: for evaluating or plotting a run: nothing is created or deleted.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, keep: int | None = None,
+               read_only: bool = False):
+    self.directory = Path(directory).absolute()
+    policy = None if read_only else checkpoint_managers.AnyPreservationPolicy([
+        checkpoint_managers.LatestN(n=keep),
+        checkpoint_managers.BestN(get_metric_fn=_rank, n=1,
+                                  keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=0 if read_only else 1,
+        preservation_policy=policy, best_fn=_rank, best_mode="max",
+        enable_async_checkpointing=False,  # a save is ~50 ms here; simpler to reason about
+        create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
+    )
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    if read_only:  # orbax warns that a read-only manager is read-only
+      absl_log.setLevel(logging.ERROR)
+    try:
+      self._manager = ocp.CheckpointManager(self.directory, options=options)
+    finally:
+      absl_log.setLevel(level)
+
+  def steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def best_step(self) -> int | None:
+    """The step with the best valid accuracy; None when no saved step was evaluated."""
+    evaluated = [s for s in self.steps() if self._manager.metrics(s) is not None]
+    return self._manager.best_step() if evaluated else None
+
+  def path(self, step: int) -> Path:
+    return self.directory / str(step)
+
+  def save(self, step: int, state: dict, meta: dict, *, valid_accuracy: float | None = None):
+    """Writes step ``step`` (every process of the run calls this at the same step).
+
+    Args:
+      state: a state dict of arrays (``flax.serialization.to_state_dict`` of the train state).
+      meta: JSON-serialisable run facts (config, data position, ...).
+      valid_accuracy: the valid accuracy of this state, when it was evaluated;
+        the best one is preserved.
+    """
+    metrics = None if valid_accuracy is None else {METRIC: float(valid_accuracy), "step": step}
+    meta = {**meta, "state_sha256": state_digest(state)}
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), metrics=metrics)
+
+  def restore(self, step: int) -> tuple[dict, dict]:
+    """(state dict, meta) of ``step``.
+
+    Raises:
+      CheckpointError: naming the directory, when it is missing or unreadable.
+    """
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    except Exception as error:  # pylint: disable=broad-except  # orbax/tensorstore raise many kinds
+      message = " ".join(str(error).split())[:300]
+      raise CheckpointError(f"{self.path(step)}: unreadable checkpoint"
+                            f" ({type(error).__name__}: {message})") from error
+    state, meta = restored.state, dict(restored.meta)
+    if meta.pop("state_sha256", None) != state_digest(state):
+      raise CheckpointError(f"{self.path(step)}: checksum mismatch, the checkpoint is corrupt")
+    return state, meta
+
+  def restore_latest(self) -> tuple[int, dict, dict] | None:
+    """The newest readable step as (step, state dict, meta); None when there is none.
+
+    Newer steps that cannot be read are moved to ``<workdir>/unreadable/`` with a
+    warning, so the resumed run can write those steps again.
+
+    Raises:
+      CheckpointError: when steps exist but none can be read (nothing is moved then).
+    """
+    steps = self.steps()
+    failures = []
+    for step in reversed(steps):
+      try:
+        state, meta = self.restore(step)
+      except CheckpointError as error:
+        log.warning("skipping %s", error)
+        failures.append(step)
+        continue
+      if failures:
+        self._set_aside(failures)
+      return step, state, meta
+    if steps:
+      raise CheckpointError(
+          f"{self.directory}: none of the checkpoints {steps} can be read (see the warnings"
+          " above); move the directory away to start afresh, or choose another --workdir")
+    return None
+
+  def _set_aside(self, steps: list[int]) -> None:
+    aside = self.directory.parent / UNREADABLE
+    if jax.process_index() == 0:
+      aside.mkdir(exist_ok=True)
+      for step in steps:
+        target = aside / str(step)
+        if target.exists():
+          shutil.rmtree(target)
+        self.path(step).rename(target)
+        log.warning("moved the unreadable checkpoint %s to %s", self.path(step), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices("pixelrnn_jax: unreadable checkpoints set aside")
+    self._manager.reload()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def read_step(path: str | os.PathLike) -> tuple[int, dict, dict]:
+  """(step, state dict, meta) of one step directory, ``<workdir>/checkpoints/<step>``."""
+  path = Path(path)
+  manager = RunCheckpoints(path.parent, read_only=True)
+  try:
+    state, meta = manager.restore(int(path.name))
+  finally:
+    manager.close()
+  return int(path.name), state, meta
+
+
+def chosen_step(directory: str | os.PathLike) -> Path | None:
+  """The step directory a run is loaded from: the best on valid, else the newest."""
+  manager = RunCheckpoints(directory, read_only=True)
+  try:
+    step = manager.best_step()
+    step = manager.latest_step() if step is None else step
+  finally:
+    manager.close()
+  return None if step is None else manager.path(step)

@@ -1,0 +1,264 @@
+"""Multi-process training on localhost: N processes x D devices == 1 process x N*D devices.
+
+Every run here is real: separate Python processes joined by
+``jax.distributed`` (gloo collectives on CPU) through the ``train`` command,
+each with a timeout so that a hung peer fails the test rather than CI.
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from pixelrnn_jax import batches
+from pixelrnn_jax import cli
+from pixelrnn_jax import config as config_lib
+from pixelrnn_jax import distributed
+from pixelrnn_jax import run_checkpoints
+from tests.test_train import _synthetic, _write_fake_idx
+
+TIMEOUT_S = 120  # per run; a hang fails the test
+FLAGS = ["--no-verify-data", "--order", "row", "--units", "8", "--batch-size", "32",
+         "--log-every", "5", "--eval-every", "10", "--checkpoint-every", "5",
+         "--eval-batch-size", "200", "--no-progress"]
+
+
+def _free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    return sock.getsockname()[1]
+
+
+def _env(tmp_path):
+  return {**os.environ, "PIXELRNN_JAX_CACHE": str(tmp_path / "cache")}
+
+
+def _start(tmp_path, workdir, *, processes, devices, steps, extra=(), only=None):
+  """Starts the ``train`` command as ``processes`` processes (or just ranks ``only``)."""
+  port = _free_port()
+  command = [sys.executable, "-m", "pixelrnn_jax", "train", "--workdir", str(workdir),
+             "--data-dir", str(tmp_path), *FLAGS, "--steps", str(steps),
+             "--devices", str(devices), *extra]
+  if processes == 1:
+    ranks, flags = [0], lambda rank: []
+  else:
+    ranks = range(processes) if only is None else only
+    flags = lambda rank: ["--num-processes", str(processes), "--process-id", str(rank),  # noqa: E731
+                          "--coordinator-address", f"localhost:{port}"]
+  return [subprocess.Popen(command + flags(rank), env=_env(tmp_path), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True) for rank in ranks]
+
+
+def _finish(procs, timeout=TIMEOUT_S):
+  """(return codes, stderr texts); kills everything on timeout and fails."""
+  deadline = time.monotonic() + timeout
+  results = []
+  for proc in procs:
+    try:
+      _, stderr = proc.communicate(timeout=max(1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      for p in procs:
+        p.kill()
+      pytest.fail(f"a process hung past {timeout} s")
+    results.append((proc.returncode, stderr))
+  return [code for code, _ in results], [err for _, err in results]
+
+
+def _run(tmp_path, workdir, **kwargs):
+  codes, errors = _finish(_start(tmp_path, workdir, **kwargs))
+  assert codes == [0] * len(codes), "\n".join(e[-3000:] for e in errors)
+  return errors
+
+
+def _state(workdir, step=None):
+  manager = run_checkpoints.RunCheckpoints(workdir / "checkpoints", read_only=True)
+  state, meta = manager.restore(manager.latest_step() if step is None else step)
+  manager.close()
+  return state, meta
+
+
+def _assert_same_params(a, b, *, exact):
+  for x, y in zip(jax.tree.leaves(a["params"]), jax.tree.leaves(b["params"]), strict=True):
+    if exact:
+      np.testing.assert_array_equal(x, y)
+    else:  # the same run up to float32 rounding of the all-reduce's summation order
+      np.testing.assert_allclose(x, y, rtol=2e-6, atol=2e-7)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """1 process x 2 devices and 2 processes x 1 device, 20 steps each, same data."""
+  tmp_path = tmp_path_factory.mktemp("distributed")
+  _write_fake_idx(tmp_path)
+  _run(tmp_path, tmp_path / "one", processes=1, devices=2, steps=20)
+  _run(tmp_path, tmp_path / "two", processes=2, devices=1, steps=20)
+  return tmp_path
+
+
+def test_two_processes_equal_one_process_with_two_devices(runs):
+  one, one_meta = _state(runs / "one", 20)
+  two, two_meta = _state(runs / "two", 20)
+  assert int(one["step"]) == int(two["step"]) == 20
+  _assert_same_params(one, two, exact=False)
+  assert one_meta["data_position"] == two_meta["data_position"]
+  assert json.loads((runs / "two" / "config.json").read_text())["num_processes"] == 2
+
+
+def test_evaluate_of_both_run_directories_gives_the_same_loss(runs, capsys):
+  results = []
+  for name in ("one", "two"):
+    step_dir = runs / name / "checkpoints" / "20"  # the run directory would give its best
+    assert cli.main(["evaluate", "--checkpoint", str(step_dir), "--data-dir", str(runs),
+                     "--no-verify-data", "--split", "valid", "--json"]) == 0
+    results.append(json.loads(capsys.readouterr().out))
+  assert results[0]["step"] == results[1]["step"] == 20
+  np.testing.assert_allclose(results[0]["loss"], results[1]["loss"], rtol=1e-6)
+  assert results[0]["accuracy"] == results[1]["accuracy"]
+
+
+def test_only_process_zero_writes_the_run_files(runs):
+  lines = [json.loads(l) for l in (runs / "two" / "metrics.jsonl").read_text().splitlines()]
+  steps = [l["step"] for l in lines if "split" not in l]
+  assert steps == sorted(set(steps)) == [5, 10, 15, 20]  # once each, not once per process
+
+
+def test_resume_of_a_two_process_run_equals_the_uninterrupted_run(runs, tmp_path):
+  workdir = tmp_path / "resumed"
+  _run(runs, workdir, processes=2, devices=1, steps=10)
+  _run(runs, workdir, processes=2, devices=1, steps=20)
+  resumed, meta = _state(workdir, 20)
+  straight, straight_meta = _state(runs / "two", 20)
+  _assert_same_params(resumed, straight, exact=True)
+  for x, y in zip(jax.tree.leaves(resumed["opt_state"]), jax.tree.leaves(straight["opt_state"])):
+    np.testing.assert_array_equal(x, y)
+  for key in ("data_position", "data_key", "best_valid_accuracy"):
+    assert meta[key] == straight_meta[key]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_peer_that_never_joins_fails_within_the_timeout_naming_the_coordinator(
+    tmp_path, rank):
+  _write_fake_idx(tmp_path)
+  start = time.monotonic()
+  procs = _start(tmp_path, tmp_path / "run", processes=2, devices=1, steps=5, only=[rank],
+                 extra=["--distributed-timeout", "4"])
+  (code,), (stderr,) = _finish(procs, timeout=60)
+  assert code == distributed.PEER_FAILURE_EXIT, stderr[-2000:]
+  assert time.monotonic() - start < 40
+  port = procs[0].args[procs[0].args.index("--coordinator-address") + 1]
+  assert f"process {rank} of 2" in stderr and port in stderr
+  assert "Check failure stack trace" not in stderr  # ours, not JAX's abort
+
+
+def _wait_for_metrics(workdir, procs, lines=1):
+  deadline = time.monotonic() + TIMEOUT_S
+  path = workdir / "metrics.jsonl"
+  while not (path.exists() and len(path.read_text().splitlines()) >= lines):
+    assert all(p.poll() is None for p in procs), _finish(procs)[1]
+    assert time.monotonic() < deadline, "no metrics written in time"
+    time.sleep(0.2)
+
+
+def test_a_signal_to_one_process_stops_the_whole_run_with_a_checkpoint(tmp_path):
+  _write_fake_idx(tmp_path)
+  workdir = tmp_path / "run"
+  procs = _start(tmp_path, workdir, processes=2, devices=1, steps=100_000,
+                 extra=["--checkpoint-every", "1000000", "--eval-every", "1000000"])
+  _wait_for_metrics(workdir, procs)
+  procs[1].send_signal(signal.SIGINT)
+  codes, errors = _finish(procs, timeout=60)
+  assert codes == [130, 130], "\n".join(e[-2000:] for e in errors)
+  assert all("Traceback" not in e for e in errors)
+  stopped = [int(e.split("stopped by SIGINT at step ")[1].split(";")[0]) for e in errors]
+  assert stopped[0] == stopped[1] > 5  # both at the same step
+  state, _ = _state(workdir)
+  assert int(state["step"]) == stopped[0]
+
+
+def test_a_peer_that_dies_ends_the_others_and_the_run_resumes(tmp_path):
+  _write_fake_idx(tmp_path)
+  workdir = tmp_path / "run"
+  procs = _start(tmp_path, workdir, processes=2, devices=1, steps=100_000,
+                 extra=["--distributed-timeout", "10", "--checkpoint-every", "5"])
+  _wait_for_metrics(workdir, procs, lines=2)
+  procs[1].kill()
+  killed_at = time.monotonic()
+  (code, _), (stderr, _) = _finish(procs, timeout=60)
+  assert time.monotonic() - killed_at < 20  # the gloo error at once, or the watchdog at 10 s
+  assert code == distributed.PEER_FAILURE_EXIT, stderr[-2000:]
+  assert re.search("a peer process (has stopped|that died)", stderr), stderr[-2000:]
+  assert "Traceback" not in stderr and "Check failure stack trace" not in stderr
+  last = int(re.search(r"The last complete checkpoint is \S+/(\d+);", stderr).group(1))
+  # The same command resumes from the last complete checkpoint.
+  state, _ = _state(workdir)
+  steps = int(state["step"]) + 5
+  errors = _run(tmp_path, workdir, processes=2, devices=1, steps=steps)
+  assert f"resuming from {workdir / 'checkpoints'}" in errors[0]
+  assert int(state["step"]) >= last
+  assert int(_state(workdir)[0]["step"]) == steps
+
+
+# ---------------------------------------------------------------------------- in one process
+
+
+def test_each_process_reads_its_slice_of_the_same_global_batch():
+  images, labels = _synthetic(200, 3)
+  key = jax.random.key(5)
+  kwargs = dict(batch_size=24, key=key, order="row", max_shift=2)
+  whole = batches.Batches(images, labels, num_devices=4, **kwargs)
+  parts = [batches.Batches(images, labels, num_devices=2, num_processes=2, process_index=i,
+                           **kwargs) for i in range(2)]
+  for _ in range(10):  # across an epoch boundary (8 batches per epoch)
+    x, y = next(whole)
+    pieces = [next(p) for p in parts]
+    np.testing.assert_array_equal(np.concatenate([p[0] for p in pieces]), x)
+    np.testing.assert_array_equal(np.concatenate([p[1] for p in pieces]), y)
+  assert parts[0].position == parts[1].position == whole.position
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_processes=2, process_id=2), r"process_id=2: expected 0 \.\. num_processes - 1"),
+    (dict(coordinator_address="node001"), "expected HOST:PORT"),
+    (dict(num_processes=0), "num_processes=0"),
+    (dict(num_processes=3, batch_size=32, devices=2), "multiple of 6"),
+    (dict(distributed_timeout=0), "distributed_timeout=0"),
+])
+def test_bad_process_flags_are_clear_errors(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    config_lib.Config(**kwargs)
+
+
+def test_a_process_flag_typo_is_an_argparse_error(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(["train", "--workdir", "x", "--num-processes", "two"])
+  assert exit_info.value.code == 2
+  assert "--num-processes: invalid int value: 'two'" in capsys.readouterr().err
+
+
+def test_without_flags_or_a_cluster_the_run_is_one_process(monkeypatch):
+  for name in ("SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "JAX_COORDINATOR_ADDRESS"):
+    monkeypatch.delenv(name, raising=False)
+  assert not distributed.wanted(config_lib.Config())
+  assert distributed.wanted(config_lib.Config(num_processes=2))
+  assert not distributed.wanted(config_lib.Config(num_processes=1))
+  config = distributed.initialize(config_lib.Config())
+  assert (config.num_processes, config.process_id) == (1, 0)
+
+
+def test_a_slurm_job_with_several_tasks_is_detected(monkeypatch):
+  for name, value in {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[001-002]",
+                      "SLURM_NTASKS": "4", "SLURM_PROCID": "1",
+                      "SLURM_LOCALID": "1", "SLURM_STEP_NUM_NODES": "2"}.items():
+    monkeypatch.setenv(name, value)
+  assert distributed.cluster_process_count() == 4
+  assert distributed.wanted(config_lib.Config())
+  monkeypatch.setenv("SLURM_NTASKS", "1")
+  assert not distributed.wanted(config_lib.Config())
