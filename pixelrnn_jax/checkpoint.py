@@ -1,14 +1,14 @@
-"""Atomic, self-checking checkpoints of small pytrees (flax msgpack).
+"""Single-file, self-checking msgpack checkpoints: shipped weights and runs of 0.2.
 
-Why not orbax: a checkpoint here is one ~160 kB single-host pytree (params
-plus Adam moments). One msgpack file written to a temporary name, fsynced and
-renamed is atomic on POSIX; orbax's multi-file async machinery adds seconds
-per save and its retention keeps either the last K or the K best, where we
-want the last K *and* the best on valid.
+Shipped weights (``pixelrnn_jax/pretrained/*.msgpack``, written by
+``export``) are one ~160 kB file each, and run directories written by
+pixelrnn_jax 0.2 hold ``ckpt_<step>.msgpack`` and ``best.msgpack``; both are
+read here. Training runs now checkpoint through orbax (``run_checkpoints``).
 
 File layout: ``msgpack({"sha256": hex, "payload": bytes})`` where payload is
 the msgpack of the checkpoint's state dict; a flipped or missing byte fails
-the checksum instead of loading silently wrong weights.
+the checksum instead of loading silently wrong weights. A file is written to
+a temporary name, fsynced and renamed, so it is atomic on POSIX.
 """
 
 from __future__ import annotations
@@ -105,14 +105,6 @@ def step_checkpoints(directory: str | os.PathLike) -> list[Path]:
   if not directory.is_dir():
     return []
   return sorted(p for p in directory.iterdir() if _STEP_FILE.match(p.name))
-
-
-def save_step(directory: str | os.PathLike, step: int, tree: Any, *, keep: int) -> Path:
-  """Saves a step checkpoint, then deletes all but the newest ``keep``."""
-  path = save(step_path(directory, step), tree)
-  for old in step_checkpoints(directory)[:-keep]:
-    old.unlink()
-  return path
 
 
 def load_latest(directory: str | os.PathLike) -> tuple[Path, dict] | None:

@@ -451,8 +451,23 @@ def train_and_evaluate(
   config = distributed.initialize(config)
   config.validate()  # the batch must also divide over the processes a cluster job brought
   _check_devices(config)
-  primary = distributed.is_primary()
   workdir = Path(workdir)
+  # A process of a multi-process run that waits on a dead or stuck peer (at a
+  # checkpoint barrier or a collective) ends with one line, not a hang or an abort.
+  with distributed.Watchdog(config.distributed_timeout, lambda: _last_checkpoint_in(workdir),
+                            enabled=config.num_processes > 1) as watchdog:
+    return _train(config, workdir, progress, watchdog)
+
+
+def _last_checkpoint_in(workdir: Path) -> str:
+  steps = model_io.step_sources(workdir)
+  return str(steps[-1]) if steps else "none (nothing saved yet)"
+
+
+def _train(config: config_lib.Config, workdir: Path, progress: bool | None,
+           watchdog: distributed.Watchdog) -> dict:
+  """The body of ``train_and_evaluate``, once this process has joined its run."""
+  primary = distributed.is_primary()
   _prepare_workdir(workdir, config)
   train_x, train_y = _load_split(config, "train")
   if config.standardize:  # trained on standardised pixels ...
@@ -506,10 +521,8 @@ def train_and_evaluate(
 
   bar = tqdm(total=config.steps, initial=step, disable=not (progress and primary),
              unit="step", dynamic_ncols=True)
-  # A process waiting on a dead peer ends with one line, not a hang or JAX's abort.
-  watchdog = distributed.Watchdog(config.distributed_timeout,
-                                  lambda: _last_checkpoint(checkpoints), enabled=multi_process)
-  with _StopOnSignal() as stop, bar, watchdog:
+  watchdog.progress()  # loading, restoring and the first barrier are behind us
+  with _StopOnSignal() as stop, bar:
     while step < config.steps:
       x, y = next(batches)
       step_start = time.perf_counter()

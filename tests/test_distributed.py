@@ -262,3 +262,40 @@ def test_a_slurm_job_with_several_tasks_is_detected(monkeypatch):
   assert distributed.wanted(config_lib.Config())
   monkeypatch.setenv("SLURM_NTASKS", "1")
   assert not distributed.wanted(config_lib.Config())
+
+
+def test_a_stopped_peer_ends_the_others_after_the_timeout(tmp_path):
+  _write_fake_idx(tmp_path)
+  workdir = tmp_path / "run"
+  procs = _start(tmp_path, workdir, processes=2, devices=1, steps=100_000,
+                 extra=["--distributed-timeout", "8", "--checkpoint-every", "5"])
+  _wait_for_metrics(workdir, procs, lines=2)
+  procs[1].send_signal(signal.SIGSTOP)  # alive, but silent
+  stopped_at = time.monotonic()
+  try:
+    _, stderr = procs[0].communicate(timeout=60)
+  finally:
+    procs[1].kill()
+    procs[1].communicate()
+  assert procs[0].returncode == distributed.PEER_FAILURE_EXIT, stderr[-2000:]
+  assert 8 <= time.monotonic() - stopped_at < 15  # the watchdog, before JAX's check at 16 s
+  assert "made no progress for" in stderr and "Check failure stack trace" not in stderr
+  assert re.search(r"The last complete checkpoint is \S+/checkpoints/\d+;", stderr)
+
+
+def test_a_peer_that_fails_at_start_ends_the_others(tmp_path):
+  _write_fake_idx(tmp_path)
+  (tmp_path / "empty").mkdir()
+  port = _free_port()
+  command = [sys.executable, "-m", "pixelrnn_jax", "train", "--workdir", str(tmp_path / "run"),
+             *FLAGS, "--steps", "20", "--devices", "1", "--num-processes", "2",
+             "--coordinator-address", f"localhost:{port}", "--distributed-timeout", "8"]
+  procs = [subprocess.Popen(command + ["--process-id", str(rank), "--data-dir", str(where)],
+                            env=_env(tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+           for rank, where in ((0, tmp_path), (1, tmp_path / "empty"))]
+  codes, errors = _finish(procs, timeout=60)
+  assert codes == [distributed.PEER_FAILURE_EXIT, 2], "\n".join(e[-2000:] for e in errors)
+  assert "has no train-images-idx3-ubyte" in errors[1]
+  assert "waiting for a peer process" in errors[0]
+  assert all("Check failure stack trace" not in e for e in errors)
