@@ -9,7 +9,7 @@ command's Ctrl-C handling do not wait for JAX to load.
 
 import importlib
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = ["gru_cell", "gru_classifier", "gru_step"]
 
 

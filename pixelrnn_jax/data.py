@@ -1,4 +1,4 @@
-"""MNIST as the notebook used it: IDX files, its splits, and pixel-by-pixel orders.
+"""MNIST as the notebook used it: its splits, and where their files come from.
 
 ``load_mnist(split)`` returns ``(images <float32>[N, 28, 28] in [0, 1],
 labels <int32>[N])``. The four original IDX files are looked for in this
@@ -19,6 +19,10 @@ unless ``verify=False`` (for your own IDX-format data).
 
 Splits as the notebook (TF1 ``read_data_sets``): ``valid`` = training images
 0..4999, ``train`` = training images 5000..59999, ``test`` = the t10k images.
+
+The IDX format is read in ``idx``, the orders and scaling live in
+``preprocessing`` and the training batches in ``batches``; their public names
+are re-exported here.
 """
 
 from __future__ import annotations

@@ -150,8 +150,14 @@ def check_params(params: Params) -> None:
   a readout ``output.kernel [units, classes]``, ``output.bias [classes]``, one dtype.
 
   Raises:
-    ValueError: naming the shapes or dtypes that do not fit.
+    ValueError: naming the shapes or dtypes that do not fit, or a params
+      object that is not a ``Params`` (such as a plain dict of weights).
   """
+  if not isinstance(params, Params):
+    raise ValueError(
+        f"params is a {type(params).__name__}, not a gru_classifier.Params: make it with"
+        " gru_classifier.init or load, or from a dict of weights with"
+        " gru_classifier.from_arrays(arrays, cell=..., activation=..., order=...)")
   _, _, units = gru_cell.check_weights(params)
   kernel, bias = (tuple(params.output.kernel.shape), tuple(params.output.bias.shape))
   if len(kernel) != 2 or kernel[0] != units or bias != kernel[1:]:

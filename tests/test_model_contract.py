@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import flax.linen as nn
+import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -347,3 +348,14 @@ def test_evaluate_in_another_order_warns(caplog, capsys, mnist_dir):
                    "--data-dir", mnist_dir, "--batch-size", "5000", "--json"])
   assert code == 0
   assert "trained on pixel order in permuted order" in caplog.text
+
+
+def test_a_plain_dict_of_weights_is_a_clear_error():
+  params = gru_classifier.init(jax.random.key(0), num_units=4)
+  arrays = flax.serialization.to_state_dict(params)
+  with pytest.raises(ValueError, match="not a gru_classifier.Params.*from_arrays"):
+    gru_classifier.apply(arrays, np.zeros((1, 28, 28), np.float32))
+  rebuilt = gru_classifier.from_arrays(arrays, order=params.order)
+  np.testing.assert_array_equal(
+      gru_classifier.apply(rebuilt, np.zeros((1, 28, 28), np.float32)),
+      gru_classifier.apply(params, np.zeros((1, 28, 28), np.float32)))

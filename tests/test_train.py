@@ -466,3 +466,14 @@ def test_example_script_trains_through_the_library(tmp_path):
       env={**os.environ, "PIXELRNN_JAX_CACHE": str(tmp_path / "cache")})
   assert result.returncode == 0, result.stderr
   assert json.loads((tmp_path / "run" / "eval.json").read_text())["step"] == 3
+
+
+def test_steps_below_the_runs_step_is_a_clear_error_that_keeps_the_run(tmp_path, toy_data,
+                                                                        capsys):
+  config = config_lib.Config(**SMALL)
+  train.train_and_evaluate(config, tmp_path, progress=False)
+  before = (tmp_path / "config.json").read_text()
+  with pytest.raises(ValueError, match=r"already at step 6; --steps 4 is below it"):
+    train.train_and_evaluate(config.replace(steps=4), tmp_path, progress=False)
+  assert (tmp_path / "config.json").read_text() == before
+  assert _step_names(tmp_path)[-1] == 6
