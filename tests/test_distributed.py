@@ -268,7 +268,7 @@ def test_a_stopped_peer_ends_the_others_after_the_timeout(tmp_path):
   _write_fake_idx(tmp_path)
   workdir = tmp_path / "run"
   procs = _start(tmp_path, workdir, processes=2, devices=1, steps=100_000,
-                 extra=["--distributed-timeout", "8", "--checkpoint-every", "5"])
+                 extra=["--distributed-timeout", "10", "--checkpoint-every", "5"])
   _wait_for_metrics(workdir, procs, lines=2)
   procs[1].send_signal(signal.SIGSTOP)  # alive, but silent
   stopped_at = time.monotonic()
@@ -278,7 +278,7 @@ def test_a_stopped_peer_ends_the_others_after_the_timeout(tmp_path):
     procs[1].kill()
     procs[1].communicate()
   assert procs[0].returncode == distributed.PEER_FAILURE_EXIT, stderr[-2000:]
-  assert 8 <= time.monotonic() - stopped_at < 15  # the watchdog, before JAX's check at 16 s
+  assert 10 <= time.monotonic() - stopped_at < 19  # the watchdog, before JAX's check at 20 s
   assert "made no progress for" in stderr and "Check failure stack trace" not in stderr
   assert re.search(r"The last complete checkpoint is \S+/checkpoints/\d+;", stderr)
 
