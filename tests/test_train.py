@@ -5,6 +5,7 @@ import json
 import logging
 import re
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -477,3 +478,21 @@ def test_steps_below_the_runs_step_is_a_clear_error_that_keeps_the_run(tmp_path,
     train.train_and_evaluate(config.replace(steps=4), tmp_path, progress=False)
   assert (tmp_path / "config.json").read_text() == before
   assert _step_names(tmp_path)[-1] == 6
+
+
+def test_a_half_written_checkpoint_is_ignored_on_resume(tmp_path, toy_data):
+  """Orbax writes a step to ``<step>.orbax-checkpoint-tmp`` and renames it when complete;
+  a process killed mid-save leaves only that directory, which resuming passes over."""
+  config = config_lib.Config(**SMALL)
+  straight = train.train_and_evaluate(config.replace(steps=8), tmp_path / "straight",
+                                      progress=False)
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(config, workdir, progress=False)
+  partial = workdir / "checkpoints" / "8.orbax-checkpoint-tmp"
+  shutil.copytree(workdir / "checkpoints" / "6", partial)
+  for path in partial.rglob("*"):
+    if path.is_file() and path.stat().st_size > 100:
+      path.write_bytes(path.read_bytes()[:50])  # cut off mid-write
+  resumed = train.train_and_evaluate(config.replace(steps=8), workdir, progress=False)
+  assert resumed["valid"] == straight["valid"]
+  assert not partial.exists() and 8 in _step_names(workdir)
