@@ -101,7 +101,9 @@ def evaluate(
   for threshold in early_exit_thresholds:
     if not 0 < threshold <= 1:
       raise ValueError(f"early-exit threshold {threshold}: expected a probability in (0, 1]")
-  thresholds = np.asarray(early_exit_thresholds, np.float32)
+  # One more threshold than asked (1.0, dropped below): a zero-size operand in a
+  # multi-device pmap crashed XLA's CPU compiler (segfault, seen with jaxlib 0.11.2).
+  thresholds = np.asarray([*early_exit_thresholds, 1.0], np.float32)
   # Validates the shape, dtype and values once, and puts the images in order.
   sequences = np.asarray(gru_classifier.as_sequence(params, np.asarray(images)))
   totals = None
