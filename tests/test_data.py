@@ -471,3 +471,28 @@ def test_a_damaged_cache_is_ignored_and_fetched_again(tmp_path, monkeypatch):
   data._load_file_pair.cache_clear()
   loaded, _ = data.load_mnist("valid", cache_dir=cache, verify=True, sources=("npm",))
   assert loaded.shape[1:] == (28, 28)
+
+
+def test_processes_writing_the_same_cache_at_once_each_rename_a_whole_file(tmp_path):
+  """Two processes of a multi-process run fetch MNIST at the same moment."""
+  import threading  # pylint: disable=import-outside-toplevel
+  images, labels = np.zeros((2000, 28, 28), np.uint8), np.arange(2000, dtype=np.uint8) % 10
+  cache_file = tmp_path / "mnist-train.npz"
+  errors = []
+
+  def write():
+    try:
+      for _ in range(20):
+        data._save_cache(cache_file, (images, labels))
+    except Exception as error:  # pylint: disable=broad-except
+      errors.append(error)
+
+  threads = [threading.Thread(target=write) for _ in range(3)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  assert not errors
+  with np.load(cache_file) as loaded:
+    np.testing.assert_array_equal(loaded["labels"], labels)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["mnist-train.npz"]
