@@ -331,7 +331,11 @@ def _exit_on_signal(command: str):
     del frame
     what = "interrupted" if signum == signal.SIGINT else "terminated"
     sys.stdout.flush()
-    print(f"{command}: {what} ({signal.Signals(signum).name})", file=sys.stderr, flush=True)
+    message = f"{what} ({signal.Signals(signum).name})"
+    print(f"{command}: {message}", file=sys.stderr, flush=True)
+    if _in_multi_process_run():  # before the training loop: the other processes stop too
+      from pixelrnn_jax import distributed  # pylint: disable=import-outside-toplevel
+      distributed.announce_failure(message)
     os._exit(128 + signum)  # pylint: disable=protected-access
 
   return handler
@@ -369,19 +373,37 @@ def main(argv: list[str] | None = None) -> int:
     try:
       return handlers[args.command](args)
     except (ValueError, OSError, ImportError) as error:  # bad flags, data, files, paths
-      print(f"{command}: error: {_one_line(error)}", file=sys.stderr)
-      train.distributed.leave(2)  # a multi-process run ends here, not at JAX's exit barrier
-      return 2
+      return _fail(command, _one_line(error), 2)
     except (train.NonFiniteLossError, train.distributed.PeerError) as error:
-      print(f"{command}: error: {error}", file=sys.stderr)
-      train.distributed.leave(1)
-      return 1
+      return _fail(command, str(error), 1)
+    except Exception as error:  # pylint: disable=broad-except
+      if not _in_multi_process_run():
+        raise  # a bug: its traceback helps more than a line
+      return _fail(command, f"{type(error).__name__}: {_one_line(error)}", 1)
   except KeyboardInterrupt:  # a second Ctrl-C during training
-    print(f"{command}: interrupted (SIGINT)", file=sys.stderr)
-    return 130
+    return _fail(command, "interrupted (SIGINT)", 130, prefix="")
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)
+
+
+def _in_multi_process_run() -> bool:
+  if "jax" not in sys.modules:
+    return False
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.distributed.is_initialized()
+
+
+def _fail(command: str, message: str, code: int, *, prefix: str = "error: ") -> int:
+  """Prints the one line of a failed command; a process of a multi-process run then tells
+  the others and ends at once (a normal exit would wait at JAX's shutdown barrier for
+  peers that may be gone, then abort)."""
+  print(f"{command}: {prefix}{message}", file=sys.stderr, flush=True)
+  if _in_multi_process_run():
+    from pixelrnn_jax import distributed  # pylint: disable=import-outside-toplevel
+    distributed.announce_failure(message)
+    distributed.leave(code)
+  return code
 
 
 def _one_line(error: Exception) -> str:

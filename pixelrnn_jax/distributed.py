@@ -25,11 +25,15 @@ Failure is bounded in time, never a hang:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
+import uuid
+from pathlib import Path
 
 import jax
 
@@ -70,10 +74,33 @@ def cluster_process_count() -> int:
 
 
 def wanted(config: config_lib.Config) -> bool:
-  """Whether the run spans processes: flags say so, or a multi-task cluster job does."""
+  """Whether the run spans processes: flags say so, or a multi-task cluster job does.
+
+  Raises:
+    ValueError: ``--process-id`` alone, outside a cluster job.
+  """
   if config.num_processes is not None or config.coordinator_address is not None:
     return (config.num_processes or 2) > 1
-  return cluster_process_count() > 1
+  if cluster_process_count() > 1:
+    return True
+  if config.process_id is not None:
+    raise ValueError(f"process_id={config.process_id} without num_processes and"
+                     " coordinator_address: a multi-process run needs all three flags"
+                     " (--num-processes, --process-id, --coordinator-address)")
+  return False
+
+
+def _check_port_free(address: str) -> None:
+  """Process 0 serves the coordinator on ``address``'s port: a port in use is a clear
+  error here rather than a crash in JAX's coordination service."""
+  port = int(address.rpartition(":")[2])
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+    try:
+      probe.bind(("", port))
+    except OSError as error:
+      raise ValueError(f"coordinator_address={address!r}: port {port} is not free on this"
+                       f" machine ({error.strerror}); choose another port for every"
+                       " process") from error
 
 
 def _ended_by_timeout(config: config_lib.Config) -> None:
@@ -82,7 +109,7 @@ def _ended_by_timeout(config: config_lib.Config) -> None:
   role = ("waited as the coordinator for the other processes" if config.process_id == 0
           else "could not join the coordinator")
   where = config.coordinator_address or "the address the cluster environment names"
-  print(f"pixelrnn-jax: error: {who} {role} at {where} for {config.distributed_timeout} s:"
+  print(f"pixelrnn-jax train: error: {who} {role} at {where} for {config.distributed_timeout} s:"
         " every process must start with the same --num-processes and --coordinator-address"
         " (HOST:PORT of process 0, reachable from all of them) and its own --process-id;"
         " raise --distributed-timeout if they start far apart", file=sys.stderr, flush=True)
@@ -110,31 +137,47 @@ def initialize(config: config_lib.Config) -> config_lib.Config:
     raise ValueError("a multi-process run must join its peers before JAX starts computing;"
                      " call train_and_evaluate (or jax.distributed.initialize) first in a"
                      " fresh process")
+  if config.process_id == 0 and config.coordinator_address is not None:
+    _check_port_free(config.coordinator_address)
   # Collectives between CPU processes go through gloo (TCP); GPUs use NCCL regardless.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # JAX's preemption notifier takes over SIGTERM at the C level; the trainer's
+  # own handler (checkpoint, then stop every process) is the one wanted here.
+  jax.config.update("jax_enable_preemption_service", False)
   timeout = config.distributed_timeout
-  watchdog = threading.Timer(timeout, _ended_by_timeout, args=(config,))
-  watchdog.daemon = True
-  watchdog.start()
-  try:
-    jax.distributed.initialize(
-        coordinator_address=config.coordinator_address,
-        num_processes=config.num_processes,
-        process_id=config.process_id,
-        # JAX's own deadlines come after ours (the join watchdog here, the
-        # progress watchdog of the loop), so that ours end a wait with a clear line.
-        initialization_timeout=timeout + 60,
-        heartbeat_timeout_seconds=2 * timeout,
-        shutdown_timeout_seconds=2 * timeout,
-    )
-  except (ValueError, TypeError, RuntimeError) as error:
+  outcome = {}
+
+  def join() -> None:
+    try:
+      jax.distributed.initialize(
+          coordinator_address=config.coordinator_address,
+          num_processes=config.num_processes,
+          process_id=config.process_id,
+          # JAX's own deadlines come after ours (the join deadline here, the
+          # progress watchdog of the loop), so that ours end a wait with a clear line.
+          initialization_timeout=timeout + 60,
+          heartbeat_timeout_seconds=2 * timeout,
+          shutdown_timeout_seconds=2 * timeout,
+      )
+    except BaseException as error:  # pylint: disable=broad-except  # re-raised below
+      outcome["error"] = error
+
+  # The join blocks in C++; in a thread of its own it leaves the main thread free
+  # to run signal handlers (Ctrl-C ends a process that is still waiting at once).
+  joiner = threading.Thread(target=join, name="pixelrnn_jax-join", daemon=True)
+  joiner.start()
+  deadline = time.monotonic() + timeout
+  while joiner.is_alive():
+    joiner.join(0.2)
+    if joiner.is_alive() and time.monotonic() > deadline:
+      _ended_by_timeout(config)
+  error = outcome.get("error")
+  if error is not None:
     raise ValueError(
         f"cannot start a multi-process run (num_processes={config.num_processes},"
         f" process_id={config.process_id}, coordinator_address="
         f"{config.coordinator_address!r}): {error}; give all three flags, or run as the"
         " tasks of a SLURM or Open MPI job") from error
-  finally:
-    watchdog.cancel()
   log.info("process %d of %d joined the run (coordinator %s)", jax.process_index(),
            jax.process_count(), config.coordinator_address or "from the cluster environment")
   return config.replace(num_processes=jax.process_count(), process_id=jax.process_index())
@@ -177,14 +220,135 @@ def leave(code: int) -> None:
     os._exit(code)  # pylint: disable=protected-access
 
 
-def peer_error(error: Exception, step: int, last_checkpoint: str) -> PeerError:
+def peer_error(error: Exception, step: int | None, last_checkpoint: str) -> PeerError:
   """The error for a collective that failed mid-run, naming where to resume from."""
   first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  what = f"step {step}'s exchange" if step is not None else "an exchange"
   return PeerError(
-      f"process {jax.process_index()} of {jax.process_count()}: step {step}'s exchange with"
-      f" the other processes failed ({first_line}); a peer process has stopped or lost its"
-      f" connection. The last complete checkpoint is {last_checkpoint}; start every process"
-      " again with the same command to resume from it")
+      f"process {jax.process_index()} of {jax.process_count()}: {what} with"
+      f" the other processes failed ({first_line[:200]}); a peer process has stopped or lost"
+      f" its connection. The last complete checkpoint is {last_checkpoint}; start every"
+      " process again with the same command to resume from it")
+
+
+# ----------------------------------------------------------------------------
+# Telling the other processes: a failing process leaves word in the coordination
+# service's key-value store; every other process's Watchdog looks for it.
+
+_FAILED = "pixelrnn_jax/failed/"
+_RUN = "pixelrnn_jax/run"
+
+
+def _client():
+  from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
+  return jax_distributed.global_state.client
+
+
+def announce_failure(message: str) -> None:
+  """Tells the other processes of the run that this one is ending with ``message``.
+
+  Process 0 hosts the key-value store, so it stays for two watchdog polls
+  before it may exit. Best effort: nothing is raised.
+  """
+  from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
+  state = jax_distributed.global_state  # not jax.process_index(): it would start a backend
+  if state.client is None or (state.num_processes or 1) < 2:
+    return
+  try:  # fails while still joining, or once the service is gone: then there is no one to tell
+    state.client.key_value_set(f"{_FAILED}{state.process_id}", " ".join(message.split())[:500])
+  except Exception:  # pylint: disable=broad-except
+    return
+  if state.process_id == 0:
+    time.sleep(2.5)
+
+
+def _stop_for(failed: tuple[int, str]) -> None:
+  print(f"pixelrnn-jax train: error: process {jax.process_index()} of {jax.process_count()}"
+        f" stops because process {failed[0]} failed: {failed[1]}", file=sys.stderr, flush=True)
+  os._exit(PEER_FAILURE_EXIT)  # pylint: disable=protected-access
+
+
+def _wait_for_key(key: str, timeout: float) -> str:
+  """The value of ``key`` once some process sets it, polled from Python so that signal
+  handlers run meanwhile; ends this process when another one announces a failure.
+
+  Raises:
+    TimeoutError: nothing set within ``timeout`` seconds.
+  """
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    try:
+      return _client().key_value_try_get(key)
+    except Exception:  # pylint: disable=broad-except  # not set yet
+      pass
+    failed = _failed_peer()
+    if failed is not None:
+      _stop_for(failed)
+    time.sleep(0.05)
+  raise TimeoutError(f"process {jax.process_index()} of {jax.process_count()}: no word from"
+                     f" the other processes ({key}) within {timeout:.0f} s")
+
+
+def _failed_peer() -> tuple[int, str] | None:
+  """(process, message) of another process that announced its failure, if any."""
+  try:
+    entries = _client().key_value_dir_get(_FAILED)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  for key, message in entries:
+    process = int(key.rsplit("/", 1)[1])
+    if process != jax.process_index():
+      return process, message
+  return None
+
+
+# Config fields that may differ between the processes of one run.
+_PER_PROCESS_FIELDS = ("process_id", "data_dir", "verify_data", "distributed_timeout")
+
+
+def check_same_run(config: config_lib.Config, workdir: os.PathLike) -> None:
+  """Checks that every process runs the same config in the same run directory.
+
+  Process 0 publishes its config and writes a fresh token into ``workdir``;
+  every other process compares the config and reads the token back, which
+  proves that the run directory is shared.
+
+  Raises:
+    ValueError: naming the fields that differ from process 0's, or a run
+      directory that is not the one process 0 writes.
+  """
+  if jax.process_count() < 2:
+    return
+  workdir = Path(workdir)
+  token_file = workdir / ".pixelrnn_jax-run"
+  mine = {k: v for k, v in json.loads(config.to_json()).items() if k not in _PER_PROCESS_FIELDS}
+  if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    token_file.write_text(token)
+    _client().key_value_set(_RUN, json.dumps({"config": mine, "token": token,
+                                              "workdir": str(workdir.absolute())}))
+    for process in range(1, jax.process_count()):  # each one's verdict, or its failure
+      _wait_for_key(f"{_RUN}/checked/{process}", config.distributed_timeout)
+    return
+  theirs = json.loads(_wait_for_key(_RUN, config.distributed_timeout))
+  changed = sorted(k for k in mine if mine[k] != theirs["config"].get(k))
+  if changed:
+    details = ", ".join(f"--{k.replace('_', '-')} {mine[k]} here but {theirs['config'].get(k)}"
+                        " in process 0" for k in changed)
+    raise ValueError(f"process {jax.process_index()} was started with other settings than"
+                     f" process 0 ({details}): start every process with the same flags"
+                     " (only --process-id and --data-dir may differ)")
+  try:
+    found = token_file.read_text()
+  except OSError:
+    found = None
+  if found != theirs["token"]:
+    raise ValueError(
+        f"--workdir {workdir} is not the run directory process 0 writes ({theirs['workdir']}"
+        " on its machine): every process needs the same run directory, on a file system"
+        " they all see")
+  _client().key_value_set(f"{_RUN}/checked/{jax.process_index()}", "ok")
 
 
 class Watchdog:
@@ -210,9 +374,12 @@ class Watchdog:
 
   def _watch(self) -> None:
     while not self._done.wait(1.0):
+      failed = _failed_peer()
+      if failed is not None:
+        _stop_for(failed)
       silent = time.monotonic() - self._last
       if silent > self.timeout:
-        print(f"pixelrnn-jax: error: process {jax.process_index()} of {jax.process_count()}"
+        print(f"pixelrnn-jax train: error: process {jax.process_index()} of {jax.process_count()}"
               f" made no progress for {silent:.0f} s (--distributed-timeout {self.timeout}):"
               " it is waiting for a peer process that died, was stopped or lost its"
               f" connection. The last complete checkpoint is {self._where_to_resume()};"

@@ -456,7 +456,15 @@ def train_and_evaluate(
   # checkpoint barrier or a collective) ends with one line, not a hang or an abort.
   with distributed.Watchdog(config.distributed_timeout, lambda: _last_checkpoint_in(workdir),
                             enabled=config.num_processes > 1) as watchdog:
-    return _train(config, workdir, progress, watchdog)
+    try:
+      distributed.check_same_run(config, workdir)
+      return _train(config, workdir, progress, watchdog)
+    except (NonFiniteLossError, distributed.PeerError):
+      raise
+    except Exception as error:  # a barrier or collective outside the steps, in orbax say
+      if distributed.is_peer_failure(error):
+        raise distributed.peer_error(error, None, _last_checkpoint_in(workdir)) from error
+      raise
 
 
 def _last_checkpoint_in(workdir: Path) -> str:

@@ -299,19 +299,90 @@ def test_a_stopped_peer_ends_the_others_after_the_timeout(tmp_path):
   assert re.search(r"The last complete checkpoint is \S+/checkpoints/\d+;", stderr)
 
 
-def test_a_peer_that_fails_at_start_ends_the_others(tmp_path):
+def _start_pair(tmp_path, per_process, *, steps=20, timeout=20):
+  """Processes 0 and 1 with the same flags plus each one's own ``per_process`` flags."""
+  port = _free_port()
+  command = [sys.executable, "-m", "pixelrnn_jax", "train", *FLAGS, "--steps", str(steps),
+             "--devices", "1", "--num-processes", "2", "--coordinator-address",
+             f"localhost:{port}", "--distributed-timeout", str(timeout)]
+  procs = []
+  for rank, own in enumerate(per_process):
+    flags = {"--workdir": str(tmp_path / "run"), "--data-dir": str(tmp_path), **own}
+    procs.append(subprocess.Popen(
+        command + ["--process-id", str(rank)] + [w for item in flags.items() for w in item],
+        env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_peer_that_fails_at_start_ends_the_others_at_once(tmp_path, failing):
   _write_fake_idx(tmp_path)
   (tmp_path / "empty").mkdir()
-  port = _free_port()
-  command = [sys.executable, "-m", "pixelrnn_jax", "train", "--workdir", str(tmp_path / "run"),
-             *FLAGS, "--steps", "20", "--devices", "1", "--num-processes", "2",
-             "--coordinator-address", f"localhost:{port}", "--distributed-timeout", "8"]
-  procs = [subprocess.Popen(command + ["--process-id", str(rank), "--data-dir", str(where)],
-                            env=_env(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-           for rank, where in ((0, tmp_path), (1, tmp_path / "empty"))]
+  per_process = [{}, {}]
+  per_process[failing] = {"--data-dir": str(tmp_path / "empty")}
+  start = time.monotonic()
+  codes, errors = _finish(_start_pair(tmp_path, per_process), timeout=60)
+  other = 1 - failing
+  assert codes[failing] == 2 and codes[other] == distributed.PEER_FAILURE_EXIT, errors
+  assert time.monotonic() - start < 15  # told by the failing one, not after the timeout
+  assert "has no train-images-idx3-ubyte" in errors[failing]
+  assert f"stops because process {failing} failed: data directory" in errors[other]
+  assert all("Check failure stack trace" not in e and "Traceback" not in e for e in errors)
+
+
+@pytest.mark.parametrize("own, message", [
+    ({"--batch-size": "64"}, "--batch-size 64 here but 32 in process 0"),
+    ({"--devices": "2"}, "--devices 2 here but 1 in process 0"),
+    ({"--lr": "0.05"}, "--learning-rate 0.05 here but 0.001 in process 0"),
+    ({"--workdir": "elsewhere"}, "is not the run directory process 0 writes"),
+])
+def test_processes_started_with_other_settings_are_refused(tmp_path, own, message):
+  _write_fake_idx(tmp_path)
+  if own.get("--workdir"):
+    own = {"--workdir": str(tmp_path / own["--workdir"])}
+  codes, errors = _finish(_start_pair(tmp_path, [{}, own]), timeout=60)
+  assert codes == [distributed.PEER_FAILURE_EXIT, 2], errors
+  assert message in errors[1] and message in errors[0]
+  assert not (tmp_path / "run" / "checkpoints").exists() or not any(
+      p.name.isdigit() for p in (tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_ctrl_c_while_waiting_for_peers_ends_at_once(tmp_path):
+  _write_fake_idx(tmp_path)
+  (proc,) = _start(tmp_path, tmp_path / "run", processes=2, devices=1, steps=5, only=[1],
+                   extra=["--distributed-timeout", "60"])
+  time.sleep(3)  # joining: process 0 never comes
+  proc.send_signal(signal.SIGINT)
+  sent = time.monotonic()
+  _, stderr = proc.communicate(timeout=30)
+  assert proc.returncode == 130 and time.monotonic() - sent < 5, stderr[-2000:]
+  assert "interrupted (SIGINT)" in stderr
+
+
+def test_sigterm_before_the_first_step_stops_every_process(tmp_path):
+  _write_fake_idx(tmp_path)
+  procs = _start_pair(tmp_path, [{}, {}], steps=100_000)
+  for line in procs[1].stderr:  # once it has joined: loading, restoring, compiling
+    if "joined the run" in line:
+      break
+  procs[1].send_signal(signal.SIGTERM)
   codes, errors = _finish(procs, timeout=60)
-  assert codes == [distributed.PEER_FAILURE_EXIT, 2], "\n".join(e[-2000:] for e in errors)
-  assert "has no train-images-idx3-ubyte" in errors[1]
-  assert "waiting for a peer process" in errors[0]
+  assert codes[1] == 143, errors  # not swallowed by JAX's preemption notifier
+  assert codes[0] in (distributed.PEER_FAILURE_EXIT, 143), errors
   assert all("Check failure stack trace" not in e for e in errors)
+
+
+def test_process_id_alone_is_a_clear_error(monkeypatch):
+  for name in ("SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri"):
+    monkeypatch.delenv(name, raising=False)
+  with pytest.raises(ValueError, match="needs all three flags"):
+    distributed.wanted(config_lib.Config(process_id=1))
+
+
+def test_a_coordinator_port_in_use_is_a_clear_error():
+  with socket.socket() as busy:
+    busy.bind(("", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    with pytest.raises(ValueError, match=f"port {port} is not free"):
+      distributed._check_port_free(f"localhost:{port}")
