@@ -20,7 +20,12 @@ Failure is bounded in time, never a hang:
   stops answering without dying, leaves them without progress: the loop's
   :class:`Watchdog` ends a process that has made no progress for
   ``distributed_timeout`` seconds with one line, before JAX's own heartbeat
-  check (at twice that) would abort it with a C++ stack trace.
+  check (at twice that) would abort it with a C++ stack trace;
+- a process that fails with an error (bad data, other settings than process
+  0's, a signal before the first step) leaves its message in the
+  coordination service's key-value store before it exits
+  (:func:`announce_failure`); every other process's Watchdog finds it within
+  a second and ends with ``process J of N stops because process I failed``.
 """
 
 from __future__ import annotations
