@@ -226,7 +226,15 @@ def leave(code: int) -> None:
 
 
 def peer_error(error: Exception, step: int | None, last_checkpoint: str) -> PeerError:
-  """The error for a collective that failed mid-run, naming where to resume from."""
+  """The error for a collective that failed mid-run, naming where to resume from
+  (and the peer's own message, when it announced its failure before leaving)."""
+  failed = _failed_peer()
+  if failed is not None:
+    return PeerError(
+        f"process {jax.process_index()} of {jax.process_count()} stops because process"
+        f" {failed[0]} failed: {failed[1]}. The last complete checkpoint is"
+        f" {last_checkpoint}; start every process again with the same command to resume"
+        " from it")
   first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
   what = f"step {step}'s exchange" if step is not None else "an exchange"
   return PeerError(
@@ -378,10 +386,13 @@ class Watchdog:
     self._last = time.monotonic()
 
   def _watch(self) -> None:
-    while not self._done.wait(1.0):
+    while True:
+      time.sleep(1.0)
       failed = _failed_peer()
       if failed is not None:
         _stop_for(failed)
+      if self._done.is_set():  # after the loop: still listening for a failed peer
+        continue
       silent = time.monotonic() - self._last
       if silent > self.timeout:
         print(f"pixelrnn-jax train: error: process {jax.process_index()} of {jax.process_count()}"
@@ -398,6 +409,7 @@ class Watchdog:
     return self
 
   def __exit__(self, *exc):
+    # The progress checks end; the thread (a daemon) goes on listening for a peer's
+    # failure until this process exits, through the final evaluation and JAX's
+    # shutdown barrier, where a peer that leaves abruptly would make JAX abort.
     self._done.set()
-    if self.enabled:
-      self._thread.join()

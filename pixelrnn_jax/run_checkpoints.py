@@ -44,15 +44,18 @@ METRIC = "valid_accuracy"
 UNREADABLE = "unreadable"  # where unreadable step directories are moved, next to checkpoints/
 
 
-class _WithoutMetricsWarning(logging.Filter):
-  """Orbax warns at every save without metrics when it tracks the best; here only
-  evaluated steps have metrics, by design."""
+class _OrbaxNoise(logging.Filter):
+  """Drops two orbax log records: the warning at every save without metrics (here only
+  evaluated steps have metrics, by design), and the traceback of its barrier thread
+  when a peer process is gone (the trainer reports that itself, in one line)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("Requested `tracked_metric`")
+    message = record.getMessage()
+    return not (message.startswith("Requested `tracked_metric`")
+                or "_SignalingThread.run() raised an exception" in message)
 
 
-logging.getLogger("absl").addFilter(_WithoutMetricsWarning())
+logging.getLogger("absl").addFilter(_OrbaxNoise())
 
 
 def state_digest(state: dict) -> str:
