@@ -386,3 +386,21 @@ def test_a_coordinator_port_in_use_is_a_clear_error():
     port = busy.getsockname()[1]
     with pytest.raises(ValueError, match=f"port {port} is not free"):
       distributed._check_port_free(f"localhost:{port}")
+
+
+def test_a_second_ctrl_c_to_one_process_ends_every_process_with_one_line(tmp_path):
+  _write_fake_idx(tmp_path)
+  workdir = tmp_path / "run"
+  procs = _start(tmp_path, workdir, processes=2, devices=1, steps=100_000,
+                 extra=["--distributed-timeout", "20"])
+  _wait_for_metrics(workdir, procs)
+  procs[1].send_signal(signal.SIGINT)
+  time.sleep(0.05)
+  procs[1].send_signal(signal.SIGINT)
+  codes, errors = _finish(procs, timeout=60)
+  assert codes[1] == 130, errors[1][-2000:]
+  # Process 0 hears of it (exit 1, naming process 1's reason), or had already
+  # stopped cleanly at the step the first Ctrl-C asked for (exit 130).
+  assert codes[0] == 130 or (codes[0] == distributed.PEER_FAILURE_EXIT and (
+      "stops because process 1 failed: interrupted (SIGINT)" in errors[0])), errors[0][-2000:]
+  assert all("Traceback" not in e and "Check failure stack trace" not in e for e in errors)
