@@ -82,11 +82,6 @@ def load(path: str | os.PathLike) -> dict:
   return serialization.msgpack_restore(payload)
 
 
-def restore(template: Any, state_dict: dict) -> Any:
-  """Fills ``template``'s structure with the arrays of ``state_dict``."""
-  return serialization.from_state_dict(template, state_dict)
-
-
 def step_path(directory: str | os.PathLike, step: int) -> Path:
   return Path(directory) / f"ckpt_{step:08d}.msgpack"
 

@@ -225,7 +225,7 @@ def leave(code: int) -> None:
     os._exit(code)  # pylint: disable=protected-access
 
 
-def peer_error(error: Exception, step: int | None, last_checkpoint: str) -> PeerError:
+def peer_error(error: Exception, last_checkpoint: str) -> PeerError:
   """The error for a collective that failed mid-run, naming where to resume from
   (and the peer's own message, when it announced its failure before leaving)."""
   failed = _failed_peer()
@@ -236,9 +236,8 @@ def peer_error(error: Exception, step: int | None, last_checkpoint: str) -> Peer
         f" {last_checkpoint}; start every process again with the same command to resume"
         " from it")
   first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-  what = f"step {step}'s exchange" if step is not None else "an exchange"
   return PeerError(
-      f"process {jax.process_index()} of {jax.process_count()}: {what} with"
+      f"process {jax.process_index()} of {jax.process_count()}: an exchange with"
       f" the other processes failed ({first_line[:200]}); a peer process has stopped or lost"
       f" its connection. The last complete checkpoint is {last_checkpoint}; start every"
       " process again with the same command to resume from it")

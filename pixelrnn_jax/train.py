@@ -378,19 +378,14 @@ def _init_or_restore(config, optimizer, checkpoints: run_checkpoints.RunCheckpoi
           meta["best_valid_accuracy"])
 
 
-def _last_checkpoint(checkpoints: run_checkpoints.RunCheckpoints) -> str:
-  latest = checkpoints.latest_step()
-  return "none (nothing saved yet)" if latest is None else str(checkpoints.path(latest))
-
-
-def _check_finite(step: int, metrics: dict, checkpoints: run_checkpoints.RunCheckpoints) -> None:
+def _check_finite(step: int, metrics: dict, workdir: Path) -> None:
   """Stops the run, naming the last good checkpoint, when the loss or gradient is NaN/inf."""
   if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
     return
   raise NonFiniteLossError(
       f"step {step}: loss {metrics['loss']}, gradient norm"
       f" {metrics['grad_norm']}; stopped without saving this state. The last"
-      f" good checkpoint is {_last_checkpoint(checkpoints)}."
+      f" good checkpoint is {_last_checkpoint_in(workdir)}."
       " Try a lower --lr or --clip-norm 1.0, and check the input for NaNs."
   )
 
@@ -461,9 +456,9 @@ def train_and_evaluate(
       return _train(config, workdir, progress, watchdog)
     except (NonFiniteLossError, distributed.PeerError):
       raise
-    except Exception as error:  # a barrier or collective outside the steps, in orbax say
+    except Exception as error:  # a step's all-reduce, or a checkpoint's barrier in orbax
       if distributed.is_peer_failure(error):
-        raise distributed.peer_error(error, None, _last_checkpoint_in(workdir)) from error
+        raise distributed.peer_error(error, _last_checkpoint_in(workdir)) from error
       raise
 
 
@@ -513,12 +508,7 @@ def _train(config: config_lib.Config, workdir: Path, progress: bool | None,
     nonlocal saved_step
     state_dict, meta = _checkpoint_contents(unreplicate(replicated), batches.position,
                                             data_key, best, config)
-    try:  # in a multi-process run, orbax's barriers are collectives with the peers
-      checkpoints.save(step, state_dict, meta, valid_accuracy=valid_accuracy)
-    except Exception as error:  # pylint: disable=broad-except
-      if distributed.is_peer_failure(error):
-        raise distributed.peer_error(error, step, _last_checkpoint(checkpoints)) from error
-      raise
+    checkpoints.save(step, state_dict, meta, valid_accuracy=valid_accuracy)
     saved_step = step
 
   def evaluate() -> dict:
@@ -535,13 +525,8 @@ def _train(config: config_lib.Config, workdir: Path, progress: bool | None,
       x, y = next(batches)
       step_start = time.perf_counter()
       signals = np.full((config.devices,), stop.signum, np.int32)
-      try:
-        replicated, metrics = train_step(replicated, x, y, signals)
-        metrics = {name: float(value) for name, value in unreplicate(metrics).items()}
-      except Exception as error:  # pylint: disable=broad-except
-        if not multi_process:
-          raise
-        raise distributed.peer_error(error, step + 1, _last_checkpoint(checkpoints)) from error
+      replicated, metrics = train_step(replicated, x, y, signals)
+      metrics = {name: float(value) for name, value in unreplicate(metrics).items()}
       agreed_signal = int(metrics.pop("stop"))  # the same on every process
       watchdog.progress()
       step += 1
@@ -551,7 +536,7 @@ def _train(config: config_lib.Config, workdir: Path, progress: bool | None,
         window_start = time.perf_counter()
       else:
         window.append(metrics)
-      _check_finite(step, metrics, checkpoints)
+      _check_finite(step, metrics, workdir)
       if window and (step % config.log_every == 0 or step == config.steps):
         record = _window_record(step, window, time.perf_counter() - window_start,
                                 config.batch_size)
