@@ -177,7 +177,9 @@ def initialize(config: config_lib.Config) -> config_lib.Config:
     if joiner.is_alive() and time.monotonic() > deadline:
       _ended_by_timeout(config)
   error = outcome.get("error")
-  if error is not None:
+  if error is None:
+    _joined.set()
+  else:
     raise ValueError(
         f"cannot start a multi-process run (num_processes={config.num_processes},"
         f" process_id={config.process_id}, coordinator_address="
@@ -248,6 +250,7 @@ def peer_error(error: Exception, last_checkpoint: str) -> PeerError:
 # service's key-value store; every other process's Watchdog looks for it.
 
 _FAILED = "pixelrnn_jax/failed/"
+_joined = threading.Event()  # set once this process's join has completed
 _RUN = "pixelrnn_jax/run"
 
 
@@ -264,7 +267,8 @@ def announce_failure(message: str) -> None:
   """
   from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
   state = jax_distributed.global_state  # not jax.process_index(): it would start a backend
-  if state.client is None or (state.num_processes or 1) < 2:
+  # Not while still joining: a client that is not connected yet makes JAX abort.
+  if not _joined.is_set() or state.client is None or (state.num_processes or 1) < 2:
     return
   try:  # fails while still joining, or once the service is gone: then there is no one to tell
     state.client.key_value_set(f"{_FAILED}{state.process_id}", " ".join(message.split())[:500])
