@@ -388,10 +388,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _in_multi_process_run() -> bool:
-  if "jax" not in sys.modules:
-    return False
-  import jax  # pylint: disable=import-outside-toplevel
-  return jax.distributed.is_initialized()
+  """Whether this process has joined a multi-process run. Safe in a signal handler that
+  interrupts an import: it reads a flag and imports nothing."""
+  distributed = sys.modules.get("pixelrnn_jax.distributed")
+  return distributed is not None and distributed.joined()
 
 
 def _fail(command: str, message: str, code: int, *, prefix: str = "error: ") -> int:

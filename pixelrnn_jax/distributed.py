@@ -259,6 +259,11 @@ def _client():
   return jax_distributed.global_state.client
 
 
+def joined() -> bool:
+  """Whether this process has completed joining a multi-process run."""
+  return _joined.is_set()
+
+
 def announce_failure(message: str) -> None:
   """Tells the other processes of the run that this one is ending with ``message``.
 
