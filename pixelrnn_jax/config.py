@@ -46,6 +46,8 @@ class Config:
   clip_norm: float | None = None  # global-norm gradient clipping; None = off (the notebook)
   weight_decay: float = 0.0  # decoupled weight decay (AdamW) on every weight; 0 = plain Adam (the notebook)
   per_step_loss: float = 0.0  # weight of the mean per-step cross-entropy added to the last-step loss
+  recurrent_dropout: float = 0.0  # drop probability of the candidate's units, one mask per sequence (Semeniuta 2016); 0 = off (the notebook)
+  ema_decay: float | None = None  # evaluate and keep as best an EMA of the weights with this decay (e.g. 0.999); None = off (the notebook)
 
   # --- runtime
   devices: int = 1  # devices the batch is split across (pmap), per process; CPU host devices on CPU
@@ -107,6 +109,12 @@ class Config:
       raise ValueError(f"max_shift={self.max_shift!r}: expected an integer in [0, 13] (0 = off)")
     if self.per_step_loss < 0:
       raise ValueError(f"per_step_loss={self.per_step_loss!r}: expected >= 0")
+    if not 0.0 <= self.recurrent_dropout < 1.0:
+      raise ValueError(f"recurrent_dropout={self.recurrent_dropout!r}: expected a drop"
+                       " probability in [0, 1) (0 = off)")
+    if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+      raise ValueError(f"ema_decay={self.ema_decay!r}: expected a decay in (0, 1), e.g."
+                       " 0.999, or None (off)")
     self._validate_processes()
     shards = self.devices * (self.num_processes or 1)
     if self.batch_size % shards:

@@ -58,14 +58,14 @@ def _project(x, w_x, b):
   return x @ w_x + b
 
 
-def _forward(cell, activation, unroll, x, w_x, b, weights, *, keep_gates=False):
+def _forward(cell, activation, unroll, x, w_x, b, weights, mask, *, keep_gates=False):
   """The forward scan: hs <[T, B, u]> and, if keep_gates, the gates of every step."""
   units = w_x.shape[-1] // 3
 
   def step(h, x_t):  # h: (B, u), x_t: (B, in_dim)
     r, u, c, hn = gru_cell.activations(weights, h, _project(x_t, w_x, b), cell=cell,
                                        activation=activation)
-    h_new = u * h + (1.0 - u) * c
+    h_new = u * h + (1.0 - u) * (c if mask is None else c * mask)
     if not keep_gates:
       return h_new, h_new
     kept = (r, u, c) if cell == "tf1" else (r, u, c, hn)
@@ -78,7 +78,7 @@ def _forward(cell, activation, unroll, x, w_x, b, weights, *, keep_gates=False):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def recurrence(cell: str, activation: str, unroll: int, x: jax.Array, w_x: jax.Array,
-               b: jax.Array, weights: tuple) -> jax.Array:
+               b: jax.Array, weights: tuple, mask: jax.Array | None = None) -> jax.Array:
   """All hidden states of the GRU.
 
   Args:
@@ -89,16 +89,19 @@ def recurrence(cell: str, activation: str, unroll: int, x: jax.Array, w_x: jax.A
     w_x: <float>[in_dim, 3 * units]: the input rows of the gate and candidate kernels.
     b: <float>[3 * units]: the gate and candidate biases.
     weights: ``gru_cell.recurrent_weights(params, ...)``.
+    mask: None, or <float>[batch, units]: recurrent dropout's mask on the
+      candidate, the same at every step (``gru_cell.recurrent_step``); no
+      gradient flows to it.
 
   Returns:
     hs: <float>[T, batch, units]
   """
-  return _forward(cell, activation, unroll, x, w_x, b, weights)
+  return _forward(cell, activation, unroll, x, w_x, b, weights, mask)
 
 
-def _recurrence_fwd(cell, activation, unroll, x, w_x, b, weights):
-  hs, gates = _forward(cell, activation, unroll, x, w_x, b, weights, keep_gates=True)
-  return hs, (x, w_x, b, weights, hs, gates)
+def _recurrence_fwd(cell, activation, unroll, x, w_x, b, weights, mask=None):
+  hs, gates = _forward(cell, activation, unroll, x, w_x, b, weights, mask, keep_gates=True)
+  return hs, (x, w_x, b, weights, mask, hs, gates)
 
 
 def _shift(hs: jax.Array) -> jax.Array:
@@ -107,7 +110,7 @@ def _shift(hs: jax.Array) -> jax.Array:
 
 
 def _recurrence_bwd(cell, activation, unroll, residuals, d_hs):
-  x, w_x, b, weights, hs, gates = residuals
+  x, w_x, b, weights, mask, hs, gates = residuals
   d_act = _ACTIVATION_GRADIENT[activation]
   units = hs.shape[-1]
   in_dim = x.shape[-1]
@@ -119,7 +122,10 @@ def _recurrence_bwd(cell, activation, unroll, residuals, d_hs):
     r, u, c = g[:, :units], g[:, units : 2 * units], g[:, 2 * units : 3 * units]
     d_h = d_h_next + d_h_out  # (B, u)
     d_c_pre = d_h * (1.0 - u) * d_act(c)  # (B, u)
-    d_u_pre = d_h * (h - c) * u * (1.0 - u)
+    c_used = c
+    if mask is not None:  # h' = u h + (1 - u) (c * mask)
+      d_c_pre, c_used = d_c_pre * mask, c * mask
+    d_u_pre = d_h * (h - c_used) * u * (1.0 - u)
     if cell == "tf1":
       d_rh = d_c_pre @ weights_t[1]  # through (r * h) @ W_ch
       d_r_pre = d_rh * h * r * (1.0 - r)
@@ -148,7 +154,7 @@ def _recurrence_bwd(cell, activation, unroll, residuals, d_hs):
   xs = (d_hs, _shift(hs), x, gates)
   (_, d_weights, d_w_x, d_b), d_x = jax.lax.scan(step, carry, xs, reverse=True,
                                                  unroll=unroll)
-  return d_x, d_w_x, d_b, d_weights
+  return d_x, d_w_x, d_b, d_weights, None if mask is None else jnp.zeros_like(mask)
 
 
 recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)

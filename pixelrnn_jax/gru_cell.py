@@ -244,18 +244,27 @@ def recurrent_step(
     *,
     cell: str,
     activation: str = "tanh",
+    candidate_mask: jax.Array | None = None,
 ) -> jax.Array:
   """The recurrent part of one step: ``h' = u * h + (1 - u) * c``.
+
+  With ``candidate_mask`` m (recurrent dropout, Semeniuta et al. 2016,
+  "Recurrent Dropout without Memory Loss", arXiv:1603.05118, eq. 9 for the
+  GRU), ``h' = u * h + (1 - u) * (c * m)``: only the new information is
+  dropped, never the memory ``h``.
 
   Args:
     weights: from :func:`recurrent_weights`.
     h: <float>[..., units]
     projected_x: <float>[..., 3 * units] from :func:`project_inputs`.
+    candidate_mask: None, or <float>[..., units] (0 or 1 / keep probability).
 
   Returns:
     h_new: <float>[..., units]
   """
   _, u, c, _ = activations(weights, h, projected_x, cell=cell, activation=activation)
+  if candidate_mask is not None:
+    c = c * candidate_mask
   return u * h + (1.0 - u) * c
 
 

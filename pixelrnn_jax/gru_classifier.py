@@ -258,8 +258,32 @@ def check_impl(impl: str) -> str:
   return impl
 
 
+def recurrent_dropout_mask(key: jax.Array, rate: float, shape: tuple[int, ...],
+                           dtype=jnp.float32) -> jax.Array:
+  """Recurrent dropout's mask on the candidate: 0 with probability ``rate``, else 1 / (1 - rate).
+
+  One mask per sequence, the same at every step (Gal & Ghahramani 2016,
+  arXiv:1512.05287; on the candidate as in Semeniuta et al. 2016,
+  arXiv:1603.05118). Its mean is 1, so the model at test time is the plain
+  GRU (no mask).
+
+  Args:
+    key: a PRNG key.
+    rate: the drop probability, in [0, 1).
+    shape: ``(batch, units)``.
+
+  Raises:
+    ValueError: ``rate`` outside [0, 1).
+  """
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"recurrent_dropout={rate!r}: expected a drop probability in [0, 1)")
+  keep = jax.random.bernoulli(key, 1.0 - rate, shape)
+  return keep.astype(dtype) / jnp.asarray(1.0 - rate, dtype)
+
+
 def hidden_states(params: Params, x: jax.Array, *, impl: str = DEFAULT_IMPL,
-                  unroll: int = DEFAULT_UNROLL) -> jax.Array:
+                  unroll: int = DEFAULT_UNROLL,
+                  candidate_mask: jax.Array | None = None) -> jax.Array:
   """The hidden state after every step, time-major.
 
   Args:
@@ -267,6 +291,8 @@ def hidden_states(params: Params, x: jax.Array, *, impl: str = DEFAULT_IMPL,
     x: <float>[batch, T, in_dim]
     impl: ``"fused"`` (hand-written backward) or ``"scan"`` (autodiff reference).
     unroll: time steps per loop iteration.
+    candidate_mask: None, or <float>[batch, units] from
+      :func:`recurrent_dropout_mask` (training only).
 
   Returns:
     <float>[T, batch, units]
@@ -280,7 +306,8 @@ def hidden_states(params: Params, x: jax.Array, *, impl: str = DEFAULT_IMPL,
                           axis=1)  # (in_dim, 3 * units)
     b = jnp.concatenate([params.gates.bias, params.candidate.bias])
     try:
-      return fused_scan.recurrence(params.cell, params.activation, unroll, x, w_x, b, weights)
+      return fused_scan.recurrence(params.cell, params.activation, unroll, x, w_x, b, weights,
+                                   candidate_mask)
     except TypeError as error:
       # Forward mode (jax.jvp, jax.jacfwd) cannot enter a custom_vjp: the same
       # values come from autodiff through the plain scan below.
@@ -291,7 +318,8 @@ def hidden_states(params: Params, x: jax.Array, *, impl: str = DEFAULT_IMPL,
 
   def step(h, projected_t):
     h = gru_cell.recurrent_step(
-        weights, h, projected_t, cell=params.cell, activation=params.activation
+        weights, h, projected_t, cell=params.cell, activation=params.activation,
+        candidate_mask=candidate_mask,
     )
     return h, h
 
@@ -301,7 +329,8 @@ def hidden_states(params: Params, x: jax.Array, *, impl: str = DEFAULT_IMPL,
 
 
 def apply(params: Params, x, *, impl: str = DEFAULT_IMPL,
-          unroll: int = DEFAULT_UNROLL) -> jax.Array:
+          unroll: int = DEFAULT_UNROLL, recurrent_dropout: float = 0.0,
+          key: jax.Array | None = None) -> jax.Array:
   """Logits after every step, stacked (the notebook's ``logits_list``).
 
   Args:
@@ -315,15 +344,27 @@ def apply(params: Params, x, *, impl: str = DEFAULT_IMPL,
       function already jit-compiled with the fused core cannot be
       differentiated in forward mode from outside: pass ``impl="scan"``.
     unroll: time steps per loop iteration.
+    recurrent_dropout: training only: drop probability of the candidate's
+      units (:func:`recurrent_dropout_mask`, one mask per sequence); 0 = the
+      plain GRU, as at test time.
+    key: the PRNG key of the dropout mask; required when ``recurrent_dropout > 0``.
 
   Returns:
     <float>[batch, T, num_classes]; ``logits[:, -1]`` is the prediction.
 
   Raises:
-    ValueError: for a bad shape, dtype or value (see :func:`as_sequence`).
+    ValueError: for a bad shape, dtype or value (see :func:`as_sequence`), or
+      ``recurrent_dropout > 0`` without ``key``.
   """
   x = as_sequence(params, x)
-  hs = hidden_states(params, x, impl=impl, unroll=unroll)  # (T, B, units)
+  mask = None
+  if recurrent_dropout:
+    if key is None:
+      raise ValueError(f"recurrent_dropout={recurrent_dropout!r} needs key=, a PRNG key")
+    mask = recurrent_dropout_mask(key, recurrent_dropout, (x.shape[0], params.num_units),
+                                  x.dtype)
+  hs = hidden_states(params, x, impl=impl, unroll=unroll,
+                     candidate_mask=mask)  # (T, B, units)
   # Hoisted out of the loop: one readout matmul over all stacked states.
   logits = hs @ params.output.kernel + params.output.bias  # (T, B, classes)
   return jnp.swapaxes(logits, 0, 1)

@@ -103,7 +103,8 @@ def read(source: str | os.PathLike) -> SavedModel:
     if _is_step_dir(path):
       from pixelrnn_jax import run_checkpoints  # pylint: disable=import-outside-toplevel
       step, state, meta = run_checkpoints.read_step(path)
-      config, arrays = meta["config"], state["params"]
+      # The model is the weights' EMA when the run kept one (Config.ema_decay).
+      config, arrays = meta["config"], state.get("ema_params") or state["params"]
     else:
       state_dict = checkpoint.load(path)
       config = json.loads(state_dict["config"])

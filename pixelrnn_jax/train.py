@@ -61,6 +61,33 @@ class TrainState(NamedTuple):
   step: jax.Array  # <int32>[]: optimiser steps taken
   params: gru_classifier.Params
   opt_state: optax.OptState
+  ema_params: gru_classifier.Params | None = None  # the weights' EMA (Config.ema_decay), else None
+
+  @property
+  def model_params(self) -> gru_classifier.Params:
+    """The weights that are evaluated and saved as the model: the EMA when kept."""
+    return self.params if self.ema_params is None else self.ema_params
+
+
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+  """The EMA's decay at ``step`` (0-based): ``min(decay, (1 + step) / (10 + step))``.
+
+  The warm-up keeps the first updates from being swamped by the initial
+  weights; the formula is TensorFlow's ``tf.train.ExponentialMovingAverage``
+  with ``num_updates``.
+  """
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def update_ema(ema_params, params, step: jax.Array, decay: float):
+  """``ema <- d * ema + (1 - d) * params`` with ``d = ema_decay_at(step, decay)`` (optax)."""
+  return optax.incremental_update(params, ema_params, 1.0 - ema_decay_at(step, decay))
+
+
+def dropout_key(seed: int) -> jax.Array:
+  """The base key of recurrent dropout's masks, apart from the init and data keys."""
+  return jax.random.fold_in(jax.random.key(seed), 0x44524F50)  # "DROP"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -111,21 +138,25 @@ def init_params(config: config_lib.Config, key: jax.Array) -> gru_classifier.Par
 def init_train_state(config, key, optimizer) -> TrainState:
   params = init_params(config, key)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=optimizer.init(params))
+                    opt_state=optimizer.init(params),
+                    ema_params=None if config.ema_decay is None else params)
 
 
 def loss_fn(params, x, labels, *, per_step_loss: float = 0.0,
-            impl: str = gru_classifier.DEFAULT_IMPL):
+            impl: str = gru_classifier.DEFAULT_IMPL, recurrent_dropout: float = 0.0,
+            key: jax.Array | None = None):
   """Cross-entropy on the last step (the notebook's), plus an optional per-step term.
 
   Args:
     x: <float32>[batch, T, in_dim]
     labels: <int32>[batch]
+    recurrent_dropout, key: ``gru_classifier.apply``'s, for training.
 
   Returns:
     (loss, logits <float32>[batch, T, classes])
   """
-  logits = gru_classifier.apply(params, x, impl=impl)
+  logits = gru_classifier.apply(params, x, impl=impl, recurrent_dropout=recurrent_dropout,
+                                key=key)
   loss = gru_classifier.cross_entropy(logits, labels)
   if per_step_loss:
     loss = loss + per_step_loss * gru_classifier.cross_entropy_per_step(logits, labels)
@@ -133,7 +164,9 @@ def loss_fn(params, x, labels, *, per_step_loss: float = 0.0,
 
 
 def make_train_step(optimizer: optax.GradientTransformation, *, per_step_loss: float = 0.0,
-                    impl: str = gru_classifier.DEFAULT_IMPL, devices=None):
+                    impl: str = gru_classifier.DEFAULT_IMPL, devices=None,
+                    recurrent_dropout: float = 0.0, ema_decay: float | None = None,
+                    seed: int = 0):
   """Returns the pmapped train step ``(state, x, labels[, stop]) -> (state, metrics)``.
 
   ``state`` is replicated over the leading device axis, ``x`` is
@@ -148,22 +181,32 @@ def make_train_step(optimizer: optax.GradientTransformation, *, per_step_loss: f
     stop (of the step): optional <int32>[devices], a signal number asking the run
       to stop, else 0; ``metrics["stop"]`` is its maximum over all devices of
       all processes, so every process learns of a signal at the same step.
+    recurrent_dropout: the drop probability; each device's masks come from
+      ``(dropout_key(seed), step, device index)``, so a resumed run draws the same.
+    ema_decay: keep ``state.ema_params`` (``update_ema``) after every update; None = off.
   """
 
   def train_step(state: TrainState, x, labels, stop=None):
+    key = None
+    if recurrent_dropout:
+      key = jax.random.fold_in(jax.random.fold_in(dropout_key(seed), state.step),
+                               jax.lax.axis_index(AXIS))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, logits), grads = grad_fn(state.params, x, labels, per_step_loss=per_step_loss,
-                                    impl=impl)
+                                    impl=impl, recurrent_dropout=recurrent_dropout, key=key)
     grads = jax.lax.pmean(grads, AXIS)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    ema_params = None
+    if ema_decay is not None:
+      ema_params = update_ema(state.ema_params, params, state.step, ema_decay)
     metrics = jax.lax.pmean(
         {"loss": loss, "accuracy": gru_classifier.accuracy(logits, labels)}, AXIS
     )
     metrics["grad_norm"] = optax.tree.norm(grads)
     if stop is not None:
       metrics["stop"] = jax.lax.pmax(stop, AXIS)
-    return TrainState(state.step + 1, params, opt_state), metrics
+    return TrainState(state.step + 1, params, opt_state, ema_params), metrics
 
   return jax.pmap(train_step, axis_name=AXIS, donate_argnums=(0,), devices=devices)
 
@@ -193,7 +236,10 @@ def _checkpoint_contents(state: TrainState, position, data_key, best: float,
       "best_valid_accuracy": float(best),
       "config": json.loads(config.to_json()),
   }
-  return serialization.to_state_dict(state), meta
+  state_dict = serialization.to_state_dict(state)
+  if state_dict["ema_params"] is None:  # runs without an EMA keep the layout of 0.3
+    del state_dict["ema_params"]
+  return state_dict, meta
 
 
 def _legacy_contents(saved: dict) -> tuple[dict, dict]:
@@ -371,6 +417,7 @@ def _init_or_restore(config, optimizer, checkpoints: run_checkpoints.RunCheckpoi
     state_dict, meta = _legacy_contents(saved)
   else:
     return state, position, data_key, best
+  state_dict = {"ema_params": None, **state_dict}  # saved without an EMA (0.3, or off)
   state = serialization.from_state_dict(state, state_dict)
   log.info("resuming from %s (step %d)", where, int(state.step))
   return (state, tuple(meta["data_position"]),
@@ -491,6 +538,7 @@ def _train(config: config_lib.Config, workdir: Path, progress: bool | None,
   multi_process = config.num_processes > 1
   train_step = make_train_step(
       optimizer, per_step_loss=config.per_step_loss, impl=config.impl,
+      recurrent_dropout=config.recurrent_dropout, ema_decay=config.ema_decay, seed=config.seed,
       devices=distributed.training_devices(config.devices) if multi_process else None)
   replicated = replicate(state, config.devices)
   step = start_step = int(state.step)
@@ -513,7 +561,7 @@ def _train(config: config_lib.Config, workdir: Path, progress: bool | None,
 
   def evaluate() -> dict:
     # Every process scores the whole split on its own devices (same params, same result).
-    return evaluation.evaluate(as_model(unreplicate(replicated).params, config),
+    return evaluation.evaluate(as_model(unreplicate(replicated).model_params, config),
                                valid_x, valid_y, batch_size=config.eval_batch_size,
                                devices=config.devices)
 

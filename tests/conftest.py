@@ -22,3 +22,15 @@ def mnist_dir():
   if not os.path.exists(os.path.join(MNIST_DIR, "train-labels-idx1-ubyte.gz")):
     pytest.skip(f"real MNIST files not found in {MNIST_DIR}")
   return os.path.abspath(MNIST_DIR)
+
+
+@pytest.fixture
+def toy_data(monkeypatch):
+  """The trainer reads 160 toy train and 40 toy valid digits instead of MNIST."""
+  from pixelrnn_jax import train  # noqa: PLC0415 (after the JAX settings above)
+
+  from tests.helpers import synthetic_digits  # noqa: PLC0415
+
+  splits = {"train": synthetic_digits(160, 0), "valid": synthetic_digits(40, 1)}
+  monkeypatch.setattr(train, "_load_split", lambda config, split: splits[split])
+  return splits

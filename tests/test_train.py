@@ -26,24 +26,8 @@ from pixelrnn_jax import evaluation
 from pixelrnn_jax import run_checkpoints
 from pixelrnn_jax import train
 
-SMALL = dict(order="row", num_units=8, batch_size=16, steps=6, log_every=2,
-             eval_every=3, checkpoint_every=2, eval_batch_size=64)
-
-
-def _synthetic(n, seed):
-  """Learnable toy digits: the label is written as a bright row."""
-  rng = np.random.default_rng(seed)
-  labels = rng.integers(0, 10, n).astype(np.int32)
-  images = rng.uniform(0, 0.2, (n, 28, 28)).astype(np.float32)
-  images[np.arange(n), 2 * labels + 3, :] = 1.0
-  return images, labels
-
-
-@pytest.fixture
-def toy_data(monkeypatch):
-  splits = {"train": _synthetic(160, 0), "valid": _synthetic(40, 1)}
-  monkeypatch.setattr(train, "_load_split", lambda config, split: splits[split])
-  return splits
+from tests.helpers import SMALL
+from tests.helpers import synthetic_digits as _synthetic
 
 
 def _params_after_one_step(config, x, y, num_devices):
