@@ -38,19 +38,54 @@ def _free_port() -> int:
 
 def run_layout(args, processes: int, devices: int, workdir: Path) -> dict:
   """Trains ``args.steps`` steps as ``processes`` x ``devices``; its speed and final params."""
-  command = [sys.executable, "-m", "pixelrnn_jax", "train", "--workdir", str(workdir),
-             "--data-dir", args.data_dir, "--order", args.order, "--recipe", args.recipe,
-             "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-             "--devices", str(devices), "--log-every", str(args.log_every),
-             "--eval-every", "100000000", "--checkpoint-every", "100000000",
-             "--eval-batch-size", "1000", "--no-progress"]
+  command = [
+    sys.executable,
+    "-m",
+    "pixelrnn_jax",
+    "train",
+    "--workdir",
+    str(workdir),
+    "--data-dir",
+    args.data_dir,
+    "--order",
+    args.order,
+    "--recipe",
+    args.recipe,
+    "--steps",
+    str(args.steps),
+    "--batch-size",
+    str(args.batch_size),
+    "--devices",
+    str(devices),
+    "--log-every",
+    str(args.log_every),
+    "--eval-every",
+    "100000000",
+    "--checkpoint-every",
+    "100000000",
+    "--eval-batch-size",
+    "1000",
+    "--no-progress",
+  ]
   port = _free_port()
-  extra = [[] if processes == 1 else
-           ["--num-processes", str(processes), "--process-id", str(rank),
-            "--coordinator-address", f"localhost:{port}"] for rank in range(processes)]
+  extra = [
+    []
+    if processes == 1
+    else [
+      "--num-processes",
+      str(processes),
+      "--process-id",
+      str(rank),
+      "--coordinator-address",
+      f"localhost:{port}",
+    ]
+    for rank in range(processes)
+  ]
   start = time.perf_counter()
-  procs = [subprocess.Popen(command + flags, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True) for flags in extra]
+  procs = [
+    subprocess.Popen(command + flags, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for flags in extra
+  ]
   errors = [proc.communicate(timeout=args.timeout)[1] for proc in procs]
   wall = time.perf_counter() - start
   if any(proc.returncode for proc in procs):
@@ -61,12 +96,17 @@ def run_layout(args, processes: int, devices: int, workdir: Path) -> dict:
   lengths = [end - start for start, end in zip([1, *ends[:-1]], ends)]  # step 1 compiles
   steps = sum(lengths)
   seconds = sum(n / r["steps_per_s"] for n, r in zip(lengths, windows))
-  from pixelrnn_jax import run_checkpoints  # pylint: disable=import-outside-toplevel
-  manager = run_checkpoints.RunCheckpoints(workdir / "checkpoints", read_only=True)
+  from pixelrnn_jax import checkpoints
+
+  manager = checkpoints.RunCheckpoints(workdir / "checkpoints", read_only=True)
   state, _ = manager.restore(manager.latest_step())
   manager.close()
-  return {"step_ms": 1000 * seconds / steps, "samples_per_s": steps * args.batch_size / seconds,
-          "wall_s": wall, "params": state["params"]}
+  return {
+    "step_ms": 1000 * seconds / steps,
+    "samples_per_s": steps * args.batch_size / seconds,
+    "wall_s": wall,
+    "params": state["params"],
+  }
 
 
 def main(argv=None) -> None:
@@ -94,12 +134,20 @@ def main(argv=None) -> None:
         results[(processes, devices)].append(run_layout(args, processes, devices, workdir))
   base = statistics.median(r["step_ms"] for r in results[layouts[0]])
   first, second = (results[layout][-1]["params"] for layout in layouts)
-  difference = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(
-      _leaves(first), _leaves(second), strict=True))
-  report = {"machine": platform.processor() or platform.machine(),
-            "cpu_count": __import__("os").cpu_count(), "args": vars(args), "layouts": []}
-  print(f"{args.order} order, {args.recipe} model, global batch {args.batch_size},"
-        f" {args.steps} steps, median of {args.rounds} rounds\n")
+  difference = max(
+    float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+    for a, b in zip(_leaves(first), _leaves(second), strict=True)
+  )
+  report = {
+    "machine": platform.processor() or platform.machine(),
+    "cpu_count": __import__("os").cpu_count(),
+    "args": vars(args),
+    "layouts": [],
+  }
+  print(
+    f"{args.order} order, {args.recipe} model, global batch {args.batch_size},"
+    f" {args.steps} steps, median of {args.rounds} rounds\n"
+  )
   print("| layout | step time (ms) | samples/s | step time vs 1 process |")
   print("|---|---|---|---|")
   for processes, devices in layouts:
@@ -108,10 +156,16 @@ def main(argv=None) -> None:
     samples = statistics.median(r["samples_per_s"] for r in rows)
     name = f"{processes} process{'es' if processes > 1 else ''} x {devices} device{'s' if devices > 1 else ''}"
     print(f"| {name} | {step_ms:.0f} | {samples:.0f} | {step_ms / base:.2f}x |")
-    report["layouts"].append({"processes": processes, "devices": devices, "step_ms": step_ms,
-                              "samples_per_s": samples, "step_time_ratio": step_ms / base,
-                              "rounds": [{k: v for k, v in r.items() if k != "params"}
-                                         for r in rows]})
+    report["layouts"].append(
+      {
+        "processes": processes,
+        "devices": devices,
+        "step_ms": step_ms,
+        "samples_per_s": samples,
+        "step_time_ratio": step_ms / base,
+        "rounds": [{k: v for k, v in r.items() if k != "params"} for r in rows],
+      }
+    )
   print(f"\nlargest parameter difference after {args.steps} steps: {difference:.3g}")
   report["max_param_difference"] = difference
   if args.out:

@@ -40,9 +40,23 @@ def run_seed(args, seed: int, run_dir: Path) -> float:
   accuracy = valid_at(run_dir, args.at_step)
   if accuracy is not None:
     return accuracy
-  command = [sys.executable, "-m", "pixelrnn_jax", "train", "--recipe", args.recipe,
-             "--seed", str(seed), "--workdir", str(run_dir), "--devices", str(args.devices),
-             "--no-progress", "--eval-every", str(args.eval_every)]
+  command = [
+    sys.executable,
+    "-m",
+    "pixelrnn_jax",
+    "train",
+    "--recipe",
+    args.recipe,
+    "--seed",
+    str(seed),
+    "--workdir",
+    str(run_dir),
+    "--devices",
+    str(args.devices),
+    "--no-progress",
+    "--eval-every",
+    str(args.eval_every),
+  ]
   if args.data_dir:
     command += ["--data-dir", args.data_dir]
   start = time.monotonic()
@@ -50,8 +64,10 @@ def run_seed(args, seed: int, run_dir: Path) -> float:
     process = subprocess.Popen(command, stdout=log, stderr=log)
     while (accuracy := valid_at(run_dir, args.at_step)) is None:
       if process.poll() is not None:
-        raise SystemExit(f"seed {seed}: the run ended (code {process.returncode}) before"
-                         f" step {args.at_step}; see {run_dir.with_suffix('.log')}")
+        raise SystemExit(
+          f"seed {seed}: the run ended (code {process.returncode}) before"
+          f" step {args.at_step}; see {run_dir.with_suffix('.log')}"
+        )
       time.sleep(2)
     process.send_signal(signal.SIGINT)  # saves a checkpoint, then exits 130
     process.wait()
@@ -60,16 +76,26 @@ def run_seed(args, seed: int, run_dir: Path) -> float:
 
 
 def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--recipe", required=True)
   parser.add_argument("--seeds", type=int, nargs="+", required=True)
-  parser.add_argument("--at-step", type=int, required=True,
-                      help="compare the valid accuracy at this step (a multiple of --eval-every)")
+  parser.add_argument(
+    "--at-step",
+    type=int,
+    required=True,
+    help="compare the valid accuracy at this step (a multiple of --eval-every)",
+  )
   parser.add_argument("--eval-every", type=int, default=500)
   parser.add_argument("--runs", default="runs/seeds", help="parent of the run directories")
-  parser.add_argument("--reuse", action="append", default=[], metavar="SEED=RUN_DIR",
-                      help="take this seed's accuracy from an existing run directory")
+  parser.add_argument(
+    "--reuse",
+    action="append",
+    default=[],
+    metavar="SEED=RUN_DIR",
+    help="take this seed's accuracy from an existing run directory",
+  )
   parser.add_argument("--data-dir", default=None)
   parser.add_argument("--devices", type=int, default=1)
   args = parser.parse_args()

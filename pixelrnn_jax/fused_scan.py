@@ -44,10 +44,10 @@ from pixelrnn_jax import gru_cell
 
 # d act(z) / dz written in terms of the output y = act(z).
 _ACTIVATION_GRADIENT = {
-    "tanh": lambda y: 1.0 - y * y,
-    "relu": lambda y: (y > 0).astype(y.dtype),
-    "softsign": lambda y: jnp.square(1.0 - jnp.abs(y)),
-    "hard_tanh": lambda y: (jnp.abs(y) < 1.0).astype(y.dtype),
+  "tanh": lambda y: 1.0 - y * y,
+  "relu": lambda y: (y > 0).astype(y.dtype),
+  "softsign": lambda y: jnp.square(1.0 - jnp.abs(y)),
+  "hard_tanh": lambda y: (jnp.abs(y) < 1.0).astype(y.dtype),
 }
 
 
@@ -63,8 +63,9 @@ def _forward(cell, activation, unroll, x, w_x, b, weights, mask, *, keep_gates=F
   units = w_x.shape[-1] // 3
 
   def step(h, x_t):  # h: (B, u), x_t: (B, in_dim)
-    r, u, c, hn = gru_cell.activations(weights, h, _project(x_t, w_x, b), cell=cell,
-                                       activation=activation)
+    r, u, c, hn = gru_cell.activations(
+      weights, h, _project(x_t, w_x, b), cell=cell, activation=activation
+    )
     h_new = u * h + (1.0 - u) * (c if mask is None else c * mask)
     if not keep_gates:
       return h_new, h_new
@@ -77,8 +78,16 @@ def _forward(cell, activation, unroll, x, w_x, b, weights, mask, *, keep_gates=F
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def recurrence(cell: str, activation: str, unroll: int, x: jax.Array, w_x: jax.Array,
-               b: jax.Array, weights: tuple, mask: jax.Array | None = None) -> jax.Array:
+def recurrence(
+  cell: str,
+  activation: str,
+  unroll: int,
+  x: jax.Array,
+  w_x: jax.Array,
+  b: jax.Array,
+  weights: tuple,
+  mask: jax.Array | None = None,
+) -> jax.Array:
   """All hidden states of the GRU.
 
   Args:
@@ -149,11 +158,14 @@ def _recurrence_bwd(cell, activation, unroll, residuals, d_hs):
     carry = (d_h_prev, d_weights, d_w_x, d_b + jnp.sum(d_pre, axis=0))
     return carry, d_x_t
 
-  carry = (jnp.zeros_like(hs[0]), jax.tree.map(jnp.zeros_like, weights),
-           jnp.zeros_like(w_x), jnp.zeros_like(b))
+  carry = (
+    jnp.zeros_like(hs[0]),
+    jax.tree.map(jnp.zeros_like, weights),
+    jnp.zeros_like(w_x),
+    jnp.zeros_like(b),
+  )
   xs = (d_hs, _shift(hs), x, gates)
-  (_, d_weights, d_w_x, d_b), d_x = jax.lax.scan(step, carry, xs, reverse=True,
-                                                 unroll=unroll)
+  (_, d_weights, d_w_x, d_b), d_x = jax.lax.scan(step, carry, xs, reverse=True, unroll=unroll)
   return d_x, d_w_x, d_b, d_weights, None if mask is None else jnp.zeros_like(mask)
 
 

@@ -26,7 +26,8 @@ the recurrent part (:func:`recurrent_step`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -36,10 +37,10 @@ from flax import struct
 CELLS = ("tf1", "reset_after")
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "tanh": jnp.tanh,  # the notebook's (TF1 GRUCell default)
-    "relu": jax.nn.relu,
-    "softsign": jax.nn.soft_sign,
-    "hard_tanh": jax.nn.hard_tanh,
+  "tanh": jnp.tanh,  # the notebook's (TF1 GRUCell default)
+  "relu": jax.nn.relu,
+  "softsign": jax.nn.soft_sign,
+  "hard_tanh": jax.nn.hard_tanh,
 }
 
 
@@ -48,9 +49,7 @@ class _FieldMapping(Mapping):
 
   def _keys(self) -> tuple[str, ...]:
     return tuple(
-        field.name
-        for field in dataclasses.fields(self)
-        if field.metadata.get("pytree_node", True)
+      field.name for field in dataclasses.fields(self) if field.metadata.get("pytree_node", True)
     )
 
   def __getitem__(self, name: str) -> Any:
@@ -90,10 +89,7 @@ def check_cell(cell: str) -> str:
 
 def check_activation(activation: str) -> str:
   if activation not in ACTIVATIONS:
-    raise ValueError(
-        f"unknown activation {activation!r}: expected one of"
-        f" {tuple(ACTIVATIONS)}"
-    )
+    raise ValueError(f"unknown activation {activation!r}: expected one of {tuple(ACTIVATIONS)}")
   return activation
 
 
@@ -102,15 +98,15 @@ RECURRENT_INITS = ("glorot", "orthogonal")
 
 
 def init_cell(
-    key: jax.Array,
-    *,
-    in_dim: int,
-    num_units: int,
-    cell: str = "tf1",
-    dtype: jnp.dtype = jnp.float32,
-    gate_bias_init: str = "constant",
-    recurrent_init: str = "glorot",
-    max_steps: int = 784,
+  key: jax.Array,
+  *,
+  in_dim: int,
+  num_units: int,
+  cell: str = "tf1",
+  dtype: jnp.dtype = jnp.float32,
+  gate_bias_init: str = "constant",
+  recurrent_init: str = "glorot",
+  max_steps: int = 784,
 ) -> dict[str, Dense | ResetAfterDense]:
   """Initial cell weights; the defaults are TF1 ``GRUCell``'s.
 
@@ -133,11 +129,13 @@ def init_cell(
   """
   check_cell(cell)
   if gate_bias_init not in GATE_BIAS_INITS:
-    raise ValueError(f"unknown gate_bias_init {gate_bias_init!r}: expected one of"
-                     f" {GATE_BIAS_INITS}")
+    raise ValueError(
+      f"unknown gate_bias_init {gate_bias_init!r}: expected one of {GATE_BIAS_INITS}"
+    )
   if recurrent_init not in RECURRENT_INITS:
-    raise ValueError(f"unknown recurrent_init {recurrent_init!r}: expected one of"
-                     f" {RECURRENT_INITS}")
+    raise ValueError(
+      f"unknown recurrent_init {recurrent_init!r}: expected one of {RECURRENT_INITS}"
+    )
   if max_steps < 3:
     raise ValueError(f"max_steps={max_steps}: expected at least 3")
   gates_key, candidate_key, bias_key, orthogonal_key = jax.random.split(key, 4)
@@ -147,19 +145,18 @@ def init_cell(
   kernel = glorot(candidate_key, (rows, num_units), dtype)
   if recurrent_init == "orthogonal":
     orthogonal = jax.nn.initializers.orthogonal()
-    blocks = [orthogonal(k, (num_units, num_units), dtype)
-              for k in jax.random.split(orthogonal_key, 3)]  # r, u, c
+    blocks = [
+      orthogonal(k, (num_units, num_units), dtype) for k in jax.random.split(orthogonal_key, 3)
+    ]  # r, u, c
     gates_kernel = gates_kernel.at[in_dim:].set(jnp.concatenate(blocks[:2], axis=1))
     kernel = kernel.at[in_dim:].set(blocks[2])
   reset_bias = jnp.ones((num_units,), dtype)
   if gate_bias_init == "constant":
     update_bias = jnp.ones((num_units,), dtype)
   elif gate_bias_init == "chrono":
-    update_bias = jnp.log(jax.random.uniform(bias_key, (num_units,), dtype, 1.0,
-                                             max_steps - 1.0))
+    update_bias = jnp.log(jax.random.uniform(bias_key, (num_units,), dtype, 1.0, max_steps - 1.0))
   else:
-    p = jax.random.uniform(bias_key, (num_units,), dtype, 1.0 / max_steps,
-                           1.0 - 1.0 / max_steps)
+    p = jax.random.uniform(bias_key, (num_units,), dtype, 1.0 / max_steps, 1.0 - 1.0 / max_steps)
     update_bias = jnp.log(p) - jnp.log1p(-p)
   gates = Dense(kernel=gates_kernel, bias=jnp.concatenate([reset_bias, update_bias]))
   bias = jnp.zeros((num_units,), dtype)
@@ -182,8 +179,8 @@ def project_inputs(params: Mapping, x: jax.Array) -> jax.Array:
   """
   in_dim = x.shape[-1]
   kernel = jnp.concatenate(
-      [params["gates"]["kernel"][:in_dim], params["candidate"]["kernel"][:in_dim]],
-      axis=1,
+    [params["gates"]["kernel"][:in_dim], params["candidate"]["kernel"][:in_dim]],
+    axis=1,
   )  # (in_dim, 3 * units)
   bias = jnp.concatenate([params["gates"]["bias"], params["candidate"]["bias"]])
   return x @ kernel + bias
@@ -200,12 +197,12 @@ def recurrent_weights(params: Mapping, *, cell: str, in_dim: int) -> tuple:
 
 
 def activations(
-    weights: tuple,
-    h: jax.Array,
-    projected_x: jax.Array,
-    *,
-    cell: str,
-    activation: str = "tanh",
+  weights: tuple,
+  h: jax.Array,
+  projected_x: jax.Array,
+  *,
+  cell: str,
+  activation: str = "tanh",
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
   """The gate and candidate activations of one step (any leading dims).
 
@@ -238,13 +235,13 @@ def activations(
 
 
 def recurrent_step(
-    weights: tuple,
-    h: jax.Array,
-    projected_x: jax.Array,
-    *,
-    cell: str,
-    activation: str = "tanh",
-    candidate_mask: jax.Array | None = None,
+  weights: tuple,
+  h: jax.Array,
+  projected_x: jax.Array,
+  *,
+  cell: str,
+  activation: str = "tanh",
+  candidate_mask: jax.Array | None = None,
 ) -> jax.Array:
   """The recurrent part of one step: ``h' = u * h + (1 - u) * c``.
 
@@ -280,14 +277,18 @@ def cell_of(params: Mapping) -> str:
     gates, candidate = set(params["gates"]), set(params["candidate"])
   except (KeyError, TypeError) as error:
     keys = sorted(params) if isinstance(params, Mapping) else type(params).__name__
-    raise ValueError(f"params have keys {keys}: expected a mapping with 'gates' and"
-                     " 'candidate', each with 'kernel' and 'bias'") from error
+    raise ValueError(
+      f"params have keys {keys}: expected a mapping with 'gates' and"
+      " 'candidate', each with 'kernel' and 'bias'"
+    ) from error
   layouts = {"tf1": {"kernel", "bias"}, "reset_after": {"kernel", "bias", "recurrent_bias"}}
   found = [cell for cell, keys in layouts.items() if candidate == keys]
   if gates != {"kernel", "bias"} or not found:
-    raise ValueError(f"params have gates keys {sorted(gates)} and candidate keys"
-                     f" {sorted(candidate)}: expected gates (kernel, bias) and candidate"
-                     " (kernel, bias) for tf1 or (kernel, bias, recurrent_bias) for reset_after")
+    raise ValueError(
+      f"params have gates keys {sorted(gates)} and candidate keys"
+      f" {sorted(candidate)}: expected gates (kernel, bias) and candidate"
+      " (kernel, bias) for tf1 or (kernel, bias, recurrent_bias) for reset_after"
+    )
   if declared is not None and declared != found[0]:
     raise ValueError(f"params say cell {declared!r} but hold {found[0]!r} weights")
   return found[0]
@@ -300,29 +301,38 @@ def check_weights(params: Mapping) -> tuple[str, int, int]:
     ValueError: naming the keys or shapes that do not form a GRU cell.
   """
   cell = cell_of(params)
-  shapes = {f"{group}.{name}": tuple(getattr(params[group][name], "shape", ()))
-            for group in ("gates", "candidate") for name in params[group]}
+  shapes = {
+    f"{group}.{name}": tuple(getattr(params[group][name], "shape", ()))
+    for group in ("gates", "candidate")
+    for name in params[group]
+  }
   kernel = shapes["gates.kernel"]
   units = kernel[1] // 2 if len(kernel) == 2 else 0
   rows = kernel[0] if len(kernel) == 2 else 0
-  expected = {"gates.kernel": (rows, 2 * units), "gates.bias": (2 * units,),
-              "candidate.kernel": (rows, units), "candidate.bias": (units,)}
+  expected = {
+    "gates.kernel": (rows, 2 * units),
+    "gates.bias": (2 * units,),
+    "candidate.kernel": (rows, units),
+    "candidate.bias": (units,),
+  }
   if cell == "reset_after":
     expected["candidate.recurrent_bias"] = (units,)
   if units < 1 or rows <= units or shapes != expected:
-    raise ValueError(f"params have shapes {shapes}: a {cell} GRU cell needs gates.kernel"
-                     " [in_dim + units, 2 * units], gates.bias [2 * units], candidate.kernel"
-                     " [in_dim + units, units] and [units] biases")
+    raise ValueError(
+      f"params have shapes {shapes}: a {cell} GRU cell needs gates.kernel"
+      " [in_dim + units, 2 * units], gates.bias [2 * units], candidate.kernel"
+      " [in_dim + units, units] and [units] biases"
+    )
   return cell, rows - units, units
 
 
 def gru_step(
-    params: Mapping,
-    h: jax.Array,
-    x: jax.Array,
-    *,
-    cell: str | None = None,
-    activation: str | None = None,
+  params: Mapping,
+  h: jax.Array,
+  x: jax.Array,
+  *,
+  cell: str | None = None,
+  activation: str | None = None,
 ) -> jax.Array:
   """One GRU step (see the module docstring for the equations).
 
@@ -344,19 +354,20 @@ def gru_step(
   """
   found, in_dim, units = check_weights(params)
   if cell is not None and check_cell(cell) != found:
-    raise ValueError(f"cell={cell!r} but the params hold {found!r} weights"
-                     f" ({'with' if found == 'reset_after' else 'without'} a candidate"
-                     " recurrent_bias); drop cell= or pass matching params")
+    raise ValueError(
+      f"cell={cell!r} but the params hold {found!r} weights"
+      f" ({'with' if found == 'reset_after' else 'without'} a candidate"
+      " recurrent_bias); drop cell= or pass matching params"
+    )
   activation = activation or getattr(params, "activation", "tanh")
   h, x = jnp.asarray(h), jnp.asarray(x)
-  if (h.shape[-1:] != (units,) or x.shape[-1:] != (in_dim,)
-      or h.shape[:-1] != x.shape[:-1]):
-    raise ValueError(f"h has shape {h.shape} and x {x.shape}: the params expect"
-                     f" h [..., {units}] and x [..., {in_dim}] with the same leading dims")
+  if h.shape[-1:] != (units,) or x.shape[-1:] != (in_dim,) or h.shape[:-1] != x.shape[:-1]:
+    raise ValueError(
+      f"h has shape {h.shape} and x {x.shape}: the params expect"
+      f" h [..., {units}] and x [..., {in_dim}] with the same leading dims"
+    )
   for name, value in (("h", h), ("x", x)):
     if not jnp.issubdtype(value.dtype, jnp.floating):
       raise ValueError(f"{name} has dtype {value.dtype}: expected a floating dtype")
   weights = recurrent_weights(params, cell=found, in_dim=x.shape[-1])
-  return recurrent_step(
-      weights, h, project_inputs(params, x), cell=found, activation=activation
-  )
+  return recurrent_step(weights, h, project_inputs(params, x), cell=found, activation=activation)

@@ -30,7 +30,6 @@ variant, activation and input order ride along as static (non-array) fields.
 from __future__ import annotations
 
 import math
-
 import os
 
 import jax
@@ -43,11 +42,12 @@ from pixelrnn_jax import fused_scan
 from pixelrnn_jax import gru_cell
 from pixelrnn_jax import model_io
 from pixelrnn_jax import preprocessing
-from pixelrnn_jax.gru_cell import Dense, ResetAfterDense  # noqa: F401 (re-export)
+from pixelrnn_jax.gru_cell import Dense
+from pixelrnn_jax.gru_cell import ResetAfterDense
 
 
 @struct.dataclass
-class Params(gru_cell._FieldMapping):  # pylint: disable=protected-access
+class Params(gru_cell._FieldMapping):  # noqa: SLF001 (the package's own base class)
   """All weights of the classifier; ``cell``, ``activation`` and ``order`` are static.
 
   ``order`` is how :func:`apply` turns images in [0, 1] into the input
@@ -86,18 +86,18 @@ NUM_CLASSES = 10  # MNIST digits
 
 
 def init(
-    key: jax.Array,
-    *,
-    num_units: int = 64,
-    num_classes: int = NUM_CLASSES,
-    in_dim: int = 1,
-    cell: str = "tf1",
-    activation: str = "tanh",
-    dtype: jnp.dtype = jnp.float32,
-    gate_bias_init: str = "constant",
-    recurrent_init: str = "glorot",
-    max_steps: int = 784,
-    order: str | None = None,
+  key: jax.Array,
+  *,
+  num_units: int = 64,
+  num_classes: int = NUM_CLASSES,
+  in_dim: int = 1,
+  cell: str = "tf1",
+  activation: str = "tanh",
+  dtype: jnp.dtype = jnp.float32,
+  gate_bias_init: str = "constant",
+  recurrent_init: str = "glorot",
+  max_steps: int = 784,
+  order: str | None = None,
 ) -> Params:
   """Initialises the classifier as the notebook's TF1 defaults.
 
@@ -113,25 +113,32 @@ def init(
   """
   gru_cell.check_cell(cell)
   gru_cell.check_activation(activation)
-  for name, value in (("num_units", num_units), ("num_classes", num_classes),
-                      ("in_dim", in_dim)):
+  for name, value in (("num_units", num_units), ("num_classes", num_classes), ("in_dim", in_dim)):
     if not isinstance(value, (int, np.integer)) or value < 1:
       raise ValueError(f"{name}={value!r}: expected a positive integer")
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"dtype={dtype!r}: expected a floating dtype such as float32")
   if order is not None and preprocessing.sequence_shape(order)[1] != in_dim:
-    raise ValueError(f"order={order!r} feeds {preprocessing.sequence_shape(order)[1]}"
-                     f" values per step but in_dim={in_dim}")
+    raise ValueError(
+      f"order={order!r} feeds {preprocessing.sequence_shape(order)[1]}"
+      f" values per step but in_dim={in_dim}"
+    )
   cell_key, output_key = jax.random.split(key)
   cell_params = gru_cell.init_cell(
-      cell_key, in_dim=in_dim, num_units=num_units, cell=cell, dtype=dtype,
-      gate_bias_init=gate_bias_init, recurrent_init=recurrent_init, max_steps=max_steps,
+    cell_key,
+    in_dim=in_dim,
+    num_units=num_units,
+    cell=cell,
+    dtype=dtype,
+    gate_bias_init=gate_bias_init,
+    recurrent_init=recurrent_init,
+    max_steps=max_steps,
   )
   output = Dense(
-      kernel=jax.nn.initializers.truncated_normal(stddev=0.1)(
-          output_key, (num_units, num_classes), dtype
-      ),
-      bias=jnp.zeros((num_classes,), dtype),
+    kernel=jax.nn.initializers.truncated_normal(stddev=0.1)(
+      output_key, (num_units, num_classes), dtype
+    ),
+    bias=jnp.zeros((num_classes,), dtype),
   )
   return Params(**cell_params, output=output, cell=cell, activation=activation, order=order)
 
@@ -155,14 +162,17 @@ def check_params(params: Params) -> None:
   """
   if not isinstance(params, Params):
     raise ValueError(
-        f"params is a {type(params).__name__}, not a gru_classifier.Params: make it with"
-        " gru_classifier.init or load, or from a dict of weights with"
-        " gru_classifier.from_arrays(arrays, cell=..., activation=..., order=...)")
+      f"params is a {type(params).__name__}, not a gru_classifier.Params: make it with"
+      " gru_classifier.init or load, or from a dict of weights with"
+      " gru_classifier.from_arrays(arrays, cell=..., activation=..., order=...)"
+    )
   _, _, units = gru_cell.check_weights(params)
   kernel, bias = (tuple(params.output.kernel.shape), tuple(params.output.bias.shape))
   if len(kernel) != 2 or kernel[0] != units or bias != kernel[1:]:
-    raise ValueError(f"params have output.kernel {kernel} and output.bias {bias}: expected"
-                     f" [{units}, classes] and [classes]")
+    raise ValueError(
+      f"params have output.kernel {kernel} and output.bias {bias}: expected"
+      f" [{units}, classes] and [classes]"
+    )
   params_dtype(params)
 
 
@@ -170,8 +180,10 @@ def params_dtype(params: Params) -> jnp.dtype:
   """The one floating dtype of all weights; ValueError when they mix dtypes."""
   dtypes = {jnp.dtype(leaf.dtype) for leaf in jax.tree_util.tree_leaves(params)}
   if len(dtypes) != 1:
-    raise ValueError(f"params mix dtypes {sorted(map(str, dtypes))}: cast them to one,"
-                     " e.g. jax.tree.map(lambda w: w.astype(jnp.float32), params)")
+    raise ValueError(
+      f"params mix dtypes {sorted(map(str, dtypes))}: cast them to one,"
+      " e.g. jax.tree.map(lambda w: w.astype(jnp.float32), params)"
+    )
   return dtypes.pop()
 
 
@@ -204,16 +216,19 @@ def as_sequence(params: Params, x) -> jax.Array:
   in_dim = params.in_dim
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(
-        f"x has dtype {dtype}: expected a floating dtype (scale uint8 pixels"
-        " to [0, 1] with x.astype(np.float32) / 255)"
+      f"x has dtype {dtype}: expected a floating dtype (scale uint8 pixels"
+      " to [0, 1] with x.astype(np.float32) / 255)"
     )
   expected = f"images [batch, 28, 28] or [batch, 784], or sequences [batch, T, {in_dim}]"
   if shape in ((28, 28), (784,)):
-    raise ValueError(f"x has shape {shape}: one unbatched image; add a batch axis: x[None]"
-                     f" (expected {expected})")
+    raise ValueError(
+      f"x has shape {shape}: one unbatched image; add a batch axis: x[None] (expected {expected})"
+    )
   if len(shape) == 2 and shape[1] == in_dim and in_dim != 784:
-    raise ValueError(f"x has shape {shape}: one unbatched sequence? add a batch axis:"
-                     f" x[None] (expected {expected})")
+    raise ValueError(
+      f"x has shape {shape}: one unbatched sequence? add a batch axis:"
+      f" x[None] (expected {expected})"
+    )
   if len(shape) not in (2, 3):
     raise ValueError(f"x has shape {shape} (rank {len(shape)}): expected {expected}")
   if shape[0] == 0:
@@ -224,8 +239,10 @@ def as_sequence(params: Params, x) -> jax.Array:
   elif is_image:
     order = params.order or {1: "pixel", 28: "row"}.get(in_dim)
     if order is None or preprocessing.sequence_shape(order)[1] != in_dim:
-      raise ValueError(f"x has shape {shape}: images, but the model reads {in_dim} values"
-                       f" per step (order {params.order}); pass sequences [batch, T, {in_dim}]")
+      raise ValueError(
+        f"x has shape {shape}: images, but the model reads {in_dim} values"
+        f" per step (order {params.order}); pass sequences [batch, T, {in_dim}]"
+      )
     sequence = preprocessing.to_sequences(jnp.asarray(x), order)
   else:
     raise ValueError(f"x has shape {shape}: expected {expected}")
@@ -239,9 +256,11 @@ def as_sequence(params: Params, x) -> jax.Array:
     # [0, 1] pixels; a bare model's sequences may be in any units.
     as_images = sequence is not x or params.order is not None
     if as_images and (values.min() < 0 or values.max() > 1):
-      raise ValueError(f"x has pixels in [{values.min():.3g}, {values.max():.3g}]: expected"
-                       " [0, 1] (divide 0..255 pixels by 255; do not standardise them:"
-                       " a loaded model does that itself)")
+      raise ValueError(
+        f"x has pixels in [{values.min():.3g}, {values.max():.3g}]: expected"
+        " [0, 1] (divide 0..255 pixels by 255; do not standardise them:"
+        " a loaded model does that itself)"
+      )
   return jnp.asarray(sequence, params_dtype(params))
 
 
@@ -258,8 +277,9 @@ def check_impl(impl: str) -> str:
   return impl
 
 
-def recurrent_dropout_mask(key: jax.Array, rate: float, shape: tuple[int, ...],
-                           dtype=jnp.float32) -> jax.Array:
+def recurrent_dropout_mask(
+  key: jax.Array, rate: float, shape: tuple[int, ...], dtype=jnp.float32
+) -> jax.Array:
   """Recurrent dropout's mask on the candidate: 0 with probability ``rate``, else 1 / (1 - rate).
 
   One mask per sequence, the same at every step (Gal & Ghahramani 2016,
@@ -281,9 +301,14 @@ def recurrent_dropout_mask(key: jax.Array, rate: float, shape: tuple[int, ...],
   return keep.astype(dtype) / jnp.asarray(1.0 - rate, dtype)
 
 
-def hidden_states(params: Params, x: jax.Array, *, impl: str = DEFAULT_IMPL,
-                  unroll: int = DEFAULT_UNROLL,
-                  candidate_mask: jax.Array | None = None) -> jax.Array:
+def hidden_states(
+  params: Params,
+  x: jax.Array,
+  *,
+  impl: str = DEFAULT_IMPL,
+  unroll: int = DEFAULT_UNROLL,
+  candidate_mask: jax.Array | None = None,
+) -> jax.Array:
   """The hidden state after every step, time-major.
 
   Args:
@@ -302,12 +327,14 @@ def hidden_states(params: Params, x: jax.Array, *, impl: str = DEFAULT_IMPL,
   in_dim = x.shape[-1]
   weights = gru_cell.recurrent_weights(params, cell=params.cell, in_dim=in_dim)
   if impl == "fused":
-    w_x = jnp.concatenate([params.gates.kernel[:in_dim], params.candidate.kernel[:in_dim]],
-                          axis=1)  # (in_dim, 3 * units)
+    w_x = jnp.concatenate(
+      [params.gates.kernel[:in_dim], params.candidate.kernel[:in_dim]], axis=1
+    )  # (in_dim, 3 * units)
     b = jnp.concatenate([params.gates.bias, params.candidate.bias])
     try:
-      return fused_scan.recurrence(params.cell, params.activation, unroll, x, w_x, b, weights,
-                                   candidate_mask)
+      return fused_scan.recurrence(
+        params.cell, params.activation, unroll, x, w_x, b, weights, candidate_mask
+      )
     except TypeError as error:
       # Forward mode (jax.jvp, jax.jacfwd) cannot enter a custom_vjp: the same
       # values come from autodiff through the plain scan below.
@@ -318,8 +345,12 @@ def hidden_states(params: Params, x: jax.Array, *, impl: str = DEFAULT_IMPL,
 
   def step(h, projected_t):
     h = gru_cell.recurrent_step(
-        weights, h, projected_t, cell=params.cell, activation=params.activation,
-        candidate_mask=candidate_mask,
+      weights,
+      h,
+      projected_t,
+      cell=params.cell,
+      activation=params.activation,
+      candidate_mask=candidate_mask,
     )
     return h, h
 
@@ -328,9 +359,15 @@ def hidden_states(params: Params, x: jax.Array, *, impl: str = DEFAULT_IMPL,
   return hs
 
 
-def apply(params: Params, x, *, impl: str = DEFAULT_IMPL,
-          unroll: int = DEFAULT_UNROLL, recurrent_dropout: float = 0.0,
-          key: jax.Array | None = None) -> jax.Array:
+def apply(
+  params: Params,
+  x,
+  *,
+  impl: str = DEFAULT_IMPL,
+  unroll: int = DEFAULT_UNROLL,
+  recurrent_dropout: float = 0.0,
+  key: jax.Array | None = None,
+) -> jax.Array:
   """Logits after every step, stacked (the notebook's ``logits_list``).
 
   Args:
@@ -361,10 +398,8 @@ def apply(params: Params, x, *, impl: str = DEFAULT_IMPL,
   if recurrent_dropout:
     if key is None:
       raise ValueError(f"recurrent_dropout={recurrent_dropout!r} needs key=, a PRNG key")
-    mask = recurrent_dropout_mask(key, recurrent_dropout, (x.shape[0], params.num_units),
-                                  x.dtype)
-  hs = hidden_states(params, x, impl=impl, unroll=unroll,
-                     candidate_mask=mask)  # (T, B, units)
+    mask = recurrent_dropout_mask(key, recurrent_dropout, (x.shape[0], params.num_units), x.dtype)
+  hs = hidden_states(params, x, impl=impl, unroll=unroll, candidate_mask=mask)  # (T, B, units)
   # Hoisted out of the loop: one readout matmul over all stacked states.
   logits = hs @ params.output.kernel + params.output.bias  # (T, B, classes)
   return jnp.swapaxes(logits, 0, 1)
@@ -378,11 +413,14 @@ def check_labels(labels, num_classes: int = NUM_CLASSES, count: int | None = Non
   """
   labels = np.asarray(labels)
   if labels.ndim != 1 or (count is not None and len(labels) != count):
-    raise ValueError(f"labels have shape {labels.shape}: expected [{count or 'N'}], one"
-                     " integer class per example")
+    raise ValueError(
+      f"labels have shape {labels.shape}: expected [{count or 'N'}], one integer class per example"
+    )
   if not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f"labels have dtype {labels.dtype}: expected integers in"
-                     f" [0, {num_classes}) (e.g. labels.astype(np.int32))")
+    raise ValueError(
+      f"labels have dtype {labels.dtype}: expected integers in"
+      f" [0, {num_classes}) (e.g. labels.astype(np.int32))"
+    )
   bad = labels[(labels < 0) | (labels >= num_classes)]
   if bad.size:
     raise ValueError(f"labels contain {bad[:5].tolist()}: expected classes in [0, {num_classes})")
@@ -392,19 +430,22 @@ def check_labels(labels, num_classes: int = NUM_CLASSES, count: int | None = Non
 def _check_labels(logits: jax.Array, labels) -> jax.Array:
   """Validates labels where they enter; returns them as a JAX integer array."""
   if getattr(logits, "ndim", None) != 3:
-    raise ValueError(f"logits have shape {getattr(logits, 'shape', None)}: expected"
-                     " [batch, T, classes] from apply")
+    raise ValueError(
+      f"logits have shape {getattr(logits, 'shape', None)}: expected [batch, T, classes] from apply"
+    )
   shape = getattr(labels, "shape", None)
   if shape is None:
     raise ValueError(f"labels: expected an integer array, got {type(labels).__name__}")
   if tuple(shape) != logits.shape[:1]:
     raise ValueError(
-        f"labels have shape {tuple(shape)}: expected [{logits.shape[0]}], one"
-        " integer class per example"
+      f"labels have shape {tuple(shape)}: expected [{logits.shape[0]}], one"
+      " integer class per example"
     )
   if not jnp.issubdtype(labels.dtype, jnp.integer):
-    raise ValueError(f"labels have dtype {labels.dtype}: expected integers in"
-                     f" [0, {logits.shape[-1]}) (e.g. labels.astype(np.int32))")
+    raise ValueError(
+      f"labels have dtype {labels.dtype}: expected integers in"
+      f" [0, {logits.shape[-1]}) (e.g. labels.astype(np.int32))"
+    )
   if _is_concrete(labels):
     check_labels(labels, logits.shape[-1])
   return jnp.asarray(labels)
@@ -413,8 +454,7 @@ def _check_labels(logits: jax.Array, labels) -> jax.Array:
 def _losses(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Per-example cross-entropy; NaN (loss and gradient) for an out-of-range label."""
   valid = (labels >= 0) & (labels < logits.shape[-1])
-  losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits, jnp.where(valid, labels, 0))
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
   # A constant NaN factor makes that example's loss and gradient NaN (and
   # only that example's), so a traced training step with a bad label stops
   # at the trainer's non-finite check instead of training on class 0.
@@ -485,8 +525,9 @@ def fold_input_scaling(params: Params, *, mean: float, std: float) -> Params:
   return params.replace(gates=fold(params.gates), candidate=fold(params.candidate))
 
 
-def from_arrays(arrays: dict, *, cell: str = "tf1", activation: str = "tanh",
-                order: str | None = None) -> Params:
+def from_arrays(
+  arrays: dict, *, cell: str = "tf1", activation: str = "tanh", order: str | None = None
+) -> Params:
   """Params from a state dict ``{"gates": {"kernel", "bias"}, ...}`` (a checkpoint's).
 
   Raises:
@@ -497,19 +538,26 @@ def from_arrays(arrays: dict, *, cell: str = "tf1", activation: str = "tanh",
   try:
     got = {name: set(arrays[name]) for name in ("gates", "candidate", "output")}
   except (KeyError, TypeError) as error:
-    raise ValueError(f"params have keys {sorted(arrays) if isinstance(arrays, dict) else arrays!r}:"
-                     " expected gates, candidate and output") from error
-  expected = {"gates": {"kernel", "bias"}, "candidate": candidate_keys,
-              "output": {"kernel", "bias"}}
+    raise ValueError(
+      f"params have keys {sorted(arrays) if isinstance(arrays, dict) else arrays!r}:"
+      " expected gates, candidate and output"
+    ) from error
+  expected = {
+    "gates": {"kernel", "bias"},
+    "candidate": candidate_keys,
+    "output": {"kernel", "bias"},
+  }
   if got != expected:
     raise ValueError(f"params have keys {got}: cell {cell!r} expects {expected}")
-  array = lambda v: jnp.asarray(v)  # noqa: E731
+  array = lambda v: jnp.asarray(v)
   candidate_type = ResetAfterDense if cell == "reset_after" else Dense
   params = Params(
-      gates=Dense(**{k: array(v) for k, v in arrays["gates"].items()}),
-      candidate=candidate_type(**{k: array(v) for k, v in arrays["candidate"].items()}),
-      output=Dense(**{k: array(v) for k, v in arrays["output"].items()}),
-      cell=cell, activation=activation, order=order,
+    gates=Dense(**{k: array(v) for k, v in arrays["gates"].items()}),
+    candidate=candidate_type(**{k: array(v) for k, v in arrays["candidate"].items()}),
+    output=Dense(**{k: array(v) for k, v in arrays["output"].items()}),
+    cell=cell,
+    activation=activation,
+    order=order,
   )
   check_params(params)
   if order is not None and preprocessing.sequence_shape(order)[1] != params.in_dim:
@@ -525,49 +573,53 @@ def for_images(params: Params, *, order: str, standardize: bool) -> Params:
   """
   if standardize:
     # The float32 constants preprocessing.standardize (and so training) used.
-    params = fold_input_scaling(params, mean=float(np.float32(preprocessing.TRAIN_MEAN)),
-                                std=float(np.float32(preprocessing.TRAIN_STD)))
+    params = fold_input_scaling(
+      params,
+      mean=float(np.float32(preprocessing.TRAIN_MEAN)),
+      std=float(np.float32(preprocessing.TRAIN_STD)),
+    )
   return params.replace(order=preprocessing.check_order(order))
 
 
+def from_saved(saved: model_io.SavedModel) -> Params:
+  """The model a :class:`model_io.SavedModel` holds, ready for [0, 1] images.
+
+  Raises:
+    CheckpointError: params or config that do not make a model.
+  """
+  config = saved.config
+  try:
+    params = from_arrays(
+      saved.arrays, cell=config.get("cell", "tf1"), activation=config.get("activation", "tanh")
+    )
+    return for_images(
+      params, order=config.get("order", "pixel"), standardize=bool(config.get("standardize", False))
+    )
+  except ValueError as error:
+    raise model_io.CheckpointError(f"{saved.path}: {error}") from error
+
+
 def load(source: str | os.PathLike) -> Params:
-  """A saved model, ready for [0, 1] images: a run directory, a checkpoint or ``pretrained:NAME``.
+  """A saved model, ready for [0, 1] images: a run directory, a step directory, a
+  weights file or ``pretrained:NAME``.
 
   A run directory gives its best checkpoint on valid (else its newest). The
   returned params read images in the order they were trained on, with any
-  training-time standardisation folded in, so
-  ``apply(load(source), images)`` takes images in [0, 1] as
-  ``data.load_mnist`` returns them.
+  training-time standardisation folded in, so ``apply(load(source), images)``
+  takes images in [0, 1] as ``data.load_mnist`` returns them. For the
+  training config, step and card as well, read the source with
+  ``model_io.read`` and build the model with :func:`from_saved`.
 
   Raises:
     FileNotFoundError: nothing loadable at ``source``.
-    checkpoint.CheckpointError: a corrupt or foreign file.
+    CheckpointError: a corrupt or foreign file.
   """
-  return load_with_info(source)[0]
-
-
-def load_with_info(source: str | os.PathLike) -> tuple[Params, model_io.SavedModel]:
-  """:func:`load`, plus what was read (its config dict, path and step)."""
-  saved = model_io.read(source)
-  config = saved.config
-  try:
-    params = from_arrays(saved.arrays, cell=config.get("cell", "tf1"),
-                         activation=config.get("activation", "tanh"))
-    params = for_images(params, order=config.get("order", "pixel"),
-                        standardize=bool(config.get("standardize", False)))
-  except ValueError as error:
-    raise model_io.checkpoint.CheckpointError(f"{saved.path}: {error}") from error
-  return params, saved
+  return from_saved(model_io.read(source))
 
 
 def load_pretrained(name: str = "pixel") -> Params:
-  """Shipped trained weights (``pixelrnn_jax/pretrained/<name>.*``), checksum-verified.
+  """Shipped weights: ``"pixel"`` (pixel order) or ``"permuted"`` (psMNIST).
 
-  They read images in [0, 1] in their own order (see :func:`load`). Their
-  recorded valid accuracy and training config are in
-  ``pixelrnn_jax.pretrained.metadata(name)``.
-
-  Raises:
-    FileNotFoundError: for an unknown name (the message lists the names).
+  The same as ``load("pretrained:" + name)``; ``model_io.card(name)`` has their card.
   """
-  return load(model_io.pretrained.PREFIX + name)
+  return load(model_io.PREFIX + name)

@@ -45,8 +45,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".tif", ".tiff",
-                  ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
 INVERT = ("auto", "yes", "no")
 BOX = 20  # MNIST: the digit's bounding box fits 20x20
 FIELD = 28  # MNIST: the image is 28x28
@@ -134,9 +133,14 @@ def read_image(path: str | Path) -> np.ndarray:
       raise ImageError(f"{path}: not a readable .npy array ({error})") from error
     return _as_grey(array, str(path))
   if suffix not in IMAGE_SUFFIXES:
-    raise ImageError(f"{path}: unsupported file type {suffix or '(none)'}; use an image"
-                     f" ({', '.join(IMAGE_SUFFIXES)}) or .npy")
-  from PIL import Image, ImageOps, UnidentifiedImageError  # pylint: disable=import-outside-toplevel
+    raise ImageError(
+      f"{path}: unsupported file type {suffix or '(none)'}; use an image"
+      f" ({', '.join(IMAGE_SUFFIXES)}) or .npy"
+    )
+  from PIL import Image  # noqa: PLC0415 (Pillow loads on first use)
+  from PIL import ImageOps  # noqa: PLC0415 (Pillow loads on first use)
+  from PIL import UnidentifiedImageError  # noqa: PLC0415 (Pillow loads on first use)
+
   try:
     with Image.open(path) as image:
       image = ImageOps.exif_transpose(image)
@@ -175,8 +179,10 @@ def _as_grey(array, name: str) -> np.ndarray:
   if not np.all(np.isfinite(array)):
     raise ImageError(f"{name}: float values must be finite and in [0, 1] (found NaN or inf)")
   if array.min() < 0 or array.max() > 1:
-    raise ImageError(f"{name}: float values must be finite and in [0, 1]"
-                     f" (found {array.min():.3g}..{array.max():.3g})")
+    raise ImageError(
+      f"{name}: float values must be finite and in [0, 1]"
+      f" (found {array.min():.3g}..{array.max():.3g})"
+    )
   return array.astype(np.float32)
 
 
@@ -186,14 +192,22 @@ def _as_grey(array, name: str) -> np.ndarray:
 
 def _border(image: np.ndarray) -> np.ndarray:
   width = max(1, round(0.05 * min(image.shape)))
-  return np.concatenate([image[:width].ravel(), image[-width:].ravel(),
-                         image[:, :width].ravel(), image[:, -width:].ravel()])
+  return np.concatenate(
+    [
+      image[:width].ravel(),
+      image[-width:].ravel(),
+      image[:, :width].ravel(),
+      image[:, -width:].ravel(),
+    ]
+  )
 
 
 def _resize(patch: np.ndarray, height: int, width: int, *, method: str = "LANCZOS") -> np.ndarray:
-  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # noqa: PLC0415 (Pillow loads on first use)
+
   resized = Image.fromarray(patch.astype(np.float32), mode="F").resize(
-      (width, height), getattr(Image.Resampling, method))
+    (width, height), getattr(Image.Resampling, method)
+  )
   return np.clip(np.asarray(resized, np.float64), 0.0, 1.0)
 
 
@@ -202,8 +216,9 @@ def _shrink(grey: np.ndarray) -> np.ndarray:
   scale = MAX_SIDE / max(grey.shape)
   if scale >= 1:
     return grey
-  return _resize(grey, max(1, round(grey.shape[0] * scale)),
-                 max(1, round(grey.shape[1] * scale)), method="BOX")
+  return _resize(
+    grey, max(1, round(grey.shape[0] * scale)), max(1, round(grey.shape[1] * scale)), method="BOX"
+  )
 
 
 def _remove_lighting(grey: np.ndarray) -> np.ndarray:
@@ -214,17 +229,23 @@ def _remove_lighting(grey: np.ndarray) -> np.ndarray:
   3 cells), and the result, blurred and scaled back up, is the paper level.
   On an even background it is a constant, which the border step removes anyway.
   """
-  from PIL import Image, ImageFilter  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # noqa: PLC0415 (Pillow loads on first use)
+  from PIL import ImageFilter  # noqa: PLC0415 (Pillow loads on first use)
+
   if min(grey.shape) < 2 * LIGHTING_GRID:
     return grey
   scale = LIGHTING_GRID / max(grey.shape)
-  small = _resize(grey, max(3, round(grey.shape[0] * scale)),
-                  max(3, round(grey.shape[1] * scale)), method="BOX")
-  paper = np.asarray(Image.fromarray(small.astype(np.float32), mode="F").filter(
-      ImageFilter.MinFilter(3)), np.float64)
+  small = _resize(
+    grey, max(3, round(grey.shape[0] * scale)), max(3, round(grey.shape[1] * scale)), method="BOX"
+  )
+  paper = np.asarray(
+    Image.fromarray(small.astype(np.float32), mode="F").filter(ImageFilter.MinFilter(3)), np.float64
+  )
   padded = np.pad(paper, 1, mode="edge")  # a 3x3 mean smooths the minimum's steps
-  paper = sum(padded[i:i + paper.shape[0], j:j + paper.shape[1]]
-              for i in range(3) for j in range(3)) / 9
+  paper = (
+    sum(padded[i : i + paper.shape[0], j : j + paper.shape[1]] for i in range(3) for j in range(3))
+    / 9
+  )
   level = _resize(paper, grey.shape[0], grey.shape[1], method="BILINEAR")
   return np.clip(grey - (level - level.min()), 0.0, 1.0)
 
@@ -310,10 +331,15 @@ def prepare(image, *, invert: str = "auto") -> Digit:
   # Above the paper's noise, but never above half-way to the ink.
   floor = min(paper + NOISE_SIGMAS * noise, paper + 0.5 * (ink - paper))
   if ink - floor < MIN_CONTRAST:
-    hint = ("; dark ink on light paper needs --invert auto or yes" if invert == "no"
-            and paper > 0.5 else "; is the image blank?")
-    raise ImageError(f"no ink: the brightest ink ({ink:.2f}) is within {MIN_CONTRAST} of the"
-                     f" background ({floor:.2f}){hint}")
+    hint = (
+      "; dark ink on light paper needs --invert auto or yes"
+      if invert == "no" and paper > 0.5
+      else "; is the image blank?"
+    )
+    raise ImageError(
+      f"no ink: the brightest ink ({ink:.2f}) is within {MIN_CONTRAST} of the"
+      f" background ({floor:.2f}){hint}"
+    )
   grey = _remove_ruled_lines(np.clip((grey - floor) / (ink - floor), 0.0, 1.0))
   ink_mask = grey > BOX_THRESHOLD
   if not ink_mask.any():
@@ -352,15 +378,17 @@ def save_side_by_side(original, digit: np.ndarray, path: str | Path, *, height: 
 
   The digit is enlarged without smoothing, so each of its 784 pixels shows.
   """
-  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # noqa: PLC0415 (Pillow loads on first use)
+
   path = Path(path)
 
   def grey(array):
     return Image.fromarray(np.round(np.clip(array, 0, 1) * 255).astype(np.uint8), mode="L")
 
   left = grey(_as_grey(original, "image"))
-  left = left.resize((max(1, round(left.width * height / left.height)), height),
-                     Image.Resampling.LANCZOS)
+  left = left.resize(
+    (max(1, round(left.width * height / left.height)), height), Image.Resampling.LANCZOS
+  )
   right = grey(digit).resize((height, height), Image.Resampling.NEAREST)
   gap = 8
   canvas = Image.new("L", (left.width + gap + right.width, height), 128)

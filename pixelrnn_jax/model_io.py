@@ -1,120 +1,168 @@
-"""Finding and reading a saved model: a checkpoint file, a run directory, or shipped weights.
+"""Finding and reading a saved model, and the registry of shipped weights.
 
 The one module that reads models from disk; ``gru_classifier.load`` builds
-the model from what it returns, and the trainer, ``evaluation``, the CLI and
-the plots go through that. It knows files, not models: it imports neither
-the classifier nor the trainer, so every import points one way.
+the model from what :func:`read` returns. It knows files, not models: it
+imports neither the classifier nor the trainer, so every import points one way.
 
 Accepted sources:
 
-- ``"pretrained:<name>"``: weights shipped in the package (checksum-verified);
+- ``"pretrained:<name>"``: weights shipped in the package
+  (``pixelrnn_jax/pretrained/<name>.msgpack`` and its card ``<name>.json``,
+  checked against the card's SHA-256);
 - a run directory (or its ``checkpoints/``): its best checkpoint on valid,
-  else its newest step checkpoint;
-- one orbax step directory (``checkpoints/1500``, ``run_checkpoints``);
-- one msgpack checkpoint file (``best.msgpack``, ``ckpt_NNNNNNNN.msgpack``:
-  shipped weights, and runs of pixelrnn_jax 0.2, whose run directories load
-  as before).
+  else its newest step;
+- one step directory (``checkpoints/1500``);
+- one weights file written by ``pixelrnn-jax export`` (``.msgpack``; its card,
+  when present, is the ``.json`` beside it).
+
+Adding a shipped model is a maintainer's step: ``pixelrnn-jax export RUN --out
+pixelrnn_jax/pretrained/NAME.msgpack`` in a source checkout, then commit both
+files (docs/design.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from pixelrnn_jax import checkpoint
-from pixelrnn_jax import pretrained
+from pixelrnn_jax import checkpoints
+from pixelrnn_jax.checkpoints import CheckpointError
+
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+PREFIX = "pretrained:"
+SUBSET = 1000  # first valid images whose accuracy a card records for a fast check
 
 
 @dataclasses.dataclass(frozen=True)
 class SavedModel:
-  """What a saved model file holds."""
+  """What a saved model holds."""
 
   arrays: dict[str, Any]  # the params' state dict: {"gates": {"kernel", "bias"}, ...}
   config: dict[str, Any]  # the training config's fields (config.json), as saved
-  path: str  # the file read
+  path: str  # the file or step directory read
   step: int  # optimiser steps the params were trained for
+  card: dict[str, Any] | None = None  # the weights' card (shipped or exported), if any
+
+
+# ---------------------------------------------------------------------------- shipped weights
+
+
+def available() -> list[str]:
+  """Names of the shipped weights (``pretrained:NAME``)."""
+  return sorted(p.stem for p in PRETRAINED_DIR.glob("*.json"))
+
+
+def card(name: str) -> dict:
+  """The card of shipped weights: SHA-256, config, source run and step, valid accuracy.
+
+  Raises:
+    FileNotFoundError: no shipped weights of that name.
+  """
+  if name not in available():
+    raise FileNotFoundError(
+      f"no pretrained weights named {name!r}; available: {available() or 'none'}"
+    )
+  return json.loads((PRETRAINED_DIR / f"{name}.json").read_text())
+
+
+def checked_weights(path: Path, expected_sha256: str) -> Path:
+  """``path``, after checking its bytes against a card's SHA-256.
+
+  Raises:
+    CheckpointError: the digest differs.
+  """
+  digest = hashlib.sha256(path.read_bytes()).hexdigest()
+  if digest != expected_sha256:
+    raise CheckpointError(
+      f"{path}: SHA-256 {digest} does not match the recorded"
+      f" {expected_sha256}; reinstall the package or export it again"
+    )
+  return path
+
+
+# ---------------------------------------------------------------------------- finding and reading
 
 
 def _is_step_dir(path: Path) -> bool:
-  """An orbax step directory (``checkpoints/1500`` with its ``state`` item)."""
+  """A step directory (``checkpoints/1500`` with its ``state`` item)."""
   return path.is_dir() and path.name.isdigit() and (path / "state").is_dir()
 
 
-def _has_steps(directory: Path) -> bool:
-  return directory.is_dir() and any(_is_step_dir(p) for p in directory.iterdir())
-
-
 def step_sources(run_dir: str | os.PathLike) -> list[Path]:
-  """Every step checkpoint of a run directory, oldest first (orbax or 0.2's msgpack)."""
+  """Every step directory of a run directory, oldest first."""
   directory = Path(run_dir) / "checkpoints"
   if not directory.is_dir():
     return []
-  steps = sorted((p for p in directory.iterdir() if _is_step_dir(p)), key=lambda p: int(p.name))
-  return steps or checkpoint.step_checkpoints(directory)
-
-
-def step_of(path: Path) -> int:
-  """The step of one of ``step_sources``' paths."""
-  return int(path.name) if _is_step_dir(path) else checkpoint.step_of(path)
+  return sorted((p for p in directory.iterdir() if _is_step_dir(p)), key=lambda p: int(p.name))
 
 
 def resolve(source: str | os.PathLike) -> Path:
-  """The checkpoint file a source names (see the module docstring).
+  """The weights file or step directory a source names (see the module docstring).
 
   Raises:
     FileNotFoundError: naming the path, when nothing loadable is there.
-    checkpoint.CheckpointError: for shipped weights whose checksum fails.
   """
-  if str(source).startswith(pretrained.PREFIX):
-    return pretrained.checked_path(str(source).removeprefix(pretrained.PREFIX))
+  if str(source).startswith(PREFIX):
+    name = str(source).removeprefix(PREFIX)
+    card(name)  # raises for an unknown name
+    return PRETRAINED_DIR / f"{name}.msgpack"
   path = Path(source)
   if path.is_dir() and not _is_step_dir(path):
     directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    if _has_steps(directory):  # orbax, since pixelrnn_jax 0.3
-      from pixelrnn_jax import run_checkpoints  # pylint: disable=import-outside-toplevel
-      return run_checkpoints.chosen_step(directory)
-    if (directory / checkpoint.BEST).is_file():
-      return directory / checkpoint.BEST
-    latest = checkpoint.step_checkpoints(directory)
-    if not latest:
-      raise FileNotFoundError(
-          f"{path}: no checkpoint in this run directory (expected step directories"
-          f" checkpoints/<step>/, or checkpoints/{checkpoint.BEST} of an older run)")
-    return latest[-1]
+    if any(_is_step_dir(p) for p in directory.iterdir()):
+      chosen = checkpoints.chosen_step(directory)
+      if chosen is not None:
+        return chosen
+    raise FileNotFoundError(
+      f"{path}: no checkpoint in this run directory (expected step directories"
+      " checkpoints/<step>/; a run stopped before its first checkpoint has none)"
+    )
   if not path.exists():
     raise FileNotFoundError(
-        f"{path}: no such checkpoint file or run directory (or use pretrained:NAME,"
-        f" NAME one of {pretrained.available()})")
+      f"{path}: no such weights file or run directory (or use pretrained:NAME, NAME one"
+      f" of {available()})"
+    )
   return path
 
 
 def read(source: str | os.PathLike) -> SavedModel:
-  """Reads the params' arrays and training config of a saved model.
+  """Reads the params' arrays, training config and card of a saved model.
+
+  A step directory of a run that kept an EMA of its weights gives the EMA
+  (what the run evaluated and selected).
 
   Raises:
     FileNotFoundError: nothing loadable at ``source``.
-    checkpoint.CheckpointError: a corrupt file, or one without params or config.
+    CheckpointError: a corrupt file, a checksum mismatch, or one without
+      params or config.
   """
   path = resolve(source)
+  found_card = None
   try:
     if _is_step_dir(path):
-      from pixelrnn_jax import run_checkpoints  # pylint: disable=import-outside-toplevel
-      step, state, meta = run_checkpoints.read_step(path)
-      # The model is the weights' EMA when the run kept one (Config.ema_decay).
-      config, arrays = meta["config"], state.get("ema_params") or state["params"]
+      step, state, meta = checkpoints.read_step(path)
+      ema = state.get("ema_params")
+      config, arrays = meta["config"], ema if ema is not None else state["params"]
     else:
-      state_dict = checkpoint.load(path)
+      card_path = path.with_suffix(".json")
+      if card_path.is_file():
+        found_card = json.loads(card_path.read_text())
+        if "sha256" in found_card:
+          checked_weights(path, found_card["sha256"])
+      state_dict = checkpoints.load(path)
       config = json.loads(state_dict["config"])
       arrays = state_dict["state"]["params"]
       step = int(state_dict["state"]["step"])
   except (KeyError, TypeError, ValueError) as error:
-    if isinstance(error, checkpoint.CheckpointError):
+    if isinstance(error, CheckpointError):
       raise
-    raise checkpoint.CheckpointError(
-        f"{path}: not a model checkpoint (no params or readable config: {error})") from error
+    raise CheckpointError(
+      f"{path}: not a model checkpoint (no params or readable config: {error})"
+    ) from error
   if not isinstance(config, dict):
-    raise checkpoint.CheckpointError(f"{path}: its config is not a JSON object")
-  return SavedModel(arrays=arrays, config=config, path=str(path), step=step)
+    raise CheckpointError(f"{path}: its config is not a JSON object")
+  return SavedModel(arrays=arrays, config=config, path=str(path), step=step, card=found_card)

@@ -9,19 +9,21 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from pixelrnn_jax import checkpoint
 from pixelrnn_jax import data
 from pixelrnn_jax import diagnostics
-from pixelrnn_jax import evaluation
+from pixelrnn_jax import gru_classifier
+from pixelrnn_jax import inference
 from pixelrnn_jax import model_io
-from pixelrnn_jax import train
+from pixelrnn_jax import preprocessing
+from pixelrnn_jax.checkpoints import CheckpointError
+from pixelrnn_jax.training import run_dir as run_dir_lib
+from pixelrnn_jax.training import step as step_lib
 
 log = logging.getLogger(__name__)
 
@@ -30,46 +32,42 @@ THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0)
 
 def _pyplot():
   try:
-    import matplotlib  # pylint: disable=import-outside-toplevel
+    import matplotlib  # noqa: PLC0415 (optional extra)
   except ImportError as error:
     raise ImportError("plotting needs matplotlib: pip install 'pixelrnn_jax[plot]'") from error
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  import matplotlib.pyplot as plt  # noqa: PLC0415 (optional extra)
+
   return plt
-
-
-def _read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-  path = run_dir / "metrics.jsonl"
-  if not path.is_file():
-    raise FileNotFoundError(f"{path}: no metrics; is {run_dir} a training run directory?")
-  lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  lines = [l for l in lines if "event" not in l]  # resume markers
-  return ([l for l in lines if "split" not in l], [l for l in lines if l.get("split") == "valid"])
 
 
 def learning_curves(run_dir: Path, out: Path) -> Path:
   plt = _pyplot()
-  train_lines, valid_lines = _read_metrics(run_dir)
+  train_lines, valid_lines = run_dir_lib.read_metrics(run_dir)
   fig, (loss_ax, acc_ax, err_ax) = plt.subplots(1, 3, figsize=(16, 4))
   loss_ax.plot([l["step"] for l in train_lines], [l["loss"] for l in train_lines])
   loss_ax.axhline(np.log(10), color="grey", ls=":", label="ln 10 = 2.30 (chance)")
   loss_ax.set(xlabel="step", ylabel="training loss (last step)", title="loss")
   loss_ax.legend()
-  acc_ax.plot([l["step"] for l in train_lines], [l["accuracy"] for l in train_lines],
-              label="train (batch)")
-  acc_ax.plot([l["step"] for l in valid_lines], [l["accuracy"] for l in valid_lines],
-              "o-", label="valid")
+  acc_ax.plot(
+    [l["step"] for l in train_lines], [l["accuracy"] for l in train_lines], label="train (batch)"
+  )
+  acc_ax.plot(
+    [l["step"] for l in valid_lines], [l["accuracy"] for l in valid_lines], "o-", label="valid"
+  )
   acc_ax.set(xlabel="step", ylabel="accuracy", title="accuracy", ylim=(0, 1))
   acc_ax.legend()
   # Late progress (97.7% -> 98.1%) is invisible on a linear accuracy axis.
   errors = [100 * (1 - l["accuracy"]) for l in train_lines]
-  err_ax.semilogy([l["step"] for l in train_lines], np.maximum(errors, 1e-2),
-                  label="train (batch)", alpha=0.6)
+  err_ax.semilogy(
+    [l["step"] for l in train_lines], np.maximum(errors, 1e-2), label="train (batch)", alpha=0.6
+  )
   title = "error rate"
   if valid_lines:
     valid_errors = [100 * (1 - l["accuracy"]) for l in valid_lines]
-    err_ax.semilogy([l["step"] for l in valid_lines], np.maximum(valid_errors, 1e-2), "o-",
-                    label="valid")
+    err_ax.semilogy(
+      [l["step"] for l in valid_lines], np.maximum(valid_errors, 1e-2), "o-", label="valid"
+    )
     best = max(valid_lines, key=lambda l: l["accuracy"])
     title = f"error rate (best valid {100 * best['accuracy']:.2f}% at step {best['step']})"
   err_ax.set(xlabel="step", ylabel="error (%, log scale)", title=title)
@@ -93,8 +91,13 @@ def early_exit_tradeoff(rows: list[dict], total: int, out: Path, title: str) -> 
   fig, ax = plt.subplots(figsize=(7, 4))
   ax.plot([r["mean_steps"] for r in rows], [r["accuracy"] for r in rows], "o-")
   for r in rows:
-    ax.annotate(f"{r['threshold']:g}", (r["mean_steps"], r["accuracy"]),
-                textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ax.annotate(
+      f"{r['threshold']:g}",
+      (r["mean_steps"], r["accuracy"]),
+      textcoords="offset points",
+      xytext=(4, -10),
+      fontsize=8,
+    )
   ax.set(xlabel=f"mean pixels read (of {total})", ylabel="valid accuracy", title=title)
   ax.grid(alpha=0.3)
   return _save(fig, out / "early_exit.png")
@@ -119,8 +122,13 @@ def _save(fig, path: Path) -> Path:
   return path
 
 
-def plot_run(run_dir: str | Path, *, data_dir: str | None = None, examples: int = 500,
-             out_dir: str | Path | None = None) -> list[Path]:
+def plot_run(
+  run_dir: str | Path,
+  *,
+  data_dir: str | None = None,
+  examples: int = 500,
+  out_dir: str | Path | None = None,
+) -> list[Path]:
   """Writes every picture of a run; returns their paths.
 
   The valid-split pictures use the run's best checkpoint (else its newest) on
@@ -129,31 +137,35 @@ def plot_run(run_dir: str | Path, *, data_dir: str | None = None, examples: int 
   run_dir = Path(run_dir)
   out = Path(out_dir) if out_dir else run_dir / "plots"
   written = [learning_curves(run_dir, out)]
-  params, config, info = train.load_model(run_dir)
-  images, labels = data.load_mnist("valid", data_dir=data_dir or config.data_dir,
-                                   verify=config.verify_data)
+  saved = model_io.read(run_dir)
+  params, config = gru_classifier.from_saved(saved), run_dir_lib.saved_config(saved)
+  images, labels = data.load_mnist(
+    "valid", data_dir=data_dir or config.data_dir, verify=config.verify_data
+  )
   images, labels = images[:examples], labels[:examples]
-  result = evaluation.evaluate(params, images, labels, early_exit_thresholds=THRESHOLDS)
-  name = f"{run_dir.name}, step {info['step']}, {len(labels)} valid images"
+  result = inference.evaluate(params, images, labels, early_exit_thresholds=THRESHOLDS)
+  name = f"{run_dir.name}, step {saved.step}, {len(labels)} valid images"
   written.append(accuracy_per_pixel(result["accuracy_per_step"], out, name))
-  total = data.sequence_shape(config.order)[0]
+  total = preprocessing.sequence_shape(config.order)[0]
   written.append(early_exit_tradeoff(result["early_exit"], total, out, name))
   x, y = images[:100], labels[:100]  # [0, 1] images: every model below reads its own order
   init_key = jax.random.split(jax.random.key(config.seed))[0]
-  initial = lambda c: train.as_model(train.init_params(c, init_key), c)  # noqa: E731
-  curves = {"initialisation": np.asarray(diagnostics.hidden_gradient_norms(
-      initial(config), x, y))}
+
+  def initial(config):
+    return step_lib.as_model(step_lib.init_params(config, init_key), config)
+
+  curves = {"initialisation": np.asarray(diagnostics.hidden_gradient_norms(initial(config), x, y))}
   notebook_init = config.replace(gate_bias_init="constant", recurrent_init="glorot")
   if notebook_init != config:  # the contrast that explains the notebook's plateau
-    curves["notebook (TF1) initialisation"] = np.asarray(diagnostics.hidden_gradient_norms(
-        initial(notebook_init), x, y))
+    curves["notebook (TF1) initialisation"] = np.asarray(
+      diagnostics.hidden_gradient_norms(initial(notebook_init), x, y)
+    )
   for path in model_io.step_sources(run_dir):
     try:
-      ckpt_params, _, ckpt_info = train.load_model(path)
-    except (checkpoint.CheckpointError, ValueError) as error:
+      ckpt_params = gru_classifier.load(path)
+    except (CheckpointError, ValueError) as error:
       log.warning("skipping %s: %s", path, error)
       continue
-    curves[f"step {ckpt_info['step']}"] = np.asarray(
-        diagnostics.hidden_gradient_norms(ckpt_params, x, y))
+    curves[f"step {path.name}"] = np.asarray(diagnostics.hidden_gradient_norms(ckpt_params, x, y))
   written.append(gradient_norms(curves, out, f"{run_dir.name}: gradient reaching h_t"))
   return written

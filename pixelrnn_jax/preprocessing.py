@@ -76,8 +76,7 @@ def to_sequences(images, order: str):
   if not isinstance(images, (np.ndarray, jax.Array)):
     images, xp = np.asarray(images), np
   if images.shape[1:] not in (IMAGE_SHAPE, (NUM_PIXELS,)) or images.ndim not in (2, 3):
-    raise ValueError(f"images have shape {tuple(images.shape)}: expected [N, 28, 28] or"
-                     " [N, 784]")
+    raise ValueError(f"images have shape {tuple(images.shape)}: expected [N, 28, 28] or [N, 784]")
   n = images.shape[0]
   if order == "row":
     return xp.reshape(images, (n, 28, 28))

@@ -11,8 +11,8 @@ jax.config.update("jax_enable_x64", True)
 import pytest  # noqa: E402
 
 MNIST_DIR = os.environ.get(
-    "PIXELRNN_JAX_TEST_MNIST",
-    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "mnist"),
+  "PIXELRNN_JAX_TEST_MNIST",
+  os.path.join(os.path.dirname(__file__), "..", "..", "shared", "mnist"),
 )
 
 
@@ -27,10 +27,9 @@ def mnist_dir():
 @pytest.fixture
 def toy_data(monkeypatch):
   """The trainer reads 160 toy train and 40 toy valid digits instead of MNIST."""
-  from pixelrnn_jax import train  # noqa: PLC0415 (after the JAX settings above)
-
-  from tests.helpers import synthetic_digits  # noqa: PLC0415
+  from pixelrnn_jax.training import loop
+  from tests.helpers import synthetic_digits
 
   splits = {"train": synthetic_digits(160, 0), "valid": synthetic_digits(40, 1)}
-  monkeypatch.setattr(train, "_load_split", lambda config, split: splits[split])
+  monkeypatch.setattr(loop, "_load_split", lambda config, split: splits[split])
   return splits

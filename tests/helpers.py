@@ -1,10 +1,25 @@
 """Shared test helpers (not tests): toy data and small configs."""
 
+import gzip
+
 import numpy as np
 
+from pixelrnn_jax import gru_classifier
+from pixelrnn_jax import idx
+from pixelrnn_jax import model_io
+from pixelrnn_jax.training import run_dir
+
 # A run small enough for the suite: row order, 8 units, a few steps.
-SMALL = dict(order="row", num_units=8, batch_size=16, steps=6, log_every=2,
-             eval_every=3, checkpoint_every=2, eval_batch_size=64)
+SMALL = dict(
+  order="row",
+  num_units=8,
+  batch_size=16,
+  steps=6,
+  log_every=2,
+  eval_every=3,
+  checkpoint_every=2,
+  eval_batch_size=64,
+)
 
 
 def synthetic_digits(n, seed):
@@ -14,3 +29,31 @@ def synthetic_digits(n, seed):
   images = rng.uniform(0, 0.2, (n, 28, 28)).astype(np.float32)
   images[np.arange(n), 2 * labels + 3, :] = 1.0
   return images, labels
+
+
+def write_fake_idx(directory, n=5200):
+  """Toy digits as the two gzipped IDX training files MNIST ships (not MNIST's checksums)."""
+  images, labels = synthetic_digits(n, 7)
+  (directory / "train-images-idx3-ubyte.gz").write_bytes(
+    gzip.compress(idx.to_idx((images * 255).astype(np.uint8)), compresslevel=1)
+  )
+  (directory / "train-labels-idx1-ubyte.gz").write_bytes(
+    gzip.compress(idx.to_idx(labels.astype(np.uint8)))
+  )
+
+
+def corrupt_step(workdir, step):
+  """Overwrites every file of a step's ``state`` item with garbage."""
+  for path in (workdir / "checkpoints" / str(step) / "state").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"corrupt")
+
+
+def load_model(source):
+  """(model, Config, {"path", "step"}) of a saved model, as the commands read it."""
+  saved = model_io.read(source)
+  return (
+    gru_classifier.from_saved(saved),
+    run_dir.saved_config(saved),
+    {"path": saved.path, "step": saved.step},
+  )

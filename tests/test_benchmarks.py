@@ -17,9 +17,26 @@ def throughput():
 
 
 def test_quick_smallest_shape_for_pixelrnn_jax(throughput, tmp_path):
-  report = throughput.main(["--only", "pixelrnn_jax", "--steps", "16", "--batch", "8",
-                            "--rounds", "1", "--iters", "1", "--devices", "1",
-                            "--no-memory", "--no-scaling", "--json", str(tmp_path / "r.json")])
+  report = throughput.main(
+    [
+      "--only",
+      "pixelrnn_jax",
+      "--steps",
+      "16",
+      "--batch",
+      "8",
+      "--rounds",
+      "1",
+      "--iters",
+      "1",
+      "--devices",
+      "1",
+      "--no-memory",
+      "--no-scaling",
+      "--json",
+      str(tmp_path / "r.json"),
+    ]
+  )
   names = set(report["main"]["step_s"])
   assert {"pixelrnn_jax tf1 (fused)", "pixelrnn_jax tf1 (scan)"} <= names
   assert all(t["train"][0] > 0 for t in report["main"]["step_s"].values())
@@ -29,4 +46,5 @@ def test_quick_smallest_shape_for_pixelrnn_jax(throughput, tmp_path):
 def test_flop_count_matches_the_hand_count(throughput):
   # GRU-64, T=784, batch 512: 2*512*784*(65*192 + 64*10) forward, x3 for a train step.
   assert throughput.train_step_flops(batch=512, steps=784, units=64) == 3 * 2 * 512 * 784 * (
-      65 * 192 + 640)
+    65 * 192 + 640
+  )

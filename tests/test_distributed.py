@@ -18,17 +18,34 @@ import jax
 import numpy as np
 import pytest
 
-from pixelrnn_jax import batches
+from pixelrnn_jax import checkpoints
 from pixelrnn_jax import cli
-from pixelrnn_jax import config as config_lib
-from pixelrnn_jax import distributed
-from pixelrnn_jax import run_checkpoints
-from tests.test_train import _synthetic, _write_fake_idx
+from pixelrnn_jax.training import batches as batches_lib
+from pixelrnn_jax.training import config as config_lib
+from pixelrnn_jax.training import distributed
+from pixelrnn_jax.training import peers
+from tests.helpers import synthetic_digits as _synthetic
+from tests.helpers import write_fake_idx as _write_fake_idx
 
 TIMEOUT_S = 120  # per run; a hang fails the test
-FLAGS = ["--no-verify-data", "--order", "row", "--units", "8", "--batch-size", "32",
-         "--log-every", "5", "--eval-every", "10", "--checkpoint-every", "5",
-         "--eval-batch-size", "200", "--no-progress"]
+FLAGS = [
+  "--no-verify-data",
+  "--order",
+  "row",
+  "--units",
+  "8",
+  "--batch-size",
+  "32",
+  "--log-every",
+  "5",
+  "--eval-every",
+  "10",
+  "--checkpoint-every",
+  "5",
+  "--eval-batch-size",
+  "200",
+  "--no-progress",
+]
 
 
 def _free_port() -> int:
@@ -44,17 +61,44 @@ def _env(tmp_path):
 def _start(tmp_path, workdir, *, processes, devices, steps, extra=(), only=None):
   """Starts the ``train`` command as ``processes`` processes (or just ranks ``only``)."""
   port = _free_port()
-  command = [sys.executable, "-m", "pixelrnn_jax", "train", "--workdir", str(workdir),
-             "--data-dir", str(tmp_path), *FLAGS, "--steps", str(steps),
-             "--devices", str(devices), *extra]
+  command = [
+    sys.executable,
+    "-m",
+    "pixelrnn_jax",
+    "train",
+    "--workdir",
+    str(workdir),
+    "--data-dir",
+    str(tmp_path),
+    *FLAGS,
+    "--steps",
+    str(steps),
+    "--devices",
+    str(devices),
+    *extra,
+  ]
   if processes == 1:
     ranks, flags = [0], lambda rank: []
   else:
     ranks = range(processes) if only is None else only
-    flags = lambda rank: ["--num-processes", str(processes), "--process-id", str(rank),  # noqa: E731
-                          "--coordinator-address", f"localhost:{port}"]
-  return [subprocess.Popen(command + flags(rank), env=_env(tmp_path), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True) for rank in ranks]
+    flags = lambda rank: [
+      "--num-processes",
+      str(processes),
+      "--process-id",
+      str(rank),
+      "--coordinator-address",
+      f"localhost:{port}",
+    ]
+  return [
+    subprocess.Popen(
+      command + flags(rank),
+      env=_env(tmp_path),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for rank in ranks
+  ]
 
 
 def _finish(procs, timeout=TIMEOUT_S):
@@ -79,7 +123,7 @@ def _run(tmp_path, workdir, **kwargs):
 
 
 def _state(workdir, step=None):
-  manager = run_checkpoints.RunCheckpoints(workdir / "checkpoints", read_only=True)
+  manager = checkpoints.RunCheckpoints(workdir / "checkpoints", read_only=True)
   state, meta = manager.restore(manager.latest_step() if step is None else step)
   manager.close()
   return state, meta
@@ -116,8 +160,22 @@ def test_evaluate_of_both_run_directories_gives_the_same_loss(runs, capsys):
   results = []
   for name in ("one", "two"):
     step_dir = runs / name / "checkpoints" / "20"  # the run directory would give its best
-    assert cli.main(["evaluate", "--checkpoint", str(step_dir), "--data-dir", str(runs),
-                     "--no-verify-data", "--split", "valid", "--json"]) == 0
+    assert (
+      cli.main(
+        [
+          "evaluate",
+          "--checkpoint",
+          str(step_dir),
+          "--data-dir",
+          str(runs),
+          "--no-verify-data",
+          "--split",
+          "valid",
+          "--json",
+        ]
+      )
+      == 0
+    )
     results.append(json.loads(capsys.readouterr().out))
   assert results[0]["step"] == results[1]["step"] == 20
   np.testing.assert_allclose(results[0]["loss"], results[1]["loss"], rtol=1e-6)
@@ -130,14 +188,25 @@ def test_two_processes_of_two_devices_follow_one_process_of_four(runs, tmp_path)
   differences in near-zero gradients into steps of up to the learning rate, so the
   parameters themselves drift apart by up to about steps x lr.)"""
   for name, processes, devices in (("one", 1, 4), ("two", 2, 2)):
-    _run(runs, tmp_path / name, processes=processes, devices=devices, steps=10,
-         extra=["--log-every", "1"])
-  records = [[json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text()
-              .splitlines() if "grad_norm" in line] for name in ("one", "two")]
+    _run(
+      runs,
+      tmp_path / name,
+      processes=processes,
+      devices=devices,
+      steps=10,
+      extra=["--log-every", "1"],
+    )
+  records = [
+    [
+      json.loads(line)
+      for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+      if "grad_norm" in line
+    ]
+    for name in ("one", "two")
+  ]
   assert [r["step"] for r in records[0]] == [r["step"] for r in records[1]] == list(range(2, 11))
   for a, b in zip(*records):
-    np.testing.assert_allclose([a["loss"], a["grad_norm"]], [b["loss"], b["grad_norm"]],
-                               rtol=1e-5)
+    np.testing.assert_allclose([a["loss"], a["grad_norm"]], [b["loss"], b["grad_norm"]], rtol=1e-5)
 
 
 def test_only_process_zero_writes_the_run_files(runs):
@@ -160,14 +229,20 @@ def test_resume_of_a_two_process_run_equals_the_uninterrupted_run(runs, tmp_path
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_a_peer_that_never_joins_fails_within_the_timeout_naming_the_coordinator(
-    tmp_path, rank):
+def test_a_peer_that_never_joins_fails_within_the_timeout_naming_the_coordinator(tmp_path, rank):
   _write_fake_idx(tmp_path)
   start = time.monotonic()
-  procs = _start(tmp_path, tmp_path / "run", processes=2, devices=1, steps=5, only=[rank],
-                 extra=["--distributed-timeout", "4"])
+  procs = _start(
+    tmp_path,
+    tmp_path / "run",
+    processes=2,
+    devices=1,
+    steps=5,
+    only=[rank],
+    extra=["--distributed-timeout", "4"],
+  )
   (code,), (stderr,) = _finish(procs, timeout=60)
-  assert code == distributed.PEER_FAILURE_EXIT, stderr[-2000:]
+  assert code == peers.PEER_FAILURE_EXIT, stderr[-2000:]
   assert time.monotonic() - start < 40
   port = procs[0].args[procs[0].args.index("--coordinator-address") + 1]
   assert f"process {rank} of 2" in stderr and port in stderr
@@ -186,8 +261,14 @@ def _wait_for_metrics(workdir, procs, lines=1):
 def test_a_signal_to_one_process_stops_the_whole_run_with_a_checkpoint(tmp_path):
   _write_fake_idx(tmp_path)
   workdir = tmp_path / "run"
-  procs = _start(tmp_path, workdir, processes=2, devices=1, steps=100_000,
-                 extra=["--checkpoint-every", "1000000", "--eval-every", "1000000"])
+  procs = _start(
+    tmp_path,
+    workdir,
+    processes=2,
+    devices=1,
+    steps=100_000,
+    extra=["--checkpoint-every", "1000000", "--eval-every", "1000000"],
+  )
   _wait_for_metrics(workdir, procs)
   procs[1].send_signal(signal.SIGINT)
   codes, errors = _finish(procs, timeout=60)
@@ -202,14 +283,20 @@ def test_a_signal_to_one_process_stops_the_whole_run_with_a_checkpoint(tmp_path)
 def test_a_peer_that_dies_ends_the_others_and_the_run_resumes(tmp_path):
   _write_fake_idx(tmp_path)
   workdir = tmp_path / "run"
-  procs = _start(tmp_path, workdir, processes=2, devices=1, steps=100_000,
-                 extra=["--distributed-timeout", "10", "--checkpoint-every", "5"])
+  procs = _start(
+    tmp_path,
+    workdir,
+    processes=2,
+    devices=1,
+    steps=100_000,
+    extra=["--distributed-timeout", "10", "--checkpoint-every", "5"],
+  )
   _wait_for_metrics(workdir, procs, lines=2)
   procs[1].kill()
   killed_at = time.monotonic()
   (code, _), (stderr, _) = _finish(procs, timeout=60)
   assert time.monotonic() - killed_at < 20  # the gloo error at once, or the watchdog at 10 s
-  assert code == distributed.PEER_FAILURE_EXIT, stderr[-2000:]
+  assert code == peers.PEER_FAILURE_EXIT, stderr[-2000:]
   assert re.search("a peer process (has stopped|that died)", stderr), stderr[-2000:]
   assert "Traceback" not in stderr and "Check failure stack trace" not in stderr
   last = int(re.search(r"The last complete checkpoint is \S+/(\d+);", stderr).group(1))
@@ -229,9 +316,11 @@ def test_each_process_reads_its_slice_of_the_same_global_batch():
   images, labels = _synthetic(200, 3)
   key = jax.random.key(5)
   kwargs = dict(batch_size=24, key=key, order="row", max_shift=2)
-  whole = batches.Batches(images, labels, num_devices=4, **kwargs)
-  parts = [batches.Batches(images, labels, num_devices=2, num_processes=2, process_index=i,
-                           **kwargs) for i in range(2)]
+  whole = batches_lib.Batches(images, labels, num_devices=4, **kwargs)
+  parts = [
+    batches_lib.Batches(images, labels, num_devices=2, num_processes=2, process_index=i, **kwargs)
+    for i in range(2)
+  ]
   for _ in range(10):  # across an epoch boundary (8 batches per epoch)
     x, y = next(whole)
     pieces = [next(p) for p in parts]
@@ -240,13 +329,16 @@ def test_each_process_reads_its_slice_of_the_same_global_batch():
   assert parts[0].position == parts[1].position == whole.position
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(num_processes=2, process_id=2), r"process_id=2: expected 0 \.\. num_processes - 1"),
     (dict(coordinator_address="node001"), "expected HOST:PORT"),
     (dict(num_processes=0), "num_processes=0"),
     (dict(num_processes=3, batch_size=32, devices=2), "multiple of 6"),
     (dict(distributed_timeout=0), "distributed_timeout=0"),
-])
+  ],
+)
 def test_bad_process_flags_are_clear_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     config_lib.Config(**kwargs)
@@ -270,9 +362,14 @@ def test_without_flags_or_a_cluster_the_run_is_one_process(monkeypatch):
 
 
 def test_a_slurm_job_with_several_tasks_is_detected(monkeypatch):
-  for name, value in {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[001-002]",
-                      "SLURM_NTASKS": "4", "SLURM_PROCID": "1",
-                      "SLURM_LOCALID": "1", "SLURM_STEP_NUM_NODES": "2"}.items():
+  for name, value in {
+    "SLURM_JOB_ID": "7",
+    "SLURM_STEP_NODELIST": "node[001-002]",
+    "SLURM_NTASKS": "4",
+    "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "1",
+    "SLURM_STEP_NUM_NODES": "2",
+  }.items():
     monkeypatch.setenv(name, value)
   assert distributed.cluster_process_count() == 4
   assert distributed.wanted(config_lib.Config())
@@ -283,8 +380,14 @@ def test_a_slurm_job_with_several_tasks_is_detected(monkeypatch):
 def test_a_stopped_peer_ends_the_others_after_the_timeout(tmp_path):
   _write_fake_idx(tmp_path)
   workdir = tmp_path / "run"
-  procs = _start(tmp_path, workdir, processes=2, devices=1, steps=100_000,
-                 extra=["--distributed-timeout", "10", "--checkpoint-every", "5"])
+  procs = _start(
+    tmp_path,
+    workdir,
+    processes=2,
+    devices=1,
+    steps=100_000,
+    extra=["--distributed-timeout", "10", "--checkpoint-every", "5"],
+  )
   _wait_for_metrics(workdir, procs, lines=2)
   procs[1].send_signal(signal.SIGSTOP)  # alive, but silent
   stopped_at = time.monotonic()
@@ -293,7 +396,7 @@ def test_a_stopped_peer_ends_the_others_after_the_timeout(tmp_path):
   finally:
     procs[1].kill()
     procs[1].communicate()
-  assert procs[0].returncode == distributed.PEER_FAILURE_EXIT, stderr[-2000:]
+  assert procs[0].returncode == peers.PEER_FAILURE_EXIT, stderr[-2000:]
   assert 10 <= time.monotonic() - stopped_at < 19  # the watchdog, before JAX's check at 20 s
   assert "made no progress for" in stderr and "Check failure stack trace" not in stderr
   assert re.search(r"The last complete checkpoint is \S+/checkpoints/\d+;", stderr)
@@ -302,15 +405,35 @@ def test_a_stopped_peer_ends_the_others_after_the_timeout(tmp_path):
 def _start_pair(tmp_path, per_process, *, steps=20, timeout=20):
   """Processes 0 and 1 with the same flags plus each one's own ``per_process`` flags."""
   port = _free_port()
-  command = [sys.executable, "-m", "pixelrnn_jax", "train", *FLAGS, "--steps", str(steps),
-             "--devices", "1", "--num-processes", "2", "--coordinator-address",
-             f"localhost:{port}", "--distributed-timeout", str(timeout)]
+  command = [
+    sys.executable,
+    "-m",
+    "pixelrnn_jax",
+    "train",
+    *FLAGS,
+    "--steps",
+    str(steps),
+    "--devices",
+    "1",
+    "--num-processes",
+    "2",
+    "--coordinator-address",
+    f"localhost:{port}",
+    "--distributed-timeout",
+    str(timeout),
+  ]
   procs = []
   for rank, own in enumerate(per_process):
     flags = {"--workdir": str(tmp_path / "run"), "--data-dir": str(tmp_path), **own}
-    procs.append(subprocess.Popen(
+    procs.append(
+      subprocess.Popen(
         command + ["--process-id", str(rank)] + [w for item in flags.items() for w in item],
-        env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env=_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+    )
   return procs
 
 
@@ -323,35 +446,46 @@ def test_a_peer_that_fails_at_start_ends_the_others_at_once(tmp_path, failing):
   start = time.monotonic()
   codes, errors = _finish(_start_pair(tmp_path, per_process), timeout=60)
   other = 1 - failing
-  assert codes[failing] == 2 and codes[other] == distributed.PEER_FAILURE_EXIT, errors
+  assert codes[failing] == 2 and codes[other] == peers.PEER_FAILURE_EXIT, errors
   assert time.monotonic() - start < 15  # told by the failing one, not after the timeout
   assert "has no train-images-idx3-ubyte" in errors[failing]
   assert f"stops because process {failing} failed: data directory" in errors[other]
   assert all("Check failure stack trace" not in e and "Traceback" not in e for e in errors)
 
 
-@pytest.mark.parametrize("own, message", [
+@pytest.mark.parametrize(
+  "own, message",
+  [
     ({"--batch-size": "64"}, "--batch-size 64 here but 32 in process 0"),
     ({"--devices": "2"}, "--devices 2 here but 1 in process 0"),
     ({"--lr": "0.05"}, "--learning-rate 0.05 here but 0.001 in process 0"),
     ({"--workdir": "elsewhere"}, "is not the run directory process 0 writes"),
-])
+  ],
+)
 def test_processes_started_with_other_settings_are_refused(tmp_path, own, message):
   _write_fake_idx(tmp_path)
   if own.get("--workdir"):
     own = {"--workdir": str(tmp_path / own["--workdir"])}
   codes, errors = _finish(_start_pair(tmp_path, [{}, own]), timeout=60)
-  assert codes == [distributed.PEER_FAILURE_EXIT, 2], errors
+  assert codes == [peers.PEER_FAILURE_EXIT, 2], errors
   assert message in errors[1] and message in errors[0]
   assert not (tmp_path / "run" / "checkpoints").exists() or not any(
-      p.name.isdigit() for p in (tmp_path / "run" / "checkpoints").iterdir())
+    p.name.isdigit() for p in (tmp_path / "run" / "checkpoints").iterdir()
+  )
 
 
 @pytest.mark.parametrize("rank", [0, 1])  # 0 hosts the coordinator, 1 looks for it
 def test_ctrl_c_while_waiting_for_peers_ends_at_once(tmp_path, rank):
   _write_fake_idx(tmp_path)
-  (proc,) = _start(tmp_path, tmp_path / "run", processes=2, devices=1, steps=5, only=[rank],
-                   extra=["--distributed-timeout", "60"])
+  (proc,) = _start(
+    tmp_path,
+    tmp_path / "run",
+    processes=2,
+    devices=1,
+    steps=5,
+    only=[rank],
+    extra=["--distributed-timeout", "60"],
+  )
   time.sleep(3)  # joining: the other process never comes
   proc.send_signal(signal.SIGINT)
   sent = time.monotonic()
@@ -369,7 +503,7 @@ def test_sigterm_before_the_first_step_stops_every_process(tmp_path):
   procs[1].send_signal(signal.SIGTERM)
   codes, errors = _finish(procs, timeout=60)
   assert codes[1] == 143, errors  # not swallowed by JAX's preemption notifier
-  assert codes[0] in (distributed.PEER_FAILURE_EXIT, 143), errors
+  assert codes[0] in (peers.PEER_FAILURE_EXIT, 143), errors
   assert all("Check failure stack trace" not in e for e in errors)
 
 
@@ -392,8 +526,9 @@ def test_a_coordinator_port_in_use_is_a_clear_error():
 def test_a_second_ctrl_c_to_one_process_ends_every_process_with_one_line(tmp_path):
   _write_fake_idx(tmp_path)
   workdir = tmp_path / "run"
-  procs = _start(tmp_path, workdir, processes=2, devices=1, steps=100_000,
-                 extra=["--distributed-timeout", "20"])
+  procs = _start(
+    tmp_path, workdir, processes=2, devices=1, steps=100_000, extra=["--distributed-timeout", "20"]
+  )
   _wait_for_metrics(workdir, procs)
   procs[1].send_signal(signal.SIGINT)
   time.sleep(0.05)
@@ -402,6 +537,8 @@ def test_a_second_ctrl_c_to_one_process_ends_every_process_with_one_line(tmp_pat
   assert codes[1] == 130, errors[1][-2000:]
   # Process 0 hears of it (exit 1, naming process 1's reason), or had already
   # stopped cleanly at the step the first Ctrl-C asked for (exit 130).
-  assert codes[0] == 130 or (codes[0] == distributed.PEER_FAILURE_EXIT and (
-      "stops because process 1 failed: interrupted (SIGINT)" in errors[0])), errors[0][-2000:]
+  assert codes[0] == 130 or (
+    codes[0] == peers.PEER_FAILURE_EXIT
+    and ("stops because process 1 failed: interrupted (SIGINT)" in errors[0])
+  ), errors[0][-2000:]
   assert all("Traceback" not in e and "Check failure stack trace" not in e for e in errors)

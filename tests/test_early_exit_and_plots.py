@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from pixelrnn_jax import cli
-from pixelrnn_jax import config as config_lib
 from pixelrnn_jax import diagnostics
-from pixelrnn_jax import early_exit
-from pixelrnn_jax import evaluation
 from pixelrnn_jax import gru_classifier
 from pixelrnn_jax import images as images_lib
-from pixelrnn_jax import train
+from pixelrnn_jax import inference
+from pixelrnn_jax.training import config as config_lib
+from pixelrnn_jax.training import loop
+from tests import helpers
 
 
 def _trained_like_params(seed=0, units=6, dtype=jnp.float64):
@@ -28,7 +28,7 @@ def _trained_like_params(seed=0, units=6, dtype=jnp.float64):
 def test_early_exit_equals_full_sequence_prediction_at_the_exit_step(threshold):
   params = _trained_like_params()
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(16, 60, 1)))
-  out = early_exit.predict(params, x, threshold=threshold)
+  out = inference.predict(params, x, threshold=threshold)
   probs = jax.nn.softmax(gru_classifier.apply(params, x, impl="scan"), axis=-1)  # (B, T, C)
   top = probs.max(-1)
   for i in range(16):
@@ -44,9 +44,9 @@ def test_early_exit_equals_full_sequence_prediction_at_the_exit_step(threshold):
 def test_early_exit_actually_stops_the_loop():
   params = _trained_like_params()
   x = jnp.asarray(np.random.default_rng(1).uniform(size=(4, 300, 1)))
-  full = early_exit.predict(params, x, threshold=1.0)
+  full = inference.predict(params, x, threshold=1.0)
   assert np.all(full["steps"] == 300)
-  early = early_exit.predict(params, x, threshold=0.05)  # everything is above 0.1
+  early = inference.predict(params, x, threshold=0.05)  # everything is above 0.1
   assert np.all(early["steps"] == 1)
 
 
@@ -55,23 +55,30 @@ def test_thresholds_are_monotone_in_pixels_read():
   images = np.random.default_rng(2).uniform(size=(40, 28, 28)).astype(np.float64)
   labels = np.random.default_rng(3).integers(0, 10, 40).astype(np.int32)
   thresholds = (0.2, 0.4, 0.6, 0.8, 0.9, 0.99, 1.0)
-  result = evaluation.evaluate(params, images, labels, order="pixel", batch_size=16,
-                               early_exit_thresholds=thresholds)
+  result = inference.evaluate(
+    params, images, labels, order="pixel", batch_size=16, early_exit_thresholds=thresholds
+  )
   steps = [row["mean_steps"] for row in result["early_exit"]]
   assert steps == sorted(steps) and steps[0] < steps[-1]
   assert result["early_exit"][-1]["mean_steps"] <= 784
   # The evaluation's exit steps agree with the early-exit loop's.
-  out = early_exit.predict(params, jnp.asarray(images.reshape(40, 784, 1)), threshold=0.6)
+  out = inference.predict(params, jnp.asarray(images.reshape(40, 784, 1)), threshold=0.6)
   np.testing.assert_allclose(result["early_exit"][2]["mean_steps"], float(np.mean(out["steps"])))
-  np.testing.assert_allclose(result["early_exit"][2]["accuracy"],
-                             float(np.mean(np.asarray(out["label"]) == labels)))
+  np.testing.assert_allclose(
+    result["early_exit"][2]["accuracy"], float(np.mean(np.asarray(out["label"]) == labels))
+  )
 
 
 def test_bad_thresholds_raise():
   params = _trained_like_params()
   with pytest.raises(ValueError, match=r"threshold 1.5: expected a probability"):
-    evaluation.evaluate(params, np.zeros((2, 28, 28)), np.zeros(2, np.int32), order="row",
-                        early_exit_thresholds=(1.5,))
+    inference.evaluate(
+      params,
+      np.zeros((2, 28, 28)),
+      np.zeros(2, np.int32),
+      order="row",
+      early_exit_thresholds=(1.5,),
+    )
 
 
 def test_hidden_gradient_norms_against_finite_differences():
@@ -82,6 +89,7 @@ def test_hidden_gradient_norms_against_finite_differences():
   assert norms.shape == (12,)
   # dL/dh_t by finite differences on an additive perturbation of h_t at t = 5.
   from pixelrnn_jax import gru_cell
+
   def loss_with(delta, t_perturbed=5):
     h = jnp.zeros((1, 4))
     for t in range(12):
@@ -90,6 +98,7 @@ def test_hidden_gradient_norms_against_finite_differences():
         h = h + delta
     logits = h @ params.output.kernel + params.output.bias
     return -jax.nn.log_softmax(logits)[0, 3]
+
   eps = 1e-6
   grad = np.array([(loss_with(eps * e) - loss_with(-eps * e)) / (2 * eps) for e in np.eye(4)])
   np.testing.assert_allclose(norms[5], np.linalg.norm(grad), rtol=1e-6)
@@ -100,23 +109,31 @@ def test_hidden_gradient_norms_against_finite_differences():
 
 def test_read_image_formats_and_errors(tmp_path):
   from PIL import Image
+
   digit = (np.arange(784) % 256).astype(np.uint8).reshape(28, 28)
   Image.fromarray(digit).save(tmp_path / "d.png")
   Image.fromarray(digit).convert("RGB").save(tmp_path / "rgb.png")
   np.save(tmp_path / "u8.npy", digit)
   np.save(tmp_path / "f.npy", digit.astype(np.float32) / 255)
   for name in ("d.png", "rgb.png", "u8.npy", "f.npy"):
-    np.testing.assert_allclose(images_lib.read_image(tmp_path / name), digit / 255.0,
-                               atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(
+      images_lib.read_image(tmp_path / name), digit / 255.0, atol=1e-6, err_msg=name
+    )
   Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "big.png")
   np.save(tmp_path / "i64.npy", np.zeros((28, 28), np.int64))
   np.save(tmp_path / "range.npy", np.full((28, 28), 3.0))
   np.save(tmp_path / "nan.npy", np.full((28, 28), np.nan))
   (tmp_path / "broken.png").write_bytes(b"not a png")
   (tmp_path / "notes.txt").write_text("hi")
-  cases = {"big.png": "no ink", "i64.npy": "dtype int64",
-           "range.npy": r"in \[0, 1\]", "nan.npy": "finite", "broken.png": "not a readable image",
-           "notes.txt": "unsupported file type .txt", "missing.png": "no such file"}
+  cases = {
+    "big.png": "no ink",
+    "i64.npy": "dtype int64",
+    "range.npy": r"in \[0, 1\]",
+    "nan.npy": "finite",
+    "broken.png": "not a readable image",
+    "notes.txt": "unsupported file type .txt",
+    "missing.png": "no such file",
+  }
   for name, match in cases.items():
     with pytest.raises(images_lib.ImageError, match=match) as info:
       images_lib.load_image(tmp_path / name)
@@ -129,18 +146,27 @@ def test_read_image_formats_and_errors(tmp_path):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   """A tiny trained run (row order, synthetic data) with checkpoints."""
-  from tests.test_train import _synthetic
+  from tests.helpers import synthetic_digits as _synthetic
+
   workdir = tmp_path_factory.mktemp("run")
   splits = {"train": _synthetic(160, 0), "valid": _synthetic(60, 1)}
-  original = train._load_split
-  train._load_split = lambda config, split: splits[split]
+  original = loop._load_split
+  loop._load_split = lambda config, split: splits[split]
   try:
-    config = config_lib.Config(order="row", num_units=8, batch_size=16, steps=40,
-                               learning_rate=1e-2, log_every=5, eval_every=20,
-                               checkpoint_every=20, eval_batch_size=64)
-    train.train_and_evaluate(config, workdir, progress=False)
+    config = config_lib.Config(
+      order="row",
+      num_units=8,
+      batch_size=16,
+      steps=40,
+      learning_rate=1e-2,
+      log_every=5,
+      eval_every=20,
+      checkpoint_every=20,
+      eval_batch_size=64,
+    )
+    loop.train_and_evaluate(config, workdir, progress=False)
   finally:
-    train._load_split = original
+    loop._load_split = original
   return workdir, splits
 
 
@@ -150,8 +176,19 @@ def test_predict_command_answers_good_files_despite_bad_ones(run_dir, tmp_path, 
   np.save(tmp_path / "a.npy", images[0])
   np.save(tmp_path / "b.npy", images[1])
   np.save(tmp_path / "bad.npy", np.zeros((10, 10), np.float32))
-  code = cli.main(["predict", "--checkpoint", str(workdir), "--json", "--confidence", "0.9",
-                   str(tmp_path / "a.npy"), str(tmp_path / "bad.npy"), str(tmp_path / "b.npy")])
+  code = cli.main(
+    [
+      "predict",
+      "--checkpoint",
+      str(workdir),
+      "--json",
+      "--confidence",
+      "0.9",
+      str(tmp_path / "a.npy"),
+      str(tmp_path / "bad.npy"),
+      str(tmp_path / "b.npy"),
+    ]
+  )
   assert code == 1
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert [Path(row["input"]).name for row in rows] == ["a.npy", "bad.npy", "b.npy"]  # in order
@@ -163,10 +200,9 @@ def test_predict_command_answers_good_files_despite_bad_ones(run_dir, tmp_path, 
     assert 0 <= row["label"] <= 9
   # With confidence 1.0 every pixel row is read, and the label is the full-sequence one.
   capsys.readouterr()
-  assert cli.main(["predict", "--checkpoint", str(workdir), "--json",
-                   str(tmp_path / "a.npy")]) == 0
+  assert cli.main(["predict", "--checkpoint", str(workdir), "--json", str(tmp_path / "a.npy")]) == 0
   row = json.loads(capsys.readouterr().out)
-  params, _, _ = train.load_model(workdir)
+  params, _, _ = helpers.load_model(workdir)
   logits = gru_classifier.apply(params, images_lib.to_mnist(images[0])[None])
   assert row["pixels_read"] == 784 and row["label"] == int(jnp.argmax(logits[0, -1]))
 
@@ -174,9 +210,12 @@ def test_predict_command_answers_good_files_despite_bad_ones(run_dir, tmp_path, 
 def test_evaluate_early_exit_flag(run_dir, monkeypatch, capsys):
   workdir, splits = run_dir
   from pixelrnn_jax import data
+
   monkeypatch.setattr(data, "load_mnist", lambda split, **kw: splits["valid"])
-  assert cli.main(["evaluate", "--checkpoint", str(workdir), "--json",
-                   "--early-exit", "0.5,0.9,1.0"]) == 0
+  assert (
+    cli.main(["evaluate", "--checkpoint", str(workdir), "--json", "--early-exit", "0.5,0.9,1.0"])
+    == 0
+  )
   result = json.loads(capsys.readouterr().out)
   rows = result["early_exit"]
   assert [r["threshold"] for r in rows] == [0.5, 0.9, 1.0]
@@ -188,12 +227,13 @@ def test_evaluate_early_exit_flag(run_dir, monkeypatch, capsys):
 def test_plot_command_writes_valid_pngs(run_dir, monkeypatch, tmp_path, capsys):
   workdir, splits = run_dir
   from pixelrnn_jax import data
+
   monkeypatch.setattr(data, "load_mnist", lambda split, **kw: splits["valid"])
   assert cli.main(["plot", str(workdir), "--out", str(tmp_path), "--examples", "40"]) == 0
-  names = {"learning_curves.png", "accuracy_per_pixel.png", "early_exit.png",
-           "gradient_norms.png"}
+  names = {"learning_curves.png", "accuracy_per_pixel.png", "early_exit.png", "gradient_norms.png"}
   assert {p.name for p in tmp_path.iterdir()} == names
   from PIL import Image
+
   for name in names:
     path = tmp_path / name
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

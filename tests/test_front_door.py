@@ -1,9 +1,7 @@
 """What a new user meets first: the package, the command's flags, data paths, stops and logs."""
 
 import ast
-import gzip
 import json
-import os
 import re
 import signal
 import subprocess
@@ -16,13 +14,16 @@ import numpy as np
 import pytest
 
 import pixelrnn_jax
-from pixelrnn_jax import checkpoint
+from pixelrnn_jax import checkpoints
 from pixelrnn_jax import cli
-from pixelrnn_jax import config as config_lib
 from pixelrnn_jax import data
-from pixelrnn_jax import run_checkpoints
-from pixelrnn_jax import train
-from tests.test_train import SMALL, _synthetic, _write_fake_idx, corrupt_step, toy_data  # noqa: F401
+from pixelrnn_jax import idx
+from pixelrnn_jax.training import config as config_lib
+from pixelrnn_jax.training import loop
+from tests.helpers import SMALL
+from tests.helpers import corrupt_step
+from tests.helpers import synthetic_digits as _synthetic
+from tests.helpers import write_fake_idx as _write_fake_idx
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,12 +46,15 @@ def test_version_flag(capsys):
   assert capsys.readouterr().out.strip() == f"pixelrnn-jax {pixelrnn_jax.__version__}"
 
 
-@pytest.mark.parametrize("argv, verbose", [
+@pytest.mark.parametrize(
+  "argv, verbose",
+  [
     (["-v", "evaluate", "--checkpoint", "x"], True),
     (["evaluate", "--checkpoint", "x", "-v"], True),
     (["train", "--workdir", "w", "--verbose"], True),
     (["predict", "--checkpoint", "x", "a.png"], False),
-])
+  ],
+)
 def test_verbose_before_or_after_the_subcommand(argv, verbose):
   assert cli.build_parser().parse_args(argv).verbose is verbose
 
@@ -79,7 +83,8 @@ def test_runtime_dependencies_are_what_the_library_imports():
   for module, extra in _OPTIONAL.items():
     assert module in imported and extra in project["optional-dependencies"]
   assert {"chex", "hypothesis"} <= {
-      re.split(r"[<>=~!\[ ]", d)[0] for d in project["optional-dependencies"]["test"]}
+    re.split(r"[<>=~!\[ ]", d)[0] for d in project["optional-dependencies"]["test"]
+  }
 
 
 def _options(argv) -> set[str]:
@@ -98,8 +103,9 @@ def test_example_script_accepts_exactly_the_train_flags_through_public_api():
 # ---------------------------------------------------------------------------- data paths
 
 
-def test_explicit_data_dir_missing_or_incomplete_is_exit_2_never_a_download(tmp_path, capsys,
-                                                                           monkeypatch):
+def test_explicit_data_dir_missing_or_incomplete_is_exit_2_never_a_download(
+  tmp_path, capsys, monkeypatch
+):
   def no_download(*args, **kwargs):
     raise AssertionError("a download was attempted")
 
@@ -118,19 +124,18 @@ def test_explicit_data_dir_missing_or_incomplete_is_exit_2_never_a_download(tmp_
   assert "train-labels.idx1-ubyte.gz" in err[0]  # the accepted names
 
 
-def test_dotted_idx_names_are_read_and_the_recorded_data_dir_is_absolute(tmp_path,
-                                                                         monkeypatch):
+def test_dotted_idx_names_are_read_and_the_recorded_data_dir_is_absolute(tmp_path, monkeypatch):
   images, labels = _synthetic(5100, 3)
   own = tmp_path / "own"
   own.mkdir()
-  (own / "train-images.idx3-ubyte").write_bytes(data.to_idx((images * 255).astype(np.uint8)))
-  (own / "train-labels.idx1-ubyte").write_bytes(data.to_idx(labels.astype(np.uint8)))
+  (own / "train-images.idx3-ubyte").write_bytes(idx.to_idx((images * 255).astype(np.uint8)))
+  (own / "train-labels.idx1-ubyte").write_bytes(idx.to_idx(labels.astype(np.uint8)))
   data._load_file_pair.cache_clear()
   loaded, loaded_labels = data.load_mnist("train", data_dir=own, verify=False)
   np.testing.assert_array_equal(loaded_labels, labels[5000:])
   monkeypatch.chdir(tmp_path)
   config = config_lib.Config(**{**SMALL, "steps": 2, "data_dir": "own", "verify_data": False})
-  train.train_and_evaluate(config, tmp_path / "run", progress=False)
+  loop.train_and_evaluate(config, tmp_path / "run", progress=False)
   recorded = json.loads((tmp_path / "run" / "config.json").read_text())["data_dir"]
   assert recorded == str(own.resolve())
 
@@ -141,10 +146,29 @@ def test_dotted_idx_names_are_read_and_the_recorded_data_dir_is_absolute(tmp_pat
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
   _write_fake_idx(tmp_path)
   process = subprocess.Popen(
-      [sys.executable, "-m", "pixelrnn_jax", "train", "--workdir", str(tmp_path / "run"),
-       "--data-dir", str(tmp_path), "--no-verify-data", "--order", "row", "--units", "8",
-       "--batch-size", "16", "--steps", "100000"],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    [
+      sys.executable,
+      "-m",
+      "pixelrnn_jax",
+      "train",
+      "--workdir",
+      str(tmp_path / "run"),
+      "--data-dir",
+      str(tmp_path),
+      "--no-verify-data",
+      "--order",
+      "row",
+      "--units",
+      "8",
+      "--batch-size",
+      "16",
+      "--steps",
+      "100000",
+    ],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   time.sleep(0.7)  # inside the imports of JAX, before training
   process.send_signal(signal.SIGINT)
   _, stderr = process.communicate(timeout=60)
@@ -156,19 +180,33 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
 
 
 def test_a_stop_before_any_evaluation_reports_no_best(tmp_path, toy_data, monkeypatch, capsys):
-  class StopAtOnce(train._StopOnSignal):
+  class StopAtOnce(loop._StopOnSignal):
     def __enter__(self):
       self.requested, self.signum = "SIGINT", int(signal.SIGINT)
       return self
 
-  monkeypatch.setattr(train, "_StopOnSignal", StopAtOnce)
-  summary = train.train_and_evaluate(config_lib.Config(**SMALL), tmp_path, progress=False)
+  monkeypatch.setattr(loop, "_StopOnSignal", StopAtOnce)
+  summary = loop.train_and_evaluate(config_lib.Config(**SMALL), tmp_path, progress=False)
   assert summary["stopped"] == "SIGINT" and summary["step"] == 1
   assert summary["best_valid_accuracy"] is None
-  assert run_checkpoints.RunCheckpoints(tmp_path / "checkpoints",
-                                        read_only=True).best_step() is None
-  code = cli.main(["train", "--workdir", str(tmp_path / "cli"), "--order", "row",
-                   "--units", "8", "--batch-size", "16", "--steps", "6", "--eval-every", "3"])
+  assert checkpoints.RunCheckpoints(tmp_path / "checkpoints", read_only=True).best_step() is None
+  code = cli.main(
+    [
+      "train",
+      "--workdir",
+      str(tmp_path / "cli"),
+      "--order",
+      "row",
+      "--units",
+      "8",
+      "--batch-size",
+      "16",
+      "--steps",
+      "6",
+      "--eval-every",
+      "3",
+    ]
+  )
   assert code == 130 and "best" not in capsys.readouterr().out
 
 
@@ -178,13 +216,15 @@ def _records(path):
 
 def test_metrics_mark_each_resume_and_never_repeat_a_step(tmp_path, toy_data):
   config = config_lib.Config(**{**SMALL, "log_every": 1})
-  train.train_and_evaluate(config.replace(steps=4), tmp_path, progress=False)
-  train.train_and_evaluate(config, tmp_path, progress=False)  # 4 -> 6
+  loop.train_and_evaluate(config.replace(steps=4), tmp_path, progress=False)
+  loop.train_and_evaluate(config, tmp_path, progress=False)  # 4 -> 6
   corrupt_step(tmp_path, 6)  # the next resume falls back to step 4
-  train.train_and_evaluate(config.replace(steps=8), tmp_path, progress=False)
+  loop.train_and_evaluate(config.replace(steps=8), tmp_path, progress=False)
   records = _records(tmp_path / "metrics.jsonl")
-  assert [r for r in records if "event" in r] == [{"event": "resume", "step": 4},
-                                                  {"event": "resume", "step": 4}]
+  assert [r for r in records if "event" in r] == [
+    {"event": "resume", "step": 4},
+    {"event": "resume", "step": 4},
+  ]
   keys = [(r["step"], r.get("split", "train")) for r in records if "event" not in r]
   assert len(keys) == len(set(keys)), keys
   train_steps = [r["step"] for r in records if "event" not in r and "split" not in r]
@@ -193,8 +233,23 @@ def test_metrics_mark_each_resume_and_never_repeat_a_step(tmp_path, toy_data):
 
 def test_without_a_terminal_progress_is_plain_log_lines(tmp_path, toy_data, capsys, caplog):
   caplog.set_level("INFO")
-  code = cli.main(["train", "--workdir", str(tmp_path), "--order", "row", "--units", "8",
-                   "--batch-size", "16", "--steps", "4", "--log-every", "2"])
+  code = cli.main(
+    [
+      "train",
+      "--workdir",
+      str(tmp_path),
+      "--order",
+      "row",
+      "--units",
+      "8",
+      "--batch-size",
+      "16",
+      "--steps",
+      "4",
+      "--log-every",
+      "2",
+    ]
+  )
   assert code == 0
   assert "\r" not in capsys.readouterr().err
   assert re.search(r"step 4/4: loss \d", caplog.text)
@@ -211,9 +266,18 @@ def test_dotted_names_of_the_real_files_are_checksum_verified(mnist_dir, tmp_pat
 @pytest.mark.parametrize("flag", ["--workdir", "--show"])
 def test_a_file_where_a_directory_belongs_is_exit_2(tmp_path, capsys, flag):
   (tmp_path / "file").write_text("x")
-  argv = (["train", "--workdir", str(tmp_path / "file"), "--steps", "1"] if flag == "--workdir"
-          else ["predict", "--checkpoint", "pretrained:pixel", "--show", str(tmp_path / "file"),
-                str(ROOT / "examples" / "seven.png")])
+  argv = (
+    ["train", "--workdir", str(tmp_path / "file"), "--steps", "1"]
+    if flag == "--workdir"
+    else [
+      "predict",
+      "--checkpoint",
+      "pretrained:pixel",
+      "--show",
+      str(tmp_path / "file"),
+      str(ROOT / "examples" / "seven.png"),
+    ]
+  )
   assert cli.main(argv) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "File exists" in err[0]
@@ -221,8 +285,9 @@ def test_a_file_where_a_directory_belongs_is_exit_2(tmp_path, capsys, flag):
 
 def test_plot_reads_a_resumed_run(tmp_path, toy_data, capsys):
   from pixelrnn_jax import plots
+
   config = config_lib.Config(**SMALL)
-  train.train_and_evaluate(config.replace(steps=4), tmp_path, progress=False)
-  train.train_and_evaluate(config, tmp_path, progress=False)
+  loop.train_and_evaluate(config.replace(steps=4), tmp_path, progress=False)
+  loop.train_and_evaluate(config, tmp_path, progress=False)
   assert '"event": "resume"' in (tmp_path / "metrics.jsonl").read_text()
   assert plots.learning_curves(tmp_path, tmp_path / "plots").is_file()

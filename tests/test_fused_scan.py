@@ -11,11 +11,17 @@ from pixelrnn_jax import gru_classifier
 
 
 def _setup(cell, *, units=5, in_dim=1, steps=40, activation="tanh", seed=0):
-  params = gru_classifier.init(jax.random.key(seed), num_units=units, in_dim=in_dim,
-                               cell=cell, activation=activation, dtype=jnp.float64)
+  params = gru_classifier.init(
+    jax.random.key(seed),
+    num_units=units,
+    in_dim=in_dim,
+    cell=cell,
+    activation=activation,
+    dtype=jnp.float64,
+  )
   params = jax.tree.map(
-      lambda p: p + 0.3 * jax.random.normal(jax.random.key(seed + 1), p.shape, p.dtype),
-      params)
+    lambda p: p + 0.3 * jax.random.normal(jax.random.key(seed + 1), p.shape, p.dtype), params
+  )
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.normal(size=(3, steps, in_dim)))
   weights = jnp.asarray(rng.normal(size=(3, steps, 10)))
@@ -31,12 +37,14 @@ def test_fused_forward_and_gradients_match_autodiff_of_the_scan(cell, in_dim, ac
   def loss(params, x, impl):
     return jnp.sum(weights * gru_classifier.apply(params, x, impl=impl))
 
-  np.testing.assert_allclose(gru_classifier.apply(params, x, impl="fused"),
-                             gru_classifier.apply(params, x, impl="scan"), atol=1e-12)
+  np.testing.assert_allclose(
+    gru_classifier.apply(params, x, impl="fused"),
+    gru_classifier.apply(params, x, impl="scan"),
+    atol=1e-12,
+  )
   grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
   fused, reference = grad(params, x, "fused"), grad(params, x, "scan")
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(fused),
-                          jax.tree.leaves(reference)):
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(fused), jax.tree.leaves(reference)):
     scale = np.abs(b).max()
     assert scale > 0, path
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * scale, err_msg=str(path))
@@ -46,8 +54,9 @@ def test_fused_forward_and_gradients_match_autodiff_of_the_scan(cell, in_dim, ac
 def test_fused_check_grads_last_step_loss_full_length(cell):
   params, x, _ = _setup(cell, units=3, steps=784)
   labels = jnp.array([1, 5, 9])
-  loss = jax.jit(lambda p, x: gru_classifier.cross_entropy(
-      gru_classifier.apply(p, x, impl="fused"), labels))
+  loss = jax.jit(
+    lambda p, x: gru_classifier.cross_entropy(gru_classifier.apply(p, x, impl="fused"), labels)
+  )
   check_grads(loss, (params, x), order=1, modes=("rev",), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 

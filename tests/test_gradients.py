@@ -11,13 +11,11 @@ from pixelrnn_jax import gru_classifier
 
 
 def _setup(cell, *, units, steps, seed=0, impl=gru_classifier.DEFAULT_IMPL):
-  params = gru_classifier.init(
-      jax.random.key(seed), num_units=units, cell=cell, dtype=jnp.float64
-  )
+  params = gru_classifier.init(jax.random.key(seed), num_units=units, cell=cell, dtype=jnp.float64)
   # Nudge the zero-initialised biases so their gradients are generic.
   params = jax.tree_util.tree_map(
-      lambda p: p + 0.1 * jax.random.normal(jax.random.key(seed + 1), p.shape, p.dtype),
-      params,
+    lambda p: p + 0.1 * jax.random.normal(jax.random.key(seed + 1), p.shape, p.dtype),
+    params,
   )
   rng = np.random.default_rng(seed)
   x = jnp.asarray(rng.uniform(size=(3, steps, 1)))
@@ -28,9 +26,7 @@ def _setup(cell, *, units, steps, seed=0, impl=gru_classifier.DEFAULT_IMPL):
   def loss(params, x):
     logits = gru_classifier.apply(params, x, impl=impl)
     # Last-step loss (the notebook's) plus a term on every step's logits.
-    return gru_classifier.cross_entropy(logits, labels) + 1e-2 * jnp.mean(
-        weights * logits
-    )
+    return gru_classifier.cross_entropy(logits, labels) + 1e-2 * jnp.mean(weights * logits)
 
   return loss, params, x
 
@@ -40,8 +36,7 @@ def _setup(cell, *, units, steps, seed=0, impl=gru_classifier.DEFAULT_IMPL):
 @pytest.mark.parametrize("steps, units", [(784, 3), (12, 6)])
 def test_check_grads_every_leaf_and_input(cell, steps, units, impl):
   loss, params, x = _setup(cell, units=units, steps=steps, impl=impl)
-  check_grads(loss, (params, x), order=1, modes=("rev",), eps=1e-6,
-              atol=1e-6, rtol=1e-5)
+  check_grads(loss, (params, x), order=1, modes=("rev",), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("cell", gru_cell.CELLS)

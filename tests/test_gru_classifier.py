@@ -39,8 +39,12 @@ def numpy_tf1_logits(params, x):
 def _random_params(key, *, cell="tf1", units=8, in_dim=1, classes=10):
   """Params with every weight random (biases too), so no term hides behind 0 or 1."""
   params = gru_classifier.init(
-      key, num_units=units, in_dim=in_dim, num_classes=classes, cell=cell,
-      dtype=jnp.float64,
+    key,
+    num_units=units,
+    in_dim=in_dim,
+    num_classes=classes,
+    cell=cell,
+    dtype=jnp.float64,
   )
   leaves, treedef = jax.tree_util.tree_flatten(params)
   keys = jax.random.split(jax.random.key(99), len(leaves))
@@ -62,28 +66,32 @@ def test_tf1_forward_matches_numpy_on_images():
   images = np.random.default_rng(1).uniform(size=(3, 28, 28))
   expected = numpy_tf1_logits(params, images.reshape(3, 784, 1))
   np.testing.assert_allclose(
-      gru_classifier.apply(params, jnp.asarray(images)), expected, atol=1e-10
+    gru_classifier.apply(params, jnp.asarray(images)), expected, atol=1e-10
   )
   np.testing.assert_allclose(
-      gru_classifier.apply(params, jnp.asarray(images.reshape(3, 784))),
-      expected, atol=1e-10,
+    gru_classifier.apply(params, jnp.asarray(images.reshape(3, 784))),
+    expected,
+    atol=1e-10,
   )
 
 
 def test_reset_after_matches_flax_gru_cell():
   units, in_dim = 8, 3
-  params = _random_params(jax.random.key(2), cell="reset_after", units=units,
-                          in_dim=in_dim)
+  params = _random_params(jax.random.key(2), cell="reset_after", units=units, in_dim=in_dim)
   w_g, b_g = params.gates.kernel, params.gates.bias
   w_c = params.candidate.kernel
-  flax_params = {"params": {"cell": {
-      "ir": {"kernel": w_g[:in_dim, :units], "bias": b_g[:units]},
-      "iz": {"kernel": w_g[:in_dim, units:], "bias": b_g[units:]},
-      "hr": {"kernel": w_g[in_dim:, :units]},
-      "hz": {"kernel": w_g[in_dim:, units:]},
-      "in": {"kernel": w_c[:in_dim], "bias": params.candidate.bias},
-      "hn": {"kernel": w_c[in_dim:], "bias": params.candidate.recurrent_bias},
-  }}}
+  flax_params = {
+    "params": {
+      "cell": {
+        "ir": {"kernel": w_g[:in_dim, :units], "bias": b_g[:units]},
+        "iz": {"kernel": w_g[:in_dim, units:], "bias": b_g[units:]},
+        "hr": {"kernel": w_g[in_dim:, :units]},
+        "hz": {"kernel": w_g[in_dim:, units:]},
+        "in": {"kernel": w_c[:in_dim], "bias": params.candidate.bias},
+        "hn": {"kernel": w_c[in_dim:], "bias": params.candidate.recurrent_bias},
+      }
+    }
+  }
   rnn = nn.RNN(nn.GRUCell(units, param_dtype=jnp.float64, dtype=jnp.float64))
   x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 29, in_dim)))
   hs = rnn.apply(flax_params, x)  # (B, T, units)
@@ -109,9 +117,7 @@ def test_scan_equals_python_loop_of_gru_step(cell):
   for t in range(x.shape[1]):
     h = gru_cell.gru_step(params, h, x[:, t], cell=cell)
     expected.append(h @ params.output.kernel + params.output.bias)
-  np.testing.assert_allclose(
-      gru_classifier.apply(params, x), jnp.stack(expected, 1), atol=1e-12
-  )
+  np.testing.assert_allclose(gru_classifier.apply(params, x), jnp.stack(expected, 1), atol=1e-12)
 
 
 def test_gru_step_is_batch_agnostic_and_vmappable():
@@ -129,9 +135,7 @@ def test_gru_step_accepts_plain_dicts():
   params = _random_params(jax.random.key(6), units=4)
   as_dicts = {name: dict(params[name]) for name in ("gates", "candidate")}
   h, x = jnp.ones((2, 4)), jnp.ones((2, 1))
-  np.testing.assert_array_equal(
-      gru_cell.gru_step(as_dicts, h, x), gru_cell.gru_step(params, h, x)
-  )
+  np.testing.assert_array_equal(gru_cell.gru_step(as_dicts, h, x), gru_cell.gru_step(params, h, x))
 
 
 def test_activation_is_configurable():
@@ -183,8 +187,7 @@ def test_logits_shapes_and_metrics():
   wrong = (labels + 1) % 10
   assert gru_classifier.accuracy(logits, wrong) == 0.0
   expected_ce = -jax.nn.log_softmax(logits[:, -1])[jnp.arange(5), labels].mean()
-  np.testing.assert_allclose(gru_classifier.cross_entropy(logits, labels),
-                             expected_ce, rtol=1e-6)
+  np.testing.assert_allclose(gru_classifier.cross_entropy(logits, labels), expected_ce, rtol=1e-6)
 
 
 def test_no_recompilation_on_second_call():
@@ -198,18 +201,18 @@ def test_no_recompilation_on_second_call():
 
 
 @pytest.mark.parametrize(
-    "x, match",
-    [
-        (np.zeros((2, 3, 4, 5), np.float32), r"shape \(2, 3, 4, 5\) \(rank 4\)"),
-        (np.zeros((2,), np.float32), r"rank 1"),
-        (np.zeros((2, 10, 3), np.float32), r"\(2, 10, 3\): expected .*sequences \[batch, T, 2\]"),
-        (np.zeros((2, 7), np.float32), r"\(2, 7\): expected .*sequences \[batch, T, 2\]"),
-        (np.zeros((2, 10, 2), np.int32), r"dtype int32: expected a floating"),
-        (np.zeros((2, 10, 2), np.uint8), r"dtype uint8"),
-        (np.zeros((0, 10, 2), np.float32), r"batch is empty"),
-        (np.zeros((2, 0, 2), np.float32), r"sequence is empty"),
-        ([[0.0, 1.0]], r"expected an array, got list"),
-    ],
+  "x, match",
+  [
+    (np.zeros((2, 3, 4, 5), np.float32), r"shape \(2, 3, 4, 5\) \(rank 4\)"),
+    (np.zeros((2,), np.float32), r"rank 1"),
+    (np.zeros((2, 10, 3), np.float32), r"\(2, 10, 3\): expected .*sequences \[batch, T, 2\]"),
+    (np.zeros((2, 7), np.float32), r"\(2, 7\): expected .*sequences \[batch, T, 2\]"),
+    (np.zeros((2, 10, 2), np.int32), r"dtype int32: expected a floating"),
+    (np.zeros((2, 10, 2), np.uint8), r"dtype uint8"),
+    (np.zeros((0, 10, 2), np.float32), r"batch is empty"),
+    (np.zeros((2, 0, 2), np.float32), r"sequence is empty"),
+    ([[0.0, 1.0]], r"expected an array, got list"),
+  ],
 )
 def test_bad_input_raises_clear_value_error(x, match):
   params = gru_classifier.init(jax.random.key(0), num_units=4, in_dim=2)
@@ -220,13 +223,13 @@ def test_bad_input_raises_clear_value_error(x, match):
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
-    [
-        (dict(cell="lstm"), r"unknown cell 'lstm': expected one of \('tf1', 'reset_after'\)"),
-        (dict(activation="gelu"), r"unknown activation 'gelu'"),
-        (dict(num_units=0), r"num_units=0: expected a positive integer"),
-        (dict(dtype=jnp.int32), r"expected a floating dtype"),
-    ],
+  "kwargs, match",
+  [
+    (dict(cell="lstm"), r"unknown cell 'lstm': expected one of \('tf1', 'reset_after'\)"),
+    (dict(activation="gelu"), r"unknown activation 'gelu'"),
+    (dict(num_units=0), r"num_units=0: expected a positive integer"),
+    (dict(dtype=jnp.int32), r"expected a floating dtype"),
+  ],
 )
 def test_bad_init_arguments_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -23,8 +24,7 @@ def _u8(x):
 
 
 def _upscaled(digit, factor):
-  image = Image.fromarray(_u8(digit)).resize((28 * factor, 28 * factor),
-                                             Image.Resampling.BILINEAR)
+  image = Image.fromarray(_u8(digit)).resize((28 * factor, 28 * factor), Image.Resampling.BILINEAR)
   return np.asarray(image, np.float32) / 255
 
 
@@ -57,7 +57,7 @@ def _grey_paper_jpeg(digit, path, rng):
   lighting = 0.72 + 0.16 * np.linspace(-1, 1, width)[None, :] * rng.choice([-1, 1])
   paper = (lighting + rng.normal(0, 0.045, (height, width))).clip(0, 1)
   top, left = rng.integers(40, height - 224 - 40), rng.integers(30, width - 224 - 30)
-  paper[top:top + 224, left:left + 224] *= 1 - 0.8 * ink
+  paper[top : top + 224, left : left + 224] *= 1 - 0.8 * ink
   Image.fromarray(_u8(paper)).convert("RGB").save(path.with_suffix(".jpg"), quality=85)
   return path.with_suffix(".jpg")
 
@@ -67,14 +67,18 @@ def _off_centre_canvas(digit, path, rng):
   ink = _upscaled(digit, 3)  # 84x84
   canvas = np.zeros((100, 190), np.float32)
   top, left = rng.integers(0, 100 - 84), rng.integers(0, 30)
-  canvas[top:top + 84, left:left + 84] = ink
+  canvas[top : top + 84, left : left + 84] = ink
   Image.fromarray(_u8(canvas)).save(path.with_suffix(".png"))
   return path.with_suffix(".png")
 
 
-VARIANTS = {"inverted_rgb": _inverted_rgb, "rgba_canvas": _rgba_canvas,
-            "sixteen_bit": _sixteen_bit, "grey_paper_jpeg": _grey_paper_jpeg,
-            "off_centre_canvas": _off_centre_canvas}
+VARIANTS = {
+  "inverted_rgb": _inverted_rgb,
+  "rgba_canvas": _rgba_canvas,
+  "sixteen_bit": _sixteen_bit,
+  "grey_paper_jpeg": _grey_paper_jpeg,
+  "off_centre_canvas": _off_centre_canvas,
+}
 
 
 def _predict_json(args, capsys):
@@ -83,8 +87,7 @@ def _predict_json(args, capsys):
   return code, [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
 
-def test_predict_on_rendered_variants_is_as_accurate_as_on_the_digits(mnist_dir, tmp_path,
-                                                                     capsys):
+def test_predict_on_rendered_variants_is_as_accurate_as_on_the_digits(mnist_dir, tmp_path, capsys):
   digits, labels = data.load_mnist("valid", data_dir=mnist_dir)
   digits, labels = digits[:NUM_RENDERED], labels[:NUM_RENDERED]
   rng = np.random.default_rng(0)
@@ -103,8 +106,9 @@ def test_predict_on_rendered_variants_is_as_accurate_as_on_the_digits(mnist_dir,
     accuracy = np.mean([row["label"] == y for row, y in zip(rows, labels)])
     assert accuracy >= baseline - 0.02, (name, accuracy, baseline)
     inverted = {row["inverted"] for row in rows}
-    assert inverted == ({True} if name in ("inverted_rgb", "rgba_canvas", "grey_paper_jpeg")
-                        else {False}), name
+    assert inverted == (
+      {True} if name in ("inverted_rgb", "rgba_canvas", "grey_paper_jpeg") else {False}
+    ), name
 
 
 def test_mnist_digits_pass_unchanged(mnist_dir):
@@ -150,15 +154,21 @@ def test_every_image_mode_reads_as_ink_on_black(tmp_path):
   paths = {}
   Image.fromarray(u8).save(paths.setdefault("L", tmp_path / "l.png"))
   Image.fromarray(255 - u8).convert("RGB").save(paths.setdefault("RGB white", tmp_path / "w.png"))
-  Image.fromarray(np.stack([255 - u8, u8], -1), "LA").save(paths.setdefault("LA", tmp_path / "la.png"))
+  Image.fromarray(np.stack([255 - u8, u8], -1), "LA").save(
+    paths.setdefault("LA", tmp_path / "la.png")
+  )
   white = np.full((28, 28, 4), 255, np.uint8)
   white[..., 3] = u8
   Image.fromarray(white, "RGBA").save(paths.setdefault("RGBA white", tmp_path / "rw.png"))
   palette = Image.fromarray(u8).convert("P")
   palette.info["transparency"] = 0
   palette.save(paths.setdefault("P transparent", tmp_path / "p.png"), transparency=0)
-  Image.fromarray((ink * 65535).astype(np.uint16)).save(paths.setdefault("I;16", tmp_path / "i16.png"))
-  Image.fromarray((ink * 4095).astype(np.int32), "I").save(paths.setdefault("I", tmp_path / "i.tif"))
+  Image.fromarray((ink * 65535).astype(np.uint16)).save(
+    paths.setdefault("I;16", tmp_path / "i16.png")
+  )
+  Image.fromarray((ink * 4095).astype(np.int32), "I").save(
+    paths.setdefault("I", tmp_path / "i.tif")
+  )
   Image.fromarray(255 - u8).save(paths.setdefault("JPEG", tmp_path / "j.jpg"), quality=95)
   for mode, path in paths.items():
     digit = images.prepare(images.read_image(path))
@@ -173,17 +183,26 @@ def test_invert_flag_and_report(tmp_path, capsys):
   Image.fromarray(_u8(1 - digit)).save(tmp_path / "paper.png")
   for flag in ("auto", "yes"):
     capsys.readouterr()
-    code = cli.main(["predict", "--checkpoint", "pretrained:pixel", "--invert", flag,
-                     str(tmp_path / "paper.png")])
+    code = cli.main(
+      ["predict", "--checkpoint", "pretrained:pixel", "--invert", flag, str(tmp_path / "paper.png")]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "; inverted" in out and ": 1 " in out, (flag, out)
   # Not inverted, dark ink on white paper is no ink at all: a per-file error with the fix.
-  assert cli.main(["predict", "--checkpoint", "pretrained:pixel", "--invert", "no",
-                   str(tmp_path / "paper.png")]) == 1
+  assert (
+    cli.main(
+      ["predict", "--checkpoint", "pretrained:pixel", "--invert", "no", str(tmp_path / "paper.png")]
+    )
+    == 1
+  )
   assert "--invert auto or yes" in capsys.readouterr().err
   Image.fromarray(_u8(digit)).save(tmp_path / "ink.png")
-  assert cli.main(["predict", "--checkpoint", "pretrained:pixel", "--invert", "no",
-                   str(tmp_path / "ink.png")]) == 0
+  assert (
+    cli.main(
+      ["predict", "--checkpoint", "pretrained:pixel", "--invert", "no", str(tmp_path / "ink.png")]
+    )
+    == 0
+  )
   assert "inverted" not in capsys.readouterr().out
 
 
@@ -210,14 +229,20 @@ def test_show_writes_the_input_beside_what_the_model_read(tmp_path, capsys):
 
 
 @settings(max_examples=30, deadline=None, derandomize=True)
-@given(height=st.integers(8, 90), width=st.integers(8, 90), stroke=st.integers(1, 6),
-       light_paper=st.booleans(), noise=st.sampled_from([0.0, 0.02]), seed=st.integers(0, 999))
+@given(
+  height=st.integers(8, 90),
+  width=st.integers(8, 90),
+  stroke=st.integers(1, 6),
+  light_paper=st.booleans(),
+  noise=st.sampled_from([0.0, 0.02]),
+  seed=st.integers(0, 999),
+)
 def test_any_drawn_digit_becomes_an_mnist_digit(height, width, stroke, light_paper, noise, seed):
   rng = np.random.default_rng(seed)
   image = np.zeros((height, width))
   top, left = rng.integers(0, max(1, height // 3)), rng.integers(0, max(1, width // 3))
   length = max(2, min(height - top, width - left) // 2)
-  image[top:top + length, left:left + stroke] = 1.0  # a "1" somewhere in the frame
+  image[top : top + length, left : left + stroke] = 1.0  # a "1" somewhere in the frame
   image = (image * 0.9 + rng.normal(0, noise, image.shape)).clip(0, 1)
   if light_paper:
     image = 1 - image
@@ -229,7 +254,9 @@ def test_any_drawn_digit_becomes_an_mnist_digit(height, width, stroke, light_pap
   rows, cols = np.nonzero(pixels > 0.05)
   if digit.resized:
     assert np.ptp(rows) < 22 and np.ptp(cols) < 22  # the 20x20 box, plus Lanczos' fringe
-    centre = np.array([(pixels.sum(1) * np.arange(28)).sum(), (pixels.sum(0) * np.arange(28)).sum()])
+    centre = np.array(
+      [(pixels.sum(1) * np.arange(28)).sum(), (pixels.sum(0) * np.arange(28)).sum()]
+    )
     np.testing.assert_allclose(centre / pixels.sum(), 14.0, atol=1.0)
 
 
@@ -240,8 +267,16 @@ def test_show_names_stay_apart_and_errors_keep_input_order(tmp_path, capsys):
     (tmp_path / folder).mkdir()
     Image.fromarray(digit).save(tmp_path / folder / "d.png")
   (tmp_path / "folder.png").mkdir()
-  code, rows = _predict_json([tmp_path / "a" / "d.png", tmp_path / "folder.png",
-                              tmp_path / "b" / "d.png", "--show", tmp_path / "seen"], capsys)
+  code, rows = _predict_json(
+    [
+      tmp_path / "a" / "d.png",
+      tmp_path / "folder.png",
+      tmp_path / "b" / "d.png",
+      "--show",
+      tmp_path / "seen",
+    ],
+    capsys,
+  )
   assert code == 1
   assert [Path(row["input"]).parent.name for row in rows] == ["a", tmp_path.name, "b"]
   assert rows[1]["error"] == "is a directory, expected an image file"
@@ -288,7 +323,7 @@ def test_ruled_lines_are_not_ink(mnist_dir):
     page[::37, :] = 0.6  # ruled lines across the page, 1 pixel thick
     page[:, 60] = 0.55  # and a margin line
     top, left = rng.integers(60, 300), rng.integers(100, 200)
-    page[top:top + 224, left:left + 224] *= 1 - 0.9 * _upscaled(digit, 8)
+    page[top : top + 224, left : left + 224] *= 1 - 0.9 * _upscaled(digit, 8)
     pixels = images.to_mnist(page)
     reference = images.to_mnist(np.pad(digit, 20))
     assert np.abs(pixels - reference).mean() < 0.1  # the digit fills the box, as without lines
@@ -298,8 +333,9 @@ def test_a_28x28_image_that_is_not_mnist_sized_is_normalised(mnist_dir):
   digits, _ = data.load_mnist("valid", data_dir=mnist_dir)
   digit = digits[0]
   small = np.zeros((28, 28), np.float32)
-  small[8:20, 8:20] = np.asarray(Image.fromarray(_u8(digit[4:24, 4:24])).resize((12, 12)),
-                                 np.float32) / 255  # a 12x12 digit
+  small[8:20, 8:20] = (
+    np.asarray(Image.fromarray(_u8(digit[4:24, 4:24])).resize((12, 12)), np.float32) / 255
+  )  # a 12x12 digit
   prepared = images.prepare(small)
   assert prepared.resized and prepared.pixels.max() > 0.9
   faint = images.prepare(digit * 0.5)  # MNIST-sized but faint: stretched

@@ -1,6 +1,5 @@
 """A model answers for its own input, and the public API checks what it is given."""
 
-import ast
 import json
 from pathlib import Path
 
@@ -12,14 +11,13 @@ import numpy as np
 import pytest
 
 from pixelrnn_jax import cli
-from pixelrnn_jax import config as config_lib
-from pixelrnn_jax import early_exit
-from pixelrnn_jax import evaluation
 from pixelrnn_jax import gru_cell
 from pixelrnn_jax import gru_classifier
+from pixelrnn_jax import inference
 from pixelrnn_jax import model_io
 from pixelrnn_jax import preprocessing
-from pixelrnn_jax import train
+from pixelrnn_jax.training import config as config_lib
+from pixelrnn_jax.training import loop
 
 PACKAGE = Path(gru_classifier.__file__).parent
 
@@ -36,14 +34,14 @@ def _images(n, seed=0, dtype=np.float32):
 @pytest.mark.parametrize("order", ["pixel", "row"])
 def test_folded_model_on_plain_pixels_equals_trained_model_on_standardised(cell, order):
   in_dim = preprocessing.sequence_shape(order)[1]
-  params = gru_classifier.init(jax.random.key(1), num_units=5, in_dim=in_dim, cell=cell,
-                               dtype=jnp.float64)
+  params = gru_classifier.init(
+    jax.random.key(1), num_units=5, in_dim=in_dim, cell=cell, dtype=jnp.float64
+  )
   images = _images(3, dtype=np.float64)
   x = preprocessing.to_sequences(images, order)
   expected = gru_classifier.apply(params, preprocessing.standardize(x))
   model = gru_classifier.for_images(params, order=order, standardize=True)
-  np.testing.assert_allclose(gru_classifier.apply(model, images), expected, atol=1e-10,
-                             rtol=0)
+  np.testing.assert_allclose(gru_classifier.apply(model, images), expected, atol=1e-10, rtol=0)
   # Not folding reads [0, 1] pixels as if standardised: clearly different.
   assert np.abs(gru_classifier.apply(params, x) - expected).max() > 1e-3
 
@@ -53,33 +51,47 @@ def test_permuted_model_permutes_images_itself():
   images = _images(2, dtype=np.float64)
   model = params.replace(order="permuted")
   by_hand = images.reshape(2, 784)[:, preprocessing.permutation()][:, :, None]
-  np.testing.assert_allclose(gru_classifier.apply(model, images),
-                             gru_classifier.apply(params, by_hand), rtol=1e-12)
-  np.testing.assert_allclose(gru_classifier.apply(model, images.reshape(2, 784)),
-                             gru_classifier.apply(params, by_hand), rtol=1e-12)
+  np.testing.assert_allclose(
+    gru_classifier.apply(model, images), gru_classifier.apply(params, by_hand), rtol=1e-12
+  )
+  np.testing.assert_allclose(
+    gru_classifier.apply(model, images.reshape(2, 784)),
+    gru_classifier.apply(params, by_hand),
+    rtol=1e-12,
+  )
   # Sequences pass through as given.
-  np.testing.assert_allclose(gru_classifier.apply(model, by_hand),
-                             gru_classifier.apply(params, by_hand), rtol=1e-12)
+  np.testing.assert_allclose(
+    gru_classifier.apply(model, by_hand), gru_classifier.apply(params, by_hand), rtol=1e-12
+  )
 
 
 @pytest.mark.parametrize("order, standardize", [("permuted", True), ("row", False)])
-def test_checkpoint_written_by_train_reads_plain_images(tmp_path, monkeypatch, order,
-                                                        standardize):
+def test_checkpoint_written_by_train_reads_plain_images(tmp_path, monkeypatch, order, standardize):
   rng = np.random.default_rng(0)
-  splits = {s: (rng.uniform(size=(48, 28, 28)).astype(np.float32),
-                rng.integers(0, 10, 48).astype(np.int32)) for s in ("train", "valid")}
-  monkeypatch.setattr(train, "_load_split", lambda config, split: splits[split])
-  config = config_lib.Config(order=order, standardize=standardize, num_units=6,
-                             batch_size=16, steps=3, eval_every=3, checkpoint_every=3,
-                             eval_batch_size=48)
-  train.train_and_evaluate(config, tmp_path, progress=False)
+  splits = {
+    s: (rng.uniform(size=(48, 28, 28)).astype(np.float32), rng.integers(0, 10, 48).astype(np.int32))
+    for s in ("train", "valid")
+  }
+  monkeypatch.setattr(loop, "_load_split", lambda config, split: splits[split])
+  config = config_lib.Config(
+    order=order,
+    standardize=standardize,
+    num_units=6,
+    batch_size=16,
+    steps=3,
+    eval_every=3,
+    checkpoint_every=3,
+    eval_batch_size=48,
+  )
+  loop.train_and_evaluate(config, tmp_path, progress=False)
   model = gru_classifier.load(tmp_path)
   assert model.order == order
   images, labels = splits["valid"]
   logged = json.loads((tmp_path / "eval.json").read_text())
   logits = gru_classifier.apply(model, images)
-  np.testing.assert_allclose(float(gru_classifier.cross_entropy(logits, labels)),
-                             logged["loss"], rtol=1e-5)
+  np.testing.assert_allclose(
+    float(gru_classifier.cross_entropy(logits, labels)), logged["loss"], rtol=1e-5
+  )
   # The raw checkpoint, standardised and ordered by hand, gives the same logits.
   saved = model_io.read(tmp_path)
   raw = gru_classifier.from_arrays(saved.arrays)
@@ -94,9 +106,15 @@ def test_checkpoint_written_by_train_reads_plain_images(tmp_path, monkeypatch, o
 
 
 @pytest.mark.parametrize("bad", [10, -1, 99])
-@pytest.mark.parametrize("fn", [gru_classifier.cross_entropy, gru_classifier.accuracy,
-                                gru_classifier.accuracy_per_step,
-                                gru_classifier.cross_entropy_per_step])
+@pytest.mark.parametrize(
+  "fn",
+  [
+    gru_classifier.cross_entropy,
+    gru_classifier.accuracy,
+    gru_classifier.accuracy_per_step,
+    gru_classifier.cross_entropy_per_step,
+  ],
+)
 def test_out_of_range_labels_raise(bad, fn):
   logits = jnp.zeros((3, 5, 10))
   with pytest.raises(ValueError, match=rf"labels contain \[{bad}\]: expected classes in \[0, 10\)"):
@@ -118,27 +136,30 @@ def test_out_of_range_label_under_jit_makes_loss_and_gradient_nan():
 def test_evaluate_refuses_out_of_range_labels():
   params = gru_classifier.init(jax.random.key(0), num_units=4)
   with pytest.raises(ValueError, match=r"labels contain \[10\]"):
-    evaluation.evaluate(params, _images(2), np.array([3, 10]))
+    inference.evaluate(params, _images(2), np.array([3, 10]))
   with pytest.raises(ValueError, match=r"labels have dtype float"):
-    evaluation.evaluate(params, _images(2), np.array([3.0, 1.0]))
+    inference.evaluate(params, _images(2), np.array([3.0, 1.0]))
 
 
 # ----------------------------------------------------------------------------
 # Shapes and dtypes
 
 
-@pytest.mark.parametrize("shape, match", [
+@pytest.mark.parametrize(
+  "shape, match",
+  [
     ((28, 28), r"one unbatched image; add a batch axis: x\[None\]"),
     ((784,), r"add a batch axis: x\[None\]"),
     ((2, 28, 27), r"\(2, 28, 27\): expected images \[batch, 28, 28\]"),
     ((2, 783), r"\(2, 783\): expected images"),
-])
+  ],
+)
 def test_images_must_be_batched_28x28(shape, match):
   params = gru_classifier.load_pretrained("pixel")
   with pytest.raises(ValueError, match=match):
     gru_classifier.apply(params, np.zeros(shape, np.float32))
   with pytest.raises(ValueError, match=match):
-    early_exit.predict(params, np.zeros(shape, np.float32))
+    inference.predict(params, np.zeros(shape, np.float32))
 
 
 def test_nan_pixels_are_refused_when_concrete():
@@ -157,7 +178,8 @@ def test_half_precision_images_run_in_the_params_dtype(dtype, impl):
   logits = gru_classifier.apply(params, images, impl=impl)
   assert logits.dtype == jnp.float32
   np.testing.assert_allclose(
-      logits, gru_classifier.apply(params, images.astype(jnp.float32), impl=impl), rtol=1e-6)
+    logits, gru_classifier.apply(params, images.astype(jnp.float32), impl=impl), rtol=1e-6
+  )
 
 
 @pytest.mark.parametrize("params_dtype", [jnp.float32, jnp.float64])
@@ -169,10 +191,11 @@ def test_every_float_combination_runs_under_x64(params_dtype, x_dtype):
   labels = jnp.array([1, 2])
   logits = gru_classifier.apply(params, x)
   assert logits.dtype == params_dtype
-  grads = jax.grad(lambda p: gru_classifier.cross_entropy(
-      gru_classifier.apply(p, x), labels))(params)
+  grads = jax.grad(lambda p: gru_classifier.cross_entropy(gru_classifier.apply(p, x), labels))(
+    params
+  )
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
-  out = early_exit.predict(params, x, threshold=0.5)
+  out = inference.predict(params, x, threshold=0.5)
   assert out["probability"].dtype == params_dtype
 
 
@@ -188,19 +211,23 @@ def test_mixed_dtype_params_name_the_mismatch():
 
 
 def test_gru_step_reads_the_cell_from_reset_after_params():
-  params = gru_classifier.init(jax.random.key(0), num_units=4, cell="reset_after",
-                               dtype=jnp.float64)
+  params = gru_classifier.init(
+    jax.random.key(0), num_units=4, cell="reset_after", dtype=jnp.float64
+  )
   h = jax.random.normal(jax.random.key(1), (2, 4), jnp.float64)
   x = jax.random.normal(jax.random.key(2), (2, 1), jnp.float64)
   # The independent reference: flax.linen.GRUCell with the same weights.
   w_hr, w_hz = params.gates.kernel[1:, :4], params.gates.kernel[1:, 4:]
-  flax_params = {"params": {
+  flax_params = {
+    "params": {
       "ir": {"kernel": params.gates.kernel[:1, :4], "bias": params.gates.bias[:4]},
       "iz": {"kernel": params.gates.kernel[:1, 4:], "bias": params.gates.bias[4:]},
       "in": {"kernel": params.candidate.kernel[:1], "bias": params.candidate.bias},
-      "hr": {"kernel": w_hr}, "hz": {"kernel": w_hz},
+      "hr": {"kernel": w_hr},
+      "hz": {"kernel": w_hz},
       "hn": {"kernel": params.candidate.kernel[1:], "bias": params.candidate.recurrent_bias},
-  }}
+    }
+  }
   expected, _ = nn.GRUCell(features=4, param_dtype=jnp.float64).apply(flax_params, h, x)
   np.testing.assert_allclose(gru_cell.gru_step(params, h, x), expected, rtol=1e-12)
   as_dict = jax.tree.map(lambda a: a, {k: dict(params[k]) for k in params})
@@ -235,76 +262,43 @@ def test_forward_mode_through_the_default_core_equals_scan():
   scan = jax.jvp(lambda v: gru_classifier.apply(params, v, impl="scan"), (x,), (tangent,))
   np.testing.assert_allclose(fused[1], scan[1], rtol=1e-12)
   jac = jax.jacfwd(lambda v: gru_classifier.apply(params, v)[:, -1])(x)
-  np.testing.assert_allclose(jac, jax.jacrev(
-      lambda v: gru_classifier.apply(params, v)[:, -1])(x), rtol=1e-10, atol=1e-14)
+  np.testing.assert_allclose(
+    jac, jax.jacrev(lambda v: gru_classifier.apply(params, v)[:, -1])(x), rtol=1e-10, atol=1e-14
+  )
 
 
 # ----------------------------------------------------------------------------
 # CLI flags
 
 
-@pytest.mark.parametrize("flags, match", [
+@pytest.mark.parametrize(
+  "flags, match",
+  [
     (["--batch-size", "0"], "--batch-size 0: expected a positive integer"),
     (["--batch-size", "-5"], "--batch-size -5: expected a positive integer"),
     (["--devices", "0"], "--devices 0: expected a positive integer"),
     (["--early-exit", "2"], "thresholds must be probabilities"),
-])
+  ],
+)
 def test_evaluate_flags_are_validated(flags, match, capsys):
   assert cli.main(["evaluate", "--checkpoint", "pretrained:pixel", *flags]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and match in err[0]
 
 
-@pytest.mark.parametrize("flags, match", [
+@pytest.mark.parametrize(
+  "flags, match",
+  [
     (["--confidence", "0"], "--confidence 0.0: expected a probability in (0, 1]"),
     (["--confidence", "1.5"], "--confidence 1.5"),
-])
+  ],
+)
 def test_predict_flags_are_validated(flags, match, capsys, tmp_path):
   image = tmp_path / "a.npy"
   np.save(image, np.zeros((28, 28), np.uint8))
   assert cli.main(["predict", "--checkpoint", "pretrained:pixel", str(image), *flags]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and match in err[0]
-
-
-# ----------------------------------------------------------------------------
-# Imports point one way
-
-
-def _package_imports(path: Path) -> set[str]:
-  """Every pixelrnn_jax module a file imports, at the top or inside a function."""
-  names = set()
-  for node in ast.walk(ast.parse(path.read_text())):
-    if isinstance(node, ast.ImportFrom) and node.module == "pixelrnn_jax":
-      names |= {alias.name for alias in node.names}
-    elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pixelrnn_jax."):
-      names.add(node.module.split(".")[1])
-    elif isinstance(node, ast.Import):
-      names |= {a.name.split(".")[1] for a in node.names if a.name.startswith("pixelrnn_jax.")}
-  modules = {p.stem for p in PACKAGE.glob("*.py")}
-  return names & modules - {path.stem}
-
-
-def test_package_imports_form_no_cycle():
-  graph = {p.stem: _package_imports(p) for p in PACKAGE.glob("*.py")}
-  done, path = set(), []
-
-  def visit(module):
-    if module in path:
-      raise AssertionError(f"import cycle: {' -> '.join(path[path.index(module):] + [module])}")
-    if module in done:
-      return
-    path.append(module)
-    for dependency in sorted(graph[module]):
-      visit(dependency)
-    path.pop()
-    done.add(module)
-
-  for module in sorted(graph):
-    visit(module)
-  # Loading lives below the model and the trainer.
-  assert "train" not in graph["gru_classifier"] and "model_io" in graph["gru_classifier"]
-  assert not graph["model_io"] & {"gru_classifier", "train", "evaluation", "cli", "config"}
 
 
 def test_pixels_outside_0_1_are_refused_for_images_and_loaded_models():
@@ -317,19 +311,24 @@ def test_pixels_outside_0_1_are_refused_for_images_and_loaded_models():
   gru_classifier.apply(bare, np.full((1, 5, 1), 3.0, np.float32))  # a bare model's units
 
 
-@pytest.mark.parametrize("surgery, match", [
+@pytest.mark.parametrize(
+  "surgery, match",
+  [
     (lambda p: p.replace(gates=p.gates.replace(kernel=p.gates.kernel[1:])), "gates.kernel"),
-    (lambda p: p.replace(candidate=p.candidate.replace(bias=p.candidate.bias[:3])),
-     "candidate.bias"),
+    (
+      lambda p: p.replace(candidate=p.candidate.replace(bias=p.candidate.bias[:3])),
+      "candidate.bias",
+    ),
     (lambda p: p.replace(output=p.output.replace(bias=p.output.bias[:9])), "output.bias"),
-])
+  ],
+)
 def test_malformed_params_are_a_value_error_everywhere(surgery, match):
   params = surgery(gru_classifier.init(jax.random.key(0), num_units=4, in_dim=2))
   x = jnp.zeros((1, 3, 2))
   with pytest.raises(ValueError, match=match):
     gru_classifier.apply(params, x)
   with pytest.raises(ValueError, match=match):
-    early_exit.predict(params, x)
+    inference.predict(params, x)
   if match != "output.bias":
     with pytest.raises(ValueError, match=match):
       gru_cell.gru_step(params, jnp.zeros((1, 4)), jnp.zeros((1, 2)))
@@ -344,8 +343,20 @@ def test_gru_step_needs_matching_leading_dims_and_float_inputs():
 
 
 def test_evaluate_in_another_order_warns(caplog, capsys, mnist_dir):
-  code = cli.main(["evaluate", "--checkpoint", "pretrained:pixel", "--order", "permuted",
-                   "--data-dir", mnist_dir, "--batch-size", "5000", "--json"])
+  code = cli.main(
+    [
+      "evaluate",
+      "--checkpoint",
+      "pretrained:pixel",
+      "--order",
+      "permuted",
+      "--data-dir",
+      mnist_dir,
+      "--batch-size",
+      "5000",
+      "--json",
+    ]
+  )
   assert code == 0
   assert "trained on pixel order in permuted order" in caplog.text
 
@@ -357,5 +368,6 @@ def test_a_plain_dict_of_weights_is_a_clear_error():
     gru_classifier.apply(arrays, np.zeros((1, 28, 28), np.float32))
   rebuilt = gru_classifier.from_arrays(arrays, order=params.order)
   np.testing.assert_array_equal(
-      gru_classifier.apply(rebuilt, np.zeros((1, 28, 28), np.float32)),
-      gru_classifier.apply(params, np.zeros((1, 28, 28), np.float32)))
+    gru_classifier.apply(rebuilt, np.zeros((1, 28, 28), np.float32)),
+    gru_classifier.apply(params, np.zeros((1, 28, 28), np.float32)),
+  )

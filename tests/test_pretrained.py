@@ -5,14 +5,14 @@ import shutil
 import numpy as np
 import pytest
 
-from pixelrnn_jax import checkpoint
+from pixelrnn_jax import checkpoints
 from pixelrnn_jax import cli
 from pixelrnn_jax import data
-from pixelrnn_jax import evaluation
 from pixelrnn_jax import gru_classifier
-from pixelrnn_jax import pretrained
+from pixelrnn_jax import inference
+from pixelrnn_jax import model_io
 
-NAMES = pretrained.available()
+NAMES = model_io.available()
 
 
 def test_pixel_weights_are_shipped():
@@ -22,7 +22,7 @@ def test_pixel_weights_are_shipped():
 @pytest.mark.parametrize("name", NAMES)
 def test_load_pretrained(name):
   params = gru_classifier.load_pretrained(name)
-  meta = pretrained.metadata(name)
+  meta = model_io.card(name)
   assert params.num_units == meta["config"]["num_units"]
   assert params.cell == meta["config"]["cell"]
   assert gru_classifier.count_params(params) < 20_000
@@ -31,30 +31,29 @@ def test_load_pretrained(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_library_example_reproduces_recorded_accuracy_on_plain_images(name, mnist_dir):
   """The README's library example: default [0, 1] images, no order, no scaling."""
-  meta = pretrained.metadata(name)
+  meta = model_io.card(name)
   images, labels = data.load_mnist("valid", data_dir=mnist_dir)
-  images, labels = images[:pretrained.SUBSET], labels[:pretrained.SUBSET]
+  images, labels = images[: model_io.SUBSET], labels[: model_io.SUBSET]
   assert 0.0 <= images.min() and images.max() <= 1.0
   model = gru_classifier.load_pretrained(name)
   assert model.order == meta["config"]["order"]
   logits = gru_classifier.apply(model, images)
-  expected = meta[f"valid_first_{pretrained.SUBSET}_accuracy"]
-  np.testing.assert_allclose(float(gru_classifier.accuracy(logits, labels)), expected,
-                             atol=1e-9)
-  # evaluation.evaluate takes the same path.
-  result = evaluation.evaluate(model, images, labels)
+  expected = meta[f"valid_first_{model_io.SUBSET}_accuracy"]
+  np.testing.assert_allclose(float(gru_classifier.accuracy(logits, labels)), expected, atol=1e-9)
+  # inference.evaluate takes the same path.
+  result = inference.evaluate(model, images, labels)
   np.testing.assert_allclose(result["accuracy"], expected, atol=1e-9)
 
 
 def test_corrupted_pretrained_file_is_refused(tmp_path, monkeypatch):
   name = NAMES[0]
-  for path in pretrained.paths(name):
-    shutil.copy(path, tmp_path / path.name)
+  for suffix in (".msgpack", ".json"):
+    shutil.copy(model_io.PRETRAINED_DIR / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
   blob = bytearray((tmp_path / f"{name}.msgpack").read_bytes())
   blob[-5] ^= 0x01
   (tmp_path / f"{name}.msgpack").write_bytes(bytes(blob))
-  monkeypatch.setattr(pretrained, "DIRECTORY", tmp_path)
-  with pytest.raises(checkpoint.CheckpointError, match="does not match the recorded"):
+  monkeypatch.setattr(model_io, "PRETRAINED_DIR", tmp_path)
+  with pytest.raises(checkpoints.CheckpointError, match="does not match the recorded"):
     gru_classifier.load_pretrained(name)
 
 

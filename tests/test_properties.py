@@ -11,16 +11,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 
-from pixelrnn_jax import early_exit
-from pixelrnn_jax import evaluation
 from pixelrnn_jax import gru_cell
 from pixelrnn_jax import gru_classifier
+from pixelrnn_jax import inference
 
-SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+  max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 FLOAT_DTYPES = ["float16", "bfloat16", "float32", "float64"]
 ANY_DTYPES = FLOAT_DTYPES + ["int32", "uint8", "bool"]
@@ -28,22 +30,27 @@ ANY_DTYPES = FLOAT_DTYPES + ["int32", "uint8", "bool"]
 
 @st.composite
 def models(draw):
-  return dict(num_units=draw(st.integers(1, 4)), in_dim=draw(st.sampled_from([1, 2, 28])),
-              cell=draw(st.sampled_from(["tf1", "reset_after"])),
-              dtype=draw(st.sampled_from(["float32", "float64"])),
-              order=draw(st.sampled_from([None, "pixel", "permuted", "row"])))
+  return dict(
+    num_units=draw(st.integers(1, 4)),
+    in_dim=draw(st.sampled_from([1, 2, 28])),
+    cell=draw(st.sampled_from(["tf1", "reset_after"])),
+    dtype=draw(st.sampled_from(["float32", "float64"])),
+    order=draw(st.sampled_from([None, "pixel", "permuted", "row"])),
+  )
 
 
 @st.composite
 def inputs(draw, in_dim):
   """Sequences, images and wrong shapes alike."""
-  shape = draw(st.one_of(
+  shape = draw(
+    st.one_of(
       st.tuples(st.integers(0, 3), st.integers(0, 5), st.just(in_dim)),  # sequences
       st.tuples(st.integers(1, 3), st.just(28), st.just(28)),  # images
       st.tuples(st.integers(1, 3), st.just(784)),  # flat images
       st.lists(st.integers(0, 5), min_size=0, max_size=4).map(tuple),  # anything
       st.sampled_from([(28, 28), (784,), (2, 28, 27)]),
-  ))
+    )
+  )
   dtype = draw(st.sampled_from(ANY_DTYPES))
   values = np.random.default_rng(draw(st.integers(0, 2**16))).uniform(size=shape)
   return np.asarray(values).astype(jnp.dtype(dtype))
@@ -79,12 +86,12 @@ def test_apply_and_early_exit_return_documented_shapes_or_value_error(spec, data
       logits = gru_classifier.apply(params, x)
     except ValueError:
       with pytest.raises(ValueError):
-        early_exit.predict(params, x)
+        inference.predict(params, x)
       return
     batch, steps = logits.shape[:2]
     assert logits.shape == (x.shape[0], steps, 10) and steps >= 1
     assert logits.dtype == params.output.kernel.dtype and _finite(logits)
-    out = early_exit.predict(params, x, threshold=0.5)
+    out = inference.predict(params, x, threshold=0.5)
     assert out["label"].shape == (batch,) and _finite(out)
     assert np.all((1 <= out["steps"]) & (out["steps"] <= steps))
 
@@ -95,21 +102,33 @@ def test_apply_and_early_exit_return_documented_shapes_or_value_error(spec, data
 def labels(draw, batch):
   shape = draw(st.sampled_from([(batch,), (batch + 1,), (batch, 1), ()]))
   dtype = draw(st.sampled_from(["int32", "int64", "uint8", "float32", "bool"]))
-  values = draw(st.lists(st.integers(-3, 12), min_size=int(np.prod(shape)),
-                         max_size=int(np.prod(shape))))
-  return np.asarray(values).reshape(shape).astype(dtype) if dtype != "uint8" else (
-      np.abs(np.asarray(values)).reshape(shape).astype(dtype))
+  values = draw(
+    st.lists(st.integers(-3, 12), min_size=int(np.prod(shape)), max_size=int(np.prod(shape)))
+  )
+  return (
+    np.asarray(values).reshape(shape).astype(dtype)
+    if dtype != "uint8"
+    else (np.abs(np.asarray(values)).reshape(shape).astype(dtype))
+  )
 
 
 @SETTINGS
-@given(batch=st.integers(1, 4), steps=st.integers(1, 5), data=st.data(), x64=st.booleans(),
-       dtype=st.sampled_from(FLOAT_DTYPES))
-def test_losses_and_accuracies_return_finite_scalars_or_value_error(batch, steps, data, x64,
-                                                                   dtype):
+@given(
+  batch=st.integers(1, 4),
+  steps=st.integers(1, 5),
+  data=st.data(),
+  x64=st.booleans(),
+  dtype=st.sampled_from(FLOAT_DTYPES),
+)
+def test_losses_and_accuracies_return_finite_scalars_or_value_error(batch, steps, data, x64, dtype):
   y = data.draw(labels(batch))
   logits = np.random.default_rng(0).normal(size=(batch, steps, 10)).astype(jnp.dtype(dtype))
-  functions = {gru_classifier.cross_entropy: (), gru_classifier.cross_entropy_per_step: (),
-               gru_classifier.accuracy: (), gru_classifier.accuracy_per_step: (steps,)}
+  functions = {
+    gru_classifier.cross_entropy: (),
+    gru_classifier.cross_entropy_per_step: (),
+    gru_classifier.accuracy: (),
+    gru_classifier.accuracy_per_step: (steps,),
+  }
 
   def body():
     for fn, shape in functions.items():
@@ -126,18 +145,24 @@ def test_losses_and_accuracies_return_finite_scalars_or_value_error(batch, steps
 
 
 @SETTINGS
-@given(spec=models(), n=st.integers(1, 5), batch_size=st.integers(-1, 4),
-       label_high=st.sampled_from([10, 11]), x64=st.booleans(),
-       dtype=st.sampled_from(FLOAT_DTYPES + ["uint8"]))
-def test_evaluate_returns_an_exact_result_or_value_error(spec, n, batch_size, label_high, x64,
-                                                         dtype):
+@given(
+  spec=models(),
+  n=st.integers(1, 5),
+  batch_size=st.integers(-1, 4),
+  label_high=st.sampled_from([10, 11]),
+  x64=st.booleans(),
+  dtype=st.sampled_from(FLOAT_DTYPES + ["uint8"]),
+)
+def test_evaluate_returns_an_exact_result_or_value_error(
+  spec, n, batch_size, label_high, x64, dtype
+):
   images = np.random.default_rng(n).uniform(size=(n, 28, 28)).astype(jnp.dtype(dtype))
   labels = np.random.default_rng(n).integers(0, label_high, n)
 
   def body():
     params = _build(spec, x64)
     try:
-      result = evaluation.evaluate(params, images, labels, batch_size=batch_size)
+      result = inference.evaluate(params, images, labels, batch_size=batch_size)
     except ValueError:
       return
     assert result["num_examples"] == n and 0 <= result["accuracy"] <= 1
@@ -147,14 +172,17 @@ def test_evaluate_returns_an_exact_result_or_value_error(spec, n, batch_size, la
 
 
 @SETTINGS
-@given(spec=models(), h_units=st.integers(1, 5), x_dim=st.integers(1, 3),
-       lead=st.lists(st.integers(1, 3), max_size=2), cell=st.sampled_from([None, "tf1",
-                                                                          "reset_after"]),
-       x64=st.booleans())
+@given(
+  spec=models(),
+  h_units=st.integers(1, 5),
+  x_dim=st.integers(1, 3),
+  lead=st.lists(st.integers(1, 3), max_size=2),
+  cell=st.sampled_from([None, "tf1", "reset_after"]),
+  x64=st.booleans(),
+)
 def test_gru_step_returns_the_state_shape_or_value_error(spec, h_units, x_dim, lead, cell, x64):
   def body():
-    params = _build({**spec, "in_dim": x_dim if spec["in_dim"] != 28 else 28,
-                     "order": None}, x64)
+    params = _build({**spec, "in_dim": x_dim if spec["in_dim"] != 28 else 28, "order": None}, x64)
     h = jnp.zeros((*lead, h_units), params.output.kernel.dtype)
     x = jnp.ones((*lead, x_dim), params.output.kernel.dtype)
     try:

@@ -23,10 +23,14 @@ def _blocks(text, language):
 
 def _package_commands(text):
   """Every `pixelrnn-jax ...` command: shell-block lines and inline code."""
-  commands = [line for block in _blocks(text, "bash") for line in block.splitlines()
-              if line.startswith("pixelrnn-jax")]
+  commands = [
+    line
+    for block in _blocks(text, "bash")
+    for line in block.splitlines()
+    if line.startswith("pixelrnn-jax")
+  ]
   for code in re.findall(r"`([^`\n]*pixelrnn-jax [^`\n]*)`", text):
-    command = code[code.index("pixelrnn-jax"):]
+    command = code[code.index("pixelrnn-jax") :]
     if len(command.split()) > 2:  # not a bare name such as `pixelrnn-jax plot` in prose
       commands.append(command)
   return commands
@@ -37,15 +41,27 @@ def test_readme_shape():
   assert len(lines) <= 250
   assert any(line == "## Quickstart" for line in lines[:40])
   headings = [line for line in lines if line.startswith("## ")]
-  assert headings == ["## Quickstart", "## Train", "## Use as a library", "## Results",
-                      "## Speed", "## Data", "## Tests"]
+  assert headings == [
+    "## Quickstart",
+    "## Train",
+    "## Use as a library",
+    "## Results",
+    "## Speed",
+    "## Data",
+    "## Tests",
+  ]
 
 
 @pytest.mark.parametrize("path", [README, *DOCS], ids=lambda p: p.name)
 def test_text_speaks_of_the_software_not_its_development(path):
   text = path.read_text()
-  for pattern in (r"\bissues? \d", r"\bsessions?\b", r"\bour (goal|aim)\b", r"project's (goal|aim)",
-                  r"PERMUTED_"):
+  for pattern in (
+    r"\bissues? \d",
+    r"\bsessions?\b",
+    r"\bour (goal|aim)\b",
+    r"project's (goal|aim)",
+    r"PERMUTED_",
+  ):
     assert not re.search(pattern, text, re.IGNORECASE), (path.name, pattern)
 
 
@@ -86,7 +102,7 @@ def test_readme_python_example_runs(mnist_dir, monkeypatch):
   monkeypatch.setenv("PIXELRNN_JAX_MNIST_DIR", mnist_dir)
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    exec(compile(code, "README.md", "exec"), {})  # pylint: disable=exec-used
+    exec(compile(code, "README.md", "exec"), {})
   printed = out.getvalue().splitlines()
   assert float(printed[0]) == pytest.approx(0.987, abs=1e-6)  # the comment's claim
   assert printed[-1].endswith("(65, 128)")

@@ -8,18 +8,19 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from pixelrnn_jax import config as config_lib
-from pixelrnn_jax import data
+from pixelrnn_jax import checkpoints
 from pixelrnn_jax import gru_classifier
 from pixelrnn_jax import preprocessing
-from pixelrnn_jax import run_checkpoints
-from pixelrnn_jax import train
-
+from pixelrnn_jax.training import batches as batches_lib
+from pixelrnn_jax.training import config as config_lib
+from pixelrnn_jax.training import loop
+from pixelrnn_jax.training import step as step_lib
+from tests import helpers
 from tests.helpers import SMALL as SMALL_RUN
 
 
 def _restore(workdir, pick):
-  manager = run_checkpoints.RunCheckpoints(workdir / "checkpoints", read_only=True)
+  manager = checkpoints.RunCheckpoints(workdir / "checkpoints", read_only=True)
   try:
     return manager.restore(pick(manager))
   finally:
@@ -48,8 +49,7 @@ def _numpy_masked_gru(params, x, mask):
   for t in range(x.shape[1]):
     xh = np.concatenate([x[:, t], h], axis=-1)
     r, u = np.split(sigmoid(xh @ p.gates.kernel + p.gates.bias), 2, axis=-1)
-    c = np.tanh(np.concatenate([x[:, t], r * h], axis=-1) @ p.candidate.kernel
-                + p.candidate.bias)
+    c = np.tanh(np.concatenate([x[:, t], r * h], axis=-1) @ p.candidate.kernel + p.candidate.bias)
     h = u * h + (1.0 - u) * (c * mask)
     logits.append(h @ p.output.kernel + p.output.bias)
   return np.stack(logits, axis=1)
@@ -72,14 +72,14 @@ def test_recurrent_dropout_at_rate_0_is_the_plain_gru():
   params = _float64_model()
   x = np.random.default_rng(1).uniform(size=(3, 12, 1))
   np.testing.assert_array_equal(
-      gru_classifier.apply(params, x, recurrent_dropout=0.0, key=jax.random.key(0)),
-      gru_classifier.apply(params, x))
+    gru_classifier.apply(params, x, recurrent_dropout=0.0, key=jax.random.key(0)),
+    gru_classifier.apply(params, x),
+  )
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.25, 0.5])
 def test_recurrent_dropout_mask_has_mean_1_and_drops_a_fraction_p(rate):
-  mask = np.asarray(gru_classifier.recurrent_dropout_mask(jax.random.key(7), rate,
-                                                          (2000, 64)))
+  mask = np.asarray(gru_classifier.recurrent_dropout_mask(jax.random.key(7), rate, (2000, 64)))
   # 128,000 Bernoulli draws: the standard error of the dropped fraction is < 0.0015.
   assert abs(np.mean(mask == 0) - rate) < 0.006
   assert abs(mask.mean() - 1.0) < 0.006 / (1 - rate)
@@ -114,24 +114,26 @@ def test_recurrent_dropout_needs_a_key_and_a_rate_below_1():
 
 def test_dropout_masks_differ_per_device_and_step_and_follow_the_seed():
   config = config_lib.Config(order="row", num_units=4, batch_size=4, recurrent_dropout=0.5)
-  optimizer = train.make_optimizer(config)
-  state = train.init_train_state(config, jax.random.key(0), optimizer)
+  optimizer = step_lib.make_optimizer(config)
+  state = step_lib.init_train_state(config, jax.random.key(0), optimizer)
   x = np.ones((2, 2, 28, 28), np.float32)  # the same images on both devices
   y = np.zeros((2, 2), np.int32)
 
   def losses(seed, state):
-    step = train.make_train_step(optimizer, recurrent_dropout=0.5, seed=seed)
-    _, metrics = step(train.replicate(state, 2), x, y)
+    step = step_lib.make_train_step(optimizer, recurrent_dropout=0.5, seed=seed)
+    _, metrics = step(step_lib.replicate(state, 2), x, y)
     return metrics["loss"]
 
   a, b = losses(0, state), losses(0, state)
   np.testing.assert_array_equal(a, b)  # same seed, same masks
   assert not np.array_equal(a, losses(1, state))  # the seed sets the masks
   # metrics are pmeaned, so compare per-device losses through the step's grads instead:
-  key0 = jax.random.fold_in(jax.random.fold_in(train.dropout_key(0), 0), 0)
-  key1 = jax.random.fold_in(jax.random.fold_in(train.dropout_key(0), 0), 1)
-  assert not np.array_equal(gru_classifier.recurrent_dropout_mask(key0, 0.5, (2, 4)),
-                            gru_classifier.recurrent_dropout_mask(key1, 0.5, (2, 4)))
+  key0 = jax.random.fold_in(jax.random.fold_in(step_lib.dropout_key(0), 0), 0)
+  key1 = jax.random.fold_in(jax.random.fold_in(step_lib.dropout_key(0), 0), 1)
+  assert not np.array_equal(
+    gru_classifier.recurrent_dropout_mask(key0, 0.5, (2, 4)),
+    gru_classifier.recurrent_dropout_mask(key1, 0.5, (2, 4)),
+  )
 
 
 # ---------------------------------------------------------------- weight decay
@@ -142,7 +144,7 @@ def test_weight_decay_is_decoupled_adamw_as_written_in_numpy():
   so p' = p - lr * (g / (|g| + eps) + wd * p); clipping on, with two gradients of
   different norm so the clip and the decay both show."""
   config = config_lib.Config(learning_rate=1e-2, weight_decay=0.1, clip_norm=1.0)
-  optimizer = train.make_optimizer(config)
+  optimizer = step_lib.make_optimizer(config)
   params = {"w": jnp.array([1.0, -2.0, 3.0])}
   state = optimizer.init(params)
   grads = {"w": jnp.array([0.3, 0.0, -4.0])}  # norm 4.01 > 1: clipped to norm 1
@@ -150,7 +152,7 @@ def test_weight_decay_is_decoupled_adamw_as_written_in_numpy():
   g = np.array([0.3, 0.0, -4.0]) / np.linalg.norm([0.3, 0.0, -4.0])
   expected = -1e-2 * (g / (np.abs(g) + 1e-8) + 0.1 * np.array([1.0, -2.0, 3.0]))
   np.testing.assert_allclose(updates["w"], expected, rtol=1e-5)
-  without = train.make_optimizer(config.replace(weight_decay=0.0))
+  without = step_lib.make_optimizer(config.replace(weight_decay=0.0))
   plain, _ = without.update(grads, without.init(params), params)
   np.testing.assert_allclose(plain["w"], -1e-2 * g / (np.abs(g) + 1e-8), rtol=1e-5)
 
@@ -161,8 +163,9 @@ def test_weight_decay_is_decoupled_adamw_as_written_in_numpy():
 def _shift(image, dy, dx, background):
   out = np.full_like(image, background)
   h, w = image.shape
-  out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-      image[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+  out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = image[
+    max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+  ]
   return out
 
 
@@ -170,8 +173,9 @@ def test_shifts_apply_to_the_image_before_the_psmnist_permutation():
   rng = np.random.default_rng(0)
   images = rng.uniform(size=(16, 28, 28)).astype(np.float32)
   labels = np.arange(16, dtype=np.int32)
-  batches = data.Batches(images, labels, batch_size=8, key=jax.random.key(1),
-                         order="permuted", max_shift=2)
+  batches = batches_lib.Batches(
+    images, labels, batch_size=8, key=jax.random.key(1), order="permuted", max_shift=2
+  )
   shifts = batches.shifts(*batches.position)
   x, y = next(batches)
   background = images.min()
@@ -182,8 +186,9 @@ def test_shifts_apply_to_the_image_before_the_psmnist_permutation():
     shifted = _shift(images[label], dy, dx, background)
     np.testing.assert_array_equal(got, shifted.reshape(784)[permutation])
     # Shifting the permuted sequence as if it were an image is something else.
-    after = _shift(images[label].reshape(784)[permutation].reshape(28, 28), dy, dx,
-                   background).reshape(784)
+    after = _shift(
+      images[label].reshape(784)[permutation].reshape(28, 28), dy, dx, background
+    ).reshape(784)
     if (dy, dx) != (0, 0):
       assert not np.array_equal(got, after)
 
@@ -194,31 +199,34 @@ def test_shifts_apply_to_the_image_before_the_psmnist_permutation():
 def test_ema_decay_follows_tensorflows_warm_up_formula():
   for step, decay in [(0, 0.999), (5, 0.999), (100, 0.99), (10_000, 0.999)]:
     expected = min(decay, (1 + step) / (10 + step))
-    np.testing.assert_allclose(train.ema_decay_at(step, decay), expected, rtol=1e-6)
+    np.testing.assert_allclose(step_lib.ema_decay_at(step, decay), expected, rtol=1e-6)
   ema = {"w": jnp.array([1.0, 2.0])}
   params = {"w": jnp.array([3.0, -2.0])}
   d = min(0.9, 51 / 60)
-  np.testing.assert_allclose(train.update_ema(ema, params, 50, 0.9)["w"],
-                             d * np.array([1.0, 2.0]) + (1 - d) * np.array([3.0, -2.0]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    step_lib.update_ema(ema, params, 50, 0.9)["w"],
+    d * np.array([1.0, 2.0]) + (1 - d) * np.array([3.0, -2.0]),
+    rtol=1e-6,
+  )
 
 
 def test_train_step_keeps_the_ema_of_the_weights_it_takes():
-  config = config_lib.Config(order="row", num_units=4, batch_size=4, ema_decay=0.8,
-                             learning_rate=1e-2)
-  optimizer = train.make_optimizer(config)
-  state = train.init_train_state(config, jax.random.key(0), optimizer)
-  step = train.make_train_step(optimizer, ema_decay=0.8)
+  config = config_lib.Config(
+    order="row", num_units=4, batch_size=4, ema_decay=0.8, learning_rate=1e-2
+  )
+  optimizer = step_lib.make_optimizer(config)
+  state = step_lib.init_train_state(config, jax.random.key(0), optimizer)
+  step = step_lib.make_train_step(optimizer, ema_decay=0.8)
   rng = np.random.default_rng(0)
   ema = jax.tree.map(np.asarray, state.params)
-  replicated = train.replicate(state, 1)
+  replicated = step_lib.replicate(state, 1)
   for t in range(4):
     x = rng.uniform(size=(1, 4, 28, 28)).astype(np.float32)
     y = rng.integers(0, 10, (1, 4)).astype(np.int32)
     replicated, _ = step(replicated, x, y)
-    now = train.unreplicate(replicated)
+    now = step_lib.unreplicate(replicated)
     d = min(0.8, (1 + t) / (10 + t))
-    ema = jax.tree.map(lambda e, p: d * e + (1 - d) * np.asarray(p), ema, now.params)
+    ema = jax.tree.map(lambda e, p, d=d: d * e + (1 - d) * np.asarray(p), ema, now.params)
     chex.assert_trees_all_close(now.ema_params, ema, rtol=1e-6, atol=1e-8)
   assert now.model_params is now.ema_params
   assert not np.allclose(now.ema_params.output.kernel, now.params.output.kernel)
@@ -226,9 +234,9 @@ def test_train_step_keeps_the_ema_of_the_weights_it_takes():
 
 def test_a_run_with_an_ema_evaluates_and_loads_the_ema(tmp_path, toy_data):
   config = config_lib.Config(**{**SMALL_RUN, "ema_decay": 0.9})
-  summary = train.train_and_evaluate(config, tmp_path, progress=False)
+  summary = loop.train_and_evaluate(config, tmp_path, progress=False)
   state, meta = _best_step(tmp_path)
-  model, _, info = train.load_model(tmp_path)
+  model, _, info = helpers.load_model(tmp_path)
   np.testing.assert_array_equal(model.output.kernel, state["ema_params"]["output"]["kernel"])
   assert not np.array_equal(model.output.kernel, state["params"]["output"]["kernel"])
   assert summary["best_valid_accuracy"] == meta["best_valid_accuracy"]
@@ -239,17 +247,30 @@ def test_a_run_with_an_ema_evaluates_and_loads_the_ema(tmp_path, toy_data):
 
 def test_every_regulariser_is_off_in_the_notebook_recipe():
   notebook = config_lib.RECIPES["notebook"]
-  assert (notebook.recurrent_dropout, notebook.weight_decay, notebook.max_shift,
-          notebook.ema_decay) == (0.0, 0.0, 0, None)
+  assert (
+    notebook.recurrent_dropout,
+    notebook.weight_decay,
+    notebook.max_shift,
+    notebook.ema_decay,
+  ) == (0.0, 0.0, 0, None)
 
 
 def test_resume_is_bit_exact_with_every_regulariser_on(tmp_path, toy_data):
-  config = config_lib.Config(**{**SMALL_RUN, "steps": 10, "checkpoint_every": 4,
-                                "devices": 2, "recurrent_dropout": 0.3,
-                                "weight_decay": 0.05, "max_shift": 2, "ema_decay": 0.9})
-  straight = train.train_and_evaluate(config, tmp_path / "straight", progress=False)
-  train.train_and_evaluate(config.replace(steps=4), tmp_path / "resumed", progress=False)
-  resumed = train.train_and_evaluate(config, tmp_path / "resumed", progress=False)
+  config = config_lib.Config(
+    **{
+      **SMALL_RUN,
+      "steps": 10,
+      "checkpoint_every": 4,
+      "devices": 2,
+      "recurrent_dropout": 0.3,
+      "weight_decay": 0.05,
+      "max_shift": 2,
+      "ema_decay": 0.9,
+    }
+  )
+  straight = loop.train_and_evaluate(config, tmp_path / "straight", progress=False)
+  loop.train_and_evaluate(config.replace(steps=4), tmp_path / "resumed", progress=False)
+  resumed = loop.train_and_evaluate(config, tmp_path / "resumed", progress=False)
   a, _ = _latest_step(tmp_path / "straight")
   b, _ = _latest_step(tmp_path / "resumed")
   assert "ema_params" in a

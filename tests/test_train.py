@@ -1,10 +1,9 @@
 """The pmapped step, the training loop, checkpoints, resume, signals and the CLI."""
 
-import gzip
 import json
 import logging
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,53 +17,60 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pixelrnn_jax import checkpoint
+from pixelrnn_jax import checkpoints
 from pixelrnn_jax import cli
-from pixelrnn_jax import config as config_lib
-from pixelrnn_jax import data
-from pixelrnn_jax import evaluation
-from pixelrnn_jax import run_checkpoints
-from pixelrnn_jax import train
-
+from pixelrnn_jax import inference
+from pixelrnn_jax import preprocessing
+from pixelrnn_jax.training import batches as batches_lib
+from pixelrnn_jax.training import config as config_lib
+from pixelrnn_jax.training import loop
+from pixelrnn_jax.training import step as step_lib
+from tests import helpers
 from tests.helpers import SMALL
+from tests.helpers import corrupt_step
 from tests.helpers import synthetic_digits as _synthetic
+from tests.helpers import write_fake_idx
 
 
 def _params_after_one_step(config, x, y, num_devices):
-  optimizer = train.make_optimizer(config)
-  state = train.init_train_state(config, jax.random.key(0), optimizer)
-  step = train.make_train_step(optimizer)
+  optimizer = step_lib.make_optimizer(config)
+  state = step_lib.init_train_state(config, jax.random.key(0), optimizer)
+  step = step_lib.make_train_step(optimizer)
   per = x.shape[0] // num_devices
-  new_state, metrics = step(train.replicate(state, num_devices),
-                            x.reshape(num_devices, per, *x.shape[1:]),
-                            y.reshape(num_devices, per))
-  return state, train.unreplicate(new_state), jax.device_get(metrics)
+  new_state, metrics = step(
+    step_lib.replicate(state, num_devices),
+    x.reshape(num_devices, per, *x.shape[1:]),
+    y.reshape(num_devices, per),
+  )
+  return state, step_lib.unreplicate(new_state), jax.device_get(metrics)
 
 
 def test_pmapped_step_on_two_devices_equals_one_device():
   assert jax.local_device_count() >= 2
   config = config_lib.Config(**{**SMALL, "order": "pixel"})
   images, labels = _synthetic(16, 3)
-  x = data.to_sequences(images, "pixel")[:, :100]  # a short sequence keeps it fast
+  x = preprocessing.to_sequences(images, "pixel")[:, :100]  # a short sequence keeps it fast
   before, one, m1 = _params_after_one_step(config, x, labels, 1)
   _, two, m2 = _params_after_one_step(config, x, labels, 2)
   chex.assert_trees_all_close(one.params, two.params, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(m1["loss"][0], m2["loss"][0], rtol=1e-5)
   np.testing.assert_array_equal(m2["loss"][0], m2["loss"][1])  # averaged over devices
   assert int(one.step) == 1
-  for path, old, new in zip(jax.tree_util.tree_leaves_with_path(before.params),
-                            jax.tree_util.tree_leaves(before.params),
-                            jax.tree_util.tree_leaves(one.params)):
+  for path, old, new in zip(
+    jax.tree_util.tree_leaves_with_path(before.params),
+    jax.tree_util.tree_leaves(before.params),
+    jax.tree_util.tree_leaves(one.params),
+  ):
     assert not np.allclose(old, new), f"{path[0]} did not change"
 
 
 def test_loss_falls_on_a_fixed_batch():
   config = config_lib.Config(**{**SMALL, "learning_rate": 3e-2})
-  optimizer = train.make_optimizer(config)
-  state = train.replicate(train.init_train_state(config, jax.random.key(0), optimizer), 1)
-  step = train.make_train_step(optimizer)
+  optimizer = step_lib.make_optimizer(config)
+  state = step_lib.replicate(step_lib.init_train_state(config, jax.random.key(0), optimizer), 1)
+  step = step_lib.make_train_step(optimizer)
   images, labels = _synthetic(16, 4)
-  x, y = data.to_sequences(images, "row")[None], labels[None]
+  x, y = preprocessing.to_sequences(images, "row")[None], labels[None]
   losses = []
   for _ in range(60):
     state, metrics = step(state, x, y)
@@ -73,21 +79,24 @@ def test_loss_falls_on_a_fixed_batch():
 
 
 def test_per_step_loss_option_changes_the_loss():
-  params = train.init_params(config_lib.Config(**SMALL), jax.random.key(0))
+  params = step_lib.init_params(config_lib.Config(**SMALL), jax.random.key(0))
   images, labels = _synthetic(8, 5)
-  x = data.to_sequences(images, "row")
-  plain, logits = train.loss_fn(params, x, labels)
-  both, _ = train.loss_fn(params, x, labels, per_step_loss=0.5)
+  x = preprocessing.to_sequences(images, "row")
+  plain, logits = step_lib.loss_fn(params, x, labels)
+  both, _ = step_lib.loss_fn(params, x, labels, per_step_loss=0.5)
   from pixelrnn_jax import gru_classifier
+
   np.testing.assert_allclose(
-      both, plain + 0.5 * gru_classifier.cross_entropy_per_step(logits, labels), rtol=1e-6)
+    both, plain + 0.5 * gru_classifier.cross_entropy_per_step(logits, labels), rtol=1e-6
+  )
 
 
 def test_optimizer_options_live_in_optax():
-  config = config_lib.Config(**{**SMALL, "steps": 100, "lr_schedule": "warmup_cosine",
-                                "warmup_steps": 10, "clip_norm": 1e-3})
-  optimizer = train.make_optimizer(config)
-  params = train.init_params(config, jax.random.key(0))
+  config = config_lib.Config(
+    **{**SMALL, "steps": 100, "lr_schedule": "warmup_cosine", "warmup_steps": 10, "clip_norm": 1e-3}
+  )
+  optimizer = step_lib.make_optimizer(config)
+  params = step_lib.init_params(config, jax.random.key(0))
   state = optimizer.init(params)
   huge = jax.tree.map(lambda p: jnp.full_like(p, 1e3), params)
   updates, state = optimizer.update(huge, state, params)
@@ -99,29 +108,34 @@ def test_optimizer_options_live_in_optax():
 
 
 def test_evaluate_on_two_devices_equals_one_device():
-  params = train.init_params(config_lib.Config(**SMALL), jax.random.key(1))
+  params = step_lib.init_params(config_lib.Config(**SMALL), jax.random.key(1))
   images, labels = _synthetic(37, 6)
-  one = evaluation.evaluate(params, images, labels, order="row", batch_size=10,
-                            early_exit_thresholds=(0.2,))
-  two = evaluation.evaluate(params, images, labels, order="row", batch_size=10,
-                            early_exit_thresholds=(0.2,), devices=2)
+  one = inference.evaluate(
+    params, images, labels, order="row", batch_size=10, early_exit_thresholds=(0.2,)
+  )
+  two = inference.evaluate(
+    params, images, labels, order="row", batch_size=10, early_exit_thresholds=(0.2,), devices=2
+  )
   assert one["accuracy"] == two["accuracy"] and one["early_exit"] == two["early_exit"]
   np.testing.assert_allclose(one["loss"], two["loss"], rtol=1e-6)
   np.testing.assert_array_equal(one["accuracy_per_step"], two["accuracy_per_step"])
 
 
 def test_evaluate_is_exact_over_an_uneven_split():
-  params = train.init_params(config_lib.Config(**SMALL), jax.random.key(1))
+  params = step_lib.init_params(config_lib.Config(**SMALL), jax.random.key(1))
   images, labels = _synthetic(37, 6)
-  result = evaluation.evaluate(params, images, labels, order="row", batch_size=10)
+  result = inference.evaluate(params, images, labels, order="row", batch_size=10)
   from pixelrnn_jax import gru_classifier
-  logits = gru_classifier.apply(params, data.to_sequences(images, "row"))
+
+  logits = gru_classifier.apply(params, preprocessing.to_sequences(images, "row"))
   assert result["num_examples"] == 37
   np.testing.assert_allclose(result["accuracy"], gru_classifier.accuracy(logits, labels))
-  np.testing.assert_allclose(result["loss"], gru_classifier.cross_entropy(logits, labels),
-                             rtol=1e-5)
-  np.testing.assert_allclose(result["accuracy_per_step"],
-                             gru_classifier.accuracy_per_step(logits, labels))
+  np.testing.assert_allclose(
+    result["loss"], gru_classifier.cross_entropy(logits, labels), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    result["accuracy_per_step"], gru_classifier.accuracy_per_step(logits, labels)
+  )
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -129,17 +143,10 @@ def test_evaluate_is_exact_over_an_uneven_split():
 
 def _final_state(workdir):
   """(state dict, meta) of the run's newest checkpoint."""
-  manager = run_checkpoints.RunCheckpoints(workdir / "checkpoints", read_only=True)
+  manager = checkpoints.RunCheckpoints(workdir / "checkpoints", read_only=True)
   state, meta = manager.restore(manager.latest_step())
   manager.close()
   return state, meta
-
-
-def corrupt_step(workdir, step):
-  """Overwrites every file of a step's ``state`` item with garbage."""
-  for path in (workdir / "checkpoints" / str(step) / "state").rglob("*"):
-    if path.is_file():
-      path.write_bytes(b"corrupt")
 
 
 def _step_names(workdir):
@@ -148,12 +155,11 @@ def _step_names(workdir):
 
 @pytest.mark.parametrize("devices", [1, 2])
 def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, toy_data, devices):
-  config = config_lib.Config(**{**SMALL, "devices": devices, "steps": 12,
-                                "checkpoint_every": 5})
-  straight = train.train_and_evaluate(config, tmp_path / "straight", progress=False)
+  config = config_lib.Config(**{**SMALL, "devices": devices, "steps": 12, "checkpoint_every": 5})
+  straight = loop.train_and_evaluate(config, tmp_path / "straight", progress=False)
   # "Interrupted" after 5 steps, then resumed with the full step count.
-  train.train_and_evaluate(config.replace(steps=5), tmp_path / "resumed", progress=False)
-  resumed = train.train_and_evaluate(config, tmp_path / "resumed", progress=False)
+  loop.train_and_evaluate(config.replace(steps=5), tmp_path / "resumed", progress=False)
+  resumed = loop.train_and_evaluate(config, tmp_path / "resumed", progress=False)
   assert straight["step"] == resumed["step"] == 12
   a, a_meta = _final_state(tmp_path / "straight")
   b, b_meta = _final_state(tmp_path / "resumed")
@@ -165,7 +171,7 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, toy_data, devices):
 
 def test_run_directory_contents(tmp_path, toy_data):
   config = config_lib.Config(**SMALL)
-  summary = train.train_and_evaluate(config, tmp_path, progress=False)
+  summary = loop.train_and_evaluate(config, tmp_path, progress=False)
   resolved = config.replace(num_processes=1, process_id=0)  # as it ran
   assert json.loads((tmp_path / "config.json").read_text()) == json.loads(resolved.to_json())
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -176,25 +182,31 @@ def test_run_directory_contents(tmp_path, toy_data):
   eval_json = json.loads((tmp_path / "eval.json").read_text())
   assert len(eval_json["accuracy_per_step"]) == 28
   assert eval_json["accuracy"] == summary["valid"]["accuracy"]
+
   # Saved: every 2 steps, at each evaluation (3, 6) and the end; kept: the newest
   # keep_checkpoints (3) and the best on valid (the earliest among ties).
   def best_step():
-    valid = [(-r["accuracy"], r["step"]) for r in map(json.loads, (
-        tmp_path / "metrics.jsonl").read_text().splitlines()) if r.get("split") == "valid"]
+    valid = [
+      (-r["accuracy"], r["step"])
+      for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+      if r.get("split") == "valid"
+    ]
     return min(valid)[1]
 
   assert _step_names(tmp_path) == sorted({3, 4, 6, best_step()})
   assert summary["best_checkpoint"] == str(tmp_path.absolute() / "checkpoints" / str(best_step()))
-  train.train_and_evaluate(config.replace(steps=10, keep_checkpoints=2), tmp_path,
-                           progress=False)
+  loop.train_and_evaluate(config.replace(steps=10, keep_checkpoints=2), tmp_path, progress=False)
   assert _step_names(tmp_path) == sorted({9, 10, best_step()})
-  assert train.load_model(tmp_path)[2]["step"] == best_step()
+  assert helpers.load_model(tmp_path)[2]["step"] == best_step()
 
 
 def _flip_a_byte(workdir, step):
   """Flips one byte in the largest array file of a step: the files still parse."""
-  files = [p for p in (workdir / "checkpoints" / str(step) / "state").rglob("*")
-           if p.is_file() and p.parent.name == "d"]
+  files = [
+    p
+    for p in (workdir / "checkpoints" / str(step) / "state").rglob("*")
+    if p.is_file() and p.parent.name == "d"
+  ]
   path = max(files, key=lambda p: p.stat().st_size)
   blob = bytearray(path.read_bytes())
   blob[len(blob) // 2] ^= 0x01
@@ -202,60 +214,55 @@ def _flip_a_byte(workdir, step):
 
 
 @pytest.mark.parametrize("damage", [corrupt_step, _flip_a_byte])
-def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, toy_data, caplog,
-                                                            damage):
+def test_corrupt_newest_checkpoint_falls_back_with_a_warning(tmp_path, toy_data, caplog, damage):
   config = config_lib.Config(**{**SMALL, "eval_every": 100})
-  straight = train.train_and_evaluate(config, tmp_path / "straight", progress=False)
+  straight = loop.train_and_evaluate(config, tmp_path / "straight", progress=False)
   workdir = tmp_path / "run"
-  train.train_and_evaluate(config, workdir, progress=False)
+  loop.train_and_evaluate(config, workdir, progress=False)
   assert _step_names(workdir) == [2, 4, 6]
   damage(workdir, 6)
-  manager = run_checkpoints.RunCheckpoints(workdir / "checkpoints", read_only=True)
-  with pytest.raises(checkpoint.CheckpointError, match="6"):
+  manager = checkpoints.RunCheckpoints(workdir / "checkpoints", read_only=True)
+  with pytest.raises(checkpoints.CheckpointError, match="6"):
     manager.restore(6)
   # The same command resumes from step 4, sets step 6 aside and computes it again.
-  resumed = train.train_and_evaluate(config, workdir, progress=False)
+  resumed = loop.train_and_evaluate(config, workdir, progress=False)
   assert "skipping" in caplog.text and "moved the unreadable checkpoint" in caplog.text
   assert (workdir / "unreadable" / "6").is_dir() and _step_names(workdir) == [2, 4, 6]
   assert resumed["valid"] == straight["valid"]
 
 
-def test_a_run_whose_checkpoints_are_all_unreadable_stops_with_exit_2(tmp_path, toy_data,
-                                                                      capsys):
+def test_a_run_whose_checkpoints_are_all_unreadable_stops_with_exit_2(tmp_path, toy_data, capsys):
   config = config_lib.Config(**SMALL)
-  train.train_and_evaluate(config, tmp_path, progress=False)
+  loop.train_and_evaluate(config, tmp_path, progress=False)
   for step in _step_names(tmp_path):
     corrupt_step(tmp_path, step)
-  with pytest.raises(checkpoint.CheckpointError, match="none of the checkpoints"):
-    train.train_and_evaluate(config, tmp_path, progress=False)
+  with pytest.raises(checkpoints.CheckpointError, match="none of the checkpoints"):
+    loop.train_and_evaluate(config, tmp_path, progress=False)
   assert all((tmp_path / "checkpoints" / str(s)).is_dir() for s in (3, 4, 6))  # nothing moved
-  code = cli.main(["train", "--workdir", str(tmp_path), "--order", "row", "--units", "8",
-                   "--batch-size", "16", "--steps", "6", "--eval-every", "3",
-                   "--log-every", "2", "--checkpoint-every", "2", "--eval-batch-size", "64"])
+  code = cli.main(
+    [
+      "train",
+      "--workdir",
+      str(tmp_path),
+      "--order",
+      "row",
+      "--units",
+      "8",
+      "--batch-size",
+      "16",
+      "--steps",
+      "6",
+      "--eval-every",
+      "3",
+      "--log-every",
+      "2",
+      "--checkpoint-every",
+      "2",
+      "--eval-batch-size",
+      "64",
+    ]
+  )
   assert code == 2 and "none of the checkpoints" in capsys.readouterr().err
-
-
-def test_a_run_directory_of_version_0_2_still_loads_and_resumes(tmp_path, toy_data):
-  """Runs written with msgpack files (``ckpt_<step>.msgpack``, ``best.msgpack``)."""
-  config = config_lib.Config(**SMALL)
-  straight = train.train_and_evaluate(config, tmp_path / "straight", progress=False)
-  state, meta = _final_state(tmp_path / "straight")  # step 6 as 0.2 saved it
-  old = tmp_path / "old"
-  (old / "checkpoints").mkdir(parents=True)
-  (old / "config.json").write_text(config.to_json())
-  tree = {"state": state, "data_position": np.asarray(meta["data_position"]),
-          "data_key": np.asarray(meta["data_key"], np.uint32),
-          "best_valid_accuracy": meta["best_valid_accuracy"],
-          "config": json.dumps(meta["config"])}
-  checkpoint.save(checkpoint.step_path(old / "checkpoints", 6), tree)
-  checkpoint.save(old / "checkpoints" / checkpoint.BEST, tree)
-  params, loaded_config, info = train.load_model(old)
-  assert info["step"] == 6 and loaded_config == config.replace(num_processes=1, process_id=0)
-  resumed = train.train_and_evaluate(config.replace(steps=8), old, progress=False)
-  further = train.train_and_evaluate(config.replace(steps=8), tmp_path / "straight",
-                                     progress=False)
-  assert resumed["valid"] == further["valid"] and straight["step"] == 6
-  assert train.load_model(old)[2]["path"].startswith(str(old / "checkpoints"))
 
 
 def test_non_finite_loss_stops_keeping_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -263,42 +270,45 @@ def test_non_finite_loss_stops_keeping_the_last_good_checkpoint(tmp_path, monkey
   poisoned = images.copy()
   poisoned[:] = np.nan
   calls = {"n": 0}
-  real_next = data.Batches.__next__
+  real_next = batches_lib.Batches.__next__
 
   def next_batch(self):  # the fifth batch is all NaN
     calls["n"] += 1
     x, y = real_next(self)
     return (np.full_like(x, np.nan), y) if calls["n"] == 5 else (x, y)
 
-  monkeypatch.setattr(train, "_load_split", lambda c, s: (images, labels))
-  monkeypatch.setattr(data.Batches, "__next__", next_batch)
+  monkeypatch.setattr(loop, "_load_split", lambda c, s: (images, labels))
+  monkeypatch.setattr(batches_lib.Batches, "__next__", next_batch)
   config = config_lib.Config(**SMALL)
-  with pytest.raises(train.NonFiniteLossError, match=r"step 5: loss nan.*checkpoints/4\."):
-    train.train_and_evaluate(config, tmp_path, progress=False)
+  with pytest.raises(loop.NonFiniteLossError, match=r"step 5: loss nan.*checkpoints/4\."):
+    loop.train_and_evaluate(config, tmp_path, progress=False)
   state, _ = _final_state(tmp_path)
   assert int(state["step"]) == 4
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state["params"]))
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path, toy_data):
-  train.train_and_evaluate(config_lib.Config(**SMALL), tmp_path, progress=False)
+  loop.train_and_evaluate(config_lib.Config(**SMALL), tmp_path, progress=False)
   with pytest.raises(ValueError, match=r"different config \(num_units: 8 -> 16\)"):
-    train.train_and_evaluate(config_lib.Config(**{**SMALL, "num_units": 16}), tmp_path,
-                             progress=False)
+    loop.train_and_evaluate(
+      config_lib.Config(**{**SMALL, "num_units": 16}), tmp_path, progress=False
+    )
 
 
 def test_resume_with_more_steps_warns_that_the_cosine_schedule_stretches(
-    tmp_path, toy_data, caplog):
-  config = config_lib.Config(**{**SMALL, "lr_schedule": "warmup_cosine", "warmup_steps": 2,
-                                "learning_rate": 1e-2})
-  train.train_and_evaluate(config, tmp_path, progress=False)
+  tmp_path, toy_data, caplog
+):
+  config = config_lib.Config(
+    **{**SMALL, "lr_schedule": "warmup_cosine", "warmup_steps": 2, "learning_rate": 1e-2}
+  )
+  loop.train_and_evaluate(config, tmp_path, progress=False)
   longer = config.replace(steps=12)
   # The numbers the warning must give: lr at step 6 under both schedules.
-  before = float(train.make_schedule(config)(6))
-  after = float(train.make_schedule(longer)(6))
+  before = float(step_lib.make_schedule(config)(6))
+  after = float(step_lib.make_schedule(longer)(6))
   assert before == 0.0 and after > 0.004
-  with caplog.at_level(logging.WARNING, logger="pixelrnn_jax.train"):
-    summary = train.train_and_evaluate(longer, tmp_path, progress=False)
+  with caplog.at_level(logging.WARNING, logger="pixelrnn_jax"):
+    summary = loop.train_and_evaluate(longer, tmp_path, progress=False)
   assert summary["step"] == 12
   warnings = [r.getMessage() for r in caplog.records if "reshapes" in r.getMessage()]
   assert len(warnings) == 1
@@ -308,33 +318,35 @@ def test_resume_with_more_steps_warns_that_the_cosine_schedule_stretches(
 
 def test_resume_with_more_steps_and_a_constant_rate_does_not_warn(tmp_path, toy_data, caplog):
   config = config_lib.Config(**SMALL)
-  train.train_and_evaluate(config, tmp_path, progress=False)
-  with caplog.at_level(logging.WARNING, logger="pixelrnn_jax.train"):
-    train.train_and_evaluate(config.replace(steps=8), tmp_path, progress=False)
+  loop.train_and_evaluate(config, tmp_path, progress=False)
+  with caplog.at_level(logging.WARNING, logger="pixelrnn_jax"):
+    loop.train_and_evaluate(config.replace(steps=8), tmp_path, progress=False)
   assert not [r for r in caplog.records if "reshapes" in r.getMessage()]
 
 
 def test_a_run_from_before_a_new_config_field_still_resumes(tmp_path, toy_data):
   config = config_lib.Config(**SMALL)
-  train.train_and_evaluate(config, tmp_path, progress=False)
+  loop.train_and_evaluate(config, tmp_path, progress=False)
   saved = json.loads((tmp_path / "config.json").read_text())
   del saved["weight_decay"], saved["max_shift"]  # fields added later, at their defaults
   (tmp_path / "config.json").write_text(json.dumps(saved))
-  assert train.train_and_evaluate(config.replace(steps=8), tmp_path, progress=False)["step"] == 8
+  assert loop.train_and_evaluate(config.replace(steps=8), tmp_path, progress=False)["step"] == 8
   with pytest.raises(ValueError, match=r"different config \(max_shift: 0 -> 1\)"):
-    train.train_and_evaluate(config.replace(steps=10, max_shift=1), tmp_path, progress=False)
+    loop.train_and_evaluate(config.replace(steps=10, max_shift=1), tmp_path, progress=False)
 
 
 def test_too_many_devices_is_a_clear_error(tmp_path, toy_data):
   config = config_lib.Config(**{**SMALL, "devices": 8})
   with pytest.raises(ValueError, match=r"devices=8 but JAX sees 2 cpu device"):
-    train.train_and_evaluate(config, tmp_path, progress=False)
+    loop.train_and_evaluate(config, tmp_path, progress=False)
 
 
 # ---------------------------------------------------------------------------- config and CLI
 
 
-@pytest.mark.parametrize("flags, match", [
+@pytest.mark.parametrize(
+  "flags, match",
+  [
     (["--steps", "-5"], r"steps=-5: expected a positive integer"),
     (["--batch-size", "15", "--devices", "2"], r"batch_size=15 does not divide across devices=2"),
     (["--order", "diagonal"], r"unknown order 'diagonal'"),
@@ -343,7 +355,8 @@ def test_too_many_devices_is_a_clear_error(tmp_path, toy_data):
     (["--clip-norm", "-1"], r"clip_norm=-1.0"),
     (["--lr-schedule", "step"], r"lr_schedule='step'"),
     (["--warmup-steps", "50", "--steps", "10"], r"warmup_steps=50"),
-])
+  ],
+)
 def test_config_errors_fail_before_any_work(tmp_path, flags, match, capsys):
   workdir = tmp_path / "run"
   assert cli.main(["train", "--workdir", str(workdir), *flags]) == 2
@@ -359,22 +372,53 @@ def test_bad_flag_type_is_an_argparse_error(tmp_path):
 
 def test_flags_map_onto_config():
   args = cli.build_parser().parse_args(
-      ["train", "--workdir", "w", "--units", "32", "--lr", "0.01", "--clip-norm", "none",
-       "--order", "permuted", "--standardize", "--per-step-loss", "0.1"])
+    [
+      "train",
+      "--workdir",
+      "w",
+      "--units",
+      "32",
+      "--lr",
+      "0.01",
+      "--clip-norm",
+      "none",
+      "--order",
+      "permuted",
+      "--standardize",
+      "--per-step-loss",
+      "0.1",
+    ]
+  )
   config = cli.config_from_flags(args)
-  assert config == config_lib.Config(num_units=32, learning_rate=0.01, clip_norm=None,
-                                     order="permuted", standardize=True, per_step_loss=0.1)
+  assert config == config_lib.Config(
+    num_units=32,
+    learning_rate=0.01,
+    clip_norm=None,
+    order="permuted",
+    standardize=True,
+    per_step_loss=0.1,
+  )
   assert config_lib.Config() == cli.config_from_flags(
-      cli.build_parser().parse_args(["train", "--workdir", "w"]))
-  tuned = cli.config_from_flags(cli.build_parser().parse_args(
-      ["train", "--workdir", "w", "--recipe", "tuned", "--steps", "700"]))
+    cli.build_parser().parse_args(["train", "--workdir", "w"])
+  )
+  tuned = cli.config_from_flags(
+    cli.build_parser().parse_args(
+      ["train", "--workdir", "w", "--recipe", "tuned", "--steps", "700"]
+    )
+  )
   assert tuned == config_lib.RECIPES["tuned"].replace(steps=700)
 
 
 def test_notebook_defaults():
   config = config_lib.Config()
-  assert (config.num_units, config.cell, config.learning_rate, config.batch_size,
-          config.steps, config.order) == (64, "tf1", 1e-3, 512, 10_000, "pixel")
+  assert (
+    config.num_units,
+    config.cell,
+    config.learning_rate,
+    config.batch_size,
+    config.steps,
+    config.order,
+  ) == (64, "tf1", 1e-3, 512, 10_000, "pixel")
 
 
 def test_evaluate_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
@@ -388,16 +432,46 @@ def test_evaluate_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
 def test_cli_end_to_end_on_real_mnist_row_order(tmp_path, mnist_dir, capsys):
   workdir = tmp_path / "row"
   start = time.monotonic()
-  code = cli.main(["train", "--workdir", str(workdir), "--data-dir", mnist_dir,
-                   "--order", "row", "--steps", "300", "--batch-size", "128",
-                   "--lr", "3e-3", "--eval-every", "300", "--no-progress"])
+  code = cli.main(
+    [
+      "train",
+      "--workdir",
+      str(workdir),
+      "--data-dir",
+      mnist_dir,
+      "--order",
+      "row",
+      "--steps",
+      "300",
+      "--batch-size",
+      "128",
+      "--lr",
+      "3e-3",
+      "--eval-every",
+      "300",
+      "--no-progress",
+    ]
+  )
   assert code == 0
   assert time.monotonic() - start < 45
   final = json.loads((workdir / "eval.json").read_text())
   assert final["accuracy"] > 0.90
   capsys.readouterr()
-  assert cli.main(["evaluate", "--checkpoint", str(workdir), "--split", "valid",
-                   "--data-dir", mnist_dir, "--json"]) == 0
+  assert (
+    cli.main(
+      [
+        "evaluate",
+        "--checkpoint",
+        str(workdir),
+        "--split",
+        "valid",
+        "--data-dir",
+        mnist_dir,
+        "--json",
+      ]
+    )
+    == 0
+  )
   result = json.loads(capsys.readouterr().out)
   assert result["order"] == "row" and result["step"] == 300
   assert result["accuracy"] == final["accuracy"]
@@ -405,25 +479,43 @@ def test_cli_end_to_end_on_real_mnist_row_order(tmp_path, mnist_dir, capsys):
   assert len(result["accuracy_per_step"]) == 28
 
 
-def _write_fake_idx(directory, n=5200):
-  images, labels = _synthetic(n, 7)
-  (directory / "train-images-idx3-ubyte.gz").write_bytes(
-      gzip.compress(data.to_idx((images * 255).astype(np.uint8)), compresslevel=1))
-  (directory / "train-labels-idx1-ubyte.gz").write_bytes(
-      gzip.compress(data.to_idx(labels.astype(np.uint8))))
-
-
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path, signum, code):
-  _write_fake_idx(tmp_path)
+  write_fake_idx(tmp_path)
   workdir = tmp_path / "run"
   env = {**os.environ, "PIXELRNN_JAX_CACHE": str(tmp_path / "cache")}
   process = subprocess.Popen(
-      [sys.executable, "-m", "pixelrnn_jax", "train", "--workdir", str(workdir),
-       "--data-dir", str(tmp_path), "--no-verify-data", "--order", "row",
-       "--units", "8", "--batch-size", "16", "--steps", "100000", "--log-every", "5",
-       "--checkpoint-every", "1000000", "--eval-every", "1000000", "--no-progress"],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    [
+      sys.executable,
+      "-m",
+      "pixelrnn_jax",
+      "train",
+      "--workdir",
+      str(workdir),
+      "--data-dir",
+      str(tmp_path),
+      "--no-verify-data",
+      "--order",
+      "row",
+      "--units",
+      "8",
+      "--batch-size",
+      "16",
+      "--steps",
+      "100000",
+      "--log-every",
+      "5",
+      "--checkpoint-every",
+      "1000000",
+      "--eval-every",
+      "1000000",
+      "--no-progress",
+    ],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   metrics = workdir / "metrics.jsonl"
   deadline = time.monotonic() + 60
   while not (metrics.exists() and metrics.read_text().strip()):
@@ -435,31 +527,49 @@ def test_signal_saves_a_loadable_checkpoint_and_exits_cleanly(tmp_path, signum, 
   assert process.returncode == code, stderr
   assert "Traceback" not in stderr
   assert f"{signal.Signals(signum).name} received" in stderr
-  params, config, info = train.load_model(workdir)
+  params, config, info = helpers.load_model(workdir)
   assert 5 <= info["step"] < 100000 and config.num_units == 8
   assert params.gates.kernel.shape == (28 + 8, 16)
 
 
 def test_example_script_trains_through_the_library(tmp_path):
-  _write_fake_idx(tmp_path)
+  write_fake_idx(tmp_path)
   script = Path(__file__).resolve().parents[1] / "examples" / "train_mnist.py"
   result = subprocess.run(
-      [sys.executable, str(script), "--workdir", str(tmp_path / "run"), "--data-dir",
-       str(tmp_path), "--no-verify-data", "--order", "row", "--units", "8",
-       "--batch-size", "16", "--steps", "3", "--eval-every", "3"],
-      capture_output=True, text=True, timeout=120,
-      env={**os.environ, "PIXELRNN_JAX_CACHE": str(tmp_path / "cache")})
+    [
+      sys.executable,
+      str(script),
+      "--workdir",
+      str(tmp_path / "run"),
+      "--data-dir",
+      str(tmp_path),
+      "--no-verify-data",
+      "--order",
+      "row",
+      "--units",
+      "8",
+      "--batch-size",
+      "16",
+      "--steps",
+      "3",
+      "--eval-every",
+      "3",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "PIXELRNN_JAX_CACHE": str(tmp_path / "cache")},
+  )
   assert result.returncode == 0, result.stderr
   assert json.loads((tmp_path / "run" / "eval.json").read_text())["step"] == 3
 
 
-def test_steps_below_the_runs_step_is_a_clear_error_that_keeps_the_run(tmp_path, toy_data,
-                                                                        capsys):
+def test_steps_below_the_runs_step_is_a_clear_error_that_keeps_the_run(tmp_path, toy_data, capsys):
   config = config_lib.Config(**SMALL)
-  train.train_and_evaluate(config, tmp_path, progress=False)
+  loop.train_and_evaluate(config, tmp_path, progress=False)
   before = (tmp_path / "config.json").read_text()
   with pytest.raises(ValueError, match=r"already at step 6; --steps 4 is below it"):
-    train.train_and_evaluate(config.replace(steps=4), tmp_path, progress=False)
+    loop.train_and_evaluate(config.replace(steps=4), tmp_path, progress=False)
   assert (tmp_path / "config.json").read_text() == before
   assert _step_names(tmp_path)[-1] == 6
 
@@ -468,15 +578,14 @@ def test_a_half_written_checkpoint_is_ignored_on_resume(tmp_path, toy_data):
   """Orbax writes a step to ``<step>.orbax-checkpoint-tmp`` and renames it when complete;
   a process killed mid-save leaves only that directory, which resuming passes over."""
   config = config_lib.Config(**SMALL)
-  straight = train.train_and_evaluate(config.replace(steps=8), tmp_path / "straight",
-                                      progress=False)
+  straight = loop.train_and_evaluate(config.replace(steps=8), tmp_path / "straight", progress=False)
   workdir = tmp_path / "run"
-  train.train_and_evaluate(config, workdir, progress=False)
+  loop.train_and_evaluate(config, workdir, progress=False)
   partial = workdir / "checkpoints" / "8.orbax-checkpoint-tmp"
   shutil.copytree(workdir / "checkpoints" / "6", partial)
   for path in partial.rglob("*"):
     if path.is_file() and path.stat().st_size > 100:
       path.write_bytes(path.read_bytes()[:50])  # cut off mid-write
-  resumed = train.train_and_evaluate(config.replace(steps=8), workdir, progress=False)
+  resumed = loop.train_and_evaluate(config.replace(steps=8), workdir, progress=False)
   assert resumed["valid"] == straight["valid"]
   assert not partial.exists() and 8 in _step_names(workdir)

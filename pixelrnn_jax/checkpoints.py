@@ -1,9 +1,11 @@
-"""A training run's checkpoints: an orbax ``CheckpointManager`` keeping the newest K and the best.
+"""The on-disk formats: orbax run checkpoints, and single-file weights.
 
-Layout: ``<workdir>/checkpoints/<step>/`` with two items,
+**Run checkpoints** (:class:`RunCheckpoints`, an orbax ``CheckpointManager``
+keeping the newest K and the best): ``<workdir>/checkpoints/<step>/`` with two items,
 
 - ``state``: the train state as a flax state dict of arrays (params, optimiser
-  moments, step), written by orbax's ``StandardSave``;
+  moments, step, and the weights' EMA when the run keeps one), written by
+  orbax's ``StandardSave``;
 - ``meta``: JSON with the config, the data position and key, the best
   valid accuracy so far, and the SHA-256 of ``state``'s arrays, checked on
   restore: a flipped byte fails loudly instead of loading wrong weights;
@@ -19,8 +21,12 @@ same (replicated) state; process 0 writes and the others wait at orbax's
 barriers. The directory must be one that every process sees (a shared file
 system when the processes are on several machines).
 
-Single-file msgpack checkpoints (shipped weights, and runs of pixelrnn_jax
-0.2 and older) are read by :mod:`pixelrnn_jax.checkpoint`.
+**Single-file weights** (:func:`save`, :func:`load`): shipped weights and
+``pixelrnn-jax export``'s output, ``msgpack({"sha256": hex, "payload":
+bytes})`` where payload is the msgpack of a state dict ``{"state": {"params",
+"step"}, "config": json}``; a flipped or missing byte fails the checksum
+instead of loading silently wrong weights. A file is written to a temporary
+name, fsynced and renamed, so it is atomic on POSIX.
 """
 
 from __future__ import annotations
@@ -30,15 +36,69 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import jax
+import msgpack
 import numpy as np
-import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers
-
-from pixelrnn_jax.checkpoint import CheckpointError
+from flax import serialization
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+  """A checkpoint file is unreadable, corrupt or not a checkpoint."""
+
+
+def _write_atomic(path: Path, blob: bytes) -> None:
+  partial = path.with_name(f".{path.name}.partial")
+  with open(partial, "wb") as handle:
+    handle.write(blob)
+    handle.flush()
+    os.fsync(handle.fileno())
+  os.replace(partial, path)  # atomic: readers see the old file or the new one
+  directory = os.open(path.parent, os.O_RDONLY)
+  try:
+    os.fsync(directory)
+  finally:
+    os.close(directory)
+
+
+def save(path: str | os.PathLike, tree: Any) -> Path:
+  """Writes ``tree`` (any flax-serialisable pytree of arrays/scalars) to one file, atomically."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  payload = serialization.msgpack_serialize(serialization.to_state_dict(tree))
+  blob = msgpack.packb({"sha256": hashlib.sha256(payload).hexdigest(), "payload": payload})
+  _write_atomic(path, blob)
+  return path
+
+
+def load(path: str | os.PathLike) -> dict:
+  """Reads a checkpoint's state dict, verifying its checksum.
+
+  Raises:
+    CheckpointError: naming the file, when it is missing, truncated or corrupt.
+  """
+  path = Path(path)
+  try:
+    blob = path.read_bytes()
+  except OSError as error:
+    raise CheckpointError(f"{path}: cannot read checkpoint ({error})") from error
+  try:
+    outer = msgpack.unpackb(blob)
+    payload, digest = outer["payload"], outer["sha256"]
+  except Exception as error:  # msgpack raises many kinds on bad bytes
+    raise CheckpointError(
+      f"{path}: not a pixelrnn_jax checkpoint or truncated ({error})"
+    ) from error
+  if hashlib.sha256(payload).hexdigest() != digest:
+    raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt")
+  return serialization.msgpack_restore(payload)
+
+
+# ----------------------------------------------------------------------------
+# Run checkpoints (orbax)
 
 METRIC = "valid_accuracy"
 UNREADABLE = "unreadable"  # where unreadable step directories are moved, next to checkpoints/
@@ -51,18 +111,27 @@ class _OrbaxNoise(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     message = record.getMessage()
-    return not (message.startswith("Requested `tracked_metric`")
-                or "_SignalingThread.run() raised an exception" in message)
+    return not (
+      message.startswith("Requested `tracked_metric`")
+      or "_SignalingThread.run() raised an exception" in message
+    )
 
 
-logging.getLogger("absl").addFilter(_OrbaxNoise())
+def _orbax():
+  """orbax.checkpoint, imported on first use: reading shipped weights does not pay for it."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  if not any(isinstance(f, _OrbaxNoise) for f in logging.getLogger("absl").filters):
+    logging.getLogger("absl").addFilter(_OrbaxNoise())
+  return ocp
 
 
 def state_digest(state: dict) -> str:
   """SHA-256 over every array of a state dict: its path, dtype, shape and bytes."""
   digest = hashlib.sha256()
-  for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(state)[0],
-                           key=lambda item: jax.tree_util.keystr(item[0])):
+  for path, leaf in sorted(
+    jax.tree_util.tree_flatten_with_path(state)[0], key=lambda item: jax.tree_util.keystr(item[0])
+  ):
     leaf = np.ascontiguousarray(leaf)
     digest.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype.str}:{leaf.shape}".encode())
     digest.update(leaf.tobytes())
@@ -83,19 +152,31 @@ class RunCheckpoints:
     read_only: for evaluating or plotting a run: nothing is created or deleted.
   """
 
-  def __init__(self, directory: str | os.PathLike, *, keep: int | None = None,
-               read_only: bool = False):
+  def __init__(
+    self, directory: str | os.PathLike, *, keep: int | None = None, read_only: bool = False
+  ):
     self.directory = Path(directory).absolute()
-    policy = None if read_only else checkpoint_managers.AnyPreservationPolicy([
-        checkpoint_managers.LatestN(n=keep),
-        checkpoint_managers.BestN(get_metric_fn=_rank, n=1,
-                                  keep_checkpoints_without_metrics=False),
-    ])
+    ocp = _orbax()
+    managers = ocp.checkpoint_managers
+    policy = (
+      None
+      if read_only
+      else managers.AnyPreservationPolicy(
+        [
+          managers.LatestN(n=keep),
+          managers.BestN(get_metric_fn=_rank, n=1, keep_checkpoints_without_metrics=False),
+        ]
+      )
+    )
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=0 if read_only else 1,
-        preservation_policy=policy, best_fn=_rank, best_mode="max",
-        enable_async_checkpointing=False,  # a save is ~50 ms here; simpler to reason about
-        create=not read_only, read_only=read_only, cleanup_tmp_directories=not read_only,
+      save_interval_steps=0 if read_only else 1,
+      preservation_policy=policy,
+      best_fn=_rank,
+      best_mode="max",
+      enable_async_checkpointing=False,  # a save is ~50 ms here; simpler to reason about
+      create=not read_only,
+      read_only=read_only,
+      cleanup_tmp_directories=not read_only,
     )
     absl_log = logging.getLogger("absl")
     level = absl_log.level
@@ -131,8 +212,12 @@ class RunCheckpoints:
     """
     metrics = None if valid_accuracy is None else {METRIC: float(valid_accuracy), "step": step}
     meta = {**meta, "state_sha256": state_digest(state)}
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), metrics=metrics)
+    ocp = _orbax()
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      metrics=metrics,
+    )
 
   def restore(self, step: int) -> tuple[dict, dict]:
     """(state dict, meta) of ``step``.
@@ -140,13 +225,16 @@ class RunCheckpoints:
     Raises:
       CheckpointError: naming the directory, when it is missing or unreadable.
     """
+    ocp = _orbax()
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-    except Exception as error:  # pylint: disable=broad-except  # orbax/tensorstore raise many kinds
+      restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+      )
+    except Exception as error:  # orbax/tensorstore raise many kinds
       message = " ".join(str(error).split())[:300]
-      raise CheckpointError(f"{self.path(step)}: unreadable checkpoint"
-                            f" ({type(error).__name__}: {message})") from error
+      raise CheckpointError(
+        f"{self.path(step)}: unreadable checkpoint ({type(error).__name__}: {message})"
+      ) from error
     state, meta = restored.state, dict(restored.meta)
     if meta.pop("state_sha256", None) != state_digest(state):
       raise CheckpointError(f"{self.path(step)}: checksum mismatch, the checkpoint is corrupt")
@@ -175,8 +263,9 @@ class RunCheckpoints:
       return step, state, meta
     if steps:
       raise CheckpointError(
-          f"{self.directory}: none of the checkpoints {steps} can be read (see the warnings"
-          " above); move the directory away to start afresh, or choose another --workdir")
+        f"{self.directory}: none of the checkpoints {steps} can be read (see the warnings"
+        " above); move the directory away to start afresh, or choose another --workdir"
+      )
     return None
 
   def _set_aside(self, steps: list[int]) -> None:
@@ -190,7 +279,8 @@ class RunCheckpoints:
         self.path(step).rename(target)
         log.warning("moved the unreadable checkpoint %s to %s", self.path(step), target)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      from jax.experimental import multihost_utils  # noqa: PLC0415 (multi-process runs only)
+
       multihost_utils.sync_global_devices("pixelrnn_jax: unreadable checkpoints set aside")
     self._manager.reload()
 

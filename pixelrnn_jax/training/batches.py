@@ -7,7 +7,8 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from pixelrnn_jax.preprocessing import check_order, to_sequences
+from pixelrnn_jax.preprocessing import check_order
+from pixelrnn_jax.preprocessing import to_sequences
 
 
 class Batches(Iterator):
@@ -29,41 +30,43 @@ class Batches(Iterator):
   """
 
   def __init__(
-      self,
-      images: np.ndarray,
-      labels: np.ndarray,
-      *,
-      batch_size: int,
-      key: jax.Array,
-      order: str = "pixel",
-      num_devices: int = 1,
-      num_processes: int = 1,
-      process_index: int = 0,
-      max_shift: int = 0,
-      epoch: int = 0,
-      index: int = 0,
+    self,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    batch_size: int,
+    key: jax.Array,
+    order: str = "pixel",
+    num_devices: int = 1,
+    num_processes: int = 1,
+    process_index: int = 0,
+    max_shift: int = 0,
+    epoch: int = 0,
+    index: int = 0,
   ):
     check_order(order)
     if not 0 <= max_shift < 14:
       raise ValueError(f"max_shift={max_shift}: expected an integer in [0, 13]")
     if batch_size < 1 or num_devices < 1 or num_processes < 1:
-      raise ValueError(f"batch_size={batch_size}, num_devices={num_devices},"
-                       f" num_processes={num_processes}: all must be >= 1")
+      raise ValueError(
+        f"batch_size={batch_size}, num_devices={num_devices},"
+        f" num_processes={num_processes}: all must be >= 1"
+      )
     if not 0 <= process_index < num_processes:
-      raise ValueError(f"process_index={process_index}: expected 0 <= process_index <"
-                       f" num_processes ({num_processes})")
+      raise ValueError(
+        f"process_index={process_index}: expected 0 <= process_index <"
+        f" num_processes ({num_processes})"
+      )
     shards = num_devices * num_processes
     if batch_size % shards:
       raise ValueError(
-          f"batch_size={batch_size} does not divide across {num_devices} device(s) x"
-          f" {num_processes} process(es); use a multiple of {shards}"
+        f"batch_size={batch_size} does not divide across {num_devices} device(s) x"
+        f" {num_processes} process(es); use a multiple of {shards}"
       )
     if len(images) != len(labels):
       raise ValueError(f"{len(images)} images but {len(labels)} labels")
     if batch_size > len(images):
-      raise ValueError(
-          f"batch_size={batch_size} is larger than the {len(images)} examples"
-      )
+      raise ValueError(f"batch_size={batch_size} is larger than the {len(images)} examples")
     self.images, self.labels = images, labels
     self.batch_size, self.num_devices, self.order = batch_size, num_devices, order
     self.local_batch_size = batch_size // num_processes  # this process's share
@@ -72,8 +75,8 @@ class Batches(Iterator):
     self.batches_per_epoch = len(images) // batch_size
     if not 0 <= index < self.batches_per_epoch or epoch < 0:
       raise ValueError(
-          f"position (epoch={epoch}, index={index}) is outside an epoch of"
-          f" {self.batches_per_epoch} batches"
+        f"position (epoch={epoch}, index={index}) is outside an epoch of"
+        f" {self.batches_per_epoch} batches"
       )
     self.epoch, self.index = epoch, index
     self.max_shift = max_shift
@@ -86,14 +89,13 @@ class Batches(Iterator):
     return self.epoch, self.index
 
   def epoch_order(self, epoch: int) -> np.ndarray:
-    return np.asarray(
-        jax.random.permutation(jax.random.fold_in(self.key, epoch), len(self.images))
-    )
+    return np.asarray(jax.random.permutation(jax.random.fold_in(self.key, epoch), len(self.images)))
 
   def shifts(self, epoch: int, index: int) -> np.ndarray:
     """The ``<int>[batch_size, 2]`` (dy, dx) of batch ``index`` of ``epoch``."""
-    seed = np.asarray(jax.random.key_data(jax.random.fold_in(
-        jax.random.fold_in(self.key, epoch), index)))
+    seed = np.asarray(
+      jax.random.key_data(jax.random.fold_in(jax.random.fold_in(self.key, epoch), index))
+    )
     rng = np.random.default_rng(seed.astype(np.uint32).ravel())
     return rng.integers(-self.max_shift, self.max_shift + 1, size=(self.batch_size, 2))
 
@@ -125,6 +127,6 @@ class Batches(Iterator):
       self.epoch, self.index = self.epoch + 1, 0
     per_device = self.local_batch_size // self.num_devices
     return (
-        x.reshape(self.num_devices, per_device, *x.shape[1:]),
-        y.reshape(self.num_devices, per_device),
+      x.reshape(self.num_devices, per_device, *x.shape[1:]),
+      y.reshape(self.num_devices, per_device),
     )

@@ -1,0 +1,262 @@
+"""The bodies of the ``pixelrnn-jax`` commands and their output.
+
+Each takes the parsed flags and returns the exit code; ``cli`` parses the
+flags, turns errors into one line and exit codes, and calls these. Only
+:func:`train` imports the training loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+from pixelrnn_jax.training import config as config_lib
+
+SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number
+
+
+def train(args: argparse.Namespace, config: config_lib.Config) -> int:
+  """``pixelrnn-jax train``: trains (or resumes) ``config`` in ``--workdir``."""
+  use_cpu_devices(config.devices)
+  from pixelrnn_jax.training import loop  # noqa: PLC0415 (the only command that trains)
+
+  summary = loop.train_and_evaluate(config, args.workdir, progress=args.progress)
+  valid = summary["valid"]
+  best = summary["best_valid_accuracy"]
+  print(
+    f"step {summary['step']}/{config.steps}: valid accuracy {valid['accuracy']:.4f},"
+    f" loss {valid['loss']:.4f}, {summary['seconds']:.0f} s"
+    + (f"; best {best:.4f} ({summary['best_checkpoint']})" if best is not None else "")
+    + f"; run directory {args.workdir}"
+  )
+  return SIGNAL_EXIT.get(summary["stopped"], 0)
+
+
+def use_cpu_devices(count: int) -> None:
+  """Splits the host CPU into ``count`` JAX devices; must run before JAX starts."""
+  import jax  # noqa: PLC0415 (after the flags are parsed)
+
+  try:
+    jax.config.update("jax_num_cpu_devices", max(count, jax.config.jax_num_cpu_devices))
+  except RuntimeError:
+    pass  # the backend is already up (e.g. called from Python); train checks the count
+
+
+def check_positive(flag: str, value: int) -> None:
+  if value < 1:
+    raise ValueError(f"{flag} {value}: expected a positive integer")
+
+
+def _load(source: str):
+  """(model, Config, {"path", "step"}) of a saved model."""
+  from pixelrnn_jax import gru_classifier  # noqa: PLC0415
+  from pixelrnn_jax import model_io  # noqa: PLC0415
+  from pixelrnn_jax.training import run_dir  # noqa: PLC0415
+
+  saved = model_io.read(source)
+  model = gru_classifier.from_saved(saved)
+  return model, run_dir.saved_config(saved), {"path": saved.path, "step": saved.step}
+
+
+def evaluate(args: argparse.Namespace) -> int:
+  """``pixelrnn-jax evaluate``: a saved model's loss and accuracy on a split."""
+  check_positive("--devices", args.devices)
+  check_positive("--batch-size", args.batch_size)
+  thresholds = parse_thresholds(args.early_exit) if args.early_exit else ()
+  use_cpu_devices(args.devices)
+  from pixelrnn_jax import data  # noqa: PLC0415
+  from pixelrnn_jax import inference  # noqa: PLC0415
+  from pixelrnn_jax import preprocessing  # noqa: PLC0415
+
+  params, config, info = _load(args.checkpoint)
+  order = preprocessing.check_order(args.order or config.order)
+  if preprocessing.sequence_shape(order)[1] != params.in_dim:
+    raise ValueError(
+      f"--order {order} feeds {preprocessing.sequence_shape(order)[1]} values per"
+      f" step but the checkpoint was trained on {config.order}"
+      f" ({params.in_dim} per step)"
+    )
+  if order != config.order:
+    logging.getLogger(__name__).warning(
+      "evaluating a model trained on %s order in %s order (--order): expect a much lower accuracy",
+      config.order,
+      order,
+    )
+  images, labels = data.load_mnist(
+    args.split,
+    data_dir=args.data_dir or config.data_dir,
+    verify=config.verify_data if args.verify_data is None else args.verify_data,
+  )
+  result = inference.evaluate(
+    params,
+    images,
+    labels,
+    order=order,
+    batch_size=args.batch_size,
+    early_exit_thresholds=thresholds,
+    devices=args.devices,
+  )
+  result.update(split=args.split, order=order, checkpoint=info["path"], step=info["step"])
+  if args.json:
+    print(json.dumps(result))
+    return 0
+  curve = result["accuracy_per_step"]
+  stride = max(1, len(curve) // 28)
+  print(
+    f"{info['path']} (step {info['step']}), {args.split}, {order} order,"
+    f" {result['num_examples']} examples"
+  )
+  print(f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}")
+  print(
+    "accuracy after t steps: "
+    + "  ".join(f"{t}:{curve[t - 1]:.3f}" for t in range(stride, len(curve) + 1, stride))
+  )
+  for row in result.get("early_exit", []):
+    print(
+      f"early exit at confidence {row['threshold']:g}: accuracy {row['accuracy']:.4f},"
+      f" mean pixels read {row['mean_steps']:.1f} of {len(curve)}"
+    )
+  return 0
+
+
+def parse_thresholds(text: str) -> tuple[float, ...]:
+  try:
+    values = tuple(float(v) for v in text.split(",") if v.strip())
+  except ValueError as error:
+    raise ValueError(f"--early-exit {text!r}: expected numbers like 0.9,0.99") from error
+  bad = [v for v in values if not 0 < v <= 1]
+  if not values or bad:
+    raise ValueError(f"--early-exit {text!r}: thresholds must be probabilities in (0, 1]")
+  return values
+
+
+def predict(args: argparse.Namespace) -> int:
+  """``pixelrnn-jax predict``: answers every usable input, in input order; an unusable one gets its own error
+  line (and exit code 1), and the others are still answered."""
+  import numpy as np  # noqa: PLC0415
+
+  from pixelrnn_jax import data  # noqa: PLC0415
+  from pixelrnn_jax import images  # noqa: PLC0415
+  from pixelrnn_jax import inference  # noqa: PLC0415
+  from pixelrnn_jax import preprocessing  # noqa: PLC0415
+
+  if not 0 < args.confidence <= 1:
+    raise ValueError(f"--confidence {args.confidence}: expected a probability in (0, 1]")
+  params, config, _ = _load(args.checkpoint)
+  show = None
+  if args.show:
+    show = Path(args.show)
+    show.mkdir(parents=True, exist_ok=True)
+  split_images = split_labels = None
+  if args.split:
+    split_images, split_labels = data.load_mnist(
+      args.split, data_dir=args.data_dir or config.data_dir, verify=config.verify_data
+    )
+  prepared = []  # per input: (name, original, digit, label) or (name, error message)
+  for name in args.inputs:
+    try:
+      if args.split:
+        if not name.isdigit() or int(name) >= len(split_images):
+          raise images.ImageError(f"expected an index 0..{len(split_images) - 1} into {args.split}")
+        original, label = split_images[int(name)], int(split_labels[int(name)])
+      else:
+        original, label = images.read_image(name), None
+      prepared.append((name, original, images.prepare(original, invert=args.invert), label))
+    except images.ImageError as error:
+      message = str(error)
+      prepared.append((name, message.removeprefix(f"{name}: ")))
+  usable = [item for item in prepared if len(item) == 4]
+  out = {}
+  if usable:
+    pixels = np.stack([digit.pixels for _, _, digit, _ in usable])  # (N, 28, 28) in [0, 1]
+    out = {
+      key: np.asarray(value)
+      for key, value in inference.predict(params, pixels, threshold=args.confidence).items()
+    }
+  total, in_dim = preprocessing.sequence_shape(config.order)
+  unit = "pixels" if in_dim == 1 else "rows"
+  shown_names: set[str] = set()
+  i = 0
+  for item in prepared:
+    if len(item) == 2:
+      name, message = item
+      print(
+        json.dumps({"input": name, "error": message}) if args.json else f"{name}: error: {message}",
+        file=sys.stdout if args.json else sys.stderr,
+      )
+      continue
+    name, original, digit, label = item
+    top3 = np.argsort(-out["probabilities"][i])[:3]
+    row = {
+      "input": name,
+      "label": int(out["label"][i]),
+      "probability": float(out["probability"][i]),
+      "top3": [{"label": int(c), "probability": float(out["probabilities"][i][c])} for c in top3],
+      "inverted": digit.inverted,
+      "resized": digit.resized,
+      "pixels_read": int(out["steps"][i]) * in_dim,
+      "pixels_total": total * in_dim,
+    }
+    i += 1
+    if label is not None:
+      row["true_label"] = label
+    if show is not None:
+      stem = _safe_stem(name)
+      unique = stem
+      for n in range(2, len(prepared) + 2):  # same-named inputs from other folders
+        if unique not in shown_names:
+          break
+        unique = f"{stem}_{n}"
+      shown_names.add(unique)
+      row["shown"] = str(
+        images.save_side_by_side(original, digit.pixels, show / f"{unique}_seen.png")
+      )
+    if args.json:
+      print(json.dumps(row))
+    else:
+      truth = "" if label is None else f" (true {label})"
+      done = [
+        what
+        for what, flag in (("inverted", digit.inverted), ("resized and centred", digit.resized))
+        if flag
+      ]
+      others = ", ".join(f"{t['label']}: {t['probability']:.3f}" for t in row["top3"][1:])
+      print(
+        f"{name}: {row['label']}{truth} p={row['probability']:.4f} ({others}) after"
+        f" {out['steps'][i - 1]}/{total} {unit}" + (f"; {', '.join(done)}" if done else "")
+      )
+  return 1 if len(usable) < len(prepared) else 0
+
+
+def _safe_stem(name: str) -> str:
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.rsplit("/", 1)[-1].rsplit(".", 1)[0]) or "input"
+
+
+def plot(args: argparse.Namespace) -> int:
+  """``pixelrnn-jax plot``: PNG pictures of a run."""
+  check_positive("--examples", args.examples)
+  from pixelrnn_jax import plots  # noqa: PLC0415
+
+  for path in plots.plot_run(
+    args.run_dir, data_dir=args.data_dir, examples=args.examples, out_dir=args.out
+  ):
+    print(path)
+  return 0
+
+
+def export(args: argparse.Namespace) -> int:
+  """``pixelrnn-jax export``: a run's best weights and their card to ``--out``."""
+  from pixelrnn_jax.training import export as export_lib  # noqa: PLC0415
+
+  export_lib.check_out(args.out)  # before the run and the data are read
+  card = export_lib.export(args.run, args.out, data_dir=args.data_dir, notes=args.notes)
+  print(
+    f"{args.out}: step {card['source']['step']}, valid accuracy"
+    f" {card['valid_accuracy']:.4f}, SHA-256 {card['sha256'][:16]}...; card"
+    f" {Path(args.out).with_suffix('.json')}"
+  )
+  return 0

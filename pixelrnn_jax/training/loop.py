@@ -1,0 +1,339 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``.
+
+Trains (or resumes) a run in its run directory (``run_dir``) with the
+pmapped step (``step``), evaluates on valid every ``eval_every`` steps and
+keeps the best checkpoint. Ctrl-C or SIGTERM checkpoints and stops after the
+current step; a NaN loss stops without saving.
+
+A multi-process run (``Config.num_processes``, ``distributed``) runs this
+same loop in every process: each drives its local devices and reads its slice
+of each global batch; process 0 writes the run's files; all of them take part
+in every checkpoint and agree, through the step itself, on when to stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from pixelrnn_jax import checkpoints
+from pixelrnn_jax import data
+from pixelrnn_jax import gru_classifier
+from pixelrnn_jax import inference
+from pixelrnn_jax import preprocessing
+from pixelrnn_jax.training import batches as batches_lib
+from pixelrnn_jax.training import config as config_lib
+from pixelrnn_jax.training import distributed
+from pixelrnn_jax.training import peers
+from pixelrnn_jax.training import run_dir
+from pixelrnn_jax.training import step as step_lib
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or gradient became NaN/inf; the run stopped without saving it."""
+
+
+class _StopOnSignal:
+  """SIGINT/SIGTERM ask the loop to checkpoint and stop; a second SIGINT aborts.
+
+  ``signum`` (0 until a signal) goes into the next train step, whose ``pmax``
+  tells every process of the run, so they all stop after the same step.
+  """
+
+  def __init__(self):
+    self.requested = None
+    self.signum = 0
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = signal.Signals(signum).name
+    self.signum = int(signum)
+    log.warning(
+      "%s received: saving a checkpoint after this step, then stopping%s",
+      self.requested,
+      " (press Ctrl-C again to abort without saving)" if signum == signal.SIGINT else "",
+    )
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+  def __enter__(self):
+    for signum in (signal.SIGINT, signal.SIGTERM):
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # not the main thread: signals cannot be caught here
+        pass
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+
+def _check_devices(config) -> None:
+  available = jax.local_device_count()
+  if config.devices > available:
+    raise ValueError(
+      f"devices={config.devices} but JAX sees {available}"
+      f" {jax.default_backend()} device(s); on CPU pass --devices on the"
+      " command line (it is set before JAX starts) or call"
+      " jax.config.update('jax_num_cpu_devices', N) before any JAX work"
+    )
+
+
+def _load_split(config, split):
+  """[0, 1] images and checked labels of one split."""
+  images, labels = data.load_mnist(split, data_dir=config.data_dir, verify=config.verify_data)
+  # The labels are checked once here; inside the jitted step they cannot be.
+  return images, gru_classifier.check_labels(labels)
+
+
+def _check_finite(step: int, metrics: dict, workdir: Path) -> None:
+  """Stops the run, naming the last good checkpoint, when the loss or gradient is NaN/inf."""
+  if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
+    return
+  raise NonFiniteLossError(
+    f"step {step}: loss {metrics['loss']}, gradient norm"
+    f" {metrics['grad_norm']}; stopped without saving this state. The last"
+    f" good checkpoint is {run_dir.last_checkpoint(workdir)}."
+    " Try a lower --lr or --clip-norm 1.0, and check the input for NaNs."
+  )
+
+
+def _window_record(step: int, window: list[dict], seconds: float, batch_size: int) -> dict:
+  """One metrics.jsonl line: the means over the steps since the last log line."""
+  return {
+    "step": step,
+    "loss": float(np.mean([m["loss"] for m in window])),
+    "accuracy": float(np.mean([m["accuracy"] for m in window])),
+    "grad_norm": float(np.mean([m["grad_norm"] for m in window])),
+    "steps_per_s": len(window) / seconds,
+    "samples_per_s": len(window) * batch_size / seconds,
+  }
+
+
+def train_and_evaluate(
+  config: config_lib.Config, workdir: str | Path, *, progress: bool | None = None
+) -> dict:
+  """Trains (or resumes) in ``workdir`` and evaluates on valid.
+
+  Args:
+    config: the run; a relative ``data_dir`` is recorded as absolute. With
+      ``num_processes`` > 1 (or in a multi-task cluster job) this process joins
+      the others first (``distributed.initialize``), before JAX starts.
+    workdir: the run directory (created; resumed when it has checkpoints); in
+      a multi-process run, the same directory for every process.
+    progress: a tqdm bar on stderr; None (default) shows it only when stderr
+      is a terminal, else one log line per ``log_every`` steps.
+
+  Returns:
+    A summary dict: ``step``, ``stopped`` (None or the signal name), ``valid``
+    (the final evaluation), ``best_valid_accuracy`` (of the best checkpoint;
+    None when no evaluation has been checkpointed), ``best_checkpoint`` (its
+    directory or None), ``seconds``.
+
+  Raises:
+    ValueError: a bad config, or a workdir holding a run with another config.
+    CheckpointError: the run has checkpoints and none of them can be read.
+    NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+    peers.PeerError: another process of the run died or lost its connection.
+  """
+  config.validate()
+  if config.data_dir is not None:
+    config = config.replace(data_dir=str(Path(config.data_dir).resolve()))
+  config = distributed.initialize(config)
+  config.validate()  # the batch must also divide over the processes a cluster job brought
+  _check_devices(config)
+  workdir = Path(workdir)
+  # A process of a multi-process run that waits on a dead or stuck peer (at a
+  # checkpoint barrier or a collective) ends with one line, not a hang or an abort.
+  with peers.Watchdog(
+    config.distributed_timeout,
+    lambda: run_dir.last_checkpoint(workdir),
+    enabled=config.num_processes > 1,
+  ) as watchdog:
+    try:
+      distributed.check_same_run(config, workdir)
+      return _train(config, workdir, progress, watchdog)
+    except (NonFiniteLossError, peers.PeerError):
+      raise
+    except Exception as error:  # a step's all-reduce, or a checkpoint's barrier in orbax
+      if peers.is_peer_failure(error):
+        raise peers.peer_error(error, run_dir.last_checkpoint(workdir)) from error
+      raise
+
+
+def _train(
+  config: config_lib.Config, workdir: Path, progress: bool | None, watchdog: peers.Watchdog
+) -> dict:
+  """The body of ``train_and_evaluate``, once this process has joined its run."""
+  primary = distributed.is_primary()
+  run_dir.prepare(workdir, config, is_primary=primary)
+  train_x, train_y = _load_split(config, "train")
+  if config.standardize:  # trained on standardised pixels ...
+    train_x = preprocessing.standardize(train_x)
+  # ... and evaluated as a loaded model is: [0, 1] images, the scaling folded in.
+  valid_x, valid_y = _load_split(config, "valid")
+
+  optimizer = step_lib.make_optimizer(config)
+  manager = checkpoints.RunCheckpoints(workdir / run_dir.CHECKPOINTS, keep=config.keep_checkpoints)
+  state, position, data_key, best = run_dir.init_or_restore(config, optimizer, manager)
+  batches = batches_lib.Batches(
+    train_x,
+    train_y,
+    batch_size=config.batch_size,
+    key=data_key,
+    order=config.order,
+    num_devices=config.devices,
+    max_shift=config.max_shift,
+    num_processes=config.num_processes,
+    process_index=config.process_id,
+    epoch=position[0],
+    index=position[1],
+  )
+  multi_process = config.num_processes > 1
+  train_step = step_lib.make_train_step(
+    optimizer,
+    per_step_loss=config.per_step_loss,
+    impl=config.impl,
+    recurrent_dropout=config.recurrent_dropout,
+    ema_decay=config.ema_decay,
+    seed=config.seed,
+    devices=distributed.training_devices(config.devices) if multi_process else None,
+  )
+  replicated = step_lib.replicate(state, config.devices)
+  step = start_step = int(state.step)
+  if start_step > 0 and primary:
+    run_dir.mark_resume(workdir, start_step)
+  if progress is None:
+    progress = sys.stderr.isatty()
+  summary: dict[str, Any] = {"stopped": None}
+  window, window_start = [], time.perf_counter()
+  run_start = time.perf_counter()
+  saved_step = start_step if start_step in manager.steps() else None
+
+  def save(valid_accuracy: float | None = None) -> None:
+    nonlocal saved_step
+    state_dict, meta = run_dir.checkpoint_contents(
+      step_lib.unreplicate(replicated), batches.position, data_key, best, config
+    )
+    manager.save(step, state_dict, meta, valid_accuracy=valid_accuracy)
+    saved_step = step
+
+  def evaluate() -> dict:
+    # Every process scores the whole split on its own devices (same params, same result).
+    return inference.evaluate(
+      step_lib.as_model(step_lib.unreplicate(replicated).model_params, config),
+      valid_x,
+      valid_y,
+      batch_size=config.eval_batch_size,
+      devices=config.devices,
+    )
+
+  bar = tqdm(
+    total=config.steps,
+    initial=step,
+    disable=not (progress and primary),
+    unit="step",
+    dynamic_ncols=True,
+  )
+  watchdog.progress()  # loading, restoring and the first barrier are behind us
+  with _StopOnSignal() as stop, bar:
+    while step < config.steps:
+      x, y = next(batches)
+      step_start = time.perf_counter()
+      signals = np.full((config.devices,), stop.signum, np.int32)
+      replicated, metrics = train_step(replicated, x, y, signals)
+      metrics = {name: float(value) for name, value in step_lib.unreplicate(metrics).items()}
+      agreed_signal = int(metrics.pop("stop"))  # the same on every process
+      watchdog.progress()
+      step += 1
+      if step == start_step + 1:
+        log.info("first step (compilation included) took %.1f s", time.perf_counter() - step_start)
+        window_start = time.perf_counter()
+      else:
+        window.append(metrics)
+      _check_finite(step, metrics, workdir)
+      if window and (step % config.log_every == 0 or step == config.steps):
+        record = _window_record(step, window, time.perf_counter() - window_start, config.batch_size)
+        if primary:
+          run_dir.append_metrics(workdir, record)
+        bar.set_postfix(
+          loss=f"{record['loss']:.3f}",
+          acc=f"{record['accuracy']:.3f}",
+          samples_s=f"{record['samples_per_s']:.0f}",
+        )
+        if not progress and primary:
+          log.info(
+            "step %d/%d: loss %.4f, accuracy %.3f, %.2f steps/s",
+            step,
+            config.steps,
+            record["loss"],
+            record["accuracy"],
+            record["steps_per_s"],
+          )
+        window, window_start = [], time.perf_counter()
+      bar.update(1)
+      if step % config.eval_every == 0 or step == config.steps:
+        eval_start = time.perf_counter()
+        result = evaluate()
+        if primary:
+          run_dir.append_metrics(
+            workdir,
+            {
+              "step": step,
+              "split": "valid",
+              "accuracy": result["accuracy"],
+              "loss": result["loss"],
+            },
+          )
+        log.info(
+          "step %d: valid accuracy %.4f, loss %.4f", step, result["accuracy"], result["loss"]
+        )
+        best = max(best, result["accuracy"])
+        save(valid_accuracy=result["accuracy"])  # preserved while it is the best
+        watchdog.progress()
+        window_start += time.perf_counter() - eval_start  # steps/s counts training only
+      if saved_step != step and (
+        step % config.checkpoint_every == 0 or step == config.steps or agreed_signal
+      ):
+        save()
+        watchdog.progress()
+      if agreed_signal:
+        summary["stopped"] = signal.Signals(agreed_signal).name
+        log.warning(
+          "stopped by %s at step %d; resume with the same command", summary["stopped"], step
+        )
+        break
+
+  valid = evaluate()
+  if summary["stopped"] is None and primary:
+    run_dir.write_eval(workdir, {"step": step, "split": "valid", **valid})
+  best_step = manager.best_step()
+  manager.close()
+  summary.update(
+    step=step,
+    valid=valid,
+    best_valid_accuracy=None if best_step is None else best,
+    best_checkpoint=None if best_step is None else str(manager.path(best_step)),
+    seconds=time.perf_counter() - run_start,
+  )
+  log.info(
+    "done: step %d, valid accuracy %.4f, loss %.4f, %.0f s%s",
+    step,
+    valid["accuracy"],
+    valid["loss"],
+    summary["seconds"],
+    f"; best {best:.4f} in {summary['best_checkpoint']}" if best_step is not None else "",
+  )
+  return summary

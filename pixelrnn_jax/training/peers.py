@@ -1,0 +1,235 @@
+"""The peers of a multi-process run: telling them of a failure, noticing theirs,
+and the one way a process of such a run leaves.
+
+- a process that fails with an error (bad data, other settings than process
+  0's, a signal before the first step) leaves its message in the
+  coordination service's key-value store before it exits
+  (:func:`announce_failure`); every other process's :class:`Watchdog` finds
+  it within a second and ends with ``process J of N stops because process I failed``;
+- a peer that dies mid-run breaks the next collective: the others raise
+  :class:`PeerError` (:func:`peer_error`), naming the last complete checkpoint;
+- a peer that dies while the others wait at a checkpoint's barrier, or that
+  stops answering without dying, leaves them without progress: the
+  :class:`Watchdog` ends a process that has made no progress for
+  ``distributed_timeout`` seconds with one line, before JAX's own heartbeat
+  check (at twice that) would abort it with a C++ stack trace.
+
+Every such end goes through :func:`abort`: one line on stderr, then
+``os._exit`` (a normal exit would wait at JAX's shutdown barrier for peers
+that may be gone, then abort).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+
+import jax
+
+from pixelrnn_jax.training import jax_internals
+
+log = logging.getLogger(__name__)
+
+# Exit code of a process that could not join its peers, or lost them.
+PEER_FAILURE_EXIT = 1
+COMMAND = "pixelrnn-jax train"  # the prefix of every line a process prints as it leaves
+
+
+class PeerError(RuntimeError):
+  """A collective with the other processes of the run failed: a peer died or lost its connection."""
+
+
+def abort(message: str, code: int = PEER_FAILURE_EXIT) -> None:
+  """Ends this process at once with ``COMMAND: error: message`` on stderr."""
+  sys.stdout.flush()
+  print(f"{COMMAND}: error: {message}", file=sys.stderr, flush=True)
+  logging.shutdown()
+  os._exit(code)
+
+
+_joined = threading.Event()  # set once this process's join has completed
+
+
+def mark_joined() -> None:
+  _joined.set()
+
+
+def joined() -> bool:
+  """Whether this process has completed joining a multi-process run (safe in a signal
+  handler: it reads a flag)."""
+  return _joined.is_set()
+
+
+# How a collective or barrier fails when a peer is gone: gloo's TCP errors, and
+# the coordination service's status codes.
+_PEER_FAILURE_SIGNS = (
+  "Gloo",
+  "Connection closed",
+  "Connection reset",
+  "UNAVAILABLE",
+  "DEADLINE_EXCEEDED",
+  "heartbeat",
+  "Barrier",
+)
+
+
+def is_peer_failure(error: BaseException) -> bool:
+  """Whether an exception raised during a collective or barrier says a peer is gone."""
+  return jax.process_count() > 1 and any(sign in str(error) for sign in _PEER_FAILURE_SIGNS)
+
+
+def leave(code: int) -> None:
+  """Ends a process of a multi-process run that failed (its line already printed), at
+  once: a normal exit would first wait at JAX's shutdown barrier for peers that may be
+  gone (and then abort)."""
+  if jax.distributed.is_initialized():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+def peer_error(error: Exception, last_checkpoint: str) -> PeerError:
+  """The error for a collective that failed mid-run, naming where to resume from
+  (and the peer's own message, when it announced its failure before leaving)."""
+  failed = _failed_peer()
+  if failed is not None:
+    return PeerError(
+      f"process {jax.process_index()} of {jax.process_count()} stops because process"
+      f" {failed[0]} failed: {failed[1]}. The last complete checkpoint is"
+      f" {last_checkpoint}; start every process again with the same command to resume"
+      " from it"
+    )
+  first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  return PeerError(
+    f"process {jax.process_index()} of {jax.process_count()}: an exchange with"
+    f" the other processes failed ({first_line[:200]}); a peer process has stopped or lost"
+    f" its connection. The last complete checkpoint is {last_checkpoint}; start every"
+    " process again with the same command to resume from it"
+  )
+
+
+# ----------------------------------------------------------------------------
+# Telling the other processes: a failing process leaves word in the coordination
+# service's key-value store; every other process's Watchdog looks for it.
+
+_FAILED = "pixelrnn_jax/failed/"
+
+
+def client():
+  """The coordination service's client of this process."""
+  return jax_internals.coordination_state().client
+
+
+def announce_failure(message: str) -> None:
+  """Tells the other processes of the run that this one is ending with ``message``.
+
+  Process 0 hosts the key-value store, so it stays for two watchdog polls
+  before it may exit. Best effort: nothing is raised.
+  """
+  state = jax_internals.coordination_state()
+  # Not while still joining: a client that is not connected yet makes JAX abort.
+  if not _joined.is_set() or state.client is None or (state.num_processes or 1) < 2:
+    return
+  try:  # fails while still joining, or once the service is gone: then there is no one to tell
+    state.client.key_value_set(f"{_FAILED}{state.process_id}", " ".join(message.split())[:500])
+  except Exception:  # noqa: BLE001 (the service is gone: then there is no one to tell)
+    return
+  if state.process_id == 0:
+    time.sleep(2.5)
+
+
+def _stop_for(failed: tuple[int, str]) -> None:
+  abort(
+    f"process {jax.process_index()} of {jax.process_count()} stops because process"
+    f" {failed[0]} failed: {failed[1]}"
+  )
+
+
+def wait_for_key(key: str, timeout: float) -> str:
+  """The value of ``key`` once some process sets it, polled from Python so that signal
+  handlers run meanwhile; ends this process when another one announces a failure.
+
+  Raises:
+    TimeoutError: nothing set within ``timeout`` seconds.
+  """
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    try:
+      return client().key_value_try_get(key)
+    except Exception:  # noqa: BLE001, S110 (not set yet: poll again)
+      pass
+    failed = _failed_peer()
+    if failed is not None:
+      _stop_for(failed)
+    time.sleep(0.05)
+  raise TimeoutError(
+    f"process {jax.process_index()} of {jax.process_count()}: no word from"
+    f" the other processes ({key}) within {timeout:.0f} s"
+  )
+
+
+def _failed_peer() -> tuple[int, str] | None:
+  """(process, message) of another process that announced its failure, if any."""
+  try:
+    entries = client().key_value_dir_get(_FAILED)
+  except Exception:  # noqa: BLE001 (the service is gone or not reachable)
+    return None
+  for key, message in entries:
+    process = int(key.rsplit("/", 1)[1])
+    if process != jax.process_index():
+      return process, message
+  return None
+
+
+class Watchdog:
+  """Ends this process with one line when the run makes no progress for ``timeout`` s.
+
+  The training loop calls :meth:`progress` after each step, evaluation and
+  checkpoint; a longer silence in a multi-process run means a peer is gone
+  or stuck and this process is waiting for it at a collective or a barrier.
+  Used as a context manager; ``timeout`` must exceed the longest legitimate
+  pause (the first step's compilation, an evaluation).
+  """
+
+  def __init__(self, timeout: float, where_to_resume, *, enabled: bool = True):
+    self.timeout, self.enabled = timeout, enabled
+    self._where_to_resume = where_to_resume  # () -> str: the last complete checkpoint
+    self._last = time.monotonic()
+    self._done = threading.Event()
+    self._thread = threading.Thread(target=self._watch, name="pixelrnn_jax-watchdog", daemon=True)
+
+  def progress(self) -> None:
+    self._last = time.monotonic()
+
+  def _watch(self) -> None:
+    while True:
+      time.sleep(1.0)
+      failed = _failed_peer()
+      if failed is not None:
+        _stop_for(failed)
+      if self._done.is_set():  # after the loop: still listening for a failed peer
+        continue
+      silent = time.monotonic() - self._last
+      if silent > self.timeout:
+        abort(
+          f"process {jax.process_index()} of {jax.process_count()} made no progress for"
+          f" {silent:.0f} s (--distributed-timeout {self.timeout}): it is waiting for a"
+          " peer process that died, was stopped or lost its connection. The last"
+          f" complete checkpoint is {self._where_to_resume()}; start every process"
+          " again with the same command to resume from it"
+        )
+
+  def __enter__(self):
+    if self.enabled:
+      self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    # The progress checks end; the thread (a daemon) goes on listening for a peer's
+    # failure until this process exits, through the final evaluation and JAX's
+    # shutdown barrier, where a peer that leaves abruptly would make JAX abort.
+    self._done.set()

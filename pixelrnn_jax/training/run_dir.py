@@ -1,0 +1,209 @@
+"""The run directory's one owner: what a run directory holds and the rules for it.
+
+    config.json        the resolved Config (process 0 writes it)
+    metrics.jsonl      one JSON line per log interval and per evaluation; a
+                       resume appends ``{"event": "resume", "step": N}``
+    eval.json          the final evaluation on valid (with accuracy per step)
+    checkpoints/       orbax steps <step>/: the newest K and the best on valid
+                       (``checkpoints.RunCheckpoints``)
+
+A run directory that already has checkpoints is resumed from the newest
+readable one, with the same config (only the fields marked ``resumable`` may
+change); the checkpoint holds the params, optimiser state, EMA, data position
+and data key, so the resumed run equals the uninterrupted one bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+
+from pixelrnn_jax import checkpoints
+from pixelrnn_jax import model_io
+from pixelrnn_jax.checkpoints import CheckpointError
+from pixelrnn_jax.training import config as config_lib
+from pixelrnn_jax.training import step as step_lib
+
+log = logging.getLogger(__name__)
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+EVAL = "eval.json"
+CHECKPOINTS = "checkpoints"
+
+
+def checkpoint_contents(
+  state: step_lib.TrainState, position, data_key, best: float, config
+) -> tuple[dict, dict]:
+  """(state dict of arrays, JSON meta) of one checkpoint."""
+  meta = {
+    "data_position": [int(v) for v in position],  # (epoch, index) of the next batch
+    "data_key": np.asarray(jax.random.key_data(data_key)).tolist(),
+    "best_valid_accuracy": float(best),
+    "config": json.loads(config.to_json()),
+  }
+  state_dict = serialization.to_state_dict(state)
+  if state_dict["ema_params"] is None:  # runs without an EMA keep the layout of 0.3
+    del state_dict["ema_params"]
+  return state_dict, meta
+
+
+def init_or_restore(config: config_lib.Config, optimizer, manager: checkpoints.RunCheckpoints):
+  """A fresh (state, data position, data key, best valid accuracy), or the newest checkpoint's.
+
+  Raises:
+    CheckpointError: the run has checkpoints but none is readable.
+  """
+  init_key, data_key = jax.random.split(jax.random.key(config.seed))
+  state = step_lib.init_train_state(config, init_key, optimizer)
+  position, best = (0, 0), -1.0
+  restored = manager.restore_latest()
+  if restored is None:
+    return state, position, data_key, best
+  step, state_dict, meta = restored
+  where = manager.path(step)
+  state_dict = {"ema_params": None, **state_dict}  # saved without an EMA (0.3, or off)
+  state = serialization.from_state_dict(state, state_dict)
+  log.info("resuming from %s (step %d)", where, int(state.step))
+  return (
+    state,
+    tuple(meta["data_position"]),
+    jax.random.wrap_key_data(jnp.asarray(meta["data_key"], jnp.uint32)),
+    meta["best_valid_accuracy"],
+  )
+
+
+def prepare(workdir: Path, config: config_lib.Config, *, is_primary: bool = True) -> None:
+  """Writes config.json; on resume, refuses a config that changes what is computed."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  config_path = workdir / "config.json"
+  latest = latest_step(workdir)
+  if latest is not None and latest > config.steps:
+    raise ValueError(
+      f"{workdir} holds a run already at step {latest}; --steps {config.steps}"
+      f" is below it: pass --steps {latest} or more to go on, or choose a new"
+      " --workdir"
+    )
+  if config_path.exists() and latest is not None:
+    defaults = dataclasses.asdict(config_lib.Config())  # fields added since that run
+    previous = {**defaults, **json.loads(config_path.read_text())}
+    previous["num_processes"] = previous["num_processes"] or 1  # None: one process
+    current = dataclasses.asdict(config)
+    changed = sorted(
+      name
+      for name in current
+      if name not in config_lib.RESUMABLE_CHANGES and previous.get(name) != current[name]
+    )
+    if changed:
+      details = ", ".join(f"{n}: {previous.get(n)!r} -> {current[n]!r}" for n in changed)
+      raise ValueError(
+        f"{workdir} holds a run with a different config ({details}); resume"
+        " with the same settings or choose a new --workdir"
+      )
+    if previous.get("steps") != config.steps:
+      _warn_if_schedule_changes(config.replace(steps=previous["steps"]), config, latest)
+  if is_primary:
+    tmp = config_path.with_suffix(".json.partial")
+    tmp.write_text(config.to_json() + "\n")
+    tmp.replace(config_path)
+
+
+def latest_step(workdir: Path) -> int | None:
+  """The newest checkpointed step of a run directory, None if none."""
+  return max((int(p.name) for p in model_io.step_sources(workdir)), default=None)
+
+
+def _warn_if_schedule_changes(previous, config, step: int) -> None:
+  """A new --steps on resume reshapes a warmup_cosine or warmup_step schedule: say so, with numbers."""
+  if config.lr_schedule == "constant":
+    return
+  before = float(step_lib.make_schedule(previous)(step))
+  after = float(step_lib.make_schedule(config)(step))
+  shape = (
+    f"decays to 0 at step {config.steps}"
+    if config.lr_schedule == "warmup_cosine"
+    else f"drops tenfold at step {round(config.lr_drop_at * config.steps)}"
+  )
+  log.warning(
+    "resuming at step %d with steps %d -> %d reshapes the %s schedule: the learning"
+    " rate there goes from %.3g to %.3g and %s; this run is no longer the same as a"
+    " fresh run with --steps %d",
+    step,
+    previous.steps,
+    config.steps,
+    config.lr_schedule,
+    before,
+    after,
+    shape,
+    config.steps,
+  )
+
+
+def append_metrics(workdir: Path, record: dict) -> None:
+  """Appends one line to ``metrics.jsonl``."""
+  with open(Path(workdir) / METRICS, "a") as handle:
+    handle.write(json.dumps(record) + "\n")
+
+
+def read_metrics(workdir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
+  """(training log lines, valid evaluations) of ``metrics.jsonl``; resume markers dropped.
+
+  A run stopped before its first log line has no ``metrics.jsonl``: both lists are empty.
+  """
+  path = Path(workdir) / METRICS
+  if not path.is_file():
+    return [], []
+  lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  lines = [line for line in lines if "event" not in line]
+  return (
+    [line for line in lines if "split" not in line],
+    [line for line in lines if line.get("split") == "valid"],
+  )
+
+
+def write_eval(workdir: Path, record: dict) -> None:
+  """``eval.json``: the final evaluation, written atomically."""
+  partial = Path(workdir) / f".{EVAL}.partial"
+  partial.write_text(json.dumps(record))
+  partial.replace(Path(workdir) / EVAL)
+
+
+def mark_resume(workdir: Path, step: int) -> None:
+  """Drops records past ``step`` (a fallback to an older checkpoint recomputes
+  them) and appends ``{"event": "resume", "step": step}``, so no step repeats."""
+  metrics_path = workdir / METRICS
+  if metrics_path.exists():
+    kept = [
+      line
+      for line in metrics_path.read_text().splitlines()
+      if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
+    partial = metrics_path.with_suffix(".jsonl.partial")
+    partial.write_text("".join(line + "\n" for line in kept))
+    partial.replace(metrics_path)
+  append_metrics(workdir, {"event": "resume", "step": step})
+
+
+def last_checkpoint(workdir: Path) -> str:
+  steps = model_io.step_sources(workdir)
+  return str(steps[-1]) if steps else "none (nothing saved yet)"
+
+
+def saved_config(saved: model_io.SavedModel) -> config_lib.Config:
+  """The Config a saved model was trained with (fields added since then take their defaults).
+
+  Raises:
+    CheckpointError: naming the file, when its config is not a valid Config.
+  """
+  try:
+    return config_lib.Config.from_dict(saved.config)
+  except (TypeError, ValueError) as error:
+    raise CheckpointError(f"{saved.path}: no readable config ({error})") from error
