@@ -394,15 +394,37 @@ def apply(
       ``recurrent_dropout > 0`` without ``key``.
   """
   x = as_sequence(params, x)
-  mask = None
+  check_impl(impl)
   if recurrent_dropout:
     if key is None:
       raise ValueError(f"recurrent_dropout={recurrent_dropout!r} needs key=, a PRNG key")
+    if not 0.0 <= recurrent_dropout < 1.0:
+      raise ValueError(
+        f"recurrent_dropout={recurrent_dropout!r}: expected a drop probability in [0, 1)"
+      )
+  else:
+    key = None
+  arguments = (params, x, key, recurrent_dropout)
+  if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(arguments)):
+    # Inside the caller's jit, grad or jvp: their trace is the one that compiles.
+    return _logits(*arguments, impl=impl, unroll=unroll)
+  # Called eagerly (a notebook, a service): one compilation per shape, dtype and
+  # static setting, instead of a fresh scan trace and executable on every call.
+  return _jitted_logits(*arguments, impl=impl, unroll=unroll)
+
+
+def _logits(params, x, key, recurrent_dropout, *, impl, unroll) -> jax.Array:
+  """:func:`apply` on validated sequences <float>[batch, T, in_dim]."""
+  mask = None
+  if key is not None:
     mask = recurrent_dropout_mask(key, recurrent_dropout, (x.shape[0], params.num_units), x.dtype)
   hs = hidden_states(params, x, impl=impl, unroll=unroll, candidate_mask=mask)  # (T, B, units)
   # Hoisted out of the loop: one readout matmul over all stacked states.
   logits = hs @ params.output.kernel + params.output.bias  # (T, B, classes)
   return jnp.swapaxes(logits, 0, 1)
+
+
+_jitted_logits = jax.jit(_logits, static_argnames=("recurrent_dropout", "impl", "unroll"))
 
 
 def check_labels(labels, num_classes: int = NUM_CLASSES, count: int | None = None) -> np.ndarray:

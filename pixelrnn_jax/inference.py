@@ -60,6 +60,25 @@ def _pmapped_batch_sums(devices: int):
   return jax.pmap(_batch_sums, in_axes=(None, 0, 0, 0, None), devices=jax.local_devices()[:devices])
 
 
+def check_thresholds(thresholds) -> tuple[float, ...]:
+  """Early-exit thresholds (a sequence or an array) as a tuple of floats in (0, 1].
+
+  Raises:
+    ValueError: naming a threshold that is not a probability in (0, 1], NaN
+      included, or a value that is not a flat sequence of numbers.
+  """
+  try:
+    values = np.asarray(thresholds, np.float64).reshape(-1)
+  except (TypeError, ValueError) as error:
+    raise ValueError(
+      f"early-exit thresholds {thresholds!r}: expected numbers in (0, 1], e.g. (0.9, 0.99)"
+    ) from error
+  for threshold in values:
+    if not 0 < threshold <= 1:  # NaN fails too
+      raise ValueError(f"early-exit threshold {threshold}: expected a probability in (0, 1]")
+  return tuple(float(v) for v in values)
+
+
 def _check_positive(name: str, value) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
     raise ValueError(f"{name}={value!r}: expected a positive integer")
@@ -111,9 +130,7 @@ def evaluate(
     raise ValueError(f"devices={devices} but JAX sees {jax.local_device_count()} device(s)")
   batch_size = min(batch_size, n)
   batch_size = -(-batch_size // devices) * devices  # a multiple of the devices
-  for threshold in early_exit_thresholds:
-    if not 0 < threshold <= 1:
-      raise ValueError(f"early-exit threshold {threshold}: expected a probability in (0, 1]")
+  early_exit_thresholds = check_thresholds(early_exit_thresholds)
   # One more threshold than asked (1.0, dropped below): a zero-size operand in a
   # multi-device pmap crashed XLA's CPU compiler (segfault, seen with jaxlib 0.11.2).
   thresholds = np.asarray([*early_exit_thresholds, 1.0], np.float32)
@@ -145,7 +162,7 @@ def evaluate(
     "accuracy_per_step": (np.asarray(totals["correct_per_step"]) / n).tolist(),
     "num_examples": n,
   }
-  if early_exit_thresholds:
+  if len(early_exit_thresholds):
     result["early_exit"] = [
       {"threshold": float(t), "accuracy": float(c) / n, "mean_steps": float(s) / n}
       for t, c, s in zip(early_exit_thresholds, totals["exit_correct"], totals["exit_steps"])
@@ -164,7 +181,9 @@ def predict(params: gru_classifier.Params, x, *, threshold: float = 1.0) -> dict
     params: from ``gru_classifier.init``, ``load`` or ``load_pretrained``.
     x: images in [0, 1] or sequences, as ``gru_classifier.apply`` takes.
     threshold: in (0, 1]; 1.0 reads every step unless a probability rounds
-      to exactly 1.
+      to exactly 1. A traced threshold (under ``jit``) cannot raise: one
+      outside (0, 1] or NaN gives ``label`` -1 and NaN probabilities for
+      every example, never a plausible answer.
 
   Returns:
     ``{"label": <int32>[batch], "probability": <float>[batch],
@@ -176,8 +195,9 @@ def predict(params: gru_classifier.Params, x, *, threshold: float = 1.0) -> dict
     ValueError: for a bad ``x`` (see ``gru_classifier.as_sequence``) or a
       threshold outside (0, 1].
   """
-  if not isinstance(threshold, jax.core.Tracer) and not 0 < float(threshold) <= 1:
-    raise ValueError(f"threshold={threshold!r}: expected a probability in (0, 1]")
+  if not isinstance(threshold, jax.core.Tracer):
+    if np.ndim(threshold) != 0 or not 0 < float(threshold) <= 1:  # NaN fails too
+      raise ValueError(f"threshold={threshold!r}: expected a probability in (0, 1]")
   x = gru_classifier.as_sequence(params, x)
   return _predict(params, x, threshold)
 
@@ -221,6 +241,11 @@ def _predict(params: gru_classifier.Params, x: jax.Array, threshold) -> dict:
     jnp.full(batch, total, jnp.int32),
   )
   _, _, _, label, probability, probabilities, steps = jax.lax.while_loop(cond, body, init)
+  # A threshold outside (0, 1] (NaN included) can only be traced here: no answer.
+  valid = (threshold > 0) & (threshold <= 1)
+  label = jnp.where(valid, label, -1)
+  probability = jnp.where(valid, probability, jnp.nan)
+  probabilities = jnp.where(valid, probabilities, jnp.nan)
   return {
     "label": label,
     "probability": probability,

@@ -115,7 +115,7 @@ def test_warmup_step_schedule_warms_up_holds_then_divides_by_ten():
 @pytest.mark.parametrize(
   "kwargs, match",
   [
-    (dict(lr_drop_at=0.0), r"lr_drop_at=0.0: expected a fraction in \(0, 1\]"),
+    (dict(lr_drop_at=0.0), r"lr_drop_at=0.0: expected a number in \(0, 1\]"),
     (dict(lr_drop_at=1.5), r"lr_drop_at=1.5"),
     (
       dict(lr_schedule="warmup_step", warmup_steps=90, lr_drop_at=0.5, steps=100),

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import pixelrnn_jax
@@ -107,9 +106,8 @@ def test_cli_imports_no_jax_at_module_load():
   assert out.stdout.strip() == "[]"
 
 
-def test_loading_and_predicting_never_import_the_trainer(tmp_path):
-  image = tmp_path / "zero.npy"
-  np.save(image, np.zeros((28, 28), np.uint8))
+def test_loading_and_predicting_never_import_the_trainer():
+  image = ROOT / "examples" / "seven.png"
   code = (
     "import sys; from pixelrnn_jax import cli;"
     f" code = cli.main(['predict', '--checkpoint', 'pretrained:pixel', {str(image)!r}]);"

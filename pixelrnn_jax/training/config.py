@@ -304,11 +304,10 @@ def _range_text(meta, expected) -> str:
   low, high = meta["low"], meta["high"]
   if expected is int and low == 1 and high is None:
     return "a positive integer"
+  kind = "an integer" if expected is int else "a number"
   if low is not None and high is not None:
-    return (
-      f"a number in {'(' if meta['low_open'] else '['}{low:g}, {high:g}"
-      f"{')' if meta['high_open'] else ']'}"
-    )
+    opening, closing = "(" if meta["low_open"] else "[", ")" if meta["high_open"] else "]"
+    return f"{kind} in {opening}{low:g}, {high:g}{closing}"
   if low is not None:
     return f"{'>' if meta['low_open'] else '>='} {low:g}"
   return f"{'<' if meta['high_open'] else '<='} {high:g}"
