@@ -81,14 +81,21 @@ def wanted(config: config_lib.Config) -> bool:
 
 def _check_port_free(address: str) -> None:
   """Process 0 serves the coordinator on ``address``'s port: a port in use is a clear
-  error here rather than a crash in JAX's coordination service."""
-  port = int(address.rpartition(":")[2])
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+  error here rather than a crash in JAX's coordination service.
+
+  The probe sets ``SO_REUSEADDR`` as a server does, so a port held only by a
+  closed connection in TIME_WAIT (after the previous run of the same command)
+  counts as free; a port with a listener does not.
+  """
+  host, port = config_lib.check_address(address)
+  family = socket.AF_INET6 if ":" in host else socket.AF_INET
+  with socket.socket(family, socket.SOCK_STREAM) as probe:
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
       probe.bind(("", port))
     except OSError as error:
       raise ValueError(
-        f"coordinator_address={address!r}: port {port} is not free on this"
+        f"--coordinator-address {address}: port {port} is not free on this"
         f" machine ({error.strerror}); choose another port for every"
         " process"
       ) from error
@@ -144,6 +151,18 @@ def initialize(config: config_lib.Config) -> config_lib.Config:
   # own handler (checkpoint, then stop every process) is the one wanted here.
   jax.config.update("jax_enable_preemption_service", False)
   timeout = config.distributed_timeout
+  where = config.coordinator_address or "the address the cluster environment names"
+  if config.process_id == 0 and config.num_processes:
+    others = config.num_processes - 1
+    log.info(
+      "waiting for %d more process%s at %s (--distributed-timeout %d s)",
+      others,
+      "" if others == 1 else "es",
+      where,
+      timeout,
+    )
+  else:
+    log.info("joining the run's coordinator at %s (--distributed-timeout %d s)", where, timeout)
   outcome = {}
 
   def join() -> None:
@@ -180,6 +199,12 @@ def initialize(config: config_lib.Config) -> config_lib.Config:
       f"{config.coordinator_address!r}): {error}; give all three flags, or run as the"
       " tasks of a SLURM or Open MPI job"
     ) from error
+  if config.num_processes is not None and config.num_processes != jax.process_count():
+    raise ValueError(
+      f"--num-processes {config.num_processes} here, but process 0 started the run with"
+      f" --num-processes {jax.process_count()}: start every process with the same"
+      " --num-processes"
+    )
   log.info(
     "process %d of %d joined the run (coordinator %s)",
     jax.process_index(),

@@ -13,6 +13,7 @@ in every checkpoint and agree, through the step itself, on when to stop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -92,8 +93,20 @@ def _check_devices(config) -> None:
 
 
 def _load_split(config, split):
-  """[0, 1] images and checked labels of one split."""
+  """[0, 1] images and checked labels of one split.
+
+  Raises:
+    ValueError: a training split smaller than one batch, naming how MNIST's
+      training file is split (valid = its first 5,000 images).
+  """
   images, labels = data.load_mnist(split, data_dir=config.data_dir, verify=config.verify_data)
+  if split == "train" and len(images) < config.batch_size:
+    raise ValueError(
+      f"the train split has {len(images)} images, fewer than --batch-size"
+      f" {config.batch_size}: the training IDX file's first {data.NUM_VALID} images are the"
+      f" valid split and the rest the train split, so own data needs more than"
+      f" {data.NUM_VALID} + {config.batch_size} images"
+    )
   # The labels are checked once here; inside the jitted step they cannot be.
   return images, gru_classifier.check_labels(labels)
 
@@ -151,10 +164,13 @@ def train_and_evaluate(
   config.validate()
   if config.data_dir is not None:
     config = config.replace(data_dir=str(Path(config.data_dir).resolve()))
+  # What this process can check alone comes before joining the others: a bad
+  # path or missing data is one line at once, not a wait for the peers.
+  workdir = run_dir.check_workdir(workdir)
+  splits = {split: _load_split(config, split) for split in ("train", "valid")}
   config = distributed.initialize(config)
   config.validate()  # the batch must also divide over the processes a cluster job brought
   _check_devices(config)
-  workdir = Path(workdir)
   # A process of a multi-process run that waits on a dead or stuck peer (at a
   # checkpoint barrier or a collective) ends with one line, not a hang or an abort.
   with peers.Watchdog(
@@ -164,7 +180,9 @@ def train_and_evaluate(
   ) as watchdog:
     try:
       distributed.check_same_run(config, workdir)
-      return _train(config, workdir, progress, watchdog)
+      # Process 0 holds the run directory's lock for every process of the run.
+      with run_dir.RunLock(workdir) if distributed.is_primary() else contextlib.nullcontext():
+        return _train(config, workdir, splits, progress, watchdog)
     except (NonFiniteLossError, peers.PeerError):
       raise
     except Exception as error:  # a step's all-reduce, or a checkpoint's barrier in orbax
@@ -174,16 +192,19 @@ def train_and_evaluate(
 
 
 def _train(
-  config: config_lib.Config, workdir: Path, progress: bool | None, watchdog: peers.Watchdog
+  config: config_lib.Config,
+  workdir: Path,
+  splits: dict,
+  progress: bool | None,
+  watchdog: peers.Watchdog,
 ) -> dict:
   """The body of ``train_and_evaluate``, once this process has joined its run."""
   primary = distributed.is_primary()
   run_dir.prepare(workdir, config, is_primary=primary)
-  train_x, train_y = _load_split(config, "train")
+  (train_x, train_y), (valid_x, valid_y) = splits["train"], splits["valid"]
   if config.standardize:  # trained on standardised pixels ...
     train_x = preprocessing.standardize(train_x)
   # ... and evaluated as a loaded model is: [0, 1] images, the scaling folded in.
-  valid_x, valid_y = _load_split(config, "valid")
 
   optimizer = step_lib.make_optimizer(config)
   manager = checkpoints.RunCheckpoints(workdir / run_dir.CHECKPOINTS, keep=config.keep_checkpoints)

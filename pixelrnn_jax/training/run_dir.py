@@ -16,11 +16,14 @@ and data key, so the resumed run equals the uninterrupted one bit for bit on CPU
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 
+import filelock
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,10 +37,83 @@ from pixelrnn_jax.training import step as step_lib
 
 log = logging.getLogger(__name__)
 
+LOCK = ".lock"  # held (flock, through filelock) while a training command uses the directory
+LOCK_HOLDER = ".lock.json"  # who holds it: host, PID, start time
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 EVAL = "eval.json"
 CHECKPOINTS = "checkpoints"
+
+
+# Characters the checkpoint library reads as a glob pattern in a path: a run
+# directory named with them saves steps that cannot be found again.
+GLOB_CHARACTERS = "[]"
+
+
+def check_workdir(workdir: str | os.PathLike) -> Path:
+  """A usable run directory path, checked before any work: not a file, no glob brackets.
+
+  Raises:
+    ValueError: naming the path and the fix.
+  """
+  path = Path(workdir)
+  if path.exists() and not path.is_dir():
+    raise ValueError(
+      f"--workdir {workdir} is a file; expected a directory (the run directory, created if missing)"
+    )
+  bad = sorted({c for c in str(path.absolute()) if c in GLOB_CHARACTERS})
+  if bad:
+    raise ValueError(
+      f"--workdir {workdir}: the path contains {' '.join(bad)}, which the checkpoint library"
+      " (orbax) reads as a glob pattern, so saved steps could not be found again; choose a"
+      " path without square brackets"
+    )
+  return path
+
+
+class RunLock:
+  """The run directory's lock: one training command at a time per directory.
+
+  ``filelock`` takes an ``flock`` on ``<workdir>/.lock``, which the kernel
+  releases when the holder exits, however it exits (``kill -9``, a crash), so
+  a lock never outlives its process. The holder's host, PID and start time
+  are written beside it for the refusal's message. In a multi-process run,
+  process 0 holds it for the run.
+  """
+
+  def __init__(self, workdir: str | os.PathLike):
+    self.workdir = Path(workdir)
+    self._lock = filelock.FileLock(self.workdir / LOCK)
+
+  def __enter__(self):
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    try:
+      self._lock.acquire(blocking=False)
+    except filelock.Timeout:
+      raise ValueError(
+        f"--workdir {self.workdir} is in use by another training command"
+        f" ({self._holder()}); wait for it to end or stop it, or choose another --workdir"
+      ) from None
+    record = {
+      "host": socket.gethostname(),
+      "pid": os.getpid(),
+      "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    partial = self.workdir / f"{LOCK_HOLDER}.partial"
+    partial.write_text(json.dumps(record))
+    partial.replace(self.workdir / LOCK_HOLDER)
+    return self
+
+  def _holder(self) -> str:
+    try:
+      holder = json.loads((self.workdir / LOCK_HOLDER).read_text())
+      return f"host {holder['host']}, PID {holder['pid']}, started {holder['started']}"
+    except (OSError, ValueError, KeyError):
+      return "holder unknown"
+
+  def __exit__(self, *exc):
+    (self.workdir / LOCK_HOLDER).unlink(missing_ok=True)
+    self._lock.release()
 
 
 def checkpoint_contents(

@@ -1,0 +1,182 @@
+"""The run directory: one training command at a time, paths the checkpoint
+library cannot take, a workdir that is a file, own data too small, and a run
+stopped before its first log line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pixelrnn_jax import cli
+from pixelrnn_jax.training import config as config_lib
+from pixelrnn_jax.training import loop
+from pixelrnn_jax.training import run_dir
+from tests.helpers import SMALL
+from tests.helpers import load_model
+from tests.helpers import write_fake_idx
+
+SMALL_FLAGS = [
+  "--order",
+  "row",
+  "--units",
+  "8",
+  "--batch-size",
+  "16",
+  "--steps",
+  "4",
+  "--eval-every",
+  "2",
+  "--log-every",
+  "2",
+  "--eval-batch-size",
+  "64",
+]
+
+
+def _hold_lock(workdir):
+  """A second process that takes the run directory's lock and keeps it."""
+  code = (
+    "import sys, time; from pixelrnn_jax.training.run_dir import RunLock;"
+    f" lock = RunLock({str(workdir)!r}).__enter__(); print('held', flush=True); time.sleep(600)"
+  )
+  holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "held"
+  return holder
+
+
+def test_a_second_training_on_a_held_run_directory_exits_2_and_touches_nothing(
+  tmp_path, toy_data, capsys
+):
+  workdir = tmp_path / "run"
+  holder = _hold_lock(workdir)
+  try:
+    before = sorted(p.name for p in workdir.iterdir())
+    started = time.monotonic()
+    code = cli.main(["train", "--workdir", str(workdir), *SMALL_FLAGS])
+    assert code == 2 and time.monotonic() - started < 30
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"--workdir {workdir} is in use by another training command" in err[0]
+    assert f"PID {holder.pid}" in err[0] and "host " in err[0] and "started 20" in err[0]
+    assert sorted(p.name for p in workdir.iterdir()) == before  # no config.json, no metrics
+  finally:
+    holder.send_signal(signal.SIGKILL)  # dies without releasing anything itself
+    holder.wait()
+  # The kernel dropped the dead holder's lock: the same command now trains.
+  assert cli.main(["train", "--workdir", str(workdir), *SMALL_FLAGS]) == 0
+  assert not (workdir / run_dir.LOCK_HOLDER).exists()  # released at the end
+
+
+def test_the_lock_is_released_after_a_failed_run(tmp_path, toy_data, monkeypatch):
+  def broken_prepare(*args, **kwargs):
+    raise ValueError("a planted failure")
+
+  monkeypatch.setattr(run_dir, "prepare", broken_prepare)
+  config = config_lib.Config(**SMALL)
+  with pytest.raises(ValueError, match="planted"):
+    loop.train_and_evaluate(config, tmp_path / "run", progress=False)
+  with run_dir.RunLock(tmp_path / "run"):  # free again
+    pass
+
+
+@pytest.mark.parametrize("name", ["exp [1]", "a]b", "[x"])
+def test_a_workdir_with_glob_brackets_is_refused_before_the_first_step(
+  tmp_path, toy_data, capsys, name
+):
+  workdir = tmp_path / name
+  assert cli.main(["train", "--workdir", str(workdir), *SMALL_FLAGS]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "square brackets" in err[0] and str(workdir) in err[0]
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("name", ["exp 1", "é", "a*b", "q?", "{a,b}", "#1", "%41"])
+def test_other_special_characters_in_a_workdir_train_and_load(tmp_path, toy_data, name):
+  workdir = tmp_path / name
+  assert cli.main(["train", "--workdir", str(workdir), *SMALL_FLAGS]) == 0
+  _, _, info = load_model(workdir)  # its best step is found again
+  assert info["step"] in (2, 4)
+  assert (
+    cli.main(
+      [
+        "train",
+        "--workdir",
+        str(workdir),
+        *SMALL_FLAGS[:-8],
+        "--steps",
+        "6",
+        "--eval-every",
+        "2",
+        "--log-every",
+        "2",
+        "--eval-batch-size",
+        "64",
+      ]
+    )
+    == 0
+  )
+  assert json.loads((workdir / run_dir.EVAL).read_text())["step"] == 6  # resumed to the end
+
+
+def test_a_workdir_that_is_a_file_names_the_flag(tmp_path, capsys):
+  workdir = tmp_path / "run.txt"
+  workdir.write_text("not a directory")
+  assert cli.main(["train", "--workdir", str(workdir), *SMALL_FLAGS]) == 2
+  err = capsys.readouterr().err
+  assert f"--workdir {workdir} is a file; expected a directory" in err
+  assert workdir.read_text() == "not a directory"
+
+
+def test_own_data_smaller_than_the_valid_split_says_how_mnist_is_split(tmp_path, capsys):
+  own = tmp_path / "own"
+  own.mkdir()
+  write_fake_idx(own, n=5010)  # 5,000 valid + 10 train
+  code = cli.main(
+    [
+      "train",
+      "--workdir",
+      str(tmp_path / "run"),
+      "--data-dir",
+      str(own),
+      "--no-verify-data",
+      *SMALL_FLAGS,
+    ]
+  )
+  assert code == 2
+  err = capsys.readouterr().err
+  assert "the train split has 10 images, fewer than --batch-size 16" in err
+  assert "first 5000 images are the valid split" in err
+
+
+def test_plot_draws_a_run_stopped_before_its_first_log_line(tmp_path, toy_data, mnist_dir):
+  workdir = tmp_path / "run"
+  config = config_lib.Config(**{**SMALL, "steps": 2, "eval_every": 2})
+  loop.train_and_evaluate(config, workdir, progress=False)
+  (workdir / run_dir.METRICS).unlink()  # as if stopped before the first log line
+  assert cli.main(["plot", str(workdir), "--data-dir", mnist_dir, "--examples", "20"]) == 0
+  assert (workdir / "plots" / "learning_curves.png").stat().st_size > 1000
+
+
+def test_read_metrics_of_a_run_without_metrics_is_empty(tmp_path):
+  assert run_dir.read_metrics(tmp_path) == ([], [])
+  (tmp_path / run_dir.METRICS).write_text(
+    json.dumps({"step": 2, "loss": 1.0})
+    + "\n"
+    + json.dumps({"event": "resume", "step": 2})
+    + "\n"
+    + json.dumps({"step": 2, "split": "valid", "accuracy": 0.5})
+    + "\n"
+  )
+  train_lines, valid_lines = run_dir.read_metrics(tmp_path)
+  assert [line["step"] for line in train_lines] == [2] and valid_lines[0]["accuracy"] == 0.5
+
+
+def test_lock_holder_file_is_removed_and_pid_is_ours_while_held(tmp_path):
+  with run_dir.RunLock(tmp_path):
+    holder = json.loads((tmp_path / run_dir.LOCK_HOLDER).read_text())
+    assert holder["pid"] == os.getpid()
+  assert not (tmp_path / run_dir.LOCK_HOLDER).exists()
