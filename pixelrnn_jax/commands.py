@@ -51,6 +51,24 @@ def check_positive(flag: str, value: int) -> None:
     raise ValueError(f"{flag} {value}: expected a positive integer")
 
 
+def check_show_dir(path: str, image_suffixes) -> Path:
+  """``--show DIR``: a directory (created if missing), never a file or an image name.
+
+  Raises:
+    ValueError: naming the flag and what it expects.
+  """
+  show = Path(path)
+  if show.exists() and not show.is_dir():
+    raise ValueError(f"--show {path} is a file; --show takes a directory for the *_seen.png")
+  if not show.exists() and show.suffix.lower() in image_suffixes:
+    raise ValueError(
+      f"--show {path} looks like an image file name; --show takes a directory, where each"
+      " input's <name>_seen.png is written"
+    )
+  show.mkdir(parents=True, exist_ok=True)
+  return show
+
+
 def _load(source: str):
   """(model, Config, {"path", "step"}) of a saved model."""
   from pixelrnn_jax import gru_classifier  # noqa: PLC0415
@@ -149,8 +167,7 @@ def predict(args: argparse.Namespace) -> int:
   params, config, _ = _load(args.checkpoint)
   show = None
   if args.show:
-    show = Path(args.show)
-    show.mkdir(parents=True, exist_ok=True)
+    show = check_show_dir(args.show, images.IMAGE_SUFFIXES)
   split_images = split_labels = None
   if args.split:
     split_images, split_labels = data.load_mnist(

@@ -54,11 +54,22 @@ BACKGROUND_MAX = 0.05  # a 28x28 image whose border median is at most this is MN
 MIN_CONTRAST = 0.1  # ink less than this above the paper is no ink
 MAX_SIDE = 512  # larger images are first reduced to this (area averaging)
 LIGHTING_GRID = 16  # the paper's lighting is estimated on a grid this many cells wide
+LIGHTING_MIN_CELLS = 5  # ... and, where a bold stroke survives 3 cells, over this many
+LIGHTING_INK_STEP = 0.25  # a rise of the paper level by more than this is ink, not light
 # Paper noise: 6 standard deviations (estimated from the border's median absolute
 # deviation, which ink touching the border does not move) is above the
 # brightest of ~10^8 Gaussian noise pixels.
 NOISE_SIGMAS = 6.0
 BOX_THRESHOLD = 0.1  # the ink's bounding box: pixels above this (after stretching)
+MNIST_STROKE = 0.114  # stroke width / the box's longer side: median over MNIST's valid digits
+STROKE_RANGE = (0.06, 0.22)  # a stroke outside this (relative width) is redrawn at MNIST_STROKE
+STROKE_MIN_BOX = 2 * BOX  # pixels: a smaller digit box (an MNIST-sized image) is never redrawn
+FRAME_FILL = 0.3  # a frame: a component filling less than this of its box, around the rest
+LINE_SPAN = 0.4  # a line: a horizontal component at least this wide (of the image) ...
+LINE_ASPECT = 6.0  # ... and this many times wider than thick
+EDGE_SPAN = 0.5  # the paper's edge: a component along the border for this much of a side
+MIN_SIDE = 8  # pixels: a smaller image cannot hold a digit
+MIN_SPAN = 0.1  # some ink component must span this much of the image's shorter side
 
 
 class ImageError(ValueError):
@@ -202,6 +213,17 @@ def _border(image: np.ndarray) -> np.ndarray:
   )
 
 
+def _paper(image: np.ndarray) -> np.ndarray:
+  """Pixels that show the paper: the image's border band, unless that band is mostly
+  something else (a form's frame drawn near the edge, the dark surround of a
+  photographed sheet), seen as a border median far from the whole image's; then
+  the whole image, most of which is paper."""
+  border = _border(image)
+  if abs(float(np.median(border)) - float(np.median(image))) > 0.5:
+    return image.ravel()
+  return border
+
+
 def _resize(patch: np.ndarray, height: int, width: int, *, method: str = "LANCZOS") -> np.ndarray:
   from PIL import Image  # noqa: PLC0415 (Pillow loads on first use)
 
@@ -225,8 +247,11 @@ def _remove_lighting(grey: np.ndarray) -> np.ndarray:
   """Subtracts the paper's (dark, after inversion) level where it varies across the image.
 
   The image is area-averaged to a grid LIGHTING_GRID cells on its long side;
-  a 3x3 minimum filter there removes the ink (strokes are far narrower than
-  3 cells), and the result, blurred and scaled back up, is the paper level.
+  a 3x3 minimum filter there removes the ink (strokes are narrower than 3
+  cells), and the result, blurred and scaled back up, is the paper level.
+  Where that level still rises by more than LIGHTING_INK_STEP above a wider
+  (LIGHTING_MIN_CELLS) minimum, it is a bold marker's stroke, not light, and
+  the wider minimum is used there (else the stroke would be hollowed out).
   On an even background it is a constant, which the border step removes anyway.
   """
   from PIL import Image  # noqa: PLC0415 (Pillow loads on first use)
@@ -238,9 +263,13 @@ def _remove_lighting(grey: np.ndarray) -> np.ndarray:
   small = _resize(
     grey, max(3, round(grey.shape[0] * scale)), max(3, round(grey.shape[1] * scale)), method="BOX"
   )
-  paper = np.asarray(
-    Image.fromarray(small.astype(np.float32), mode="F").filter(ImageFilter.MinFilter(3)), np.float64
-  )
+
+  def minimum(cells: int) -> np.ndarray:
+    image = Image.fromarray(small.astype(np.float32), mode="F")
+    return np.asarray(image.filter(ImageFilter.MinFilter(cells)), np.float64)
+
+  paper, wider = minimum(3), minimum(LIGHTING_MIN_CELLS)
+  paper = np.where(paper - wider > LIGHTING_INK_STEP, wider, paper)
   padded = np.pad(paper, 1, mode="edge")  # a 3x3 mean smooths the minimum's steps
   paper = (
     sum(padded[i : i + paper.shape[0], j : j + paper.shape[1]] for i in range(3) for j in range(3))
@@ -292,6 +321,140 @@ def _remove_ruled_lines(grey: np.ndarray) -> np.ndarray:
   return grey
 
 
+def _components(mask: np.ndarray) -> list[dict]:
+  """The 8-connected components of ``mask``: slices, pixel count, bounding box size."""
+  from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
+
+  labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+  found = []
+  for index, box in enumerate(ndimage.find_objects(labels), start=1):
+    height, width = box[0].stop - box[0].start, box[1].stop - box[1].start
+    found.append(
+      {
+        "label": index,
+        "box": box,
+        "pixels": int((labels[box] == index).sum()),
+        "height": height,
+        "width": width,
+      }
+    )
+  return found if count else []
+
+
+def _is_frame(part: dict, others: list[dict]) -> bool:
+  """A hollow component whose box holds every other component's box (a form's box)."""
+  fill = part["pixels"] / (part["height"] * part["width"])
+  inside = all(
+    part["box"][0].start <= o["box"][0].start
+    and o["box"][0].stop <= part["box"][0].stop
+    and part["box"][1].start <= o["box"][1].start
+    and o["box"][1].stop <= part["box"][1].stop
+    for o in others
+  )
+  return bool(others) and inside and fill < FRAME_FILL
+
+
+def _is_line(part: dict, shape: tuple[int, int]) -> bool:
+  """A long straight stroke: a horizontal line (a baseline, a ruled line) at least
+  LINE_SPAN of the image wide and LINE_ASPECT times longer than thick."""
+  return part["width"] >= LINE_SPAN * shape[1] and part["width"] >= LINE_ASPECT * part["height"]
+
+
+def _touches_edge_along(part: dict, shape: tuple[int, int]) -> bool:
+  """The paper's edge: a component lying along the image border for EDGE_SPAN of a side."""
+  (top, bottom), (left, right) = (
+    (part["box"][0].start, part["box"][0].stop),
+    (part["box"][1].start, part["box"][1].stop),
+  )
+  along_rows = (left == 0 or right == shape[1]) and part["height"] >= EDGE_SPAN * shape[0]
+  along_cols = (top == 0 or bottom == shape[0]) and part["width"] >= EDGE_SPAN * shape[1]
+  return along_rows or along_cols
+
+
+def _remove_frames_and_lines(grey: np.ndarray) -> np.ndarray:
+  """Clears ink that is not the digit: a frame around it (a form's box), long
+  horizontal lines (a baseline under it), and the paper's dark edges along the
+  image border (a photo of paper). Never the last component left: a lone
+  stroke is the digit (a 1)."""
+  mask = grey > BOX_THRESHOLD
+  parts = sorted(_components(mask), key=lambda p: -p["pixels"])
+  parts = [p for p in parts if p["pixels"] >= 2]
+  if len(parts) < 2:
+    return grey
+  from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
+
+  labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
+  removed = []
+  for part in parts:
+    kept = [p for p in parts if p is not part and p not in removed]
+    if not kept:
+      break
+    if _is_frame(part, kept) or _is_line(part, grey.shape) or _touches_edge_along(part, grey.shape):
+      removed.append(part)
+  if not removed:
+    return grey
+  grey = grey.copy()
+  # Clear the removed components and the faint ink around them (anti-aliasing).
+  gone = np.isin(labels, [p["label"] for p in removed])
+  gone = ndimage.binary_dilation(gone, iterations=2)
+  grey[gone & ~np.isin(labels, [p["label"] for p in parts if p not in removed])] = 0.0
+  return grey
+
+
+def _check_digit_like(ink_mask: np.ndarray) -> None:
+  """Refuses ink that cannot be a digit: too small an image, or specks (noise).
+
+  Raises:
+    ImageError: naming what was found.
+  """
+  height, width = ink_mask.shape
+  if min(height, width) < MIN_SIDE:
+    raise ImageError(
+      f"the image is {width}x{height} pixels: too small to hold a digit (at least"
+      f" {MIN_SIDE} pixels on each side)"
+    )
+  parts = _components(ink_mask)
+  largest = max(parts, key=lambda p: max(p["height"], p["width"]))
+  span = max(largest["height"], largest["width"])
+  if span < MIN_SPAN * min(height, width):
+    raise ImageError(
+      f"no digit-like ink: {len(parts)} scattered specks, the longest {span} pixels across"
+      f" in {width}x{height} (a digit's stroke spans at least {MIN_SPAN:.0%} of the image);"
+      " is it noise or an empty page?"
+    )
+
+
+def _normalise_stroke(patch: np.ndarray) -> np.ndarray:
+  """Redraws a digit whose stroke is far thinner or bolder than MNIST's.
+
+  The stroke width is measured as twice the distance transform on the ink's
+  skeleton (scikit-image); relative to the box's longer side it is
+  MNIST_STROKE on MNIST's valid digits (median; 5-95%: 0.078-0.171). A digit
+  outside STROKE_RANGE (a 1-pixel mouse pen, a bold marker) is redrawn along
+  its skeleton with MNIST's width, anti-aliased; any other is left as drawn.
+  """
+  from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
+  from skimage.morphology import skeletonize  # noqa: PLC0415 (scikit-image loads on first use)
+
+  mask = patch > 0.5
+  longer = max(patch.shape)
+  if mask.sum() < 2 or longer < STROKE_MIN_BOX:  # too small to measure a stroke in
+    return patch
+  skeleton = skeletonize(mask)
+  if not skeleton.any():
+    return patch
+  width = 2.0 * float(np.median(ndimage.distance_transform_edt(mask)[skeleton])) - 1.0
+  low, high = STROKE_RANGE
+  if low * longer <= width <= high * longer:
+    return patch
+  radius = 0.5 * MNIST_STROKE * longer
+  pad = int(np.ceil(radius)) + 1  # the redrawn stroke may reach past the old box
+  distance = ndimage.distance_transform_edt(~np.pad(skeleton, pad))
+  redrawn = np.clip(radius + 0.5 - distance, 0.0, 1.0)  # anti-aliased edge, 1 pixel wide
+  rows, cols = np.nonzero(redrawn.any(1))[0], np.nonzero(redrawn.any(0))[0]
+  return redrawn[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+
+
 def prepare(image, *, invert: str = "auto") -> Digit:
   """Normalises one digit image as MNIST did (see the module docstring).
 
@@ -313,7 +476,7 @@ def prepare(image, *, invert: str = "auto") -> Digit:
   if invert == "auto":
     # The ink is the extreme farther from the paper: dark ink on paper of any
     # shade (dim photos, coloured paper) is inverted, light ink on dark is not.
-    paper = float(np.median(_border(grey)))
+    paper = float(np.median(_paper(grey)))
     darkest, brightest = np.percentile(grey, [0.05, 99.95])
     inverted = bool(paper - darkest > brightest - paper)
   else:
@@ -324,7 +487,7 @@ def prepare(image, *, invert: str = "auto") -> Digit:
   if grey.shape == (FIELD, FIELD) and paper <= BACKGROUND_MAX and _is_mnist_sized(grey):
     return Digit(grey.astype(np.float32), inverted, False)
   grey = _remove_lighting(grey)
-  border = _border(grey)
+  border = _paper(grey)
   paper = float(np.median(border))
   noise = 1.4826 * float(np.median(np.abs(border - paper)))  # robust std (MAD)
   ink = float(grey.max())
@@ -341,11 +504,13 @@ def prepare(image, *, invert: str = "auto") -> Digit:
       f" background ({floor:.2f}){hint}"
     )
   grey = _remove_ruled_lines(np.clip((grey - floor) / (ink - floor), 0.0, 1.0))
+  grey = _remove_frames_and_lines(grey)
   ink_mask = grey > BOX_THRESHOLD
   if not ink_mask.any():
     raise ImageError("no ink left once the ruled lines were removed")
+  _check_digit_like(ink_mask)
   rows, cols = np.nonzero(ink_mask.any(1))[0], np.nonzero(ink_mask.any(0))[0]
-  patch = grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+  patch = _normalise_stroke(grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
   scale = BOX / max(patch.shape)
   height = max(1, round(patch.shape[0] * scale))
   width = max(1, round(patch.shape[1] * scale))

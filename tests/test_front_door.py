@@ -291,3 +291,18 @@ def test_plot_reads_a_resumed_run(tmp_path, toy_data, capsys):
   loop.train_and_evaluate(config, tmp_path, progress=False)
   assert '"event": "resume"' in (tmp_path / "metrics.jsonl").read_text()
   assert plots.learning_curves(tmp_path, tmp_path / "plots").is_file()
+
+
+@pytest.mark.parametrize("kind", ["existing file", "image name"])
+def test_show_given_a_file_names_the_flag(tmp_path, capsys, kind):
+  show = tmp_path / "seen.png"
+  if kind == "existing file":
+    show = tmp_path / "notes"
+    show.write_text("mine")
+  code = cli.main(
+    ["predict", "--checkpoint", "pretrained:pixel", "examples/seven.png", "--show", str(show)]
+  )
+  assert code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"--show {show}" in err[0] and "takes a directory" in err[0]
+  assert kind == "image name" and not show.exists() or show.read_text() == "mine"

@@ -345,6 +345,11 @@ RESUMABLE_CHANGES = tuple(f.name for f in dataclasses.fields(Config) if f.metada
 PER_PROCESS_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.metadata["per_process"])
 
 
+def run_identity(config: Config) -> dict[str, Any]:
+  """The fields every process of one run must share: all but ``PER_PROCESS_FIELDS``, as JSON."""
+  return {k: v for k, v in json.loads(config.to_json()).items() if k not in PER_PROCESS_FIELDS}
+
+
 # Named starting points for `--recipe`; flags override single fields.
 RECIPES = {
   # The original TF1 notebook: TF1 init, Adam 1e-3, batch 512, 10000 steps.

@@ -245,9 +245,7 @@ def check_same_run(config: config_lib.Config, workdir: os.PathLike) -> None:
     return
   workdir = Path(workdir)
   token_file = workdir / ".pixelrnn_jax-run"
-  mine = {
-    k: v for k, v in json.loads(config.to_json()).items() if k not in config_lib.PER_PROCESS_FIELDS
-  }
+  mine = config_lib.run_identity(config)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex
