@@ -136,9 +136,9 @@ def plot_run(
   """
   run_dir = Path(run_dir)
   out = Path(out_dir) if out_dir else run_dir / "plots"
-  written = [learning_curves(run_dir, out)]
-  saved = model_io.read(run_dir)
+  saved = model_io.read(run_dir)  # a directory that is no run fails here, before any PNG
   params, config = gru_classifier.from_saved(saved), run_dir_lib.saved_config(saved)
+  written = [learning_curves(run_dir, out)]
   images, labels = data.load_mnist(
     "valid", data_dir=data_dir or config.data_dir, verify=config.verify_data
   )

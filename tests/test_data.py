@@ -352,7 +352,7 @@ def test_permutation_is_a_stable_bijection():
     [
       sys.executable,
       "-c",
-      "from pixelrnn_jax import data; print(','.join(map(str, preprocessing.permutation())))",
+      "from pixelrnn_jax import preprocessing; print(','.join(map(str, preprocessing.permutation())))",
     ],
     capture_output=True,
     text=True,

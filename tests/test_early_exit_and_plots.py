@@ -244,4 +244,5 @@ def test_plot_command_writes_valid_pngs(run_dir, monkeypatch, tmp_path, capsys):
 
 def test_plot_of_a_non_run_is_a_clear_error(tmp_path, capsys):
   assert cli.main(["plot", str(tmp_path)]) == 2
-  assert "no metrics" in capsys.readouterr().err
+  assert "no checkpoint in this run directory" in capsys.readouterr().err
+  assert list(tmp_path.iterdir()) == []  # nothing written

@@ -59,13 +59,13 @@ def test_verbose_before_or_after_the_subcommand(argv, verbose):
   assert cli.build_parser().parse_args(argv).verbose is verbose
 
 
-_IMPORT_TO_DISTRIBUTION = {"PIL": "pillow", "orbax": "orbax-checkpoint"}
+_IMPORT_TO_DISTRIBUTION = {"PIL": "pillow", "orbax": "orbax-checkpoint", "skimage": "scikit-image"}
 _OPTIONAL = {"matplotlib": "plot", "tensorflow_datasets": "tfds"}
 
 
 def _third_party_imports() -> set[str]:
   names = set()
-  for path in (ROOT / "pixelrnn_jax").glob("*.py"):
+  for path in (ROOT / "pixelrnn_jax").rglob("*.py"):
     for node in ast.walk(ast.parse(path.read_text())):
       if isinstance(node, ast.Import):
         names |= {alias.name.split(".")[0] for alias in node.names}
@@ -280,7 +280,7 @@ def test_a_file_where_a_directory_belongs_is_exit_2(tmp_path, capsys, flag):
   )
   assert cli.main(argv) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and "File exists" in err[0]
+  assert len(err) == 1 and f"{flag} {tmp_path / 'file'} is a file" in err[0]
 
 
 def test_plot_reads_a_resumed_run(tmp_path, toy_data, capsys):

@@ -429,7 +429,7 @@ def test_notebook_defaults():
 
 def test_evaluate_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
   assert cli.main(["evaluate", "--checkpoint", str(tmp_path / "nope")]) == 2
-  assert "no such checkpoint file or run directory" in capsys.readouterr().err
+  assert "no such weights file or run directory" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- end to end
