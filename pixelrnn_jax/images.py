@@ -67,7 +67,9 @@ STROKE_MIN_BOX = 2 * BOX  # pixels: a smaller digit box (an MNIST-sized image) i
 FRAME_FILL = 0.3  # a frame: a component filling less than this of its box, around the rest
 LINE_SPAN = 0.4  # a line: a horizontal component at least this wide (of the image) ...
 LINE_ASPECT = 6.0  # ... and this many times wider than thick
-EDGE_SPAN = 0.5  # the paper's edge: a component along the border for this much of a side
+EDGE_SPAN = 0.3  # the paper's edge: a component along the border for this much of a side
+EDGE_MARGIN = 0.04  # ... within this much of the border
+FRAME_THICK = 0.06  # a form's box: its sides at most this thick (of the image)
 MIN_SIDE = 8  # pixels: a smaller image cannot hold a digit
 MIN_SPAN = 0.1  # some ink component must span this much of the image's shorter side
 
@@ -154,6 +156,12 @@ def read_image(path: str | Path) -> np.ndarray:
 
   try:
     with Image.open(path) as image:
+      frames = getattr(image, "n_frames", 1)
+      if frames > 1:
+        raise ImageError(
+          f"{path}: has {frames} frames (an animation or a multi-page file); save the frame"
+          " with the digit as an image of its own"
+        )
       image = ImageOps.exif_transpose(image)
       mode = image.mode
       if mode == "P" or (mode in ("L", "RGB") and "transparency" in image.info):
@@ -361,14 +369,82 @@ def _is_line(part: dict, shape: tuple[int, int]) -> bool:
 
 
 def _touches_edge_along(part: dict, shape: tuple[int, int]) -> bool:
-  """The paper's edge: a component lying along the image border for EDGE_SPAN of a side."""
+  """The paper's edge: a component lying along the image border (within EDGE_MARGIN of
+  it: the outermost lines may have been cleared as ruled lines) for EDGE_SPAN of a side."""
   (top, bottom), (left, right) = (
     (part["box"][0].start, part["box"][0].stop),
     (part["box"][1].start, part["box"][1].stop),
   )
-  along_rows = (left == 0 or right == shape[1]) and part["height"] >= EDGE_SPAN * shape[0]
-  along_cols = (top == 0 or bottom == shape[0]) and part["width"] >= EDGE_SPAN * shape[1]
+  near_rows, near_cols = EDGE_MARGIN * shape[0], EDGE_MARGIN * shape[1]
+  at_side = left <= near_cols or right >= shape[1] - near_cols
+  at_end = top <= near_rows or bottom >= shape[0] - near_rows
+  along_rows = (
+    at_side and part["height"] >= EDGE_SPAN * shape[0] and part["width"] < 0.25 * shape[1]
+  )
+  along_cols = at_end and part["width"] >= EDGE_SPAN * shape[1] and part["height"] < 0.25 * shape[0]
   return along_rows or along_cols
+
+
+def _long_runs(lines: np.ndarray, span: float) -> np.ndarray:
+  """<bool>[lines, length]: the pixels of runs of ink at least ``span`` long along axis 1."""
+  out = np.zeros_like(lines)
+  for index, line in enumerate(lines):
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], line, [False]]).astype(np.int8)))
+    for start, end in zip(edges[::2], edges[1::2]):
+      if end - start >= span:
+        out[index, start:end] = True
+  return out
+
+
+def _thin_bands(hits: np.ndarray, thickest: float) -> list[tuple[int, int]]:
+  """Runs of consecutive True in ``hits`` (lines with a long run), at most ``thickest`` thick."""
+  edges = np.flatnonzero(np.diff(np.concatenate([[False], hits, [False]]).astype(np.int8)))
+  return [(a, b) for a, b in zip(edges[::2], edges[1::2]) if b - a <= thickest]
+
+
+def _remove_frame_runs(grey: np.ndarray) -> np.ndarray:
+  """Clears a form's box that touches the digit (so it is no component of its own).
+
+  A box is two thin bands of long horizontal runs (at least LINE_SPAN of the
+  image, at most FRAME_THICK thick) at least a third of the image apart, joined
+  at one end or both by thin bands of long vertical runs, or the same turned
+  by 90 degrees; only those runs are cleared. A digit's own straight strokes
+  (a 7's bar, a 1) make no such box.
+  """
+  mask = grey > BOX_THRESHOLD
+  height, width = mask.shape
+  rows = _long_runs(mask, LINE_SPAN * width)
+  cols = _long_runs(mask.T, LINE_SPAN * height).T
+  row_bands = _thin_bands(rows.any(1), FRAME_THICK * height)
+  col_bands = _thin_bands(cols.any(0), FRAME_THICK * width)
+
+  def box(across, along, across_runs, size_across, size_along):
+    """The bands of a box whose two long sides are ``across`` bands (or None)."""
+    if len(across) < 2 or across[-1][0] - across[0][1] < size_across / 3:
+      return None
+    ends = np.flatnonzero(across_runs[across[0][0] : across[-1][1]].any(0))
+    near = FRAME_THICK * size_along
+    sides = [b for b in along if abs(b[0] - ends[0]) <= near or abs(b[1] - ends[-1]) <= near]
+    return ([across[0], across[-1]], sides) if sides else None
+
+  found = box(row_bands, col_bands, rows, height, width)
+  if found is not None:
+    horizontal, vertical = found
+  else:
+    turned = box(col_bands, row_bands, cols.T, width, height)
+    if turned is None:
+      return grey
+    vertical, horizontal = turned
+  frame = np.zeros_like(mask)
+  for start, end in horizontal:
+    frame[start:end] |= rows[start:end]
+  for start, end in vertical:
+    frame[:, start:end] |= cols[:, start:end]
+  from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
+
+  grey = grey.copy()
+  grey[ndimage.binary_dilation(frame, iterations=2)] = 0.0
+  return grey
 
 
 def _remove_frames_and_lines(grey: np.ndarray) -> np.ndarray:
@@ -504,7 +580,7 @@ def prepare(image, *, invert: str = "auto") -> Digit:
       f" background ({floor:.2f}){hint}"
     )
   grey = _remove_ruled_lines(np.clip((grey - floor) / (ink - floor), 0.0, 1.0))
-  grey = _remove_frames_and_lines(grey)
+  grey = _remove_frames_and_lines(_remove_frame_runs(grey))
   ink_mask = grey > BOX_THRESHOLD
   if not ink_mask.any():
     raise ImageError("no ink left once the ruled lines were removed")

@@ -1,0 +1,143 @@
+"""Digits as people draw them, generated from valid-split digits and read through
+the same path as ``pixelrnn-jax predict`` (a PNG file, ``images.read_image``,
+``images.prepare``, the shipped pixel model): pen widths from 1 pixel to a bold
+marker, form boxes, baselines, a photographed sheet's dark edges; and inputs
+that hold no digit at all."""
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import ndimage
+from skimage.morphology import skeletonize
+
+from pixelrnn_jax import data
+from pixelrnn_jax import gru_classifier
+from pixelrnn_jax import images
+from pixelrnn_jax import inference
+
+CANVAS = 280  # a drawing canvas: 10x MNIST's 28
+FIRST, COUNT = 100, 20  # valid digits 100..119
+
+
+@pytest.fixture
+def digits(mnist_dir):
+  pixels, labels = data.load_mnist("valid", data_dir=mnist_dir)
+  return pixels[FIRST : FIRST + COUNT], labels[FIRST : FIRST + COUNT]
+
+
+@pytest.fixture(scope="module")
+def model():
+  return gru_classifier.load_pretrained("pixel")
+
+
+def _mask(digit):
+  """The digit's ink on a CANVAS x CANVAS page (bilinear upscaling, then > 0.5)."""
+  big = Image.fromarray((digit * 255).astype(np.uint8)).resize(
+    (CANVAS, CANVAS), Image.Resampling.BILINEAR
+  )
+  return np.asarray(big, np.float32) / 255 > 0.5
+
+
+def _pen(mask, width):
+  """The digit's skeleton drawn with a round pen ``width`` pixels wide."""
+  skeleton = skeletonize(mask)
+  return ndimage.distance_transform_edt(~skeleton) <= (width - 1) / 2
+
+
+def _bold(mask, width):
+  return ndimage.distance_transform_edt(~mask) <= width / 2
+
+
+def _page(ink):
+  """Black ink on white paper, as a grey image in [0, 1]."""
+  return np.where(ink, 0.0, 1.0).astype(np.float32)
+
+
+def _frame(ink, inset, thickness):
+  ink = ink.copy()
+  ink[inset : inset + thickness, inset:-inset] = True
+  ink[-inset - thickness : -inset, inset:-inset] = True
+  ink[inset:-inset, inset : inset + thickness] = True
+  ink[inset:-inset, -inset - thickness : -inset] = True
+  return ink
+
+
+def _baseline(ink, thickness=3):
+  rows = np.nonzero(ink.any(1))[0]
+  cols = np.nonzero(ink.any(0))[0]
+  ink = ink.copy()
+  top = min(rows[-1] + 25, CANVAS - thickness - 2)
+  ink[top : top + thickness, max(cols[0] - 60, 20) : min(cols[-1] + 60, CANVAS - 20)] = True
+  return ink
+
+
+def _photographed(ink, angle=6.0):
+  """The sheet photographed slightly rotated on a dark table: dark wedges at the edges."""
+  paper = Image.fromarray(np.where(ink, 20, 235).astype(np.uint8))
+  rotated = paper.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=35)
+  return np.asarray(rotated, np.float32) / 255
+
+
+VARIANTS = {
+  "clean": lambda mask: _page(_pen(mask, 22)),
+  "pen 1 px": lambda mask: _page(_pen(mask, 1)),
+  "pen 3 px": lambda mask: _page(_pen(mask, 3)),
+  "pen 8 px": lambda mask: _page(_pen(mask, 8)),
+  "bold marker (dilated 31 px)": lambda mask: _page(_bold(mask, 31)),
+  "form box 12 px, 5 px in": lambda mask: _page(_frame(_pen(mask, 3), 5, 12)),
+  "form box 4 px, 30 px in": lambda mask: _page(_frame(_pen(mask, 8), 30, 4)),
+  "baseline under the digit": lambda mask: _page(_baseline(_pen(mask, 8))),
+  "photographed sheet, rotated 6 degrees": lambda mask: _photographed(_pen(mask, 10)),
+}
+# Correct answers of 20, two below what was measured when the reader learnt these
+# variants (20/20 for each but the bold marker's 19/20); the reader before scored
+# 1/20 (pen 1 px), 9/20 (pen 3 px), 5/20 (bold) and 2/20 (box 12 px) on such digits.
+FLOORS = {variant: 18 for variant in VARIANTS} | {"bold marker (dilated 31 px)": 17}
+
+
+def _read_as_the_cli_does(page, path):
+  Image.fromarray(np.round(np.clip(page, 0, 1) * 255).astype(np.uint8)).save(path)
+  return images.prepare(images.read_image(path)).pixels
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_drawn_digits_are_read_as_their_labels(variant, digits, model, tmp_path):
+  pixels, labels = digits
+  read = np.stack(
+    [
+      _read_as_the_cli_does(VARIANTS[variant](_mask(digit)), tmp_path / f"{i}.png")
+      for i, digit in enumerate(pixels)
+    ]
+  )
+  answers = np.asarray(inference.predict(model, read)["label"])
+  correct = int((answers == labels).sum())
+  assert correct >= FLOORS[variant], f"{variant}: {correct}/{len(labels)}"
+
+
+@pytest.mark.parametrize("sigma", [10, 20, 40])
+def test_noise_alone_is_no_digit(sigma, tmp_path):
+  rng = np.random.default_rng(sigma)
+  page = np.clip(0.5 + rng.normal(0, sigma / 255, (CANVAS, CANVAS)), 0, 1)
+  with pytest.raises(images.ImageError, match="no digit-like ink|no ink"):
+    _read_as_the_cli_does(page, tmp_path / "noise.png")
+
+
+@pytest.mark.parametrize("shape", [(3, 3), (5, 40), (40, 5)])
+def test_a_crop_too_small_for_a_digit_is_refused(shape, tmp_path):
+  page = np.ones(shape, np.float32)
+  page[shape[0] // 2, :] = 0.0
+  with pytest.raises(images.ImageError, match="too small to hold a digit|no ink"):
+    _read_as_the_cli_does(page, tmp_path / "crop.png")
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".tif"])
+def test_files_of_several_frames_are_named_not_read_from_frame_0(suffix, digits, tmp_path):
+  pixels, _ = digits
+  frames = [
+    Image.fromarray(np.full((CANVAS, CANVAS), 255, np.uint8)),  # an empty canvas first
+    Image.fromarray(np.round(_page(_pen(_mask(pixels[0]), 8)) * 255).astype(np.uint8)),
+  ]
+  path = tmp_path / f"drawing{suffix}"
+  frames[0].save(path, save_all=True, append_images=frames[1:])
+  with pytest.raises(images.ImageError, match="2 frames"):
+    images.read_image(path)
