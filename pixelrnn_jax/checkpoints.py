@@ -213,11 +213,23 @@ class RunCheckpoints:
     metrics = None if valid_accuracy is None else {METRIC: float(valid_accuracy), "step": step}
     meta = {**meta, "state_sha256": state_digest(state)}
     ocp = _orbax()
-    self._manager.save(
-      step,
-      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-      metrics=metrics,
-    )
+    try:
+      self._manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        metrics=metrics,
+      )
+    except Exception as error:
+      if jax.process_count() > 1:  # maybe a peer is gone: the trainer tells which
+        raise
+      reason = " ".join(str(error).split())
+      reason = reason.rsplit(": ", 1)[-1] if ": " in reason else reason
+      kept = [s for s in self.steps() if s != step]
+      raise OSError(
+        f"could not write checkpoint step {step} in {self.directory} ({reason[:160]}): free"
+        " disk space or choose another --workdir; the last complete checkpoint is "
+        + (str(self.path(kept[-1])) if kept else "none (nothing saved yet)")
+      ) from error
 
   def restore(self, step: int) -> tuple[dict, dict]:
     """(state dict, meta) of ``step``.

@@ -5,6 +5,7 @@
     pixelrnn-jax predict --checkpoint pretrained:pixel digit.png
     pixelrnn-jax plot runs/notebook
     pixelrnn-jax export runs/notebook --out models/notebook.msgpack
+    pixelrnn-jax serve [--checkpoint pretrained:pixel ...] [--port 8000]
 
 The commands' bodies are in ``commands``. Exit codes: 0 done; 1 the run
 failed (non-finite loss, a lost peer) or some predict inputs were unusable;
@@ -25,7 +26,7 @@ import typing
 # Only the standard library at import time: main() must be running (and
 # catching Ctrl-C) before JAX is imported, which takes seconds.
 
-COMMANDS = ("train", "evaluate", "predict", "plot", "export")
+COMMANDS = ("train", "evaluate", "predict", "plot", "export", "serve")
 
 
 def _config():
@@ -41,6 +42,10 @@ def _parse_optional_float(text: str) -> float | None:
 
 def _parse_optional_int(text: str) -> int | None:
   return None if text.lower() in ("none", "off") else int(text)
+
+
+# argparse names the type in its error ("invalid int value: 'two'").
+_parse_optional_float.__name__, _parse_optional_int.__name__ = "float", "int"
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -254,6 +259,32 @@ def build_parser() -> argparse.ArgumentParser:
     "--data-dir", default=None, help="directory of MNIST IDX files for the valid evaluation"
   )
   export.add_argument("--notes", default="", help="free text for the card")
+
+  serve = add_command(
+    "serve",
+    help="a web page to draw a digit and watch the GRU read it, and a JSON API"
+    " (pip install -e '.[serve]')",
+  )
+  serve.add_argument(
+    "--checkpoint",
+    action="append",
+    default=None,
+    metavar="SOURCE",
+    help="a model to serve, named by its source (pretrained:NAME as NAME); repeat for"
+    " several, the first is the default (default: pretrained:pixel and pretrained:permuted)",
+  )
+  serve.add_argument(
+    "--host",
+    default="127.0.0.1",
+    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all)",
+  )
+  serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one)")
+  serve.add_argument(
+    "--max-upload-mb",
+    type=float,
+    default=10.0,
+    help="larger request bodies are refused with 413 before they are read (default 10)",
+  )
   return parser
 
 

@@ -277,3 +277,35 @@ def export(args: argparse.Namespace) -> int:
     f" {Path(args.out).with_suffix('.json')}"
   )
   return 0
+
+
+DEFAULT_SERVED = ("pretrained:pixel", "pretrained:permuted")
+
+
+def serve(args: argparse.Namespace) -> int:
+  """``pixelrnn-jax serve``: the page and JSON API over the ``--checkpoint`` models until
+  Ctrl-C / SIGTERM (then the CLI's signal handler exits 130 / 143)."""
+  if not 0 <= args.port <= 65535:
+    raise ValueError(f"--port {args.port}: expected 0..65535 (0: a free port)")
+  if not args.max_upload_mb > 0:
+    raise ValueError(f"--max-upload-mb {args.max_upload_mb}: expected a positive size")
+  try:
+    from pixelrnn_jax.serve import app as app_lib  # noqa: PLC0415 (the optional extra)
+    from pixelrnn_jax.serve import server  # noqa: PLC0415 (the optional extra)
+  except ImportError as error:
+    if error.name is None or error.name.split(".")[0] == "pixelrnn_jax":
+      raise  # a bug of this package, not a missing extra
+    print(
+      f"pixelrnn-jax serve needs its extra: pip install -e '.[serve]' (no module {error.name!r})",
+      file=sys.stderr,
+    )
+    return 2
+  from pixelrnn_jax.serve import models as models_lib  # noqa: PLC0415
+
+  sock = server.bind(args.host, args.port)  # a taken port fails before the models load
+  served = models_lib.load_all(args.checkpoint or list(DEFAULT_SERVED))
+  app = app_lib.make_app(served, max_upload_mb=args.max_upload_mb)
+  count = f"{len(served)} model{'s' if len(served) > 1 else ''}"
+  print(f"serving {count} on {server.address(sock)} (Ctrl-C to stop)", flush=True)
+  server.run(app, sock)
+  return 0

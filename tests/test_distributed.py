@@ -438,19 +438,29 @@ def _start_pair(tmp_path, per_process, *, steps=20, timeout=20):
 
 
 @pytest.mark.parametrize("failing", [0, 1])
-def test_a_peer_that_fails_at_start_ends_the_others_at_once(tmp_path, failing):
+def test_a_peer_with_bad_data_stops_before_joining_and_the_other_says_it_waits(tmp_path, failing):
+  """Local checks (data, workdir, flags) come before joining: the failing process ends at
+  once with its own line; the healthy one said at start what it waits for, and ends after
+  --distributed-timeout with one line naming the coordinator."""
   _write_fake_idx(tmp_path)
   (tmp_path / "empty").mkdir()
   per_process = [{}, {}]
   per_process[failing] = {"--data-dir": str(tmp_path / "empty")}
+  procs = _start_pair(tmp_path, per_process, timeout=8)
   start = time.monotonic()
-  codes, errors = _finish(_start_pair(tmp_path, per_process), timeout=60)
+  failing_code, failing_err = _finish([procs[failing]], timeout=60)
+  assert time.monotonic() - start < 15  # at once, without waiting for its peer
   other = 1 - failing
-  assert codes[failing] == 2 and codes[other] == peers.PEER_FAILURE_EXIT, errors
-  assert time.monotonic() - start < 15  # told by the failing one, not after the timeout
-  assert "has no train-images-idx3-ubyte" in errors[failing]
-  assert f"stops because process {failing} failed: data directory" in errors[other]
-  assert all("Check failure stack trace" not in e and "Traceback" not in e for e in errors)
+  codes, errors = _finish([procs[other]], timeout=60)
+  assert failing_code == [2] and codes == [peers.PEER_FAILURE_EXIT], (failing_err, errors)
+  assert "has no train-images-idx3-ubyte" in failing_err[0]
+  assert (
+    "waiting for 1 more process at" if other == 0 else "joining the run's coordinator at"
+  ) in errors[0]
+  assert f"process {other} of 2" in errors[0] and "--distributed-timeout" in errors[0]
+  assert all(
+    "Check failure stack trace" not in e and "Traceback" not in e for e in [*failing_err, *errors]
+  )
 
 
 @pytest.mark.parametrize(
@@ -542,3 +552,47 @@ def test_a_second_ctrl_c_to_one_process_ends_every_process_with_one_line(tmp_pat
     and ("stops because process 1 failed: interrupted (SIGINT)" in errors[0])
   ), errors[0][-2000:]
   assert all("Traceback" not in e and "Check failure stack trace" not in e for e in errors)
+
+
+def test_a_process_started_with_another_num_processes_is_refused(tmp_path):
+  """JAX takes process 0's count; the process that asked for another one says so."""
+  _write_fake_idx(tmp_path)
+  codes, errors = _finish(_start_pair(tmp_path, [{}, {"--num-processes": "4"}]), timeout=90)
+  assert codes == [peers.PEER_FAILURE_EXIT, 2], errors
+  message = "--num-processes 4 here, but process 0 started the run with --num-processes 2"
+  assert message in errors[1] and message in errors[0]
+
+
+def test_the_port_probe_lets_a_time_wait_port_through_but_not_a_listener():
+  import socket
+
+  server = socket.socket()
+  # As JAX's coordinator (gRPC) does; on Linux a TIME_WAIT port can be bound again only
+  # when both its old socket and the new one set SO_REUSEADDR.
+  server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  server.bind(("127.0.0.1", 0))
+  server.listen()
+  port = server.getsockname()[1]
+  client = socket.create_connection(("127.0.0.1", port))
+  accepted, _ = server.accept()
+  with pytest.raises(ValueError, match=f"port {port} is not free"):
+    distributed._check_port_free(f"localhost:{port}")  # a program listens there
+  accepted.close()  # the server side closes first: its port sits in TIME_WAIT
+  server.close()
+  client.close()
+  time.sleep(0.5)  # the client's FIN reaches the closed side: TIME_WAIT, nothing else
+  distributed._check_port_free(f"localhost:{port}")  # the previous run's leftovers: free
+
+
+@pytest.mark.parametrize(
+  "address, match",
+  [
+    ("::1:8476", r"an IPv6 address needs brackets, e\.g\. \[::1\]:8476"),
+    ("node:99999", "expected HOST:PORT"),
+    (":8476", "expected HOST:PORT"),
+  ],
+)
+def test_coordinator_addresses_are_checked_before_joining(address, match):
+  with pytest.raises(ValueError, match=match):
+    config_lib.Config(num_processes=2, process_id=0, coordinator_address=address)
+  config_lib.Config(num_processes=2, process_id=0, coordinator_address="[::1]:8476")

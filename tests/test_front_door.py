@@ -60,7 +60,13 @@ def test_verbose_before_or_after_the_subcommand(argv, verbose):
 
 
 _IMPORT_TO_DISTRIBUTION = {"PIL": "pillow", "orbax": "orbax-checkpoint", "skimage": "scikit-image"}
-_OPTIONAL = {"matplotlib": "plot", "tensorflow_datasets": "tfds"}
+_OPTIONAL = {
+  "matplotlib": "plot",
+  "tensorflow_datasets": "tfds",
+  "fastapi": "serve",
+  "starlette": "serve",
+  "uvicorn": "serve",
+}
 
 
 def _third_party_imports() -> set[str]:

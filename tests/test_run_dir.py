@@ -180,3 +180,48 @@ def test_lock_holder_file_is_removed_and_pid_is_ours_while_held(tmp_path):
     holder = json.loads((tmp_path / run_dir.LOCK_HOLDER).read_text())
     assert holder["pid"] == os.getpid()
   assert not (tmp_path / run_dir.LOCK_HOLDER).exists()
+
+
+def _limit_file_size():
+  """In the child: files may not grow past 60 kB (a full disk, for a checkpoint's arrays)."""
+  import resource
+
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+  resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_last_one(tmp_path):
+  own = tmp_path / "data"
+  own.mkdir()
+  write_fake_idx(own)
+  flags = [
+    "--data-dir",
+    str(own),
+    "--no-verify-data",
+    "--order",
+    "row",
+    "--batch-size",
+    "16",
+    "--checkpoint-every",
+    "2",
+    "--eval-every",
+    "100",
+    "--no-progress",
+  ]
+  workdir = tmp_path / "run"
+  command = [sys.executable, "-m", "pixelrnn_jax", "train", "--workdir", str(workdir), *flags]
+  subprocess.run([*command, "--steps", "2"], check=True, capture_output=True, timeout=300)
+  full = subprocess.run(
+    [*command, "--steps", "4"],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    preexec_fn=_limit_file_size,
+  )
+  assert full.returncode == 2
+  errors = [line for line in full.stderr.splitlines() if "error" in line.lower()]
+  assert len(errors) == 1 and "Traceback" not in full.stderr, full.stderr
+  assert "could not write checkpoint step 4" in errors[0]
+  assert f"the last complete checkpoint is {workdir / 'checkpoints' / '2'}" in errors[0]
+  _, _, info = load_model(workdir)  # step 2 is whole and loads
+  assert info["step"] == 2

@@ -67,7 +67,9 @@ class ServedModel:
     per_step = np.asarray(jax.nn.softmax(gru_classifier.apply(self.params, x))[0])  # (T, 10)
     steps, in_dim = per_step.shape[0], preprocessing.NUM_PIXELS // per_step.shape[0]
     if self.early_exit_threshold is not None:
-      steps = int(inference.predict(self.params, x, threshold=self.early_exit_threshold)["steps"][0])
+      steps = int(
+        inference.predict(self.params, x, threshold=self.early_exit_threshold)["steps"][0]
+      )
     final = per_step[steps - 1]
     top3 = np.argsort(-final, kind="stable")[:3]
     return {

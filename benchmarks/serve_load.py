@@ -1,0 +1,183 @@
+"""``pixelrnn-jax serve`` under load: many concurrent clients against a real server.
+
+    python benchmarks/serve_load.py --clients 64 --requests 640
+
+Starts ``pixelrnn-jax serve`` in a subprocess on a free loopback port, then,
+for each kind of request (a 280x280 PNG of a drawn 7 as a multipart upload;
+the same digit's 28x28 pixels as JSON), ``--requests`` requests from
+``--clients`` concurrent httpx ``AsyncClient`` connections (each kind stops
+early at ``--time-limit`` seconds). Reports requests/s, p50 and p99 latency,
+errors, and the server's resident memory (``VmRSS`` of its process) before
+and after; then the same work (decode, model, JSON) in a plain single-thread
+loop in this process, without HTTP, and the ratio of the two rates. Targets
+on 2 cores: no errors, flat memory, p99 <= 1 s at 64 clients.
+
+Needs the ``serve`` extra (``pip install -e '.[serve]'``).
+"""
+
+import argparse
+import asyncio
+import io
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+from PIL import ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+SEVEN = [(70, 55), (210, 55), (120, 240)]  # one stroke on a 280x280 canvas, as on the page
+
+
+def drawn_seven() -> bytes:
+  image = Image.new("L", (280, 280), 0)
+  ImageDraw.Draw(image).line(SEVEN, fill=255, width=20, joint="curve")
+  out = io.BytesIO()
+  image.save(out, "PNG")
+  return out.getvalue()
+
+
+def rss_mb(pid: int) -> float:
+  """A process's resident set size in MB (Linux ``/proc/PID/status``)."""
+  with open(f"/proc/{pid}/status") as status:
+    for line in status:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) / 1024
+  raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+
+
+def start_server(checkpoint: str) -> tuple[subprocess.Popen, str]:
+  process = subprocess.Popen(
+    [sys.executable, "-m", "pixelrnn_jax", "serve", "--port", "0", "--checkpoint", checkpoint],
+    stdout=subprocess.PIPE,
+    text=True,
+    cwd=ROOT,
+  )
+  line = process.stdout.readline()
+  match = re.search(r"on (http://\S+) ", line)
+  if match is None:
+    process.kill()
+    raise RuntimeError(f"the server did not start: {line!r}")
+  return process, match.group(1)
+
+
+async def load(url: str, kind: str, body: dict, *, clients: int, total: int, limit_s: float):
+  """``total`` requests from ``clients`` concurrent connections; latencies and errors."""
+  latencies, errors = [], []
+  issued = 0
+  deadline = time.perf_counter() + limit_s
+  limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+  async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+
+    async def client():
+      nonlocal issued
+      while issued < total and time.perf_counter() < deadline:
+        issued += 1
+        started = time.perf_counter()
+        try:
+          response = await http.post("/api/predict", **body)
+          # The answer's first key, without parsing its 7,840 probabilities here (this
+          # process shares the server's cores).
+          if response.status_code != 200 or not response.content.startswith(b'{"label":7,'):
+            errors.append(f"{response.status_code} {response.text[:80]}")
+        except httpx.HTTPError as error:
+          errors.append(repr(error))
+        latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    elapsed = time.perf_counter() - started
+  return {
+    "kind": kind,
+    "requests": len(latencies),
+    "seconds": elapsed,
+    "rps": len(latencies) / elapsed,
+    "p50_ms": 1000 * float(np.percentile(latencies, 50)),
+    "p99_ms": 1000 * float(np.percentile(latencies, 99)),
+    "errors": len(errors),
+    "first_error": errors[0] if errors else None,
+  }
+
+
+def plain_loop(checkpoint: str, png: bytes, pixels_body: bytes, count: int) -> dict[str, float]:
+  """The same work per request (decode or check, model, JSON) in one Python thread."""
+  from pixelrnn_jax.serve import app as app_lib
+  from pixelrnn_jax.serve import models
+
+  model = models.load(checkpoint)
+  work = {
+    "image": lambda: json.dumps(model.answer(app_lib.image_pixels(png, "seven.png"))),
+    "json": lambda: json.dumps(
+      model.answer(app_lib.check_pixels(json.loads(pixels_body)["pixels"]))
+    ),
+  }
+  rates = {}
+  for kind, once in work.items():
+    once()
+    started = time.perf_counter()
+    for _ in range(count):
+      once()
+    rates[kind] = count / (time.perf_counter() - started)
+  return rates
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--clients", type=int, default=64, help="concurrent connections")
+  parser.add_argument("--requests", type=int, default=640, help="requests per kind")
+  parser.add_argument("--time-limit", type=float, default=300.0, help="seconds per kind, at most")
+  parser.add_argument("--loop", type=int, default=200, help="iterations of the plain loop")
+  parser.add_argument("--checkpoint", default="pretrained:pixel")
+  args = parser.parse_args(argv)
+
+  png = drawn_seven()
+  process, url = start_server(args.checkpoint)
+  try:
+    pixels = httpx.post(
+      url + "/api/predict", files={"file": ("seven.png", png, "image/png")}, timeout=60
+    ).json()["pixels"]
+    pixels_body = json.dumps({"pixels": pixels}).encode()
+    bodies = {
+      "image": {"files": {"file": ("seven.png", png, "image/png")}},
+      "json": {"content": pixels_body, "headers": {"content-type": "application/json"}},
+    }
+    rows = []
+    for kind, body in bodies.items():
+      before = rss_mb(process.pid)
+      row = asyncio.run(
+        load(url, kind, body, clients=args.clients, total=args.requests, limit_s=args.time_limit)
+      )
+      row |= {"rss_before_mb": before, "rss_after_mb": rss_mb(process.pid)}
+      rows.append(row)
+  finally:
+    process.terminate()
+    process.wait(timeout=30)
+
+  rates = plain_loop(args.checkpoint, png, pixels_body, args.loop)
+  print(f"{args.clients} clients, {args.requests} requests per kind, model {args.checkpoint}")
+  print()
+  print(
+    "| request | requests | requests/s | p50 ms | p99 ms | errors | server RSS before -> after"
+    " (MB) | plain loop req/s | server / loop |"
+  )
+  print("|---|---:|---:|---:|---:|---:|---|---:|---:|")
+  for row in rows:
+    row["loop_rps"] = rates[row["kind"]]
+    row["ratio"] = row["rps"] / row["loop_rps"]
+    print(
+      f"| {row['kind']} | {row['requests']} | {row['rps']:.1f} | {row['p50_ms']:.0f} |"
+      f" {row['p99_ms']:.0f} | {row['errors']} | {row['rss_before_mb']:.0f} ->"
+      f" {row['rss_after_mb']:.0f} | {row['loop_rps']:.1f} | {row['ratio']:.2f} |"
+    )
+    if row["first_error"]:
+      print(f"  first error ({row['kind']}): {row['first_error']}")
+  return {"rows": rows}
+
+
+if __name__ == "__main__":
+  main()

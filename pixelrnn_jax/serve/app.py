@@ -1,0 +1,465 @@
+"""The FastAPI application of ``pixelrnn-jax serve``: the page, the JSON API, its errors.
+
+    app = make_app(models.load_all(["pretrained:pixel"]))
+
+Routes: ``GET /`` (the page), ``POST /api/predict``, ``GET /api/models``,
+``GET /healthz``, and FastAPI's ``/docs`` and ``/openapi.json``. Every error
+is JSON ``{"error": "..."}`` naming the problem: 4xx for the request's
+fault, 500 (without a traceback) for the server's. Image decoding and model
+calls run in worker threads, so the event loop keeps answering ``/healthz``
+and the page while predictions queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import mimetypes
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse
+from fastapi.responses import JSONResponse
+from fastapi.responses import Response
+from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from pixelrnn_jax import images
+from pixelrnn_jax.serve import models as models_lib
+
+STATIC_DIR = Path(__file__).parent / "static"
+MAX_UPLOAD_MB = 10.0  # a phone photo is 2-8 MB; more is not a digit worth decoding
+# Pillow warns above MAX_IMAGE_PIXELS (89 M) and only refuses at twice that; a server
+# refuses at the warning, since decoding 100 M+ pixels takes seconds and gigabytes.
+MAX_IMAGE_PIXELS = 89_478_485
+SIZE = models_lib.IMAGE_SHAPE[0]
+# Decoding and model calls at once: one per core. More threads only take turns at the GIL
+# in no fair order (measured: p99 4x p50 with 40), while requests waiting on a FIFO
+# semaphore are answered in arrival order.
+WORKERS = max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(Exception):
+  """A request the API cannot answer: its HTTP status and the one-line reason."""
+
+  def __init__(self, status: int, message: str):
+    super().__init__(message)
+    self.status = status
+    self.message = message
+
+
+# ---------------------------------------------------------------------------- OpenAPI
+
+_ERROR_SCHEMA = {
+  "type": "object",
+  "properties": {"error": {"type": "string", "example": "unknown model 'x'; loaded: pixel"}},
+}
+_PIXELS_SCHEMA = {
+  "type": "array",
+  "minItems": SIZE,
+  "maxItems": SIZE,
+  "items": {
+    "type": "array",
+    "minItems": SIZE,
+    "maxItems": SIZE,
+    "items": {"type": "number", "minimum": 0, "maximum": 1},
+  },
+  "description": "28 rows of 28 values in [0, 1], white digit on black, used as given",
+}
+_PREDICT_DOCS = {
+  "requestBody": {
+    "required": True,
+    "content": {
+      "multipart/form-data": {
+        "schema": {
+          "type": "object",
+          "required": ["file"],
+          "properties": {
+            "file": {
+              "type": "string",
+              "format": "binary",
+              "description": "a digit image (PNG, JPEG, ...; any size, either polarity):"
+              " made MNIST-like as `pixelrnn-jax predict` does",
+            },
+            "model": {"type": "string", "description": "a loaded model's name"},
+          },
+        }
+      },
+      "application/json": {
+        "schema": {
+          "type": "object",
+          "required": ["pixels"],
+          "properties": {
+            "pixels": _PIXELS_SCHEMA,
+            "model": {"type": "string", "description": "a loaded model's name"},
+          },
+        }
+      },
+    },
+  },
+  "responses": {
+    "200": {
+      "description": "the answer, and every class's probability after every pixel read",
+      "content": {
+        "application/json": {
+          "schema": {
+            "type": "object",
+            "properties": {
+              "label": {"type": "integer"},
+              "probability": {"type": "number"},
+              "top3": {
+                "type": "array",
+                "items": {
+                  "type": "object",
+                  "properties": {"label": {"type": "integer"}, "probability": {"type": "number"}},
+                },
+              },
+              "probabilities": {
+                "type": "array",
+                "description": "[784][10]: after the i-th pixel read, in reading order",
+                "items": {"type": "array", "items": {"type": "number"}},
+              },
+              "pixels": _PIXELS_SCHEMA | {"description": "the 28x28 image the model read"},
+              "pixels_read": {"type": "integer", "description": "784, or fewer on early exit"},
+              "order": {
+                "type": "array",
+                "items": {"type": "integer"},
+                "description": "the 784 row-major pixel indices in the order read",
+              },
+              "model": {"type": "string"},
+            },
+          }
+        }
+      },
+    },
+    **{
+      status: {"description": why, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+      for status, why in (
+        ("400", "an empty body, not an image, malformed JSON, an unknown model"),
+        ("413", "a body over the upload limit, or an image with too many pixels"),
+        ("415", "neither multipart/form-data nor application/json"),
+        ("422", "pixels of the wrong shape or values, or an image with no digit"),
+      )
+    },
+  },
+}
+
+
+# ---------------------------------------------------------------------------- the app
+
+
+def make_app(
+  served: list[models_lib.ServedModel],
+  *,
+  max_upload_mb: float = MAX_UPLOAD_MB,
+  workers: int = WORKERS,
+) -> FastAPI:
+  """The application answering with ``served`` (the first is the default model).
+
+  Args:
+    served: loaded models (``models.load_all``), names unique.
+    max_upload_mb: bodies larger than this get 413 before they are parsed.
+    workers: decodings and model calls at once (threads); more requests wait in order.
+
+  Raises:
+    ValueError: no models, or ``max_upload_mb`` not positive.
+  """
+  if not served:
+    raise ValueError("serve needs at least one model")
+  if not max_upload_mb > 0:
+    raise ValueError(f"--max-upload-mb {max_upload_mb}: expected a positive size")
+  by_name = {model.name: model for model in served}
+  limit = int(max_upload_mb * 2**20)
+
+  @contextlib.asynccontextmanager
+  async def lifespan(app: FastAPI):
+    app.state.workers = asyncio.Semaphore(workers)  # made on the server's event loop
+    yield
+
+  app = FastAPI(
+    title="pixelrnn-jax",
+    summary="A GRU that reads a 28x28 digit one pixel at a time, and its answer after each",
+    version=_version(),
+    lifespan=lifespan,
+  )
+  app.state.models = by_name
+
+  async def in_worker(function, *args):
+    """``function(*args)`` in a worker thread, at most ``workers`` at once, in arrival order."""
+    async with app.state.workers:
+      return await run_in_threadpool(function, *args)
+
+  # Errors: always {"error": "..."}, never a traceback in the body.
+  @app.exception_handler(RequestError)
+  async def request_error(request: Request, error: RequestError) -> JSONResponse:
+    del request
+    return JSONResponse({"error": error.message}, status_code=error.status)
+
+  @app.exception_handler(HTTPException)
+  async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+    del request
+    return JSONResponse({"error": str(error.detail)}, status_code=error.status_code)
+
+  @app.exception_handler(RequestValidationError)
+  async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    del request
+    return JSONResponse({"error": f"invalid request: {error.errors()}"}, status_code=422)
+
+  @app.exception_handler(Exception)
+  async def server_error(request: Request, error: Exception) -> JSONResponse:
+    # The traceback goes to the server's log, where the operator looks; the client
+    # gets the exception's type only (its text may hold paths or data).
+    log.error("%s %s failed", request.method, request.url.path, exc_info=error)
+    return JSONResponse(
+      {"error": f"internal server error ({type(error).__name__}); see the server's log"},
+      status_code=500,
+    )
+
+  app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+  @app.get("/", include_in_schema=False)
+  async def page() -> FileResponse:
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+  @app.get("/healthz", summary="liveness: answers while predictions queue")
+  async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+  @app.get("/api/models", summary="the loaded models with their cards; the first is the default")
+  async def list_models() -> dict[str, Any]:
+    return {"default": served[0].name, "models": [model.describe() for model in served]}
+
+  @app.post(
+    "/api/predict",
+    summary="classify one digit: an image file (multipart field `file`) or JSON pixels",
+    openapi_extra=_PREDICT_DOCS,
+    response_class=Response,
+  )
+  async def predict(request: Request) -> Response:
+    body = await _read_body(request, limit)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+      upload, model_name = await _read_form(request, body)
+      model = _choose(by_name, model_name or request.query_params.get("model"), served)
+      data = await upload.read()
+      content = await in_worker(
+        _answer_upload, model, data, upload.filename or "", upload.content_type or ""
+      )
+    elif kind == "application/json" or kind.endswith("+json"):
+      content = await in_worker(
+        _answer_json, by_name, served, body, request.query_params.get("model")
+      )
+    else:
+      raise RequestError(
+        415,
+        f"content type {kind or '(none)'}: send an image as multipart/form-data (field 'file')"
+        ' or JSON {"pixels": [[...28 rows of 28 values in [0, 1]...]]}',
+      )
+    return Response(content, media_type="application/json")
+
+  return app
+
+
+def _version() -> str:
+  from pixelrnn_jax import __version__  # noqa: PLC0415 (the package's __init__ imports JAX)
+
+  return __version__
+
+
+# ---------------------------------------------------------------------------- reading requests
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+  """The whole body, refused (413) as soon as it passes ``limit`` bytes, so a large or
+  endless upload is never held in memory; refused (400) when empty."""
+  declared = request.headers.get("content-length", "")
+  if declared.isdigit() and int(declared) > limit:
+    raise RequestError(413, _too_large(int(declared), limit))
+  chunks, size = [], 0
+  async for chunk in request.stream():
+    size += len(chunk)
+    if size > limit:
+      raise RequestError(413, _too_large(size, limit, at_least=True))
+    chunks.append(chunk)
+  if size == 0:
+    raise RequestError(
+      400,
+      "empty body: send an image file (multipart field 'file') or JSON"
+      ' {"pixels": [[...28 rows of 28 values in [0, 1]...]]}',
+    )
+  return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int, *, at_least: bool = False) -> str:
+  more = "at least " if at_least else ""
+  return (
+    f"body of {more}{size / 2**20:.3g} MB is over the {limit / 2**20:.3g} MB upload limit"
+    " (--max-upload-mb); a digit needs far less: scale the image down"
+  )
+
+
+async def _read_form(request: Request, body: bytes) -> tuple[UploadFile, str | None]:
+  """The upload and the optional model name of a multipart body (already read)."""
+  sent = False
+
+  async def receive() -> dict[str, Any]:
+    nonlocal sent
+    if sent:
+      return {"type": "http.disconnect"}
+    sent = True
+    return {"type": "http.request", "body": body, "more_body": False}
+
+  try:
+    form = await Request(request.scope, receive).form(max_files=1, max_fields=4)
+  except HTTPException as error:  # Starlette's text for a malformed multipart body
+    raise RequestError(400, f"malformed multipart body: {error.detail}") from error
+  upload, model_name = form.get("file"), form.get("model")
+  if not isinstance(upload, UploadFile):
+    fields = ", ".join(sorted(form.keys())) or "none"
+    raise RequestError(400, f"multipart body without a file in field 'file' (fields: {fields})")
+  if model_name is not None and not isinstance(model_name, str):
+    raise RequestError(400, "multipart field 'model' must be text, a loaded model's name")
+  return upload, model_name
+
+
+def _choose(
+  by_name: dict[str, models_lib.ServedModel],
+  name: str | None,
+  served: list[models_lib.ServedModel],
+) -> models_lib.ServedModel:
+  if name is None or name == "":
+    return served[0]
+  if name not in by_name:
+    raise RequestError(400, f"unknown model {name!r}; loaded: {', '.join(by_name)}")
+  return by_name[name]
+
+
+# ---------------------------------------------------------------------------- answering (threads)
+
+
+def _answer_upload(model: models_lib.ServedModel, data: bytes, filename: str, kind: str) -> bytes:
+  """An uploaded image through ``pixelrnn-jax predict``'s reader, then the model."""
+  return _encode(model.answer(image_pixels(data, filename, kind)))
+
+
+def image_pixels(data: bytes, filename: str = "", content_type: str = "") -> np.ndarray:
+  """An uploaded image's bytes as the model sees them, as ``pixelrnn-jax predict`` reads files.
+
+  The bytes go through ``images.read_image`` (which takes a path: a temporary
+  file with the upload's suffix) and ``images.prepare``.
+
+  Args:
+    data: the file's bytes.
+    filename: the upload's name, for its suffix and the error messages.
+    content_type: the upload's type, for a suffix when the name has none.
+
+  Returns:
+    <float32>[28, 28] in [0, 1], white digit on black.
+
+  Raises:
+    RequestError: empty (400), not an image (400), too many pixels (413), no digit (422).
+  """
+  name = Path(filename).name or "upload"
+  if not data:
+    raise RequestError(400, f"{name}: empty file")
+  suffix = Path(name).suffix.lower()[:8]
+  if not suffix:  # the reader goes by the suffix; Pillow then goes by the bytes
+    suffix = mimetypes.guess_extension(content_type.split(";")[0].strip()) or ".png"
+  from PIL import Image  # noqa: PLC0415 (Pillow loads on first use, as in images)
+
+  with tempfile.TemporaryDirectory(prefix="pixelrnn-serve-") as directory:
+    path = os.path.join(directory, "upload" + suffix)
+    with open(path, "wb") as file:
+      file.write(data)
+    _check_pixel_count(path, name)
+    try:
+      grey = images.read_image(path)
+    except images.ImageError as error:  # names the file: ours, renamed as the upload
+      status = 413 if isinstance(error.__cause__, Image.DecompressionBombError) else 400
+      raise RequestError(status, str(error).replace(path, name)) from error
+  try:
+    return images.prepare(grey).pixels
+  except images.ImageError as error:  # read, but no digit in it (no ink, specks)
+    raise RequestError(422, f"{name}: {error}") from error
+
+
+def _check_pixel_count(path: str, name: str) -> None:
+  """Refuses an image whose header claims more than MAX_IMAGE_PIXELS, before decoding."""
+  from PIL import Image  # noqa: PLC0415 (Pillow loads on first use, as in images)
+
+  try:
+    with Image.open(path) as image:
+      width, height = image.size
+  except Image.DecompressionBombError as error:
+    raise RequestError(413, f"{name}: too large to read safely ({error})") from error
+  except Exception:  # noqa: BLE001 (not an image: read_image says why, in its words)
+    return
+  if width * height > MAX_IMAGE_PIXELS:
+    raise RequestError(
+      413,
+      f"{name}: {width}x{height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit"
+      " (a decompression bomb, or a photo to scale down first)",
+    )
+
+
+def _answer_json(
+  by_name: dict[str, models_lib.ServedModel],
+  served: list[models_lib.ServedModel],
+  body: bytes,
+  query_model: str | None,
+) -> bytes:
+  """A JSON body ``{"pixels": [[...]], "model": NAME}``, checked, then the model."""
+  try:
+    payload = json.loads(body)
+  except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+    raise RequestError(400, f"body is not valid JSON ({error})") from error
+  if not isinstance(payload, dict):
+    raise RequestError(
+      422, f'JSON body is a {type(payload).__name__}; expected an object {{"pixels": [[...]]}}'
+    )
+  name = payload.get("model", query_model)
+  if name is not None and not isinstance(name, str):
+    raise RequestError(422, f"model must be a string, a loaded model's name (got {name!r:.40})")
+  model = _choose(by_name, name, served)
+  if "pixels" not in payload:
+    raise RequestError(422, f"JSON body has no 'pixels' (keys: {', '.join(payload) or 'none'})")
+  return _encode(model.answer(check_pixels(payload["pixels"])))
+
+
+def check_pixels(pixels: Any) -> np.ndarray:
+  """JSON pixels as <float32>[28, 28], used as given once checked.
+
+  Raises:
+    RequestError (422): not 28 lists of 28 numbers, or a value not finite or outside [0, 1].
+  """
+  if not isinstance(pixels, list) or len(pixels) != SIZE:
+    what = f"{len(pixels)} rows" if isinstance(pixels, list) else f"a {type(pixels).__name__}"
+    raise RequestError(422, f"pixels is {what}; expected {SIZE} rows of {SIZE} values in [0, 1]")
+  for r, row in enumerate(pixels):
+    if not isinstance(row, list) or len(row) != SIZE:
+      what = f"has {len(row)} values" if isinstance(row, list) else f"is a {type(row).__name__}"
+      raise RequestError(422, f"pixels row {r} {what}; expected {SIZE} values in [0, 1]")
+    for c, value in enumerate(row):
+      if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(422, f"pixels[{r}][{c}] is {value!r:.40}; expected a number in [0, 1]")
+      if not math.isfinite(value) or not 0 <= value <= 1:
+        raise RequestError(422, f"pixels[{r}][{c}] = {value!r}; expected a number in [0, 1]")
+  return np.asarray(pixels, np.float32)
+
+
+def _encode(answer: dict[str, Any]) -> bytes:
+  """JSON bytes, made in the worker thread: 7,840 probabilities take milliseconds."""
+  return json.dumps(answer, separators=(",", ":")).encode()

@@ -1,0 +1,495 @@
+// pixelrnn-jax serve: draw a digit, send it to /api/predict, show how the GRU read it.
+// Plain browser JavaScript, no build step and nothing fetched from elsewhere.
+"use strict";
+
+const SIZE = 28;
+const PIXELS = SIZE * SIZE;
+const STROKE = 20; // px on the 280 px canvas: MNIST's strokes are 2-3 of 28 pixels
+const SEND_EVERY_MS = 150; // while drawing, at most one request per this long
+const PLAY_PIXELS_PER_S = 160; // a whole reading replays in about 5 s
+// d3's category10, with near-black for its grey (a grey answer reads as disabled):
+// ten hues that stay apart on white.
+const COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+                 "#8c564b", "#e377c2", "#222222", "#bcbd22", "#17becf"];
+
+const $ = (id) => document.getElementById(id);
+const canvas = $("canvas");
+const pen = canvas.getContext("2d");
+const seen = $("seen");
+const chart = $("chart");
+
+const state = {
+  models: {},        // name -> the /api/models entry
+  strokes: [],       // each a list of [x, y] canvas points, for undo
+  stroke: null,      // the stroke being drawn
+  background: null,  // a chosen image (ImageBitmap), drawn under the strokes
+  file: null,        // the chosen file itself: sent as it is until a stroke is added
+  result: null,      // the last answer of /api/predict
+  rank: null,        // rank[pixel index] = its position in the reading order
+  cursor: PIXELS,    // pixels read, 1..784, shown in the 28x28 view and the chart
+  playing: false,
+  timer: null,       // the pending send while drawing
+  inFlight: false,   // one request at a time; a change meanwhile sends again after it
+  again: false,
+};
+
+// ---------------------------------------------------------------- models
+
+async function loadModels() {
+  const response = await fetch("/api/models");
+  const body = await response.json();
+  const select = $("model");
+  for (const model of body.models) {
+    state.models[model.name] = model;
+    const option = document.createElement("option");
+    option.value = model.name;
+    const accuracy = model.valid_accuracy == null ? "" :
+      ` (${(100 * model.valid_accuracy).toFixed(2)}% valid)`;
+    option.textContent = `${model.name}${accuracy}`;
+    select.append(option);
+  }
+  select.value = body.default;
+  describeModel();
+}
+
+function describeModel() {
+  const model = state.models[$("model").value];
+  if (!model) return;
+  const order = {
+    pixel: "reads pixels row by row",
+    row: "reads one row of 28 pixels per step",
+    permuted: "reads pixels in a fixed random order (psMNIST)",
+  }[model.order] || `order ${model.order}`;
+  $("model-info").textContent = `${model.name}: ${order}`;
+}
+
+// ---------------------------------------------------------------- drawing
+
+function redraw() {
+  pen.fillStyle = "#000";
+  pen.fillRect(0, 0, canvas.width, canvas.height);
+  if (state.background) {
+    const image = state.background;
+    const scale = Math.min(canvas.width / image.width, canvas.height / image.height);
+    const w = image.width * scale, h = image.height * scale;
+    pen.drawImage(image, (canvas.width - w) / 2, (canvas.height - h) / 2, w, h);
+  }
+  for (const stroke of state.strokes) drawStroke(stroke);
+  if (state.stroke) drawStroke(state.stroke);
+}
+
+function drawStroke(points) {
+  pen.strokeStyle = "#fff";
+  pen.fillStyle = "#fff";
+  pen.lineWidth = STROKE;
+  pen.lineCap = "round";
+  pen.lineJoin = "round";
+  if (points.length === 1) { // a tap is a dot
+    pen.beginPath();
+    pen.arc(points[0][0], points[0][1], STROKE / 2, 0, 2 * Math.PI);
+    pen.fill();
+    return;
+  }
+  pen.beginPath();
+  pen.moveTo(points[0][0], points[0][1]);
+  for (const [x, y] of points.slice(1)) pen.lineTo(x, y);
+  pen.stroke();
+}
+
+function canvasPoint(event) {
+  const box = canvas.getBoundingClientRect();
+  return [(event.clientX - box.left) * canvas.width / box.width,
+          (event.clientY - box.top) * canvas.height / box.height];
+}
+
+canvas.addEventListener("pointerdown", (event) => {
+  if (event.button !== 0) return;
+  event.preventDefault();
+  canvas.setPointerCapture(event.pointerId);
+  state.stroke = [canvasPoint(event)];
+  state.file = null; // from now on the canvas is the input
+  stopPlaying();
+  redraw();
+});
+
+canvas.addEventListener("pointermove", (event) => {
+  if (!state.stroke) return;
+  // Coalesced events: a fast pen or finger moves several points per frame.
+  const events = event.getCoalescedEvents ? event.getCoalescedEvents() : [event];
+  for (const e of (events.length ? events : [event])) state.stroke.push(canvasPoint(e));
+  redraw();
+  sendSoon();
+});
+
+function endStroke() {
+  if (!state.stroke) return;
+  state.strokes.push(state.stroke);
+  state.stroke = null;
+  redraw();
+  sendSoon();
+}
+canvas.addEventListener("pointerup", endStroke);
+canvas.addEventListener("pointercancel", endStroke);
+
+$("undo").addEventListener("click", undo);
+$("clear").addEventListener("click", clear);
+document.addEventListener("keydown", (event) => {
+  if ((event.ctrlKey || event.metaKey) && event.key === "z") { event.preventDefault(); undo(); }
+});
+
+function undo() {
+  if (state.strokes.length) state.strokes.pop();
+  else state.background = null;
+  if (!state.strokes.length && state.background) state.file = state.chosen;
+  redraw();
+  sendSoon();
+}
+
+function clear() {
+  state.strokes = [];
+  state.background = null;
+  state.file = null;
+  redraw();
+  sendSoon();
+}
+
+// ---------------------------------------------------------------- image files
+
+async function useFile(file) {
+  if (!file) return;
+  state.strokes = [];
+  state.file = file;
+  state.chosen = file;
+  try {
+    state.background = await createImageBitmap(file);
+  } catch {
+    state.background = null; // e.g. a .npy array: the server reads it, the browser cannot
+  }
+  redraw();
+  send();
+}
+
+$("file").addEventListener("change", (event) => useFile(event.target.files[0]));
+const drop = $("drop");
+drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (event) => {
+  event.preventDefault();
+  drop.classList.remove("over");
+  useFile(event.dataTransfer.files[0]);
+});
+
+// ---------------------------------------------------------------- asking the server
+
+function sendSoon() {
+  if (state.timer === null) {
+    state.timer = setTimeout(() => { state.timer = null; send(); }, SEND_EVERY_MS);
+  }
+}
+
+function isEmpty() {
+  return !state.strokes.length && !state.stroke && !state.background && !state.file;
+}
+
+async function send() {
+  if (state.inFlight) { state.again = true; return; }
+  if (isEmpty()) { showNothing(); return; }
+  state.inFlight = true;
+  document.body.dataset.busy = "true";
+  try {
+    const form = new FormData();
+    if (state.file) {
+      form.append("file", state.file, state.file.name);
+    } else {
+      const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+      form.append("file", blob, "drawing.png");
+    }
+    form.append("model", $("model").value);
+    const response = await fetch("/api/predict", { method: "POST", body: form });
+    let body;
+    try { body = await response.json(); } catch { body = { error: `HTTP ${response.status}` }; }
+    if (state.again) return; // the input changed meanwhile: only the newest answer counts
+    if (!response.ok) showError(body.error || `HTTP ${response.status}`);
+    else show(body);
+  } catch (error) {
+    if (!state.again) showError(`cannot reach the server (${error.message})`);
+  } finally {
+    state.inFlight = false;
+    document.body.dataset.busy = "false";
+    if (state.again) { state.again = false; send(); }
+  }
+}
+
+$("model").addEventListener("change", () => { describeModel(); send(); });
+
+// ---------------------------------------------------------------- showing the answer
+
+function percent(p) { return `${(100 * p).toFixed(1)}%`; }
+
+function showNothing() {
+  state.result = null;
+  $("answer").innerHTML = '<span class="muted">draw a digit</span>';
+  delete $("answer").dataset.label;
+  $("top3").innerHTML = "";
+  $("error").hidden = true;
+  $("early-exit").hidden = true;
+  $("order-info").innerHTML = "&nbsp;";
+  $("step").innerHTML = "&nbsp;";
+  $("play").disabled = $("scrub").disabled = true;
+  stopPlaying();
+  drawSeen();
+  drawChart();
+}
+
+function showError(message) {
+  showNothing();
+  $("answer").innerHTML = '<span class="muted">no answer</span>';
+  $("error").textContent = message;
+  $("error").hidden = false;
+}
+
+function show(result) {
+  state.result = result;
+  state.rank = new Int32Array(PIXELS);
+  result.order.forEach((pixel, position) => { state.rank[pixel] = position; });
+  state.cursor = result.pixels_read;
+  $("error").hidden = true;
+
+  const answer = $("answer");
+  answer.dataset.label = String(result.label);
+  answer.innerHTML = "";
+  const digit = document.createElement("span");
+  digit.className = "digit";
+  digit.style.color = COLOURS[result.label];
+  digit.textContent = result.label;
+  const text = document.createElement("span");
+  text.innerHTML = `<span class="prob">p = ${result.probability.toFixed(3)}</span><br>` +
+    `<span class="muted small">after ${result.pixels_read} of ${PIXELS} pixels, model ` +
+    `${result.model}</span>`;
+  answer.append(digit, text);
+
+  const top3 = $("top3");
+  top3.innerHTML = "";
+  for (const { label, probability } of result.top3) {
+    const item = document.createElement("li");
+    item.innerHTML = `<span class="label" style="color:${COLOURS[label]}">${label}</span>` +
+      `<span class="bar"><span style="width:${(100 * probability).toFixed(1)}%;` +
+      `background:${COLOURS[label]}"></span></span><span class="value">${percent(probability)}</span>`;
+    top3.append(item);
+  }
+
+  const model = state.models[result.model] || {};
+  const early = $("early-exit");
+  if (model.early_exit_threshold != null) {
+    early.textContent = `Early exit at p \u2265 ${model.early_exit_threshold}: ` +
+      `stopped after ${result.pixels_read} of ${PIXELS} pixels.`;
+    early.hidden = false;
+  } else {
+    early.hidden = true;
+  }
+  $("order-info").textContent = model.order === "permuted"
+    ? "Bright: read so far, in the psMNIST order; red: the pixel being read."
+    : "Bright: read so far, row by row; red: the pixel being read.";
+
+  const scrub = $("scrub");
+  scrub.disabled = $("play").disabled = false;
+  scrub.max = PIXELS;
+  scrub.value = state.cursor;
+  moveCursor(state.cursor);
+}
+
+// ---------------------------------------------------------------- the 28x28 view
+
+const seenPen = seen.getContext("2d");
+const cell = document.createElement("canvas"); // 28x28, scaled up without smoothing
+cell.width = cell.height = SIZE;
+const cellPen = cell.getContext("2d");
+
+function drawSeen() {
+  seenPen.fillStyle = "#000";
+  seenPen.fillRect(0, 0, seen.width, seen.height);
+  const result = state.result;
+  if (!result) return;
+  const image = cellPen.createImageData(SIZE, SIZE);
+  for (let i = 0; i < PIXELS; i++) {
+    const value = result.pixels[Math.floor(i / SIZE)][i % SIZE];
+    const read = state.rank[i] < state.cursor;
+    // Read pixels in grey levels as the model got them; unread ones dimmed and blue,
+    // so the reading order shows as the cursor moves.
+    const grey = Math.round(255 * value);
+    image.data.set(read ? [grey, grey, grey, 255]
+                        : [Math.round(grey * 0.3), Math.round(grey * 0.35) + 18,
+                           Math.round(grey * 0.55) + 34, 255], 4 * i);
+  }
+  cellPen.putImageData(image, 0, 0);
+  seenPen.imageSmoothingEnabled = false;
+  seenPen.drawImage(cell, 0, 0, seen.width, seen.height);
+  // The pixel being read.
+  const scale = seen.width / SIZE;
+  const pixel = result.order[Math.max(state.cursor - 1, 0)];
+  seenPen.strokeStyle = "#ff3b30";
+  seenPen.lineWidth = 3;
+  seenPen.strokeRect((pixel % SIZE) * scale + 1.5, Math.floor(pixel / SIZE) * scale + 1.5,
+                     scale - 3, scale - 3);
+}
+
+// ---------------------------------------------------------------- the chart
+
+const MARGIN = { left: 44, right: 14, top: 12, bottom: 30 };
+
+function chartGeometry() {
+  const dpr = window.devicePixelRatio || 1;
+  const width = chart.clientWidth || 1120, height = chart.clientHeight || 260;
+  if (chart.width !== Math.round(width * dpr) || chart.height !== Math.round(height * dpr)) {
+    chart.width = Math.round(width * dpr);
+    chart.height = Math.round(height * dpr);
+  }
+  const ctx = chart.getContext("2d");
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  const plotW = width - MARGIN.left - MARGIN.right, plotH = height - MARGIN.top - MARGIN.bottom;
+  return {
+    ctx, width, height,
+    x: (step) => MARGIN.left + plotW * step / PIXELS,
+    y: (p) => MARGIN.top + plotH * (1 - p),
+    step: (px) => Math.round((px - MARGIN.left) / plotW * PIXELS),
+  };
+}
+
+function drawChart() {
+  const g = chartGeometry();
+  const { ctx } = g;
+  ctx.clearRect(0, 0, g.width, g.height);
+  ctx.font = "12px system-ui, sans-serif";
+  ctx.lineWidth = 1;
+  // Axes and grid: probability 0..1, pixels read 0..784 (every 4 rows).
+  ctx.strokeStyle = "#e3e7ee";
+  ctx.fillStyle = "#667085";
+  ctx.textAlign = "right";
+  ctx.textBaseline = "middle";
+  for (const p of [0, 0.25, 0.5, 0.75, 1]) {
+    ctx.beginPath(); ctx.moveTo(g.x(0), g.y(p)); ctx.lineTo(g.x(PIXELS), g.y(p)); ctx.stroke();
+    ctx.fillText(p.toFixed(2), g.x(0) - 6, g.y(p));
+  }
+  ctx.textAlign = "center";
+  ctx.textBaseline = "top";
+  for (let step = 0; step <= PIXELS; step += 112) {
+    ctx.beginPath(); ctx.moveTo(g.x(step), g.y(0)); ctx.lineTo(g.x(step), g.y(1)); ctx.stroke();
+    ctx.fillText(String(step), g.x(step), g.y(0) + 5);
+  }
+  ctx.fillText("pixels read", g.x(PIXELS / 2), g.y(0) + 17);
+  const result = state.result;
+  if (!result) {
+    chart.dataset.drawn = "false";
+    return;
+  }
+  const early = (state.models[result.model] || {}).early_exit_threshold;
+  if (early != null) { // where early exit stops
+    ctx.save();
+    ctx.setLineDash([5, 4]);
+    ctx.strokeStyle = "#444";
+    ctx.beginPath(); ctx.moveTo(g.x(result.pixels_read), g.y(0));
+    ctx.lineTo(g.x(result.pixels_read), g.y(1)); ctx.stroke();
+    ctx.fillStyle = "#444";
+    ctx.textAlign = "left";
+    ctx.fillText(`early exit (p \u2265 ${early})`, g.x(result.pixels_read) + 4, g.y(1));
+    ctx.restore();
+  }
+  // One line per class; the answer's on top and thicker.
+  const classes = [...Array(10).keys()].filter((c) => c !== result.label).concat([result.label]);
+  for (const c of classes) {
+    ctx.strokeStyle = COLOURS[c];
+    ctx.lineWidth = c === result.label ? 2.5 : 1.3;
+    ctx.globalAlpha = c === result.label ? 1 : 0.8;
+    ctx.beginPath();
+    result.probabilities.forEach((row, i) => {
+      const x = g.x(i + 1), y = g.y(row[c]);
+      if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
+    });
+    ctx.stroke();
+  }
+  ctx.globalAlpha = 1;
+  // The cursor, linked to the 28x28 view and the scrubber.
+  const x = g.x(state.cursor);
+  ctx.strokeStyle = "#ff3b30";
+  ctx.lineWidth = 1.5;
+  ctx.beginPath(); ctx.moveTo(x, g.y(0)); ctx.lineTo(x, g.y(1)); ctx.stroke();
+  const row = result.probabilities[state.cursor - 1];
+  for (let c = 0; c < 10; c++) {
+    ctx.fillStyle = COLOURS[c];
+    ctx.beginPath(); ctx.arc(x, g.y(row[c]), 3, 0, 2 * Math.PI); ctx.fill();
+  }
+  chart.dataset.drawn = "true";
+  chart.dataset.steps = String(result.probabilities.length);
+}
+
+function drawLegend() {
+  $("legend").innerHTML = COLOURS.map((colour, c) =>
+    `<span><i style="background:${colour}"></i>${c}</span>`).join("");
+}
+
+// ---------------------------------------------------------------- cursor, scrub and play
+
+function moveCursor(pixels) {
+  const result = state.result;
+  if (!result) return;
+  state.cursor = Math.min(Math.max(Math.round(pixels), 1), PIXELS);
+  $("scrub").value = state.cursor;
+  const pixel = result.order[state.cursor - 1];
+  const row = result.probabilities[state.cursor - 1];
+  let leader = 0;
+  for (let c = 1; c < 10; c++) if (row[c] > row[leader]) leader = c;
+  $("step").textContent = `${state.cursor} of ${PIXELS} pixels read (now row ` +
+    `${Math.floor(pixel / SIZE)}, column ${pixel % SIZE}): leading ${leader} at ${percent(row[leader])}`;
+  drawSeen();
+  drawChart();
+}
+
+$("scrub").addEventListener("input", (event) => { stopPlaying(); moveCursor(+event.target.value); });
+
+function chartPointer(event) {
+  if (!state.result) return;
+  stopPlaying();
+  const box = chart.getBoundingClientRect();
+  moveCursor(chartGeometry().step(event.clientX - box.left));
+}
+chart.addEventListener("pointerdown", (event) => {
+  chart.setPointerCapture(event.pointerId);
+  chartPointer(event);
+});
+chart.addEventListener("pointermove", (event) => {
+  if (chart.hasPointerCapture(event.pointerId)) chartPointer(event);
+});
+
+$("play").addEventListener("click", () => (state.playing ? stopPlaying() : play()));
+
+function play() {
+  if (!state.result) return;
+  if (state.cursor >= PIXELS) moveCursor(1);
+  state.playing = true;
+  $("play").innerHTML = "&#10074;&#10074; Pause";
+  let last = performance.now();
+  const frame = (now) => {
+    if (!state.playing) return;
+    moveCursor(state.cursor + Math.max(1, (now - last) * PLAY_PIXELS_PER_S / 1000));
+    last = now;
+    if (state.cursor >= PIXELS) stopPlaying();
+    else requestAnimationFrame(frame);
+  };
+  requestAnimationFrame(frame);
+}
+
+function stopPlaying() {
+  state.playing = false;
+  $("play").innerHTML = "&#9654; Play";
+}
+
+window.addEventListener("resize", drawChart);
+
+// ---------------------------------------------------------------- start
+
+redraw();
+drawLegend();
+showNothing();
+loadModels().then(() => { document.body.dataset.ready = "true"; }).catch((error) => {
+  showError(`cannot load the models (${error.message})`);
+});

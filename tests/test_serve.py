@@ -1,0 +1,511 @@
+"""``pixelrnn-jax serve``: the JSON API (answers, every bad input, concurrency), the
+command (start line, busy port, Ctrl-C / SIGTERM, missing extra) and the page in a real
+headless Chromium.
+
+Needs the ``serve`` extra (skipped without it); the browser test also needs
+``/usr/bin/chromium`` and the ``browser`` extra (playwright). With
+``PIXELRNN_JAX_CI=1`` nothing is skipped: a missing piece fails.
+"""
+
+import concurrent.futures
+import io
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CI = os.environ.get("PIXELRNN_JAX_CI") == "1"
+if not CI:
+  pytest.importorskip("fastapi", reason="needs the serve extra: pip install -e '.[serve]'")
+  pytest.importorskip("httpx", reason="needs the serve extra: pip install -e '.[serve]'")
+
+import httpx  # noqa: E402
+
+with warnings.catch_warnings():  # Starlette 1.x would rather have httpx2; httpx still works
+  warnings.simplefilter("ignore")
+  from fastapi.testclient import TestClient
+from PIL import Image  # noqa: E402
+from PIL import ImageDraw  # noqa: E402
+
+from pixelrnn_jax import preprocessing  # noqa: E402
+from pixelrnn_jax.serve import app as app_lib  # noqa: E402
+from pixelrnn_jax.serve import models as models_lib  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SEVEN = ROOT / "examples" / "seven.png"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+  "--headless",
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+  "--no-first-run",
+]
+# Digits drawn as a user would on the page's 280x280 canvas: white strokes, 20 px wide.
+STROKES = {
+  0: [[(140, 40), (200, 80), (215, 140), (200, 200), (140, 240), (80, 200), (65, 140), (80, 80)]]
+  + [[(80, 80), (140, 40)]],
+  1: [[(140, 40), (140, 240)]],
+  2: [[(80, 90), (120, 50), (180, 55), (200, 100), (170, 150), (80, 230), (210, 230)]],
+  3: [[(80, 60), (190, 60), (130, 130), (200, 180), (140, 235), (80, 215)]],
+  4: [[(170, 40), (70, 170), (220, 170)], [(170, 40), (170, 245)]],
+  7: [[(70, 55), (210, 55), (120, 240)]],
+}
+
+
+def drawn_png(digit: int, *, size: int = 280) -> bytes:
+  image = Image.new("L", (size, size), 0)
+  pen = ImageDraw.Draw(image)
+  for stroke in STROKES[digit]:
+    pen.line(
+      [(x * size / 280, y * size / 280) for x, y in stroke], fill=255, width=20, joint="curve"
+    )
+  out = io.BytesIO()
+  image.save(out, "PNG")
+  return out.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+  """A small PNG whose header claims width x height pixels (a decompression bomb's shape)."""
+  out = io.BytesIO()
+  Image.new("L", (8, 8), 0).save(out, "PNG")
+  data = bytearray(out.getvalue())
+  start = data.index(b"IHDR")  # length (4) | "IHDR" | width, height, ... (13) | CRC (4)
+  data[start + 4 : start + 12] = struct.pack(">II", width, height)
+  crc = zlib.crc32(bytes(data[start : start + 17]))
+  data[start + 17 : start + 21] = struct.pack(">I", crc)
+  return bytes(data)
+
+
+@pytest.fixture(scope="module")
+def served():
+  return models_lib.load_all(["pretrained:pixel", "pretrained:permuted"])
+
+
+@pytest.fixture(scope="module")
+def client(served):
+  with TestClient(app_lib.make_app(served)) as client:
+    yield client
+
+
+def upload(client, data: bytes, name: str = "digit.png", kind: str = "image/png", **fields):
+  return client.post("/api/predict", files={"file": (name, data, kind)}, data=fields)
+
+
+# ---------------------------------------------------------------------------- answers
+
+
+def test_an_uploaded_seven_is_read_as_seven_with_every_step(client):
+  response = upload(client, SEVEN.read_bytes(), "seven.png")
+  assert response.status_code == 200, response.text
+  body = response.json()
+  assert body["label"] == 7 and body["model"] == "pixel"
+  assert body["top3"][0] == {"label": 7, "probability": body["probability"]}
+  assert [t["probability"] for t in body["top3"]] == sorted(
+    (t["probability"] for t in body["top3"]), reverse=True
+  )
+  probabilities = np.array(body["probabilities"])
+  assert probabilities.shape == (784, 10)
+  np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-4)
+  assert probabilities[-1].argmax() == 7
+  assert np.array(body["pixels"]).shape == (28, 28)
+  assert body["pixels_read"] == 784
+  assert body["order"] == list(range(784))
+
+
+def test_the_upload_is_read_as_the_predict_command_reads_the_file(client, served):
+  from pixelrnn_jax import images
+
+  expected = images.prepare(images.read_image(SEVEN)).pixels
+  body = upload(client, SEVEN.read_bytes(), "seven.png").json()
+  np.testing.assert_allclose(np.array(body["pixels"]), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("digit", sorted(STROKES))
+def test_drawn_digits_are_read_as_their_labels_by_both_models(client, digit):
+  for model in ("pixel", "permuted"):
+    body = upload(client, drawn_png(digit), model=model).json()
+    assert (body["label"], body["model"]) == (digit, model)
+
+
+def test_json_pixels_are_used_as_given_and_the_permuted_model_returns_its_order(client, served):
+  pixels = np.array(upload(client, drawn_png(4)).json()["pixels"])
+  response = client.post("/api/predict", json={"pixels": pixels.tolist(), "model": "permuted"})
+  body = response.json()
+  assert response.status_code == 200 and body["label"] == 4
+  assert body["order"] == preprocessing.permutation().tolist()
+  np.testing.assert_allclose(np.array(body["pixels"]), pixels, atol=1e-4)
+  direct = served[1].answer(pixels.astype(np.float32))
+  np.testing.assert_allclose(body["probabilities"], direct["probabilities"], atol=1e-5)
+
+
+def test_models_health_page_and_openapi(client):
+  assert client.get("/healthz").json() == {"status": "ok"}
+  listing = client.get("/api/models").json()
+  assert listing["default"] == "pixel"
+  assert [(m["name"], m["source"], m["order"]) for m in listing["models"]] == [
+    ("pixel", "pretrained:pixel", "pixel"),
+    ("permuted", "pretrained:permuted", "permuted"),
+  ]
+  assert listing["models"][0]["valid_accuracy"] == listing["models"][0]["card"]["valid_accuracy"]
+  assert listing["models"][0]["early_exit_threshold"] is None
+  page = client.get("/")
+  assert page.status_code == 200 and 'id="canvas"' in page.text
+  assert "http" not in re.sub(r'href="/[^"]*"', "", page.text)  # nothing from the internet
+  for name in ("app.js", "style.css"):
+    assert client.get(f"/static/{name}").status_code == 200
+  schema = client.get("/openapi.json").json()
+  content = schema["paths"]["/api/predict"]["post"]["requestBody"]["content"]
+  assert set(content) == {"multipart/form-data", "application/json"}
+  assert client.get("/docs").status_code == 200
+
+
+def test_an_early_exit_threshold_on_the_card_stops_reading(served):
+  import dataclasses
+
+  early = dataclasses.replace(served[0], early_exit_threshold=0.9)
+  with TestClient(app_lib.make_app([early])) as client:
+    body = upload(client, SEVEN.read_bytes(), "seven.png").json()
+    assert body["label"] == 7 and body["pixels_read"] < 784
+    assert body["probability"] >= 0.9
+    assert client.get("/api/models").json()["models"][0]["early_exit_threshold"] == 0.9
+
+
+# ---------------------------------------------------------------------------- bad input
+
+WHITE = Image.new("L", (60, 60), 255)
+
+
+def _png(image) -> bytes:
+  out = io.BytesIO()
+  image.save(out, "PNG")
+  return out.getvalue()
+
+
+@pytest.mark.parametrize(
+  "request_kwargs, status, text",
+  [
+    (dict(content=b""), 400, "empty body"),
+    (dict(files={"file": ("a.png", b"", "image/png")}), 400, "a.png: empty file"),
+    (dict(files={"file": ("a.png", b"%PDF-1.4 hello", "image/png")}), 400, "not a readable image"),
+    (dict(files={"file": ("a.txt", b"hello", "text/plain")}), 400, "unsupported file type .txt"),
+    (dict(files={"file": ("a.png", _png(WHITE), "image/png")}), 422, "a.png: no ink"),
+    (dict(files={"b.png": ("b.png", b"x", "image/png")}), 400, "without a file in field 'file'"),
+    (
+      dict(content=b"hello", headers={"content-type": "text/plain"}),
+      415,
+      "content type text/plain",
+    ),
+    (dict(content=b"{nope", headers={"content-type": "application/json"}), 400, "not valid JSON"),
+    (dict(json=[1, 2]), 422, "expected an object"),
+    (dict(json={"image": []}), 422, "no 'pixels'"),
+    (dict(json={"pixels": [[0.0] * 28] * 27}), 422, "27 rows"),
+    (dict(json={"pixels": [[0.0] * 28] * 27 + [[0.0] * 3]}), 422, "row 27 has 3 values"),
+    (dict(json={"pixels": "zeros"}), 422, "pixels is a str"),
+    (dict(json={"pixels": [[0.0] * 28] * 27 + [[0.0] * 27 + [1.5]]}), 422, "pixels[27][27] = 1.5"),
+    (dict(json={"pixels": [[0.0] * 28] * 27 + [[0.0] * 27 + ["a"]]}), 422, "pixels[27][27] is 'a'"),
+    (
+      dict(
+        content=b'{"pixels": [' + b",".join([b"[" + b",".join([b"NaN"] * 28) + b"]"] * 28) + b"]}",
+        headers={"content-type": "application/json"},
+      ),
+      422,
+      "pixels[0][0] = nan",
+    ),
+    (
+      dict(json={"pixels": [[0.0] * 28] * 28, "model": "nope"}),
+      400,
+      "unknown model 'nope'; loaded: pixel, permuted",
+    ),
+    (dict(json={"pixels": [[0.0] * 28] * 28, "model": 3}), 422, "model must be a string"),
+    (
+      dict(files={"file": ("a.png", b"x", "image/png")}, data={"model": "nope"}),
+      400,
+      "unknown model 'nope'",
+    ),
+    (dict(files={"file": ("bomb.png", png_claiming(30000, 30000), "image/png")}), 413, "bomb.png"),
+    (
+      dict(files={"file": ("big.png", png_claiming(10000, 10000), "image/png")}),
+      413,
+      "10000x10000 pixels",
+    ),
+  ],
+  ids=lambda value: value if isinstance(value, str) else None,
+)
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # then refused
+def test_bad_input_is_a_4xx_naming_the_problem(client, request_kwargs, status, text):
+  response = client.post("/api/predict", **request_kwargs)
+  assert response.status_code == status, response.text
+  body = response.json()
+  assert set(body) == {"error"} and text in body["error"], body
+  assert "Traceback" not in response.text
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(served):
+  with TestClient(app_lib.make_app(served, max_upload_mb=0.01)) as client:
+    large = SEVEN.read_bytes() + b"\0" * 20_000
+    response = upload(client, large, "seven.png")
+    assert response.status_code == 413 and "0.01 MB upload limit" in response.json()["error"]
+
+    def chunks():  # no Content-Length: the limit holds on the stream itself
+      for _ in range(20):
+        yield b"\0" * 1000
+
+    response = client.post(
+      "/api/predict", content=chunks(), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413 and "at least" in response.json()["error"]
+    assert client.get("/healthz").status_code == 200
+
+
+def test_an_unexpected_failure_is_a_json_500_without_traceback(served):
+  import dataclasses
+
+  broken = dataclasses.replace(served[0], params=None)  # the model call fails inside
+  app = app_lib.make_app([broken])
+  with TestClient(app, raise_server_exceptions=False) as client:
+    response = upload(client, SEVEN.read_bytes(), "seven.png")
+    assert response.status_code == 500
+    assert set(response.json()) == {"error"} and "internal server error" in response.text
+    assert "Traceback" not in response.text and "File " not in response.text
+    assert client.get("/nowhere").json() == {"error": "Not Found"}
+
+
+def test_default_models_and_duplicate_names():
+  from pixelrnn_jax import cli
+
+  args = cli.build_parser().parse_args(["serve"])
+  assert (args.checkpoint, args.host, args.port, args.max_upload_mb) == (
+    None,
+    "127.0.0.1",
+    8000,
+    10,
+  )
+  with pytest.raises(ValueError, match="pixel given more than once"):
+    models_lib.load_all(["pretrained:pixel", "pretrained:pixel"])
+  with pytest.raises(FileNotFoundError, match="no pretrained weights named 'nope'"):
+    models_lib.load_all(["pretrained:nope"])
+
+
+# ---------------------------------------------------------------------------- a real server
+
+
+def _start(*flags: str) -> tuple[subprocess.Popen, str]:
+  """``pixelrnn-jax serve --port 0 FLAGS`` and its address, from its one start line."""
+  process = subprocess.Popen(
+    [sys.executable, "-m", "pixelrnn_jax", "serve", "--port", "0", *flags],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    cwd=ROOT,
+  )
+  lines = []
+  reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
+  reader.start()
+  reader.join(timeout=120)
+  match = re.fullmatch(
+    r"serving \d+ models? on (http://127\.0\.0\.1:\d+) \(Ctrl-C to stop\)\n", "".join(lines)
+  )
+  if match is None:
+    process.kill()
+    raise AssertionError(f"no start line: {lines!r}; stderr: {process.communicate()[1]}")
+  return process, match.group(1)
+
+
+@pytest.fixture(scope="module")
+def server():
+  """The command with its default models (pretrained:pixel and pretrained:permuted)."""
+  process, url = _start()
+  yield url
+  process.send_signal(signal.SIGINT)
+  process.communicate(timeout=30)
+
+
+def test_concurrent_requests_each_get_their_own_answer(server, served):
+  jobs = []  # (kind, digit, model): uploads and JSON pixels, both models, 16 at once
+  for i, digit in enumerate(list(STROKES) * 3):
+    jobs.append(("file" if i % 2 else "json", digit, ("pixel", "permuted")[i % 3 == 0]))
+  jobs = jobs[:16]
+  pixels = {digit: app_lib.image_pixels(drawn_png(digit), "d.png") for digit in STROKES}
+  by_name = {model.name: model for model in served}
+  expected = [by_name[model].answer(pixels[digit]) for _, digit, model in jobs]
+
+  def ask(job):
+    kind, digit, model = job
+    with httpx.Client(base_url=server, timeout=60) as http:
+      if kind == "file":
+        return http.post(
+          "/api/predict",
+          files={"file": (f"{digit}.png", drawn_png(digit), "image/png")},
+          data={"model": model},
+        ).json()
+      return http.post(
+        "/api/predict", json={"pixels": pixels[digit].tolist(), "model": model}
+      ).json()
+
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    answers = list(pool.map(ask, jobs))
+  for job, answer, want in zip(jobs, answers, expected):
+    assert (answer["label"], answer["model"]) == (job[1], job[2]), job
+    assert answer["label"] == want["label"]
+    np.testing.assert_allclose(answer["probabilities"], want["probabilities"], atol=2e-5)
+
+
+def test_health_answers_while_predictions_queue(server):
+  import time
+
+  def ask(_):
+    with httpx.Client(base_url=server, timeout=120) as http:
+      return http.post(
+        "/api/predict", files={"file": ("7.png", drawn_png(7, size=1000), "image/png")}
+      ).status_code
+
+  with concurrent.futures.ThreadPoolExecutor(24) as pool:
+    queued = pool.map(ask, range(24))
+    time.sleep(0.3)
+    with httpx.Client(base_url=server, timeout=10) as http:
+      started = time.perf_counter()
+      assert http.get("/healthz").json() == {"status": "ok"}
+      assert http.get("/").status_code == 200
+      waited = time.perf_counter() - started
+    assert set(queued) == {200}
+  assert waited < 2.0, waited
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_stop_it_with_one_line(signum, code):
+  process, url = _start("--checkpoint", "pretrained:pixel")
+  assert httpx.get(url + "/healthz", timeout=10).json() == {"status": "ok"}
+  process.send_signal(signum)
+  out, err = process.communicate(timeout=30)
+  assert process.returncode == code
+  assert err.strip().splitlines() == [
+    f"pixelrnn-jax serve: {('interrupted', 'terminated')[code == 143]} ({signal.Signals(signum).name})"
+  ]
+  assert "Traceback" not in out + err
+
+
+def test_a_busy_port_is_one_line_and_exit_2():
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    result = subprocess.run(
+      [sys.executable, "-m", "pixelrnn_jax", "serve", "--port", str(port)],
+      capture_output=True,
+      text=True,
+      timeout=120,
+      cwd=ROOT,
+    )
+  assert result.returncode == 2
+  assert result.stderr.splitlines() == [
+    f"pixelrnn-jax serve: error: 127.0.0.1:{port} is already in use (another server?);"
+    " choose another --port"
+  ]
+
+
+def test_without_the_extra_it_says_how_to_install_it():
+  code = (
+    "import sys; sys.modules['fastapi'] = None; from pixelrnn_jax import cli;"
+    " sys.exit(cli.main(['serve']))"
+  )
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+  assert result.returncode == 2
+  assert result.stderr.splitlines() == [
+    "pixelrnn-jax serve needs its extra: pip install -e '.[serve]' (no module 'fastapi')"
+  ]
+
+
+# ---------------------------------------------------------------------------- the page, in Chromium
+
+
+def _playwright():
+  missing = []
+  if not os.path.exists(CHROMIUM):
+    missing.append(f"{CHROMIUM} (apt-get install chromium)")
+  try:
+    from playwright.sync_api import sync_playwright
+  except ImportError:
+    sync_playwright = None
+    missing.append("playwright (pip install -e '.[browser]')")
+  if missing:
+    if CI:
+      pytest.fail(f"PIXELRNN_JAX_CI=1 and the browser test lacks {', '.join(missing)}")
+    pytest.skip(f"the browser test needs {', '.join(missing)}")
+  return sync_playwright
+
+
+def test_the_page_reads_a_digit_drawn_with_the_mouse(server):
+  sync_playwright = _playwright()
+  with sync_playwright() as playwright:
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    try:
+      page = browser.new_page(viewport={"width": 1200, "height": 900})
+      failed = []
+      page.on("pageerror", lambda error: failed.append(str(error)))
+      page.on("requestfailed", lambda request: failed.append(request.url))
+      page.goto(server + "/")
+      page.wait_for_selector("body[data-ready='true']", timeout=20_000)
+      assert page.locator("#model option").all_text_contents() == [
+        "pixel (98.80% valid)",
+        "permuted (93.58% valid)",
+      ]
+      box = page.locator("#canvas").bounding_box()
+      scale = box["width"] / 280
+
+      def at(x, y):
+        return box["x"] + x * scale, box["y"] + y * scale
+
+      # A 7: along the top, then down to the left, in one stroke.
+      (start, *rest) = STROKES[7][0]
+      page.mouse.move(*at(*start))
+      page.mouse.down()
+      for point in rest:
+        page.mouse.move(*at(*point), steps=12)
+      page.mouse.up()
+      page.wait_for_selector("#answer[data-label='7']", timeout=20_000)
+      page.wait_for_function("document.body.dataset.busy === 'false'")
+      assert page.locator("#top3 li").count() == 3
+      assert page.locator("#top3 li .label").first.text_content() == "7"
+      assert page.get_attribute("#chart", "data-drawn") == "true"
+      assert page.get_attribute("#chart", "data-steps") == "784"
+      lit = page.evaluate(
+        """() => {
+          const c = document.getElementById('seen');
+          const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+          let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i] > 128) n++;
+          return n; }"""
+      )
+      assert lit > 1000  # the 28x28 view shows the digit
+      assert page.is_hidden("#error") and page.is_hidden("#early-exit")
+      # The scrubber moves the cursor in the chart and the 28x28 view.
+      page.locator("#scrub").fill("392")
+      assert page.locator("#step").text_content().startswith("392 of 784 pixels read (now row 13,")
+      if os.environ.get("PIXELRNN_JAX_SCREENSHOT"):  # mid-reading: the cursor shows in both
+        page.locator("#scrub").fill("300")
+        page.screenshot(path=str(ROOT / os.environ["PIXELRNN_JAX_SCREENSHOT"]), full_page=True)
+      # Another model answers the same drawing; undo and clear empty the page.
+      page.select_option("#model", "permuted")
+      page.wait_for_function(
+        "document.querySelector('#answer').textContent.includes('model permuted')",
+        timeout=20_000,
+      )
+      assert page.get_attribute("#answer", "data-label") == "7"
+      page.click("#undo")
+      page.wait_for_selector("#answer:not([data-label])", timeout=5_000)
+      assert page.get_attribute("#chart", "data-drawn") == "false"
+      assert failed == []
+    finally:
+      browser.close()
