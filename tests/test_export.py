@@ -1,0 +1,71 @@
+"""``pixelrnn-jax export``: a run's best weights and their card to a file the user
+names, read back by every loader; a failed export leaves existing files alone."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pixelrnn_jax import cli
+from pixelrnn_jax import gru_classifier
+from pixelrnn_jax import model_io
+from pixelrnn_jax.checkpoints import CheckpointError
+from pixelrnn_jax.training import config as config_lib
+from pixelrnn_jax.training import loop
+from tests.helpers import SMALL
+
+
+@pytest.fixture
+def run(tmp_path, toy_data):
+  workdir = tmp_path / "run"
+  loop.train_and_evaluate(config_lib.Config(**SMALL), workdir, progress=False)
+  return workdir
+
+
+def test_export_writes_weights_and_card_that_load_as_the_run(run, tmp_path, mnist_dir, capsys):
+  out = tmp_path / "models" / "toy.msgpack"
+  assert cli.main(["export", str(run), "--out", str(out), "--data-dir", mnist_dir]) == 0
+  assert str(out) in capsys.readouterr().out
+  card = json.loads(out.with_suffix(".json").read_text())
+  assert card["source"]["step"] == model_io.read(run).step
+  assert card["config"]["num_units"] == 8 and card["config"]["data_dir"] is None
+  assert 0 <= card["valid_accuracy"] <= 1 and len(card["sha256"]) == 64
+  x = np.random.default_rng(0).uniform(size=(3, 28, 28)).astype(np.float32)
+  np.testing.assert_array_equal(
+    gru_classifier.apply(gru_classifier.load(out), x),
+    gru_classifier.apply(gru_classifier.load(run), x),
+  )
+  assert model_io.read(out).card == card
+  assert sorted(p.name for p in out.parent.iterdir()) == ["toy.json", "toy.msgpack"]
+
+
+def test_a_failed_export_leaves_the_existing_files_untouched(run, tmp_path, capsys):
+  out = tmp_path / "keep.msgpack"
+  out.write_bytes(b"the user's earlier export")
+  out.with_suffix(".json").write_text("{}")
+  code = cli.main(["export", str(run), "--out", str(out), "--data-dir", str(tmp_path / "none")])
+  assert code == 2
+  assert "none" in capsys.readouterr().err
+  assert out.read_bytes() == b"the user's earlier export"
+  assert out.with_suffix(".json").read_text() == "{}"
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("name", ["weights.json", "weights", "dir"])
+def test_export_names_are_checked_before_any_work(run, tmp_path, capsys, name):
+  out = tmp_path / name
+  if name == "dir":
+    out = tmp_path / "dir.msgpack"
+    out.mkdir()
+  assert cli.main(["export", str(run), "--out", str(out)]) == 2
+  assert "--out" in capsys.readouterr().err
+
+
+def test_a_tampered_export_fails_its_card_checksum(run, tmp_path, mnist_dir):
+  out = tmp_path / "w.msgpack"
+  assert cli.main(["export", str(run), "--out", str(out), "--data-dir", mnist_dir]) == 0
+  blob = bytearray(out.read_bytes())
+  blob[-3] ^= 0x01
+  out.write_bytes(bytes(blob))
+  with pytest.raises(CheckpointError, match="does not match the recorded"):
+    gru_classifier.load(out)
