@@ -316,6 +316,25 @@ def test_resume_with_more_steps_warns_that_the_cosine_schedule_stretches(
   assert f"from {before:.3g} to {after:.3g}" in warnings[0]
 
 
+def test_shortening_a_step_schedule_before_its_drop_says_the_run_is_unchanged(
+  tmp_path, toy_data, caplog
+):
+  config = config_lib.Config(
+    **{**SMALL, "steps": 20, "lr_schedule": "warmup_step", "warmup_steps": 1}
+  )
+  loop.train_and_evaluate(config.replace(steps=4), tmp_path, progress=False)
+  # As if a 20-step run had been stopped at step 4 (its drop at 16, still ahead) ...
+  recorded = json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps({**recorded, "steps": 20}))
+  shorter = config.replace(steps=10)  # ... and resumed as a 10-step run: drop at 8 > 4
+  with caplog.at_level(logging.WARNING, logger="pixelrnn_jax"):
+    loop.train_and_evaluate(shorter, tmp_path, progress=False)
+  warnings = [r.getMessage() for r in caplog.records if "reshapes" in r.getMessage()]
+  assert len(warnings) == 1 and "drops tenfold at step 8" in warnings[0]
+  assert "the steps taken so far had the same rates" in warnings[0]
+  assert warnings[0].endswith("equals a fresh run with --steps 10")
+
+
 def test_resume_with_more_steps_and_a_constant_rate_does_not_warn(tmp_path, toy_data, caplog):
   config = config_lib.Config(**SMALL)
   loop.train_and_evaluate(config, tmp_path, progress=False)

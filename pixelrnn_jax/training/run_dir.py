@@ -198,27 +198,34 @@ def latest_step(workdir: Path) -> int | None:
 
 
 def _warn_if_schedule_changes(previous, config, step: int) -> None:
-  """A new --steps on resume reshapes a warmup_cosine or warmup_step schedule: say so, with numbers."""
+  """A new --steps on resume reshapes a warmup_cosine or warmup_step schedule: say so, with
+  numbers, and whether the steps already taken had the new schedule's rates."""
   if config.lr_schedule == "constant":
     return
-  before = float(step_lib.make_schedule(previous)(step))
-  after = float(step_lib.make_schedule(config)(step))
+  steps_taken = np.arange(step + 1)
+  old_rates = np.asarray(step_lib.make_schedule(previous)(steps_taken))
+  new_rates = np.asarray(step_lib.make_schedule(config)(steps_taken))
   shape = (
     f"decays to 0 at step {config.steps}"
     if config.lr_schedule == "warmup_cosine"
     else f"drops tenfold at step {round(config.lr_drop_at * config.steps)}"
   )
+  same = (
+    "the steps taken so far had the same rates, so this run equals a fresh run with"
+    if np.array_equal(old_rates, new_rates)
+    else "this run is no longer the same as a fresh run with"
+  )
   log.warning(
     "resuming at step %d with steps %d -> %d reshapes the %s schedule: the learning"
-    " rate there goes from %.3g to %.3g and %s; this run is no longer the same as a"
-    " fresh run with --steps %d",
+    " rate there goes from %.3g to %.3g and %s; %s --steps %d",
     step,
     previous.steps,
     config.steps,
     config.lr_schedule,
-    before,
-    after,
+    float(old_rates[-1]),
+    float(new_rates[-1]),
     shape,
+    same,
     config.steps,
   )
 
