@@ -128,8 +128,8 @@ def config_from_flags(args: argparse.Namespace):
     return config_lib.RECIPES[args.recipe].replace(**given)
   except ValueError as error:
     message = str(error)
-    for name in given:  # "batch_size=10: ..." -> "--batch-size 10: ..."
-      if message.startswith(f"{name}="):
+    for name in (f.name for f in dataclasses.fields(config_lib.Config)):
+      if message.startswith(f"{name}="):  # "batch_size=10: ..." -> "--batch-size 10: ..."
         flag = "--" + name.replace("_", "-")
         message = f"{flag} {message.removeprefix(name + '=')}"
         break

@@ -256,6 +256,8 @@ def _safe_stem(name: str) -> str:
 def plot(args: argparse.Namespace) -> int:
   """``pixelrnn-jax plot``: PNG pictures of a run."""
   check_positive("--examples", args.examples)
+  if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+    raise ValueError(f"--out {args.out} is a file; expected a directory for the PNGs")
   from pixelrnn_jax import plots  # noqa: PLC0415
 
   for path in plots.plot_run(
@@ -287,8 +289,10 @@ def serve(args: argparse.Namespace) -> int:
   Ctrl-C / SIGTERM (then the CLI's signal handler exits 130 / 143)."""
   if not 0 <= args.port <= 65535:
     raise ValueError(f"--port {args.port}: expected 0..65535 (0: a free port)")
-  if not args.max_upload_mb > 0:
-    raise ValueError(f"--max-upload-mb {args.max_upload_mb}: expected a positive size")
+  if not (args.max_upload_mb > 0 and args.max_upload_mb < float("inf")):
+    raise ValueError(
+      f"--max-upload-mb {args.max_upload_mb}: expected a positive, finite size in MB"
+    )
   try:
     from pixelrnn_jax.serve import app as app_lib  # noqa: PLC0415 (the optional extra)
     from pixelrnn_jax.serve import server  # noqa: PLC0415 (the optional extra)

@@ -139,6 +139,8 @@ def read_image(path: str | Path) -> np.ndarray:
     raise ImageError(f"{path}: is a directory, expected an image file")
   if not path.is_file():
     raise ImageError(f"{path}: no such file")
+  if path.stat().st_size == 0:
+    raise ImageError(f"{path}: empty file")
   if suffix == ".npy":
     try:
       array = np.load(path, allow_pickle=False)
@@ -178,6 +180,8 @@ def read_image(path: str | Path) -> np.ndarray:
           grey = (grey - grey.min()) / max(grey.max() - grey.min(), 1e-12)
       else:  # L, 1, RGB, CMYK, YCbCr, ...
         grey = np.asarray(image.convert("L"), np.float32) / 255.0
+  except ImageError:
+    raise
   except Image.DecompressionBombError as error:  # Pillow's guard against huge images
     raise ImageError(f"{path}: too large to read safely ({error}); scale it down first") from error
   except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:

@@ -110,6 +110,11 @@ def resolve(source: str | os.PathLike) -> Path:
     name = str(source).removeprefix(PREFIX)
     card(name)  # raises for an unknown name
     return PRETRAINED_DIR / f"{name}.msgpack"
+  if not str(source).strip():
+    raise FileNotFoundError(
+      "the checkpoint is empty: name a run directory, a weights file or"
+      f" pretrained:NAME (NAME one of {available()})"
+    )
   path = Path(source)
   if path.is_dir() and not _is_step_dir(path):
     directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path

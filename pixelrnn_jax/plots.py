@@ -77,16 +77,18 @@ def learning_curves(run_dir: Path, out: Path) -> Path:
   return _save(fig, out / "learning_curves.png")
 
 
-def accuracy_per_pixel(curve, out: Path, title: str) -> Path:
+def accuracy_per_pixel(curve, out: Path, title: str, unit: str = "pixels") -> Path:
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7, 4))
   ax.plot(np.arange(1, len(curve) + 1), curve)
-  ax.set(xlabel="pixels read", ylabel="valid accuracy", title=title, ylim=(0, 1))
+  ax.set(xlabel=f"{unit} read", ylabel="valid accuracy", title=title, ylim=(0, 1))
   ax.grid(alpha=0.3)
   return _save(fig, out / "accuracy_per_pixel.png")
 
 
-def early_exit_tradeoff(rows: list[dict], total: int, out: Path, title: str) -> Path:
+def early_exit_tradeoff(
+  rows: list[dict], total: int, out: Path, title: str, unit: str = "pixels"
+) -> Path:
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7, 4))
   ax.plot([r["mean_steps"] for r in rows], [r["accuracy"] for r in rows], "o-")
@@ -98,7 +100,7 @@ def early_exit_tradeoff(rows: list[dict], total: int, out: Path, title: str) -> 
       xytext=(4, -10),
       fontsize=8,
     )
-  ax.set(xlabel=f"mean pixels read (of {total})", ylabel="valid accuracy", title=title)
+  ax.set(xlabel=f"mean {unit} read (of {total})", ylabel="valid accuracy", title=title)
   ax.grid(alpha=0.3)
   return _save(fig, out / "early_exit.png")
 
@@ -145,9 +147,10 @@ def plot_run(
   images, labels = images[:examples], labels[:examples]
   result = inference.evaluate(params, images, labels, early_exit_thresholds=THRESHOLDS)
   name = f"{run_dir.name}, step {saved.step}, {len(labels)} valid images"
-  written.append(accuracy_per_pixel(result["accuracy_per_step"], out, name))
-  total = preprocessing.sequence_shape(config.order)[0]
-  written.append(early_exit_tradeoff(result["early_exit"], total, out, name))
+  total, in_dim = preprocessing.sequence_shape(config.order)
+  unit = "pixels" if in_dim == 1 else "rows"
+  written.append(accuracy_per_pixel(result["accuracy_per_step"], out, name, unit))
+  written.append(early_exit_tradeoff(result["early_exit"], total, out, name, unit))
   x, y = images[:100], labels[:100]  # [0, 1] images: every model below reads its own order
   init_key = jax.random.split(jax.random.key(config.seed))[0]
 

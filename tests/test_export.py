@@ -42,12 +42,12 @@ def test_export_writes_weights_and_card_that_load_as_the_run(run, tmp_path, mnis
 def test_a_failed_export_leaves_the_existing_files_untouched(run, tmp_path, capsys):
   out = tmp_path / "keep.msgpack"
   out.write_bytes(b"the user's earlier export")
-  out.with_suffix(".json").write_text("{}")
+  out.with_suffix(".json").write_text('{"sha256": "0", "source": {}, "config": {}}')
   code = cli.main(["export", str(run), "--out", str(out), "--data-dir", str(tmp_path / "none")])
   assert code == 2
   assert "none" in capsys.readouterr().err
   assert out.read_bytes() == b"the user's earlier export"
-  assert out.with_suffix(".json").read_text() == "{}"
+  assert out.with_suffix(".json").read_text() == '{"sha256": "0", "source": {}, "config": {}}'
   assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 

@@ -225,3 +225,26 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_last_one(
   assert f"the last complete checkpoint is {workdir / 'checkpoints' / '2'}" in errors[0]
   _, _, info = load_model(workdir)  # step 2 is whole and loads
   assert info["step"] == 2
+
+
+@pytest.mark.parametrize("workdir", ["", "  "])
+def test_an_empty_workdir_is_refused(workdir, capsys):
+  assert cli.main(["train", "--workdir", workdir, *SMALL_FLAGS]) == 2
+  assert "--workdir is empty" in capsys.readouterr().err
+
+
+def test_a_workdir_below_a_file_names_the_file(tmp_path, capsys):
+  (tmp_path / "afile").write_text("x")
+  assert cli.main(["train", "--workdir", str(tmp_path / "afile" / "run"), *SMALL_FLAGS]) == 2
+  assert f"{tmp_path / 'afile'} is a file, so no directory can be made in it" in (
+    capsys.readouterr().err
+  )
+
+
+def test_export_refuses_to_write_its_card_over_a_runs_config(tmp_path, toy_data, capsys):
+  workdir = tmp_path / "run"
+  assert cli.main(["train", "--workdir", str(workdir), *SMALL_FLAGS]) == 0
+  before = (workdir / "config.json").read_text()
+  code = cli.main(["export", str(workdir), "--out", str(workdir / "config.msgpack")])
+  assert code == 2 and "not a weights card" in capsys.readouterr().err
+  assert (workdir / "config.json").read_text() == before

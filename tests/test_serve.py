@@ -214,6 +214,8 @@ def _png(image) -> bytes:
     (dict(json={"pixels": [[0.0] * 28] * 27}), 422, "27 rows"),
     (dict(json={"pixels": [[0.0] * 28] * 27 + [[0.0] * 3]}), 422, "row 27 has 3 values"),
     (dict(json={"pixels": "zeros"}), 422, "pixels is a str"),
+    (dict(json={"pixels": [[0.0] * 28] * 28}), 422, "no ink: every pixel is within 0.1 of 0.00"),
+    (dict(json={"pixels": [[0.5] * 28] * 28}), 422, "no ink"),
     (dict(json={"pixels": [[0.0] * 28] * 27 + [[0.0] * 27 + [1.5]]}), 422, "pixels[27][27] = 1.5"),
     (dict(json={"pixels": [[0.0] * 28] * 27 + [[0.0] * 27 + ["a"]]}), 422, "pixels[27][27] is 'a'"),
     (
@@ -509,3 +511,12 @@ def test_the_page_reads_a_digit_drawn_with_the_mouse(server):
       assert failed == []
     finally:
       browser.close()
+
+
+@pytest.mark.parametrize("size", ["inf", "0", "nan"])
+def test_a_bad_upload_limit_is_one_line_and_exit_2(size, capsys):
+  from pixelrnn_jax import cli
+
+  assert cli.main(["serve", "--port", "0", "--max-upload-mb", size]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"--max-upload-mb {float(size)}" in err[0]

@@ -179,8 +179,8 @@ def make_app(
   """
   if not served:
     raise ValueError("serve needs at least one model")
-  if not max_upload_mb > 0:
-    raise ValueError(f"--max-upload-mb {max_upload_mb}: expected a positive size")
+  if not (max_upload_mb > 0 and math.isfinite(max_upload_mb)):
+    raise ValueError(f"--max-upload-mb {max_upload_mb}: expected a positive, finite size in MB")
   by_name = {model.name: model for model in served}
   limit = int(max_upload_mb * 2**20)
 
@@ -457,7 +457,14 @@ def check_pixels(pixels: Any) -> np.ndarray:
         raise RequestError(422, f"pixels[{r}][{c}] is {value!r:.40}; expected a number in [0, 1]")
       if not math.isfinite(value) or not 0 <= value <= 1:
         raise RequestError(422, f"pixels[{r}][{c}] = {value!r}; expected a number in [0, 1]")
-  return np.asarray(pixels, np.float32)
+  array = np.asarray(pixels, np.float32)
+  if array.max() - array.min() < images.MIN_CONTRAST:  # the same bar as an image's ink
+    raise RequestError(
+      422,
+      f"no ink: every pixel is within {images.MIN_CONTRAST} of {array.min():.2f}; draw a"
+      " digit (white on black, values in [0, 1])",
+    )
+  return array
 
 
 def _encode(answer: dict[str, Any]) -> bytes:

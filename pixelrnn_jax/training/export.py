@@ -45,7 +45,24 @@ def check_out(out: str | os.PathLike) -> Path:
     )
   if out.is_dir():
     raise ValueError(f"--out {out}: is a directory; expected a file name ending in {SUFFIX}")
+  blocking = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None)
+  if blocking is not None:
+    raise ValueError(f"--out {out}: {blocking} is a file, so nothing can be written below it")
+  card = out.with_suffix(".json")
+  if card.exists() and not _is_card(card):
+    raise ValueError(
+      f"--out {out}: its card would replace {card}, which is not a weights card (a run's"
+      f" config.json or eval.json?); choose another name"
+    )
   return out
+
+
+def _is_card(path: Path) -> bool:
+  try:
+    record = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return False
+  return isinstance(record, dict) and {"sha256", "source", "config"} <= set(record)
 
 
 def export(

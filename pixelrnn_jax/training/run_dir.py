@@ -56,7 +56,14 @@ def check_workdir(workdir: str | os.PathLike) -> Path:
   Raises:
     ValueError: naming the path and the fix.
   """
+  if not str(workdir).strip():
+    raise ValueError("--workdir is empty: name the run directory, e.g. --workdir runs/first")
   path = Path(workdir)
+  blocking = next((p for p in path.absolute().parents if p.exists() and not p.is_dir()), None)
+  if blocking is not None:
+    raise ValueError(
+      f"--workdir {workdir}: {blocking} is a file, so no directory can be made in it"
+    )
   if path.exists() and not path.is_dir():
     raise ValueError(
       f"--workdir {workdir} is a file; expected a directory (the run directory, created if missing)"
