@@ -46,6 +46,14 @@ from flax import serialization
 log = logging.getLogger(__name__)
 
 
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (a full disk, a write limit).
+
+  The failed write's tensorstore callbacks then find orbax's event loop closed and
+  print "Event loop is closed" tracebacks from C++, which Python cannot catch; ``cli``
+  lets them pass, then prints its one line last and whole, and ends the process."""
+
+
 class CheckpointError(ValueError):
   """A checkpoint file is unreadable, corrupt or not a checkpoint."""
 
@@ -225,7 +233,7 @@ class RunCheckpoints:
       reason = " ".join(str(error).split())
       reason = reason.rsplit(": ", 1)[-1] if ": " in reason else reason
       kept = [s for s in self.steps() if s != step]
-      raise OSError(
+      raise CheckpointWriteError(
         f"could not write checkpoint step {step} in {self.directory} ({reason[:160]}): free"
         " disk space or choose another --workdir; the last complete checkpoint is "
         + (str(self.path(kept[-1])) if kept else "none (nothing saved yet)")

@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import typing
 
 # Only the standard library at import time: main() must be running (and
@@ -342,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         return commands.train(args, config)
       return getattr(commands, args.command)(args)
     except (ValueError, OSError, ImportError) as error:  # bad flags, data, files, paths
+      if type(error).__name__ == "CheckpointWriteError":  # see checkpoints.CheckpointWriteError
+        time.sleep(0.5)  # tensorstore's late tracebacks first, so the one line stays whole and last
+        code = _fail(command, _one_line(error), 2)
+        sys.stderr.flush()
+        os._exit(code)
       return _fail(command, _one_line(error), 2)
     except Exception as error:
       if _is_run_failure(error):  # a NaN loss, a lost peer: the run failed, not the input
