@@ -502,10 +502,37 @@ def cross_entropy(logits: jax.Array, labels) -> jax.Array:
   return _losses(logits[:, -1], labels).mean()
 
 
-def cross_entropy_per_step(logits: jax.Array, labels) -> jax.Array:
-  """Mean softmax cross-entropy over every step and example (as :func:`cross_entropy`)."""
+STEP_WEIGHTINGS = ("uniform", "linear")
+
+
+def step_weights(steps: int, weighting: str = "uniform") -> jax.Array:
+  """<float32>[steps] weights of the per-step loss, summing to 1.
+
+  ``uniform``: 1 / T each. ``linear``: step t (1-based) weighs t / (T (T + 1) / 2),
+  so the answers after most of the image has been read count most.
+
+  Raises:
+    ValueError: for an unknown ``weighting`` or ``steps`` < 1.
+  """
+  if weighting not in STEP_WEIGHTINGS:
+    raise ValueError(f"weighting={weighting!r}: expected one of {STEP_WEIGHTINGS}")
+  if steps < 1:
+    raise ValueError(f"steps={steps!r}: expected >= 1")
+  w = jnp.ones(steps) if weighting == "uniform" else jnp.arange(1, steps + 1, dtype=jnp.float32)
+  return (w / jnp.sum(w)).astype(jnp.float32)
+
+
+def cross_entropy_per_step(logits: jax.Array, labels, weighting: str = "uniform") -> jax.Array:
+  """Softmax cross-entropy of every step's answer, <float>[].
+
+  The mean over examples of ``sum_t w_t * CE(logits[:, t], labels)`` with the
+  weights of :func:`step_weights` (``uniform``: the mean over every step and
+  example). Labels and errors as :func:`cross_entropy`.
+  """
   labels = _check_labels(logits, labels)
-  return _losses(logits, jnp.broadcast_to(labels[:, None], logits.shape[:2])).mean()
+  losses = _losses(logits, jnp.broadcast_to(labels[:, None], logits.shape[:2]))  # (B, T)
+  weights = step_weights(logits.shape[1], weighting).astype(losses.dtype)
+  return jnp.mean(losses @ weights)
 
 
 def accuracy(logits: jax.Array, labels) -> jax.Array:

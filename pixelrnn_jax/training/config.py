@@ -27,6 +27,7 @@ RecurrentInit = Literal["glorot", "orthogonal"]
 Impl = Literal["fused", "scan"]
 Order = Literal["pixel", "permuted", "row"]
 LrSchedule = Literal["constant", "warmup_cosine", "warmup_step"]
+StepWeighting = Literal["uniform", "linear"]
 
 
 def knob(
@@ -134,7 +135,15 @@ class Config:
     0.0, "decoupled weight decay (AdamW) on every weight; 0 = plain Adam (the notebook)", low=0
   )
   per_step_loss: float = knob(
-    0.0, "weight of the mean per-step cross-entropy added to the last-step loss", low=0
+    0.0,
+    "weight of the per-step cross-entropy (every step's answer, for anytime reading)"
+    " added to the last-step loss; 0 = off (the notebook)",
+    low=0,
+  )
+  per_step_weighting: StepWeighting = knob(
+    "uniform",
+    "how --per-step-loss weighs the steps: uniform (the mean over all T), or linear"
+    " (step t weighs t, so the end of the image counts most)",
   )
   recurrent_dropout: float = knob(
     0.0,

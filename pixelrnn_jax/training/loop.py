@@ -226,6 +226,7 @@ def _train(
   train_step = step_lib.make_train_step(
     optimizer,
     per_step_loss=config.per_step_loss,
+    per_step_weighting=config.per_step_weighting,
     impl=config.impl,
     recurrent_dropout=config.recurrent_dropout,
     ema_decay=config.ema_decay,

@@ -124,6 +124,7 @@ def loss_fn(
   labels,
   *,
   per_step_loss: float = 0.0,
+  per_step_weighting: str = "uniform",
   impl: str = gru_classifier.DEFAULT_IMPL,
   recurrent_dropout: float = 0.0,
   key: jax.Array | None = None,
@@ -141,7 +142,9 @@ def loss_fn(
   logits = gru_classifier.apply(params, x, impl=impl, recurrent_dropout=recurrent_dropout, key=key)
   loss = gru_classifier.cross_entropy(logits, labels)
   if per_step_loss:
-    loss = loss + per_step_loss * gru_classifier.cross_entropy_per_step(logits, labels)
+    loss = loss + per_step_loss * gru_classifier.cross_entropy_per_step(
+      logits, labels, per_step_weighting
+    )
   return loss, logits
 
 
@@ -149,6 +152,7 @@ def make_train_step(
   optimizer: optax.GradientTransformation,
   *,
   per_step_loss: float = 0.0,
+  per_step_weighting: str = "uniform",
   impl: str = gru_classifier.DEFAULT_IMPL,
   devices=None,
   recurrent_dropout: float = 0.0,
@@ -186,6 +190,7 @@ def make_train_step(
       x,
       labels,
       per_step_loss=per_step_loss,
+      per_step_weighting=per_step_weighting,
       impl=impl,
       recurrent_dropout=recurrent_dropout,
       key=key,
