@@ -77,7 +77,18 @@ def _load(source: str):
 
   saved = model_io.read(source)
   model = gru_classifier.from_saved(saved)
-  return model, run_dir.saved_config(saved), {"path": saved.path, "step": saved.step}
+  info = {"path": saved.path, "step": saved.step, "card": saved.card}
+  return model, run_dir.saved_config(saved), info
+
+
+def _recorded_rule(info: dict, source: str):
+  """The card's early-exit rule (``calibration.EarlyExit``), or None without one."""
+  from pixelrnn_jax import calibration  # noqa: PLC0415
+
+  try:
+    return calibration.EarlyExit.from_card(info["card"])
+  except ValueError as error:
+    raise ValueError(f"{source}: {error}") from error
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -91,6 +102,7 @@ def evaluate(args: argparse.Namespace) -> int:
   from pixelrnn_jax import preprocessing  # noqa: PLC0415
 
   params, config, info = _load(args.checkpoint)
+  rule = None if args.raw_confidence else _recorded_rule(info, args.checkpoint)
   order = preprocessing.check_order(args.order or config.order)
   if preprocessing.sequence_shape(order)[1] != params.in_dim:
     raise ValueError(
@@ -116,9 +128,16 @@ def evaluate(args: argparse.Namespace) -> int:
     order=order,
     batch_size=args.batch_size,
     early_exit_thresholds=thresholds,
+    calibration=None if rule is None else rule.calibration,
     devices=args.devices,
   )
-  result.update(split=args.split, order=order, checkpoint=info["path"], step=info["step"])
+  result.update(
+    split=args.split,
+    order=order,
+    checkpoint=info["path"],
+    step=info["step"],
+    calibrated=rule is not None,
+  )
   if args.json:
     print(json.dumps(result))
     return 0
@@ -133,10 +152,21 @@ def evaluate(args: argparse.Namespace) -> int:
     "accuracy after t steps: "
     + "  ".join(f"{t}:{curve[t - 1]:.3f}" for t in range(stride, len(curve) + 1, stride))
   )
+  confidence = (
+    "calibrated confidence (the card's per-step temperature)"
+    if rule is not None
+    else "confidence as trained (no per-step temperature)"
+  )
+  print(
+    f"expected calibration error (ECE, {confidence}) of the answer after t steps: "
+    + "  ".join(f"{t}:{e:.4f}" for t, e in result["calibration_error"].items())
+  )
+  if rule is not None:
+    print(f"the card's recommended early-exit threshold: {rule.threshold:g}")
   for row in result.get("early_exit", []):
     print(
       f"early exit at confidence {row['threshold']:g}: accuracy {row['accuracy']:.4f},"
-      f" mean pixels read {row['mean_steps']:.1f} of {len(curve)}"
+      f" mean pixels read {row['mean_steps']:.1f} of {len(curve)}, ECE {row['ece']:.4f}"
     )
   return 0
 
@@ -162,9 +192,20 @@ def predict(args: argparse.Namespace) -> int:
   from pixelrnn_jax import inference  # noqa: PLC0415
   from pixelrnn_jax import preprocessing  # noqa: PLC0415
 
-  if not 0 < args.confidence <= 1:
+  if args.confidence is not None and not 0 < args.confidence <= 1:
     raise ValueError(f"--confidence {args.confidence}: expected a probability in (0, 1]")
-  params, config, _ = _load(args.checkpoint)
+  if args.early and args.confidence is not None:
+    raise ValueError("--early uses the card's recorded threshold: give --early or --confidence")
+  params, config, info = _load(args.checkpoint)
+  rule = _recorded_rule(info, args.checkpoint)
+  threshold = 1.0 if args.confidence is None else args.confidence
+  if args.early:
+    if rule is None:
+      raise ValueError(
+        f"--early: {args.checkpoint} records no early-exit threshold (only exported weights"
+        " do: pixelrnn-jax export RUN --out FILE.msgpack); or give --confidence P"
+      )
+    threshold = rule.threshold
   show = None
   if args.show:
     show = check_show_dir(args.show, images.IMAGE_SUFFIXES)
@@ -192,7 +233,12 @@ def predict(args: argparse.Namespace) -> int:
     pixels = np.stack([digit.pixels for _, _, digit, _ in usable])  # (N, 28, 28) in [0, 1]
     out = {
       key: np.asarray(value)
-      for key, value in inference.predict(params, pixels, threshold=args.confidence).items()
+      for key, value in inference.predict(
+        params,
+        pixels,
+        threshold=threshold,
+        calibration=None if rule is None or threshold == 1.0 else rule.calibration,
+      ).items()
     }
   total, in_dim = preprocessing.sequence_shape(config.order)
   unit = "pixels" if in_dim == 1 else "rows"
@@ -258,6 +304,22 @@ def plot(args: argparse.Namespace) -> int:
   check_positive("--examples", args.examples)
   if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
     raise ValueError(f"--out {args.out} is a file; expected a directory for the PNGs")
+  if args.early_exit:
+    if args.run_dir or not args.out:
+      raise ValueError(
+        "--early-exit draws models, not a run: give --early-exit SOURCE ... --out DIR"
+        " without RUN_DIR"
+      )
+    from pixelrnn_jax import plots  # noqa: PLC0415
+
+    print(
+      plots.early_exit_comparison(
+        args.early_exit, data_dir=args.data_dir, examples=args.examples, out_dir=args.out
+      )
+    )
+    return 0
+  if not args.run_dir:
+    raise ValueError("plot needs RUN_DIR (a training run directory) or --early-exit SOURCE")
   from pixelrnn_jax import plots  # noqa: PLC0415
 
   for path in plots.plot_run(
@@ -272,12 +334,28 @@ def export(args: argparse.Namespace) -> int:
   from pixelrnn_jax.training import export as export_lib  # noqa: PLC0415
 
   export_lib.check_out(args.out)  # before the run and the data are read
-  card = export_lib.export(args.run, args.out, data_dir=args.data_dir, notes=args.notes)
+  if not 0 <= args.max_drop < 100:
+    raise ValueError(f"--max-drop {args.max_drop}: expected accuracy points in [0, 100), e.g. 0.25")
+  card = export_lib.export(
+    args.run,
+    args.out,
+    data_dir=args.data_dir,
+    notes=args.notes,
+    early_exit=args.early_exit,
+    max_drop=args.max_drop / 100,
+  )
   print(
     f"{args.out}: step {card['source']['step']}, valid accuracy"
     f" {card['valid_accuracy']:.4f}, SHA-256 {card['sha256'][:16]}...; card"
     f" {Path(args.out).with_suffix('.json')}"
   )
+  if "early_exit" in card:
+    early = card["early_exit"]["valid"]
+    print(
+      f"early exit at calibrated confidence {early['threshold']:.6g}: valid accuracy"
+      f" {early['accuracy']:.4f} (reading all: {early['read_all_accuracy']:.4f}), mean pixels"
+      f" read {early['mean_steps']:.1f}"
+    )
   return 0
 
 

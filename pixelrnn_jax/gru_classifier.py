@@ -505,8 +505,8 @@ def cross_entropy(logits: jax.Array, labels) -> jax.Array:
 STEP_WEIGHTINGS = ("uniform", "linear")
 
 
-def step_weights(steps: int, weighting: str = "uniform") -> jax.Array:
-  """<float32>[steps] weights of the per-step loss, summing to 1.
+def step_weights(steps: int, weighting: str = "uniform", dtype=jnp.float32) -> jax.Array:
+  """<dtype>[steps] weights of the per-step loss, summing to 1.
 
   ``uniform``: 1 / T each. ``linear``: step t (1-based) weighs t / (T (T + 1) / 2),
   so the answers after most of the image has been read count most.
@@ -518,8 +518,8 @@ def step_weights(steps: int, weighting: str = "uniform") -> jax.Array:
     raise ValueError(f"weighting={weighting!r}: expected one of {STEP_WEIGHTINGS}")
   if steps < 1:
     raise ValueError(f"steps={steps!r}: expected >= 1")
-  w = jnp.ones(steps) if weighting == "uniform" else jnp.arange(1, steps + 1, dtype=jnp.float32)
-  return (w / jnp.sum(w)).astype(jnp.float32)
+  w = jnp.ones(steps, dtype) if weighting == "uniform" else jnp.arange(1, steps + 1, dtype=dtype)
+  return w / jnp.sum(w)
 
 
 def cross_entropy_per_step(logits: jax.Array, labels, weighting: str = "uniform") -> jax.Array:
@@ -531,7 +531,7 @@ def cross_entropy_per_step(logits: jax.Array, labels, weighting: str = "uniform"
   """
   labels = _check_labels(logits, labels)
   losses = _losses(logits, jnp.broadcast_to(labels[:, None], logits.shape[:2]))  # (B, T)
-  weights = step_weights(logits.shape[1], weighting).astype(losses.dtype)
+  weights = step_weights(logits.shape[1], weighting, losses.dtype)
   return jnp.mean(losses @ weights)
 
 

@@ -5,6 +5,11 @@
 * ``early_exit.png``: accuracy against mean pixels read, per confidence threshold;
 * ``gradient_norms.png``: ``||dL/dh_t||`` over t at initialisation and at each
   kept checkpoint (the vanishing gradient behind the notebook's 2.30 plateau).
+
+``pixelrnn-jax plot --early-exit SOURCE ...`` draws instead
+``early_exit_comparison.png``: the accuracy / pixels-read trade-off of several
+models (a curve over confidence thresholds for each, as trained and with its
+card's per-step temperature), with each card's recorded threshold marked.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from pixelrnn_jax import calibration
 from pixelrnn_jax import data
 from pixelrnn_jax import diagnostics
 from pixelrnn_jax import gru_classifier
@@ -172,3 +178,74 @@ def plot_run(
     curves[f"step {path.name}"] = np.asarray(diagnostics.hidden_gradient_norms(ckpt_params, x, y))
   written.append(gradient_norms(curves, out, f"{run_dir.name}: gradient reaching h_t"))
   return written
+
+
+def early_exit_comparison(
+  sources: list[str], *, data_dir: str | None = None, examples: int = 5000, out_dir: str | Path
+) -> Path:
+  """``early_exit_comparison.png``: accuracy against mean pixels read for each model.
+
+  Each source (``pretrained:NAME``, an exported file, a run) gets a dashed
+  curve with its confidences as trained and, when its card records an
+  early-exit rule, a solid curve with the rule's per-step temperature and a
+  star at the recorded threshold; thresholds ``calibration.THRESHOLD_GRID``,
+  on the first ``examples`` valid images.
+
+  Raises:
+    FileNotFoundError, CheckpointError: a source that cannot be read.
+    ValueError: models that read different numbers of pixels per step.
+  """
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(8, 5))
+  images = labels = None
+  shown = [784.0]  # pixels read at points above the plot's 90% floor
+  for source in sources:
+    saved = model_io.read(source)
+    params, config = gru_classifier.from_saved(saved), run_dir_lib.saved_config(saved)
+    if images is None:
+      images, labels = data.load_mnist(
+        "valid", data_dir=data_dir or config.data_dir, verify=config.verify_data
+      )
+      images, labels = images[:examples], labels[:examples]
+    total, in_dim = preprocessing.sequence_shape(config.order)
+    logits = inference.all_logits(params, images)
+    correct = logits.argmax(-1) == labels[:, None]
+    rule = calibration.EarlyExit.from_card(saved.card)
+    curves = [("as trained", calibration.identity(total), "--")]
+    if rule is not None:
+      curves.append(("calibrated", rule.calibration, "-"))
+    color = None
+    for label, fitted, style in curves:
+      scaled = logits / fitted.temperatures(total)[:, None]
+      top = np.asarray(jax.nn.softmax(scaled, axis=-1).max(axis=-1))
+      rows = calibration.early_exit_table(top, correct, calibration.THRESHOLD_GRID)
+      shown += [r["mean_steps"] * in_dim for r in rows if r["accuracy"] >= 0.9]
+      (line,) = ax.plot(
+        [r["mean_steps"] * in_dim for r in rows],
+        [100 * r["accuracy"] for r in rows],
+        style,
+        color=color,
+        label=f"{source}, {label} (read all: {100 * correct[:, -1].mean():.2f}%)",
+      )
+      color = line.get_color()
+      if label == "calibrated":
+        (chosen,) = calibration.early_exit_table(top, correct, [rule.threshold])
+        ax.plot(
+          chosen["mean_steps"] * in_dim,
+          100 * chosen["accuracy"],
+          "*",
+          ms=14,
+          color=color,
+          label=f"{source}: recorded threshold {rule.threshold:.4g}"
+          f" ({100 * chosen['accuracy']:.2f}%, {chosen['mean_steps'] * in_dim:.0f} pixels)",
+        )
+  ax.set(
+    xlabel="mean pixels read (of 784)",
+    ylabel="valid accuracy (%)",
+    title=f"Early exit: accuracy against pixels read, first {len(labels)} valid images",
+    ylim=(90, 100),
+  )
+  ax.set_xlim(max(0, min(shown) - 20), 790)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="lower right")
+  return _save(fig, Path(out_dir) / "early_exit_comparison.png")

@@ -175,7 +175,10 @@ def test_models_health_page_and_openapi(client):
 def test_an_early_exit_threshold_on_the_card_stops_reading(served):
   import dataclasses
 
-  early = dataclasses.replace(served[0], early_exit_threshold=0.9)
+  from pixelrnn_jax import calibration
+
+  rule = calibration.EarlyExit(0.9, calibration.identity(784))
+  early = dataclasses.replace(served[0], early_exit=rule)
   with TestClient(app_lib.make_app([early])) as client:
     body = upload(client, SEVEN.read_bytes(), "seven.png").json()
     assert body["label"] == 7 and body["pixels_read"] < 784

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from pixelrnn_jax import calibration
 from pixelrnn_jax import gru_classifier
 from pixelrnn_jax import inference
 from pixelrnn_jax import model_io
@@ -34,7 +35,11 @@ class ServedModel:
   order: str  # "pixel", "permuted" or "row"
   reading_order: tuple[int, ...]  # the 784 pixel indices (row-major) in the order read
   card: dict[str, Any] | None  # the weights' card, if any
-  early_exit_threshold: float | None  # from the card; None reads every pixel
+  early_exit: calibration.EarlyExit | None  # the card's rule; None reads every pixel
+
+  @property
+  def early_exit_threshold(self) -> float | None:
+    return None if self.early_exit is None else self.early_exit.threshold
 
   def describe(self) -> dict[str, Any]:
     """The JSON of ``GET /api/models`` for this model."""
@@ -45,6 +50,7 @@ class ServedModel:
       "order": self.order,
       "valid_accuracy": card.get("valid_accuracy"),
       "early_exit_threshold": self.early_exit_threshold,
+      "calibrated": self.early_exit is not None,
       "card": self.card,
     }
 
@@ -61,15 +67,23 @@ class ServedModel:
       i-th pixel read (in reading order); a row-order model answers once per
       row, so its 28 answers are repeated for the row's 28 pixels. The answer
       is the one after ``pixels_read`` pixels: all 784, or fewer where the
-      card records an early-exit threshold and the model reached it.
+      card records an early-exit rule and the model reached its threshold;
+      with a rule, every probability is calibrated by its per-step temperature.
     """
     x = np.asarray(pixels, np.float32)[None]  # (1, 28, 28)
-    per_step = np.asarray(jax.nn.softmax(gru_classifier.apply(self.params, x))[0])  # (T, 10)
-    steps, in_dim = per_step.shape[0], preprocessing.NUM_PIXELS // per_step.shape[0]
-    if self.early_exit_threshold is not None:
+    logits = np.asarray(gru_classifier.apply(self.params, x)[0])  # (T, 10)
+    steps, in_dim = logits.shape[0], preprocessing.NUM_PIXELS // logits.shape[0]
+    if self.early_exit is not None:
+      logits = logits / self.early_exit.calibration.temperatures(steps)[:, None]
       steps = int(
-        inference.predict(self.params, x, threshold=self.early_exit_threshold)["steps"][0]
+        inference.predict(
+          self.params,
+          x,
+          threshold=self.early_exit.threshold,
+          calibration=self.early_exit.calibration,
+        )["steps"][0]
       )
+    per_step = np.asarray(jax.nn.softmax(logits, axis=-1))
     final = per_step[steps - 1]
     top3 = np.argsort(-final, kind="stable")[:3]
     return {
@@ -108,17 +122,16 @@ def load(source: str, *, warm_up: bool = True) -> ServedModel:
   Raises:
     FileNotFoundError: nothing loadable at ``source``.
     CheckpointError: a corrupt or foreign file.
-    ValueError: a card whose ``early_exit_threshold`` is not in (0, 1].
+    ValueError: a card whose early-exit rule is malformed (naming the source).
   """
   saved = model_io.read(source)
   card = saved.card
   if card is None and source.startswith(model_io.PREFIX):
     card = model_io.card(name_of(source))
-  threshold = (card or {}).get("early_exit_threshold")
-  if threshold is not None and not 0 < float(threshold) <= 1:
-    raise ValueError(
-      f"{source}: its card's early_exit_threshold {threshold!r} is not a probability in (0, 1]"
-    )
+  try:
+    rule = calibration.EarlyExit.from_card(card)
+  except ValueError as error:
+    raise ValueError(f"{source}: {error}") from error
   order = saved.config.get("order", "pixel")
   model = ServedModel(
     name=name_of(source),
@@ -127,7 +140,7 @@ def load(source: str, *, warm_up: bool = True) -> ServedModel:
     order=order,
     reading_order=reading_order(order),
     card=card,
-    early_exit_threshold=None if threshold is None else float(threshold),
+    early_exit=rule,
   )
   if warm_up:
     model.answer(np.zeros(IMAGE_SHAPE, np.float32))

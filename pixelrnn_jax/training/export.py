@@ -9,6 +9,14 @@ valid images and over the first ``model_io.SUBSET``) and the SHA-256 of the
 weights file. ``gru_classifier.load("models/pixel.msgpack")`` reads it back
 and checks the digest.
 
+The card also records an early-exit rule (``card["early_exit"]``, read by
+``calibration.EarlyExit.from_card``): a per-step temperature fitted on valid
+images ``SUBSET`` .. 4999 (``calibration.fit``) and the threshold that reads
+fewest pixels there while losing at most ``max_drop`` accuracy against
+reading every pixel (``calibration.recommend``); then what that rule
+measures on all 5,000 valid images and on the first ``SUBSET``, which the fit
+and the choice never saw. The test split is never read.
+
 Everything that can fail (reading the run, the data, the evaluation) happens
 before anything is written; both files are then written to temporary names
 and renamed, so a failed export leaves any existing files untouched.
@@ -21,6 +29,7 @@ import json
 import os
 from pathlib import Path
 
+from pixelrnn_jax import calibration
 from pixelrnn_jax import checkpoints
 from pixelrnn_jax import data
 from pixelrnn_jax import gru_classifier
@@ -70,8 +79,10 @@ def export(
   out: str | os.PathLike,
   *,
   data_dir: str | None = None,
-  notes: str = "",
+  notes: str | None = None,
   wall_time_s: float | None = None,
+  early_exit: bool = True,
+  max_drop: float = 0.0025,
 ) -> dict:
   """Writes a run's best weights (a run directory, a step or a weights file) to ``out``.
 
@@ -82,8 +93,12 @@ def export(
     source: what ``model_io.read`` accepts.
     out: the weights file to write, ``*.msgpack``; the card goes to ``*.json``.
     data_dir: MNIST IDX files for the valid evaluation (default: the run's).
-    notes: free text for the card (e.g. the command that trained the run).
-    wall_time_s: the run's training time, for the card.
+    notes: free text for the card (e.g. the command that trained the run);
+      None = the source card's, if it has one.
+    wall_time_s: the run's training time, for the card; None = the source card's.
+    early_exit: fit and record the early-exit rule (see the module's doc).
+    max_drop: the rule's allowed accuracy loss on the fit images, a fraction
+      in [0, 1) (0.0025 = a quarter of a point).
 
   Returns:
     The card written.
@@ -93,14 +108,32 @@ def export(
       nothing is written then.
   """
   out = check_out(out)
+  if not 0 <= max_drop < 1:
+    raise ValueError(f"max_drop={max_drop!r}: expected a fraction in [0, 1), e.g. 0.0025")
   saved = model_io.read(source)
+  source_card = saved.card or {}
+  notes = source_card.get("notes", "") if notes is None else notes
+  wall_time_s = source_card.get("wall_time_s") if wall_time_s is None else wall_time_s
   model = gru_classifier.from_saved(saved)
   config = run_dir.saved_config(saved)
   images, labels = data.load_mnist(
     "valid", data_dir=data_dir or config.data_dir, verify=config.verify_data
   )
-  full = inference.evaluate(model, images, labels)
-  subset = inference.evaluate(model, images[: model_io.SUBSET], labels[: model_io.SUBSET])
+  rule = None
+  if early_exit:
+    fit_part = slice(model_io.SUBSET, None)
+    logits = inference.all_logits(model, images[fit_part])
+    fitted = calibration.fit(logits, labels[fit_part])
+    rule, _ = calibration.recommend(logits, labels[fit_part], fitted, max_drop=max_drop)
+    del logits
+  measure = {
+    "early_exit_thresholds": () if rule is None else (rule.threshold,),
+    "calibration": None if rule is None else rule.calibration,
+  }
+  full = inference.evaluate(model, images, labels, **measure)
+  subset = inference.evaluate(
+    model, images[: model_io.SUBSET], labels[: model_io.SUBSET], **measure
+  )
   config = config.replace(data_dir=None)  # a path on the training machine means nothing here
   out.parent.mkdir(parents=True, exist_ok=True)
   weights_partial = out.with_name(f".{out.name}.partial")
@@ -119,6 +152,18 @@ def export(
     "wall_time_s": wall_time_s,
     "notes": notes,
   }
+  if rule is not None:
+    card["early_exit"] = {
+      **rule.to_dict(),
+      "chosen_on": f"valid images {model_io.SUBSET}-{len(labels) - 1}",
+      "max_drop": max_drop,
+      "valid": {**full["early_exit"][0], "read_all_accuracy": full["accuracy"]},
+      f"valid_first_{model_io.SUBSET}": {
+        **subset["early_exit"][0],
+        "read_all_accuracy": subset["accuracy"],
+      },
+      "calibration_error": full["calibration_error"],
+    }
   card_path = out.with_suffix(".json")
   card_partial = card_path.with_name(f".{card_path.name}.partial")
   card_partial.write_text(json.dumps(card, indent=1) + "\n")
