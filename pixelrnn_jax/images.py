@@ -391,13 +391,15 @@ def _touches_edge_along(part: dict, shape: tuple[int, int]) -> bool:
 
 def _long_runs(lines: np.ndarray, span: float) -> np.ndarray:
   """<bool>[lines, length]: the pixels of runs of ink at least ``span`` long along axis 1."""
-  out = np.zeros_like(lines)
-  for index, line in enumerate(lines):
-    edges = np.flatnonzero(np.diff(np.concatenate([[False], line, [False]]).astype(np.int8)))
-    for start, end in zip(edges[::2], edges[1::2]):
-      if end - start >= span:
-        out[index, start:end] = True
-  return out
+  lines = np.asarray(lines, bool)
+  padded = np.zeros((lines.shape[0], lines.shape[1] + 1), bool)
+  padded[:, :-1] = lines  # a background pixel ends every line: no run crosses to the next
+  flat = padded.ravel()
+  starts = flat & ~np.concatenate([[False], flat[:-1]])
+  run = np.cumsum(starts) * flat  # each pixel's run number, 0 for background
+  long = np.bincount(run) >= span
+  long[0] = False
+  return long[run].reshape(padded.shape)[:, :-1]
 
 
 def _thin_bands(hits: np.ndarray, thickest: float) -> list[tuple[int, int]]:

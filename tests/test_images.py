@@ -340,3 +340,29 @@ def test_a_28x28_image_that_is_not_mnist_sized_is_normalised(mnist_dir):
   assert prepared.resized and prepared.pixels.max() > 0.9
   faint = images.prepare(digit * 0.5)  # MNIST-sized but faint: stretched
   assert faint.resized and faint.pixels.max() > 0.9
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+  st.integers(1, 12),
+  st.integers(1, 40),
+  st.floats(0.05, 0.95),
+  st.integers(1, 30),
+  st.integers(0, 2**31 - 1),
+)
+def test_long_runs_are_the_runs_at_least_span_long(rows, length, ink, span, seed):
+  """The vectorised run finder against the definition, one line and one run at a time."""
+  lines = np.random.default_rng(seed).uniform(size=(rows, length)) < ink
+  expected = np.zeros_like(lines)
+  for r, line in enumerate(lines):
+    c = 0
+    while c < length:
+      if not line[c]:
+        c += 1
+        continue
+      end = c
+      while end < length and line[end]:
+        end += 1
+      expected[r, c:end] = end - c >= span
+      c = end
+  np.testing.assert_array_equal(images._long_runs(lines, span), expected)
