@@ -325,7 +325,24 @@ def build_parser() -> argparse.ArgumentParser:
     default=10.0,
     help="larger request bodies are refused with 413 before they are read (default 10)",
   )
+  serve.add_argument(
+    "--workers",
+    type=int,
+    default=_cores(),
+    help=f"requests decoded and answered at once, each in a worker process with its own"
+    f" copy of the models (default: the cores, {_cores()} here)",
+  )
+  serve.add_argument(
+    "--threads",
+    action="store_true",
+    help="use worker threads of the server's process instead (less memory, faster start;"
+    " fewer requests/s: decoding holds Python's GIL)",
+  )
   return parser
+
+
+def _cores() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _exit_on_signal(command: str):

@@ -385,8 +385,14 @@ def serve(args: argparse.Namespace) -> int:
   from pixelrnn_jax.serve import models as models_lib  # noqa: PLC0415
 
   sock = server.bind(args.host, args.port)  # a taken port fails before the models load
-  served = models_lib.load_all(args.checkpoint or list(DEFAULT_SERVED))
-  app = app_lib.make_app(served, max_upload_mb=args.max_upload_mb)
+  check_positive("--workers", args.workers)
+  sources = args.checkpoint or list(DEFAULT_SERVED)
+  served = models_lib.load_all(sources)
+  pool = None
+  if not args.threads:  # each worker loads the models again, in parallel
+    pool = app_lib.WorkerProcesses(sources, args.workers)
+    pool.start()
+  app = app_lib.make_app(served, max_upload_mb=args.max_upload_mb, workers=args.workers, pool=pool)
   count = f"{len(served)} model{'s' if len(served) > 1 else ''}"
   print(f"serving {count} on {server.address(sock)} (Ctrl-C to stop)", flush=True)
   server.run(app, sock)

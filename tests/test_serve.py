@@ -17,6 +17,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -304,6 +305,51 @@ def test_default_models_and_duplicate_names():
     models_lib.load_all(["pretrained:nope"])
 
 
+# ---------------------------------------------------------------------------- worker processes
+
+
+def _children(pid: int) -> set[int]:
+  """Child processes of ``pid``, started by any of its threads (Linux /proc)."""
+  return {
+    int(child)
+    for path in Path(f"/proc/{pid}/task").glob("*/children")
+    for child in path.read_text().split()
+  }
+
+
+def test_worker_processes_answer_as_threads_and_survive_a_dead_worker(served):
+  import asyncio
+
+  pool = app_lib.WorkerProcesses(["pretrained:pixel"], 2)
+  with TestClient(app_lib.make_app(served[:1], pool=pool)) as client:
+    workers = _children(os.getpid()) & set(pool._executor._processes)
+    assert len(workers) == 2
+    body = upload(client, SEVEN.read_bytes(), "seven.png").json()
+    want = served[0].answer(app_lib.image_pixels(SEVEN.read_bytes(), "seven.png"))
+    assert body["label"] == 7 == want["label"]
+    np.testing.assert_allclose(body["probabilities"], want["probabilities"], atol=2e-5)
+    bad = client.post("/api/predict", json={"pixels": [[2.0] * 28] * 28})
+    assert bad.status_code == 422 and "[0, 1]" in bad.json()["error"]  # raised in a worker
+    os.kill(next(iter(workers)), signal.SIGKILL)  # a worker dies between requests
+    time.sleep(0.5)
+    again = upload(client, SEVEN.read_bytes(), "seven.png")
+    assert again.status_code == 200 and again.json()["label"] == 7
+  assert not _children(os.getpid()) & workers  # stopped at shutdown
+
+  async def dies_while_answering():
+    lonely = app_lib.WorkerProcesses(["pretrained:pixel"], 1)
+    lonely.start()
+    try:
+      with pytest.raises(app_lib.RequestError) as error:
+        await lonely.run(os._exit, 3)
+      assert error.value.status == 503 and "send the request again" in error.value.message
+      assert await lonely.run(os.getpid) != os.getpid()  # new workers answer
+    finally:
+      lonely.stop()
+
+  asyncio.run(dies_while_answering())
+
+
 # ---------------------------------------------------------------------------- a real server
 
 
@@ -369,7 +415,6 @@ def test_concurrent_requests_each_get_their_own_answer(server, served):
 
 
 def test_health_answers_while_predictions_queue(server):
-  import time
 
   def ask(_):
     with httpx.Client(base_url=server, timeout=120) as http:
@@ -393,8 +438,15 @@ def test_health_answers_while_predictions_queue(server):
 def test_ctrl_c_and_sigterm_stop_it_with_one_line(signum, code):
   process, url = _start("--checkpoint", "pretrained:pixel")
   assert httpx.get(url + "/healthz", timeout=10).json() == {"status": "ok"}
+  workers = _children(process.pid)
+  assert len(workers) >= 1  # the worker processes (--workers: the cores)
   process.send_signal(signum)
   out, err = process.communicate(timeout=30)
+  for _ in range(50):  # no worker outlives the server
+    if not any(Path(f"/proc/{pid}").exists() for pid in workers):
+      break
+    time.sleep(0.1)
+  assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
   assert process.returncode == code
   assert err.strip().splitlines() == [
     f"pixelrnn-jax serve: {('interrupted', 'terminated')[code == 143]} ({signal.Signals(signum).name})"

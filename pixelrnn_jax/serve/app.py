@@ -6,20 +6,28 @@ Routes: ``GET /`` (the page), ``POST /api/predict``, ``GET /api/models``,
 ``GET /healthz``, and FastAPI's ``/docs`` and ``/openapi.json``. Every error
 is JSON ``{"error": "..."}`` naming the problem: 4xx for the request's
 fault, 500 (without a traceback) for the server's. Image decoding and model
-calls run in worker threads, so the event loop keeps answering ``/healthz``
-and the page while predictions queue.
+calls run off the event loop, in worker processes (``processes`` > 0, what
+``pixelrnn-jax serve`` uses: each holds its own copy of the models, so both
+cores work at once) or in threads of this process (``processes=0``), so the
+event loop keeps answering ``/healthz`` and the page while predictions queue.
+A worker process that dies (killed, out of memory) fails its request with a
+503 and the pool is started again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import logging
 import math
 import mimetypes
+import multiprocessing
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +68,9 @@ class RequestError(Exception):
     super().__init__(message)
     self.status = status
     self.message = message
+
+  def __reduce__(self):  # raised in a worker process, re-raised here
+    return (RequestError, (self.status, self.message))
 
 
 # ---------------------------------------------------------------------------- OpenAPI
@@ -167,13 +178,17 @@ def make_app(
   *,
   max_upload_mb: float = MAX_UPLOAD_MB,
   workers: int = WORKERS,
+  pool: WorkerProcesses | None = None,
 ) -> FastAPI:
   """The application answering with ``served`` (the first is the default model).
 
   Args:
     served: loaded models (``models.load_all``), names unique.
     max_upload_mb: bodies larger than this get 413 before they are parsed.
-    workers: decodings and model calls at once (threads); more requests wait in order.
+    workers: decodings and model calls at once; more requests wait in order.
+    pool: answer in these worker processes (:class:`WorkerProcesses` of the
+      same sources; started here if not yet, stopped at shutdown); None:
+      in threads of this process, with ``served``.
 
   Raises:
     ValueError: no models, or ``max_upload_mb`` not positive.
@@ -188,7 +203,13 @@ def make_app(
   @contextlib.asynccontextmanager
   async def lifespan(app: FastAPI):
     app.state.workers = asyncio.Semaphore(workers)  # made on the server's event loop
-    yield
+    if pool is not None and not pool.started:
+      await asyncio.get_running_loop().run_in_executor(None, pool.start)
+    try:
+      yield
+    finally:
+      if pool is not None:
+        pool.stop()
 
   app = FastAPI(
     title="pixelrnn-jax",
@@ -199,9 +220,11 @@ def make_app(
   app.state.models = by_name
 
   async def in_worker(function, *args):
-    """``function(*args)`` in a worker thread, at most ``workers`` at once, in arrival order."""
+    """``function(*args)`` in a worker, at most ``workers`` at once, in arrival order."""
     async with app.state.workers:
-      return await run_in_threadpool(function, *args)
+      if pool is not None:  # the worker process answers with the models it loaded
+        return await pool.run(function, None, *args)
+      return await run_in_threadpool(function, served, *args)
 
   # Errors: always {"error": "..."}, never a traceback in the body.
   @app.exception_handler(RequestError)
@@ -257,12 +280,10 @@ def make_app(
       model = _choose(by_name, model_name or request.query_params.get("model"), served)
       data = await upload.read()
       content = await in_worker(
-        _answer_upload, model, data, upload.filename or "", upload.content_type or ""
+        _answer_upload, model.name, data, upload.filename or "", upload.content_type or ""
       )
     elif kind == "application/json" or kind.endswith("+json"):
-      content = await in_worker(
-        _answer_json, by_name, served, body, request.query_params.get("model")
-      )
+      content = await in_worker(_answer_json, body, request.query_params.get("model"))
     else:
       raise RequestError(
         415,
@@ -348,12 +369,114 @@ def _choose(
   return by_name[name]
 
 
-# ---------------------------------------------------------------------------- answering (threads)
+# ---------------------------------------------------------------------------- worker processes
+
+# A worker process's models, the default first, loaded by its initializer.
+_MODELS: list[models_lib.ServedModel] = []
 
 
-def _answer_upload(model: models_lib.ServedModel, data: bytes, filename: str, kind: str) -> bytes:
-  """An uploaded image through ``pixelrnn-jax predict``'s reader, then the model."""
-  return _encode(model.answer(image_pixels(data, filename, kind)))
+class WorkerProcesses:
+  """``processes`` spawned worker processes, each with the models of ``sources`` loaded.
+
+  ``start`` blocks until every worker has loaded and warmed up its models;
+  ``run`` is awaitable. A worker that dies fails the requests in flight with
+  503 and the workers are started again; a request that arrives after a death
+  waits for the new workers; ``stop`` ends the workers.
+  """
+
+  def __init__(self, sources: list[str], processes: int):
+    self.sources, self.processes = list(sources), processes
+    self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+    self._lock = threading.Lock()
+    self._restarting = asyncio.Lock()  # binds to the server's loop on first use
+
+  @property
+  def started(self) -> bool:
+    return self._executor is not None
+
+  def start(self) -> None:
+    with self._lock:
+      self._executor = concurrent.futures.ProcessPoolExecutor(
+        self.processes,
+        mp_context=multiprocessing.get_context("spawn"),  # no fork of a process running JAX
+        initializer=_start_worker,
+        initargs=(self.sources,),
+      )
+      executor = self._executor
+    # One task per worker, all at once: each worker starts (and loads) before serving.
+    ready = [executor.submit(_worker_ready, 0.2) for _ in range(self.processes)]
+    for future in ready:
+      future.result()
+
+  async def run(self, function, *args):
+    loop = asyncio.get_running_loop()
+    executor = self._executor
+    try:
+      future = loop.run_in_executor(executor, function, *args)
+    except concurrent.futures.process.BrokenProcessPool:  # a worker died between requests
+      await self._restart(executor)
+      return await loop.run_in_executor(self._executor, function, *args)
+    try:
+      return await future
+    except concurrent.futures.process.BrokenProcessPool as error:  # ... or while answering
+      await self._restart(executor)
+      raise RequestError(
+        503, "a worker process died while answering (out of memory?); send the request again"
+      ) from error
+
+  async def _restart(self, broken) -> None:
+    """Replaces the broken executor once, however many requests notice it."""
+    async with self._restarting:
+      if self._executor is broken:
+        log.error("a worker process died; starting the workers again")
+        broken.shutdown(wait=False, cancel_futures=True)
+        await asyncio.get_running_loop().run_in_executor(None, self.start)
+
+  def stop(self) -> None:
+    with self._lock:
+      executor, self._executor = self._executor, None
+    if executor is not None:
+      executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _start_worker(sources: list[str]) -> None:
+  """A worker process's initializer: Ctrl-C is the server's to handle; load the models."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  _die_with_parent()
+  _MODELS[:] = models_lib.load_all(sources)
+
+
+def _die_with_parent() -> None:
+  """Linux: the kernel sends SIGTERM to this process when the server's process ends,
+  even by SIGKILL, so no worker outlives it (elsewhere the pool's shutdown does it)."""
+  try:
+    import ctypes  # noqa: PLC0415 (Linux only)
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass  # not Linux: the pool's shutdown ends the workers
+
+
+def _worker_ready(pause: float) -> int:
+  """Holds a worker briefly so that ``start``'s tasks go to different workers."""
+  import time  # noqa: PLC0415
+
+  time.sleep(pause)
+  return os.getpid()
+
+
+def _model(served: list[models_lib.ServedModel] | None, name: str | None):
+  """The model ``name`` of ``served`` (None: this worker process's models)."""
+  served = _MODELS if served is None else served
+  return _choose({model.name: model for model in served}, name, served)
+
+
+# ---------------------------------------------------------------------------- answering (workers)
+
+
+def _answer_upload(served, name: str, data: bytes, filename: str, kind: str) -> bytes:
+  """An uploaded image through ``pixelrnn-jax predict``'s reader, then the model ``name``."""
+  return _encode(_model(served, name).answer(image_pixels(data, filename, kind)))
 
 
 def image_pixels(data: bytes, filename: str = "", content_type: str = "") -> np.ndarray:
@@ -416,12 +539,7 @@ def _check_pixel_count(path: str, name: str) -> None:
     )
 
 
-def _answer_json(
-  by_name: dict[str, models_lib.ServedModel],
-  served: list[models_lib.ServedModel],
-  body: bytes,
-  query_model: str | None,
-) -> bytes:
+def _answer_json(served, body: bytes, query_model: str | None) -> bytes:
   """A JSON body ``{"pixels": [[...]], "model": NAME}``, checked, then the model."""
   try:
     payload = json.loads(body)
@@ -434,7 +552,7 @@ def _answer_json(
   name = payload.get("model", query_model)
   if name is not None and not isinstance(name, str):
     raise RequestError(422, f"model must be a string, a loaded model's name (got {name!r:.40})")
-  model = _choose(by_name, name, served)
+  model = _model(served, name)
   if "pixels" not in payload:
     raise RequestError(422, f"JSON body has no 'pixels' (keys: {', '.join(payload) or 'none'})")
   return _encode(model.answer(check_pixels(payload["pixels"])))
