@@ -246,3 +246,23 @@ def test_plot_of_a_non_run_is_a_clear_error(tmp_path, capsys):
   assert cli.main(["plot", str(tmp_path)]) == 2
   assert "no checkpoint in this run directory" in capsys.readouterr().err
   assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_plot_early_exit_compares_models(run_dir, monkeypatch, tmp_path, capsys):
+  workdir, splits = run_dir
+  from PIL import Image
+
+  from pixelrnn_jax import data
+
+  monkeypatch.setattr(data, "load_mnist", lambda split, **kw: splits["valid"])
+  out = tmp_path / "cmp"
+  argv = ["plot", "--early-exit", str(workdir), "--early-exit", str(workdir), "--out", str(out)]
+  assert cli.main(argv) == 0
+  path = out / "early_exit_comparison.png"
+  assert capsys.readouterr().out.strip() == str(path)
+  with Image.open(path) as image:
+    assert image.size == (800, 500)
+  assert cli.main(["plot", str(workdir), "--early-exit", str(workdir), "--out", str(out)]) == 2
+  assert "without RUN_DIR" in capsys.readouterr().err
+  assert cli.main(["plot"]) == 2
+  assert "plot needs RUN_DIR" in capsys.readouterr().err

@@ -37,6 +37,25 @@ def test_export_writes_weights_and_card_that_load_as_the_run(run, tmp_path, mnis
   )
   assert model_io.read(out).card == card
   assert sorted(p.name for p in out.parent.iterdir()) == ["toy.json", "toy.msgpack"]
+  # The recorded early-exit rule: chosen on valid 1000.., measured on all and the first 1000.
+  early = card["early_exit"]
+  assert early["chosen_on"] == "valid images 1000-4999" and early["max_drop"] == 0.0025
+  assert 0 < early["threshold"] <= 1 and len(early["calibration"]["knots"]) >= 2
+  assert 1 <= early["valid"]["mean_steps"] <= 28  # row order: 28 steps
+  assert set(early["calibration_error"]) == {"14", "21", "28"}
+  image = tmp_path / "digit.npy"
+  np.save(image, np.random.default_rng(1).uniform(size=(28, 28)).astype(np.float32))
+  capsys.readouterr()
+  assert cli.main(["predict", "--checkpoint", str(out), "--early", "--json", str(image)]) == 0
+  row = json.loads(capsys.readouterr().out)
+  assert 1 <= row["pixels_read"] <= 784
+  argv = ["evaluate", "--checkpoint", str(out), "--data-dir", mnist_dir, "--early-exit", "0.9"]
+  assert cli.main(argv) == 0
+  printed = capsys.readouterr().out
+  assert "calibrated confidence (the card's per-step temperature)" in printed
+  assert "recommended early-exit threshold" in printed and ", ECE 0." in printed
+  assert cli.main([*argv, "--raw-confidence"]) == 0
+  assert "confidence as trained" in capsys.readouterr().out
 
 
 def test_a_failed_export_leaves_the_existing_files_untouched(run, tmp_path, capsys):

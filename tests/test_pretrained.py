@@ -5,6 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
+from pixelrnn_jax import calibration
 from pixelrnn_jax import checkpoints
 from pixelrnn_jax import cli
 from pixelrnn_jax import data
@@ -43,6 +44,30 @@ def test_library_example_reproduces_recorded_accuracy_on_plain_images(name, mnis
   # inference.evaluate takes the same path.
   result = inference.evaluate(model, images, labels)
   np.testing.assert_allclose(result["accuracy"], expected, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_recorded_early_exit_reproduces_on_the_first_valid_digits(name, mnist_dir):
+  """The card's threshold and per-step temperature give its recorded accuracy and
+  mean pixels on the first 1,000 valid digits, by both early-exit implementations
+  (the full pass of ``evaluate`` and the stopping loop of ``predict``)."""
+  card = model_io.card(name)
+  rule = calibration.EarlyExit.from_card(card)
+  assert rule is not None, f"pretrained:{name} records no early-exit rule"
+  recorded = card["early_exit"][f"valid_first_{model_io.SUBSET}"]
+  images, labels = data.load_mnist("valid", data_dir=mnist_dir)
+  images, labels = images[: model_io.SUBSET], labels[: model_io.SUBSET]
+  model = gru_classifier.load_pretrained(name)
+  result = inference.evaluate(
+    model, images, labels, early_exit_thresholds=(rule.threshold,), calibration=rule.calibration
+  )
+  (row,) = result["early_exit"]
+  np.testing.assert_allclose(row["accuracy"], recorded["accuracy"], atol=1e-9)
+  np.testing.assert_allclose(row["mean_steps"], recorded["mean_steps"], rtol=1e-9)
+  out = inference.predict(model, images, threshold=rule.threshold, calibration=rule.calibration)
+  np.testing.assert_allclose(np.mean(np.asarray(out["label"]) == labels), recorded["accuracy"])
+  np.testing.assert_allclose(np.mean(out["steps"]), recorded["mean_steps"], rtol=1e-6)
+  assert recorded["accuracy"] >= recorded["read_all_accuracy"] - 0.01
 
 
 def test_corrupted_pretrained_file_is_refused(tmp_path, monkeypatch):

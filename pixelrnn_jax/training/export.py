@@ -144,7 +144,8 @@ def export(
   card = {
     "name": out.stem,
     "sha256": hashlib.sha256(weights_partial.read_bytes()).hexdigest(),
-    "source": {"checkpoint": saved.path, "step": saved.step},
+    # Re-exporting exported weights (to add an early-exit rule) keeps their provenance.
+    "source": source_card.get("source", {"checkpoint": saved.path, "step": saved.step}),
     "config": json.loads(config.to_json()),
     "valid_accuracy": full["accuracy"],
     "valid_loss": full["loss"],
