@@ -7,10 +7,12 @@ for each kind of request (a 280x280 PNG of a drawn 7 as a multipart upload;
 the same digit's 28x28 pixels as JSON), ``--requests`` requests from
 ``--clients`` concurrent httpx ``AsyncClient`` connections (each kind stops
 early at ``--time-limit`` seconds). Reports requests/s, p50 and p99 latency,
-errors, and the server's resident memory (``VmRSS`` of its process) before
-and after; then the same work (decode, model, JSON) in a plain single-thread
-loop in this process, without HTTP, and the ratio of the two rates. Targets
-on 2 cores: no errors, flat memory, p99 <= 1 s at 64 clients.
+errors, and the server's resident memory (``VmRSS`` of its process and its
+worker processes) before and after; then the same work (decode, model, JSON)
+in a plain single-thread loop in this process, without HTTP, and the ratio of
+the two rates. Once per ``--modes``: ``processes`` (the default server:
+``--workers`` worker processes) and ``threads`` (``serve --threads``).
+Targets on 2 cores: no errors, flat memory, p99 <= 1 s at 64 clients.
 
 Needs the ``serve`` extra (``pip install -e '.[serve]'``).
 """
@@ -43,17 +45,36 @@ def drawn_seven() -> bytes:
 
 
 def rss_mb(pid: int) -> float:
-  """A process's resident set size in MB (Linux ``/proc/PID/status``)."""
-  with open(f"/proc/{pid}/status") as status:
-    for line in status:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1]) / 1024
-  raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+  """Resident set size in MB of a process and its children (Linux ``/proc``)."""
+  total = 0.0
+  for process in [pid, *children(pid)]:
+    with open(f"/proc/{process}/status") as status:
+      total += next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+  return total
 
 
-def start_server(checkpoint: str) -> tuple[subprocess.Popen, str]:
+def children(pid: int) -> list[int]:
+  """Child processes of ``pid`` started by any of its threads."""
+  return [
+    int(child)
+    for path in Path(f"/proc/{pid}/task").glob("*/children")
+    for child in path.read_text().split()
+  ]
+
+
+def start_server(checkpoint: str, *flags: str) -> tuple[subprocess.Popen, str]:
   process = subprocess.Popen(
-    [sys.executable, "-m", "pixelrnn_jax", "serve", "--port", "0", "--checkpoint", checkpoint],
+    [
+      sys.executable,
+      "-m",
+      "pixelrnn_jax",
+      "serve",
+      "--port",
+      "0",
+      "--checkpoint",
+      checkpoint,
+      *flags,
+    ],
     stdout=subprocess.PIPE,
     text=True,
     cwd=ROOT,
@@ -132,46 +153,56 @@ def main(argv=None) -> dict:
   parser.add_argument("--time-limit", type=float, default=300.0, help="seconds per kind, at most")
   parser.add_argument("--loop", type=int, default=200, help="iterations of the plain loop")
   parser.add_argument("--checkpoint", default="pretrained:pixel")
+  parser.add_argument(
+    "--modes",
+    nargs="+",
+    choices=("processes", "threads"),
+    default=["processes", "threads"],
+    help="server modes to measure: worker processes (the default server) and --threads",
+  )
   args = parser.parse_args(argv)
 
   png = drawn_seven()
-  process, url = start_server(args.checkpoint)
-  try:
-    pixels = httpx.post(
-      url + "/api/predict", files={"file": ("seven.png", png, "image/png")}, timeout=60
-    ).json()["pixels"]
-    pixels_body = json.dumps({"pixels": pixels}).encode()
-    bodies = {
-      "image": {"files": {"file": ("seven.png", png, "image/png")}},
-      "json": {"content": pixels_body, "headers": {"content-type": "application/json"}},
-    }
-    rows = []
-    for kind, body in bodies.items():
-      before = rss_mb(process.pid)
-      row = asyncio.run(
-        load(url, kind, body, clients=args.clients, total=args.requests, limit_s=args.time_limit)
-      )
-      row |= {"rss_before_mb": before, "rss_after_mb": rss_mb(process.pid)}
-      rows.append(row)
-  finally:
-    process.terminate()
-    process.wait(timeout=30)
+  rows = []
+  pixels_body = None
+  for mode in args.modes:
+    process, url = start_server(args.checkpoint, *(["--threads"] if mode == "threads" else []))
+    try:
+      pixels = httpx.post(
+        url + "/api/predict", files={"file": ("seven.png", png, "image/png")}, timeout=60
+      ).json()["pixels"]
+      pixels_body = json.dumps({"pixels": pixels}).encode()
+      bodies = {
+        "image": {"files": {"file": ("seven.png", png, "image/png")}},
+        "json": {"content": pixels_body, "headers": {"content-type": "application/json"}},
+      }
+      for kind, body in bodies.items():
+        before = rss_mb(process.pid)
+        row = asyncio.run(
+          load(url, kind, body, clients=args.clients, total=args.requests, limit_s=args.time_limit)
+        )
+        row |= {"mode": mode, "rss_before_mb": before, "rss_after_mb": rss_mb(process.pid)}
+        rows.append(row)
+    finally:
+      process.terminate()
+      process.wait(timeout=30)
 
   rates = plain_loop(args.checkpoint, png, pixels_body, args.loop)
   print(f"{args.clients} clients, {args.requests} requests per kind, model {args.checkpoint}")
   print()
   print(
-    "| request | requests | requests/s | p50 ms | p99 ms | errors | server RSS before -> after"
-    " (MB) | plain loop req/s | server / loop |"
+    "| server | request | requests | requests/s | p50 ms | p99 ms | errors | server RSS"
+    " before -> after (MB) | plain loop req/s | server / loop |"
   )
-  print("|---|---:|---:|---:|---:|---:|---|---:|---:|")
+  print("|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
   for row in rows:
     row["loop_rps"] = rates[row["kind"]]
     row["ratio"] = row["rps"] / row["loop_rps"]
     print(
-      f"| {row['kind']} | {row['requests']} | {row['rps']:.1f} | {row['p50_ms']:.0f} |"
-      f" {row['p99_ms']:.0f} | {row['errors']} | {row['rss_before_mb']:.0f} ->"
-      f" {row['rss_after_mb']:.0f} | {row['loop_rps']:.1f} | {row['ratio']:.2f} |"
+      f"| {row['mode']} | {row['kind']} | {row['requests']} | {row['rps']:.1f} |"
+      f" {row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {row['errors']} |"
+      f" {row['rss_before_mb']:.0f} -> {row['rss_after_mb']:.0f} | {row['loop_rps']:.1f} |"
+      f" {row['ratio']:.2f} |"
     )
     if row["first_error"]:
       print(f"  first error ({row['kind']}): {row['first_error']}")

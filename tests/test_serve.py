@@ -161,7 +161,9 @@ def test_models_health_page_and_openapi(client):
     ("permuted", "pretrained:permuted", "permuted"),
   ]
   assert listing["models"][0]["valid_accuracy"] == listing["models"][0]["card"]["valid_accuracy"]
-  assert listing["models"][0]["early_exit_threshold"] is None
+  first = listing["models"][0]
+  assert first["early_exit_threshold"] == first["card"]["early_exit"]["threshold"]
+  assert first["calibrated"] is True
   page = client.get("/")
   assert page.status_code == 200 and 'id="canvas"' in page.text
   assert "http" not in re.sub(r'href="/[^"]*"', "", page.text)  # nothing from the internet
@@ -546,7 +548,12 @@ def test_the_page_reads_a_digit_drawn_with_the_mouse(server):
           return n; }"""
       )
       assert lit > 1000  # the 28x28 view shows the digit
-      assert page.is_hidden("#error") and page.is_hidden("#early-exit")
+      assert page.is_hidden("#error")
+      # The shipped pixel model records a threshold: where it stopped is said.
+      assert re.match(
+        r"Early exit at calibrated p ≥ 0\.\d{4} .*(answered after \d+|all 784 pixels)",
+        page.locator("#early-exit").text_content(),
+      )
       # The scrubber moves the cursor in the chart and the 28x28 view.
       page.locator("#scrub").fill("392")
       assert page.locator("#step").text_content().startswith("392 of 784 pixels read (now row 13,")

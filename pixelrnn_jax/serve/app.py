@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import io
 import json
 import logging
 import math
@@ -205,6 +206,8 @@ def make_app(
     app.state.workers = asyncio.Semaphore(workers)  # made on the server's event loop
     if pool is not None and not pool.started:
       await asyncio.get_running_loop().run_in_executor(None, pool.start)
+    elif pool is None:
+      await run_in_threadpool(warm_up_reader)
     try:
       yield
     finally:
@@ -444,6 +447,20 @@ def _start_worker(sources: list[str]) -> None:
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   _die_with_parent()
   _MODELS[:] = models_lib.load_all(sources)
+  warm_up_reader()
+
+
+def warm_up_reader() -> None:
+  """Reads one small drawn digit, so that the first request does not wait for the image
+  libraries to import (Pillow, SciPy, scikit-image: about a second)."""
+  from PIL import Image  # noqa: PLC0415 (as image_pixels)
+  from PIL import ImageDraw  # noqa: PLC0415
+
+  image = Image.new("L", (56, 56), 0)
+  ImageDraw.Draw(image).line([(14, 10), (42, 10), (24, 48)], fill=255, width=4)
+  buffer = io.BytesIO()
+  image.save(buffer, "PNG")
+  image_pixels(buffer.getvalue(), "warm-up.png")
 
 
 def _die_with_parent() -> None:

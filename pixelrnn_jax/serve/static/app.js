@@ -281,8 +281,12 @@ function show(result) {
   const model = state.models[result.model] || {};
   const early = $("early-exit");
   if (model.early_exit_threshold != null) {
-    early.textContent = `Early exit at p \u2265 ${model.early_exit_threshold}: ` +
-      `stopped after ${result.pixels_read} of ${PIXELS} pixels.`;
+    const p = Number(model.early_exit_threshold).toPrecision(4);
+    const kind = model.calibrated ? "calibrated " : "";
+    early.textContent = result.pixels_read < PIXELS
+      ? `Early exit at ${kind}p \u2265 ${p} (the model's recorded threshold): ` +
+        `answered after ${result.pixels_read} of ${PIXELS} pixels.`
+      : `Early exit at ${kind}p \u2265 ${p}: never that sure, so all ${PIXELS} pixels were read.`;
     early.hidden = false;
   } else {
     early.hidden = true;
@@ -391,7 +395,8 @@ function drawChart() {
     ctx.lineTo(g.x(result.pixels_read), g.y(1)); ctx.stroke();
     ctx.fillStyle = "#444";
     ctx.textAlign = "left";
-    ctx.fillText(`early exit (p \u2265 ${early})`, g.x(result.pixels_read) + 4, g.y(1));
+    ctx.fillText(`early exit (p \u2265 ${Number(early).toPrecision(4)})`,
+      g.x(result.pixels_read) + 4, g.y(1));
     ctx.restore();
   }
   // One line per class; the answer's on top and thicker.
