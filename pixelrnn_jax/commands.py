@@ -153,12 +153,12 @@ def evaluate(args: argparse.Namespace) -> int:
     + "  ".join(f"{t}:{curve[t - 1]:.3f}" for t in range(stride, len(curve) + 1, stride))
   )
   confidence = (
-    "calibrated confidence (the card's per-step temperature)"
+    "calibrated confidence: the card's per-step temperature"
     if rule is not None
-    else "confidence as trained (no per-step temperature)"
+    else "confidence as trained: no per-step temperature"
   )
   print(
-    f"expected calibration error (ECE, {confidence}) of the answer after t steps: "
+    f"expected calibration error of the answer after t steps ({confidence}): "
     + "  ".join(f"{t}:{e:.4f}" for t, e in result["calibration_error"].items())
   )
   if rule is not None:

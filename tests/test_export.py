@@ -52,7 +52,7 @@ def test_export_writes_weights_and_card_that_load_as_the_run(run, tmp_path, mnis
   argv = ["evaluate", "--checkpoint", str(out), "--data-dir", mnist_dir, "--early-exit", "0.9"]
   assert cli.main(argv) == 0
   printed = capsys.readouterr().out
-  assert "calibrated confidence (the card's per-step temperature)" in printed
+  assert "calibrated confidence: the card's per-step temperature" in printed
   assert "recommended early-exit threshold" in printed and ", ECE 0." in printed
   assert cli.main([*argv, "--raw-confidence"]) == 0
   assert "confidence as trained" in capsys.readouterr().out

@@ -156,3 +156,18 @@ def test_the_permuted_recipe_sets_what_it_claims():
   params = step_lib.init_params(recipe, jax.random.key(0))
   assert params.gates.kernel.shape == (1 + 64, 128)  # one permuted pixel per step
   assert gru_classifier.count_params(params) == 13_322
+
+
+def test_the_anytime_recipe_is_tuned_with_ema_and_the_end_weighted_per_step_loss():
+  tuned, anytime = config_lib.RECIPES["tuned"], config_lib.RECIPES["tuned-anytime"]
+  changed = {
+    name: getattr(anytime, name)
+    for name in config_lib.Config.__dataclass_fields__
+    if getattr(anytime, name) != getattr(tuned, name)
+  }
+  assert changed == {
+    "steps": 14_000,
+    "ema_decay": 0.999,
+    "per_step_loss": 0.3,
+    "per_step_weighting": "linear",
+  }
