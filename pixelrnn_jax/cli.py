@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import logging
 import os
 import signal
@@ -137,6 +138,33 @@ def config_from_flags(args: argparse.Namespace):
     raise ValueError(message) from error
 
 
+class _CommandParser(argparse.ArgumentParser):
+  """A command's parser that names a misspelt flag (and the closest real ones) before
+  anything else, in the command's own usage: argparse would report a missing required
+  flag first, or the unknown one in the top-level usage."""
+
+  def __init__(self, *args, **kwargs):
+    self.flags = ["-v", "--verbose"]  # from the shared parent parser
+    super().__init__(*args, **kwargs)
+
+  def add_argument(self, *args, **kwargs):
+    action = super().add_argument(*args, **kwargs)
+    self.flags.extend(action.option_strings)
+    return action
+
+  def parse_known_args(self, args=None, namespace=None):
+    for word in args or []:
+      if word == "--":
+        break
+      flag = word.split("=", 1)[0]
+      # argparse takes any unambiguous prefix of a flag (--learn for --learning-rate).
+      if flag.startswith("--") and not any(known.startswith(flag) for known in self.flags):
+        close = difflib.get_close_matches(flag, self.flags, n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}?" if close else "; see --help"
+        self.error(f"unknown flag {flag}{hint}")
+    return super().parse_known_args(args, namespace)
+
+
 def build_parser() -> argparse.ArgumentParser:
   """The ``pixelrnn-jax`` parser with every command and flag."""
   from pixelrnn_jax import __version__  # noqa: PLC0415
@@ -151,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
   verbose.add_argument(
     "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
   )
-  commands = parser.add_subparsers(dest="command", required=True)
+  commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
   def add_command(name: str, **kwargs) -> argparse.ArgumentParser:
     return commands.add_parser(name, parents=[verbose], **kwargs)
@@ -221,9 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     default=None,
     metavar="P",
     help="stop reading once the top probability reaches P (default: read every pixel)."
-    " Uncalibrated models are over-confident on partial digits: pretrained:pixel as"
-    " trained kept 64%% of its valid accuracy at 0.99; with the per-step temperature of"
-    " an exported card (used when present) see --early",
+    " When the model's card records a per-step temperature (pretrained models, exports),"
+    " P is compared with the calibrated probability; without one, models are"
+    " over-confident on partial digits (pretrained:pixel at P 0.99: 64.2%% valid accuracy"
+    " uncalibrated, 98.40%% calibrated, reading 630 of 784 pixels; 98.80%% reading all)."
+    " See --early",
   )
   predict.add_argument(
     "--early",

@@ -108,8 +108,9 @@ def init(
   order images are read in (see :class:`Params`); it must fit ``in_dim``.
 
   Raises:
-    ValueError: for an unknown cell, activation or order, a non-positive
-      size, or an order that does not fit ``in_dim``.
+    ValueError: for a key that is no JAX PRNG key (a plain seed such as 0),
+      an unknown cell, activation or order, a non-positive size, or an order
+      that does not fit ``in_dim``.
   """
   gru_cell.check_cell(cell)
   gru_cell.check_activation(activation)
@@ -123,7 +124,7 @@ def init(
       f"order={order!r} feeds {preprocessing.sequence_shape(order)[1]}"
       f" values per step but in_dim={in_dim}"
     )
-  cell_key, output_key = jax.random.split(key)
+  cell_key, output_key = jax.random.split(_check_key(key))
   cell_params = gru_cell.init_cell(
     cell_key,
     in_dim=in_dim,
@@ -141,6 +142,17 @@ def init(
     bias=jnp.zeros((num_classes,), dtype),
   )
   return Params(**cell_params, output=output, cell=cell, activation=activation, order=order)
+
+
+def _check_key(key):
+  """A JAX PRNG key (``jax.random.key(0)``, or the legacy ``PRNGKey(0)``), else ValueError."""
+  typed = isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+  legacy = isinstance(key, jax.Array | np.ndarray) and key.shape == (2,) and key.dtype == np.uint32
+  if not (typed or legacy):
+    raise ValueError(
+      f"key={key!r:.60}: expected a JAX PRNG key such as jax.random.key(0), not a seed"
+    )
+  return key
 
 
 def count_params(params) -> int:

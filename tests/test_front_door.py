@@ -1,6 +1,8 @@
 """What a new user meets first: the package, the command's flags, data paths, stops and logs."""
 
 import ast
+import contextlib
+import io
 import json
 import re
 import signal
@@ -12,6 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import assume
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 import pixelrnn_jax
 from pixelrnn_jax import checkpoints
@@ -312,3 +318,37 @@ def test_show_given_a_file_names_the_flag(tmp_path, capsys, kind):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and f"--show {show}" in err[0] and "takes a directory" in err[0]
   assert kind == "image name" and not show.exists() or show.read_text() == "mine"
+
+
+def _command_flags(command: str) -> list[str]:
+  parser = cli.build_parser()
+  (sub,) = parser._subparsers._group_actions  # argparse's own: the subcommands
+  return [f for f in sub.choices[command].flags if f.startswith("--")]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(cli.COMMANDS), st.data())
+def test_a_misspelt_flag_is_named_with_the_closest_real_one(command, draw):
+  """Any flag with one letter dropped, doubled or swapped (and not a prefix of a real
+  flag, which argparse accepts) is named first, before a missing required flag, in the
+  command's own words, with the real flag it came from among the suggestions."""
+  flags = _command_flags(command)
+  flag = draw.draw(st.sampled_from([f for f in flags if len(f) > 5]))
+  i = draw.draw(st.integers(3, len(flag) - 2))
+  typo = draw.draw(
+    st.sampled_from(
+      [
+        flag[:i] + flag[i + 1 :],
+        flag[:i] + flag[i] + flag[i:],
+        flag[:i] + flag[i + 1] + flag[i] + flag[i + 2 :],
+      ]
+    )
+  )
+  assume(not any(f.startswith(typo) for f in flags))
+  stderr = io.StringIO()
+  with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_:
+    cli.main([command, typo, "1"])
+  assert exit_.value.code == 2
+  last = stderr.getvalue().strip().splitlines()[-1]
+  assert last.startswith(f"pixelrnn-jax {command}: error: unknown flag {typo}; did you mean ")
+  assert flag in last

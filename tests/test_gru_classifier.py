@@ -248,3 +248,12 @@ def test_bad_labels_raise():
     gru_classifier.cross_entropy(logits, jnp.zeros((4,), jnp.int32))
   with pytest.raises(ValueError, match="labels have dtype float32"):
     gru_classifier.accuracy(logits, jnp.zeros((3,), jnp.float32))
+
+
+@pytest.mark.parametrize("key", [0, "0", np.zeros(3, np.float32), None])
+def test_init_names_a_seed_given_for_a_key(key):
+  with pytest.raises(ValueError, match=r"expected a JAX PRNG key such as jax.random.key\(0\)"):
+    gru_classifier.init(key)
+  # Both key kinds JAX makes are taken.
+  typed, legacy = jax.random.key(0), jax.random.PRNGKey(0)
+  assert gru_classifier.init(typed).num_units == gru_classifier.init(legacy).num_units == 64

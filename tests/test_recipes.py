@@ -68,6 +68,8 @@ def test_config_passes_options_and_sequence_length():
     (dict(weight_decay=-1e-4), r"weight_decay=-0.0001: expected >= 0"),
     (dict(max_shift=14), r"max_shift=14: expected an integer in \[0, 13\]"),
     (dict(max_shift=-1), r"max_shift=-1"),
+    (dict(seed=-1), r"seed=-1: expected >= 0"),
+    (dict(per_step_weighting="quadratic"), r"per_step_weighting='quadratic'"),
   ],
 )
 def test_bad_options(kwargs, match):

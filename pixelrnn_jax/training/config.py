@@ -191,7 +191,7 @@ class Config:
     resumable=True,
     per_process=True,
   )
-  seed: int = knob(0, "one seed for init, data order and dropout: same seed, same run")
+  seed: int = knob(0, "one seed for init, data order and dropout: same seed, same run", low=0)
   log_every: int = knob(50, "steps between metric lines in metrics.jsonl", low=1, resumable=True)
   eval_every: int = knob(
     1000, "steps between valid evaluations (best checkpoint selection)", low=1, resumable=True
