@@ -316,6 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
     "--notes", default=None, help="free text for the card (default: the source card's)"
   )
   export.add_argument(
+    "--wall-time-s",
+    type=float,
+    default=None,
+    metavar="SECONDS",
+    help="the run's training time for the card: the sum of the seconds on the 'done:' lines"
+    " of each of its train commands (default: the source card's, else none)",
+  )
+  export.add_argument(
     "--early-exit",
     action=argparse.BooleanOptionalAction,
     default=True,

@@ -334,6 +334,8 @@ def export(args: argparse.Namespace) -> int:
   from pixelrnn_jax.training import export as export_lib  # noqa: PLC0415
 
   export_lib.check_out(args.out)  # before the run and the data are read
+  if args.wall_time_s is not None and not 0 <= args.wall_time_s < float("inf"):
+    raise ValueError(f"--wall-time-s {args.wall_time_s}: expected seconds >= 0")
   if not 0 <= args.max_drop < 100:
     raise ValueError(f"--max-drop {args.max_drop}: expected accuracy points in [0, 100), e.g. 0.25")
   card = export_lib.export(
@@ -341,6 +343,7 @@ def export(args: argparse.Namespace) -> int:
     args.out,
     data_dir=args.data_dir,
     notes=args.notes,
+    wall_time_s=args.wall_time_s,
     early_exit=args.early_exit,
     max_drop=args.max_drop / 100,
   )

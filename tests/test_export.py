@@ -88,3 +88,19 @@ def test_a_tampered_export_fails_its_card_checksum(run, tmp_path, mnist_dir):
   out.write_bytes(bytes(blob))
   with pytest.raises(CheckpointError, match="does not match the recorded"):
     gru_classifier.load(out)
+
+
+@pytest.mark.parametrize(
+  "flags, message",
+  [
+    (["--max-drop", "-1"], "--max-drop -1.0: expected accuracy points in [0, 100)"),
+    (["--max-drop", "nan"], "--max-drop nan"),
+    (["--wall-time-s", "nan"], "--wall-time-s nan: expected seconds >= 0"),
+    (["--wall-time-s", "-5"], "--wall-time-s -5.0"),
+  ],
+)
+def test_bad_export_numbers_are_named_before_any_work(tmp_path, capsys, flags, message):
+  out = tmp_path / "m.msgpack"
+  assert cli.main(["export", str(tmp_path / "no-run"), "--out", str(out), *flags]) == 2
+  assert message in capsys.readouterr().err
+  assert not out.exists()
