@@ -189,6 +189,27 @@ def test_an_early_exit_threshold_on_the_card_stops_reading(served):
     assert client.get("/api/models").json()["models"][0]["early_exit_threshold"] == 0.9
 
 
+def test_the_shipped_early_exit_rule_stops_where_predict_stops(served):
+  """The server's exit step (from its one full pass) is ``inference.predict``'s (a loop
+  that stops reading), with the card's threshold and per-step temperature."""
+  from pixelrnn_jax import inference
+
+  model = served[0]
+  assert model.early_exit is not None  # pretrained:pixel records a rule
+  for digit in STROKES:
+    pixels = app_lib.image_pixels(drawn_png(digit), "d.png")
+    answer = model.answer(pixels)
+    out = inference.predict(
+      model.params,
+      pixels[None],
+      threshold=model.early_exit.threshold,
+      calibration=model.early_exit.calibration,
+    )
+    assert answer["pixels_read"] == int(out["steps"][0])
+    assert answer["label"] == int(out["label"][0])
+    np.testing.assert_allclose(answer["probability"], float(out["probability"][0]), atol=1e-5)
+
+
 # ---------------------------------------------------------------------------- bad input
 
 WHITE = Image.new("L", (60, 60), 255)

@@ -73,16 +73,11 @@ class ServedModel:
     x = np.asarray(pixels, np.float32)[None]  # (1, 28, 28)
     logits = np.asarray(gru_classifier.apply(self.params, x)[0])  # (T, 10)
     steps, in_dim = logits.shape[0], preprocessing.NUM_PIXELS // logits.shape[0]
-    if self.early_exit is not None:
-      logits = logits / self.early_exit.calibration.temperatures(steps)[:, None]
-      steps = int(
-        inference.predict(
-          self.params,
-          x,
-          threshold=self.early_exit.threshold,
-          calibration=self.early_exit.calibration,
-        )["steps"][0]
-      )
+    if self.early_exit is not None:  # the exit rule of inference.evaluate, on this pass
+      temperatures = self.early_exit.calibration.temperatures(steps)
+      threshold = np.float32([self.early_exit.threshold])
+      steps = int(inference.exit_steps(logits[None], threshold, temperatures)[0, 0]) + 1
+      logits = logits / temperatures[:, None]
     per_step = np.asarray(jax.nn.softmax(logits, axis=-1))
     final = per_step[steps - 1]
     top3 = np.argsort(-final, kind="stable")[:3]
