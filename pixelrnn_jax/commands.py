@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -365,6 +366,36 @@ def export(args: argparse.Namespace) -> int:
 DEFAULT_SERVED = ("pretrained:pixel", "pretrained:permuted")
 
 
+class _Stop(Exception):
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+
+
+def _start_workers(pool) -> int | None:
+  """Starts the server's worker processes (seconds). A SIGINT / SIGTERM meanwhile
+  kills them, so none outlives the command, and returns the exit code (130 / 143)
+  after the command's one line; None once they are up."""
+
+  def stop(signum, frame):
+    del frame
+    raise _Stop(signum)
+
+  previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    pool.start()
+    return None
+  except _Stop as stopped:
+    pool.kill()
+    name = signal.Signals(stopped.signum).name
+    what = "interrupted" if stopped.signum == signal.SIGINT else "terminated"
+    print(f"pixelrnn-jax serve: {what} ({name})", file=sys.stderr, flush=True)
+    return 128 + stopped.signum
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+
+
 def serve(args: argparse.Namespace) -> int:
   """``pixelrnn-jax serve``: the page and JSON API over the ``--checkpoint`` models until
   Ctrl-C / SIGTERM (then the CLI's signal handler exits 130 / 143)."""
@@ -394,7 +425,9 @@ def serve(args: argparse.Namespace) -> int:
   pool = None
   if not args.threads:  # each worker loads the models again, in parallel
     pool = app_lib.WorkerProcesses(sources, args.workers)
-    pool.start()
+    stopped = _start_workers(pool)
+    if stopped is not None:
+      return stopped
   app = app_lib.make_app(served, max_upload_mb=args.max_upload_mb, workers=args.workers, pool=pool)
   count = f"{len(served)} model{'s' if len(served) > 1 else ''}"
   print(f"serving {count} on {server.address(sock)} (Ctrl-C to stop)", flush=True)

@@ -345,7 +345,9 @@ def test_worker_processes_answer_as_threads_and_survive_a_dead_worker(served):
 
   pool = app_lib.WorkerProcesses(["pretrained:pixel"], 2)
   with TestClient(app_lib.make_app(served[:1], pool=pool)) as client:
-    workers = _children(os.getpid()) & set(pool._executor._processes)
+    import multiprocessing
+
+    workers = {child.pid for child in multiprocessing.active_children()}
     assert len(workers) == 2
     body = upload(client, SEVEN.read_bytes(), "seven.png").json()
     want = served[0].answer(app_lib.image_pixels(SEVEN.read_bytes(), "seven.png"))
@@ -355,8 +357,9 @@ def test_worker_processes_answer_as_threads_and_survive_a_dead_worker(served):
     assert bad.status_code == 422 and "[0, 1]" in bad.json()["error"]  # raised in a worker
     os.kill(next(iter(workers)), signal.SIGKILL)  # a worker dies between requests
     time.sleep(0.5)
-    again = upload(client, SEVEN.read_bytes(), "seven.png")
-    assert again.status_code == 200 and again.json()["label"] == 7
+    for _ in range(3):  # the dead one is replaced; the other answers meanwhile
+      again = upload(client, SEVEN.read_bytes(), "seven.png")
+      assert again.status_code == 200 and again.json()["label"] == 7
   assert not _children(os.getpid()) & workers  # stopped at shutdown
 
   async def dies_while_answering():

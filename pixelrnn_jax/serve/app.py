@@ -28,7 +28,6 @@ import multiprocessing
 import os
 import signal
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -381,70 +380,100 @@ _MODELS: list[models_lib.ServedModel] = []
 class WorkerProcesses:
   """``processes`` spawned worker processes, each with the models of ``sources`` loaded.
 
-  ``start`` blocks until every worker has loaded and warmed up its models;
-  ``run`` is awaitable. A worker that dies fails the requests in flight with
-  503 and the workers are started again; a request that arrives after a death
-  waits for the new workers; ``stop`` ends the workers.
+  Each worker is its own one-process executor, and a request goes to a free
+  worker (in arrival order), so a worker that dies fails only the request it
+  was answering (503, at once) and only that worker is started again, while
+  the others keep answering. ``start`` blocks until every worker has loaded
+  and warmed up its models; ``run`` is awaitable; ``stop`` ends the workers
+  and ``kill`` kills them (for a stop during ``start``).
   """
 
   def __init__(self, sources: list[str], processes: int):
     self.sources, self.processes = list(sources), processes
-    self._executor: concurrent.futures.ProcessPoolExecutor | None = None
-    self._lock = threading.Lock()
-    self._restarting = asyncio.Lock()  # binds to the server's loop on first use
+    self._workers: list[concurrent.futures.ProcessPoolExecutor] = []
+    self._free: asyncio.Queue[int] | None = None  # made on the server's loop
 
   @property
   def started(self) -> bool:
-    return self._executor is not None
+    return bool(self._workers)
 
   def start(self) -> None:
-    with self._lock:
-      self._executor = concurrent.futures.ProcessPoolExecutor(
-        self.processes,
+    workers = [self._spawn() for _ in range(self.processes)]
+    self._workers = workers
+    for worker in workers:  # the processes load in parallel; wait for all
+      worker.submit(os.getpid).result()
+
+  def _spawn(self) -> concurrent.futures.ProcessPoolExecutor:
+    """One worker process, started now. SIGINT is blocked while it starts, and the
+    child inherits the mask: a Ctrl-C at the terminal (sent to the whole process
+    group) is the server's to handle, never a traceback from a half-started worker."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+      worker = concurrent.futures.ProcessPoolExecutor(
+        1,
         mp_context=multiprocessing.get_context("spawn"),  # no fork of a process running JAX
         initializer=_start_worker,
         initargs=(self.sources,),
       )
-      executor = self._executor
-    # One task per worker, all at once: each worker starts (and loads) before serving.
-    ready = [executor.submit(_worker_ready, 0.2) for _ in range(self.processes)]
-    for future in ready:
-      future.result()
+      worker.submit(int)  # starts the process (executors start theirs on demand)
+    finally:
+      signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    return worker
 
   async def run(self, function, *args):
+    if self._free is None:
+      self._free = asyncio.Queue()
+      for index in range(len(self._workers)):
+        self._free.put_nowait(index)
     loop = asyncio.get_running_loop()
-    executor = self._executor
+    while True:
+      index = await self._free.get()
+      worker = self._workers[index]
+      try:
+        future = loop.run_in_executor(worker, function, *args)
+        break
+      except concurrent.futures.process.BrokenProcessPool:  # it died while idle
+        log.error("worker process %d died; starting it again", index)
+        loop.create_task(self._replace(index, worker))  # and ask another
     try:
-      future = loop.run_in_executor(executor, function, *args)
-    except concurrent.futures.process.BrokenProcessPool:  # a worker died between requests
-      await self._restart(executor)
-      return await loop.run_in_executor(self._executor, function, *args)
-    try:
-      return await future
-    except concurrent.futures.process.BrokenProcessPool as error:  # ... or while answering
-      await self._restart(executor)
+      result = await future
+    except concurrent.futures.process.BrokenProcessPool as error:
+      log.error("worker process %d died while answering; starting it again", index)
+      loop.create_task(self._replace(index, worker))
       raise RequestError(
         503, "a worker process died while answering (out of memory?); send the request again"
       ) from error
+    self._free.put_nowait(index)
+    return result
 
-  async def _restart(self, broken) -> None:
-    """Replaces the broken executor once, however many requests notice it."""
-    async with self._restarting:
-      if self._executor is broken:
-        log.error("a worker process died; starting the workers again")
-        broken.shutdown(wait=False, cancel_futures=True)
-        await asyncio.get_running_loop().run_in_executor(None, self.start)
+  async def _replace(self, index: int, broken) -> None:
+    """Starts worker ``index`` again (seconds: imports and models), then frees it."""
+    broken.shutdown(wait=False, cancel_futures=True)
+    loop = asyncio.get_running_loop()
+    worker = await loop.run_in_executor(None, self._spawn)
+    await loop.run_in_executor(None, lambda: worker.submit(os.getpid).result())
+    self._workers[index] = worker
+    self._free.put_nowait(index)
 
   def stop(self) -> None:
-    with self._lock:
-      executor, self._executor = self._executor, None
-    if executor is not None:
-      executor.shutdown(wait=True, cancel_futures=True)
+    workers, self._workers = self._workers, []
+    for worker in workers:
+      worker.shutdown(wait=True, cancel_futures=True)
+
+  def kill(self) -> None:
+    """Kills every worker process (also half-started ones), then stops."""
+    for child in multiprocessing.active_children():
+      child.kill()
+    workers, self._workers = self._workers, []
+    for worker in workers:
+      worker.shutdown(wait=False, cancel_futures=True)
 
 
 def _start_worker(sources: list[str]) -> None:
-  """A worker process's initializer: Ctrl-C is the server's to handle; load the models."""
+  """A worker process's initializer: Ctrl-C is the server's to handle (ignored, then
+  unblocked: see ``WorkerProcesses._spawn``); load the models and warm up."""
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
   _die_with_parent()
   _MODELS[:] = models_lib.load_all(sources)
   warm_up_reader()
