@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -144,25 +145,49 @@ class _CommandParser(argparse.ArgumentParser):
   flag first, or the unknown one in the top-level usage."""
 
   def __init__(self, *args, **kwargs):
-    self.flags = ["-v", "--verbose"]  # from the shared parent parser
+    self.flags = {"-v": False, "--verbose": False}  # flag -> takes a value; from the parent
     super().__init__(*args, **kwargs)
 
   def add_argument(self, *args, **kwargs):
     action = super().add_argument(*args, **kwargs)
-    self.flags.extend(action.option_strings)
+    for flag in action.option_strings:
+      self.flags[flag] = action.nargs != 0
     return action
 
+  def _known(self, word: str) -> str | None:
+    """The flag ``word`` names (argparse takes any unambiguous prefix), else None."""
+    if word in self.flags:
+      return word
+    matches = [flag for flag in self.flags if flag.startswith("--") and flag.startswith(word)]
+    return matches[0] if len(matches) == 1 and word.startswith("--") else None
+
   def parse_known_args(self, args=None, namespace=None):
-    for word in args or []:
+    words = list(args or [])
+    i = 0
+    while i < len(words):
+      word = words[i]
+      i += 1
       if word == "--":
         break
-      flag = word.split("=", 1)[0]
-      # argparse takes any unambiguous prefix of a flag (--learn for --learning-rate).
-      if flag.startswith("--") and not any(known.startswith(flag) for known in self.flags):
-        close = difflib.get_close_matches(flag, self.flags, n=3, cutoff=0.6)
+      name = word.split("=", 1)[0]
+      if not name.startswith("-") or name == "-" or _NUMBER.fullmatch(name):
+        continue  # a value, a positional, "-" or a negative number
+      flag = self._known(name)
+      if flag is None and name.startswith("--") and any(f.startswith(name) for f in self.flags):
+        continue  # an ambiguous prefix: argparse names the candidates
+      if flag is None:
+        spelled = name if name.startswith("--") else "-" + name  # -early for --early
+        close = difflib.get_close_matches(spelled, list(self.flags), n=3, cutoff=0.6)
+        if close and close[0] != "--help":  # --help only when it is the closest
+          close = [flag for flag in close if flag not in ("-h", "--help")]
         hint = f"; did you mean {' or '.join(close)}?" if close else "; see --help"
-        self.error(f"unknown flag {flag}{hint}")
+        self.error(f"unknown flag {name}{hint}")
+      if self.flags[flag] and "=" not in word:
+        i += 1  # its value, which may itself start with "--" (--notes "--recipe ...")
     return super().parse_known_args(args, namespace)
+
+
+_NUMBER = re.compile(r"-\d+(\.\d*)?([eE][-+]?\d+)?|-\.\d+|-inf|-nan", re.IGNORECASE)
 
 
 def build_parser() -> argparse.ArgumentParser:

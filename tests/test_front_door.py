@@ -352,3 +352,34 @@ def test_a_misspelt_flag_is_named_with_the_closest_real_one(command, draw):
   last = stderr.getvalue().strip().splitlines()[-1]
   assert last.startswith(f"pixelrnn-jax {command}: error: unknown flag {typo}; did you mean ")
   assert flag in last
+
+
+@pytest.mark.parametrize(
+  "argv, named",
+  [
+    (
+      ["predict", "--checkpoint", "pretrained:pixel", "-early", "x.png"],
+      "-early; did you mean --early?",
+    ),
+    (
+      ["predict", "-checkpoint", "pretrained:pixel", "x.png"],
+      "-checkpoint; did you mean --checkpoint?",
+    ),
+    (["train", "--setps", "5"], "--setps; did you mean --steps or --seed?"),
+  ],
+)
+def test_single_dash_typos_are_named_and_help_is_no_suggestion(argv, named):
+  stderr = io.StringIO()
+  with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit):
+    cli.main(argv)
+  assert stderr.getvalue().strip().splitlines()[-1].endswith(f"unknown flag {named}")
+
+
+def test_values_that_look_like_flags_and_negative_numbers_are_values(tmp_path, capsys):
+  """Only flags are checked: --notes "--recipe tuned, ..." and --clip-norm -1 are values."""
+  code = cli.main(
+    ["export", str(tmp_path / "none"), "--out", str(tmp_path / "a.msgpack"), "--notes", "--x y"]
+  )
+  assert code == 2 and "no such weights file or run directory" in capsys.readouterr().err
+  assert cli.main(["train", "--workdir", str(tmp_path / "w"), "--clip-norm", "-1"]) == 2
+  assert "--clip-norm -1.0: expected > 0" in capsys.readouterr().err
