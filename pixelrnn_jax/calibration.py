@@ -115,7 +115,17 @@ class Calibration:
     object.__setattr__(self, "log_temperatures", logs)
 
   def temperatures(self, steps: int) -> np.ndarray:
-    """<float32>[steps]: ``T_t`` for t = 0 .. steps - 1, all > 0."""
+    """<float32>[steps]: ``T_t`` for t = 0 .. steps - 1, all > 0.
+
+    Raises:
+      ValueError: a calibration fitted for another number of steps (its last
+        knot is not ``steps - 1``), e.g. a pixel model's used on a row model.
+    """
+    if len(self.knots) > 1 and self.knots[-1] != steps - 1:
+      raise ValueError(
+        f"a calibration for {self.knots[-1] + 1} steps (knots {self.knots[0]}..{self.knots[-1]})"
+        f" used on a model that reads {steps}: fit one for this model (pixelrnn-jax export)"
+      )
     return np.exp(np.interp(np.arange(steps), self.knots, self.log_temperatures)).astype(np.float32)
 
   def to_dict(self) -> dict:
@@ -126,15 +136,15 @@ class Calibration:
     """Raises ValueError naming what is missing or wrong."""
     try:
       return cls(tuple(record["knots"]), tuple(record["log_temperatures"]))
-    except (KeyError, TypeError) as error:
+    except (KeyError, TypeError, ValueError) as error:
       raise ValueError(
         f"calibration {record!r}: expected {{'knots': [...], 'log_temperatures': [...]}}"
       ) from error
 
 
-def identity(steps: int) -> Calibration:
-  """T_t = 1 at every step: the model as trained."""
-  return Calibration((0, max(steps - 1, 1)), (0.0, 0.0))
+def identity() -> Calibration:
+  """T_t = 1 at every step, for any number of steps: the model as trained."""
+  return Calibration((0,), (0.0,))
 
 
 def default_knots(steps: int, count: int = 9) -> tuple[int, ...]:
@@ -227,10 +237,14 @@ class EarlyExit:
   calibration: Calibration
 
   def __post_init__(self):
-    threshold = float(self.threshold)
-    if not 0 < threshold <= 1:  # NaN fails too
+    number = isinstance(self.threshold, (int, float, np.floating)) and not isinstance(
+      self.threshold, bool
+    )
+    if not number or not 0 < float(self.threshold) <= 1:  # NaN fails too
       raise ValueError(f"early-exit threshold {self.threshold!r}: expected a probability in (0, 1]")
-    object.__setattr__(self, "threshold", threshold)
+    if not isinstance(self.calibration, Calibration):
+      raise ValueError(f"early-exit calibration {self.calibration!r:.60}: expected a Calibration")
+    object.__setattr__(self, "threshold", float(self.threshold))
 
   def to_dict(self) -> dict:
     return {"threshold": self.threshold, "calibration": self.calibration.to_dict()}
@@ -250,7 +264,7 @@ class EarlyExit:
     calibration = record.get("calibration")
     return cls(
       record["threshold"],
-      identity(2) if calibration is None else Calibration.from_dict(calibration),
+      identity() if calibration is None else Calibration.from_dict(calibration),
     )
 
 

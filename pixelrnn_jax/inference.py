@@ -75,6 +75,23 @@ def _pmapped_batch_sums(devices: int):
   )
 
 
+def _temperatures(calibration, steps: int) -> np.ndarray:
+  """<float32>[steps] of a Calibration (None: ones).
+
+  Raises:
+    ValueError: anything else (an EarlyExit: pass its ``.calibration``), or a
+      calibration for another number of steps.
+  """
+  if calibration is None:
+    return np.ones(steps, np.float32)
+  if not isinstance(calibration, calibration_lib.Calibration):
+    raise ValueError(
+      f"calibration={calibration!r:.60}: expected a calibration.Calibration (of an"
+      " EarlyExit rule: rule.calibration) or None"
+    )
+  return calibration.temperatures(steps)
+
+
 def check_thresholds(thresholds) -> tuple[float, ...]:
   """Early-exit thresholds (a sequence or an array) as a tuple of floats in (0, 1].
 
@@ -158,7 +175,7 @@ def evaluate(
   total_steps = gru_classifier.as_sequence(params, np.asarray(images[:1])).shape[1]
   report = sorted({max(total_steps // 2, 1), max(3 * total_steps // 4, 1), total_steps})
   report_steps = np.asarray(report, np.int32) - 1
-  temperatures = (calibration or calibration_lib.identity(total_steps)).temperatures(total_steps)
+  temperatures = _temperatures(calibration, total_steps)
   # Validates the shape, dtype and values once, and puts the images in order.
   sequences = np.asarray(gru_classifier.as_sequence(params, np.asarray(images)))
   totals = None
@@ -263,8 +280,7 @@ def predict(
     if np.ndim(threshold) != 0 or not 0 < float(threshold) <= 1:  # NaN fails too
       raise ValueError(f"threshold={threshold!r}: expected a probability in (0, 1]")
   x = gru_classifier.as_sequence(params, x)
-  total = x.shape[1]
-  temperatures = (calibration or calibration_lib.identity(total)).temperatures(total)
+  temperatures = _temperatures(calibration, x.shape[1])
   return _predict(params, x, threshold, jnp.asarray(temperatures, x.dtype))
 
 

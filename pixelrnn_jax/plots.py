@@ -211,7 +211,7 @@ def early_exit_comparison(
     logits = inference.all_logits(params, images)
     correct = logits.argmax(-1) == labels[:, None]
     rule = calibration.EarlyExit.from_card(saved.card)
-    curves = [("as trained", calibration.identity(total), "--")]
+    curves = [("as trained", calibration.identity(), "--")]
     if rule is not None:
       curves.append(("calibrated", rule.calibration, "-"))
     color = None

@@ -128,8 +128,9 @@ def test_temperature_fit_lowers_ece_and_nll_on_known_miscalibration():
 
 
 def test_calibration_interpolates_log_temperature_between_knots():
-  c = calibration.Calibration((0, 10), (0.0, np.log(4.0)))
+  c = calibration.Calibration((0, 10, 20), (0.0, np.log(4.0), np.log(4.0)))
   np.testing.assert_allclose(c.temperatures(21)[[0, 5, 10, 20]], [1.0, 2.0, 4.0, 4.0], rtol=1e-6)
+  np.testing.assert_array_equal(calibration.identity().temperatures(7), np.ones(7))
   assert calibration.Calibration.from_dict(json.loads(json.dumps(c.to_dict()))) == c
   with pytest.raises(ValueError, match="increasing"):
     calibration.Calibration((5, 5), (0.0, 0.0))
@@ -142,7 +143,7 @@ def test_calibration_interpolates_log_temperature_between_knots():
 def test_early_exit_rule_from_a_card():
   assert calibration.EarlyExit.from_card(None) is None
   assert calibration.EarlyExit.from_card({"valid_accuracy": 0.9}) is None
-  rule = calibration.EarlyExit(0.99, calibration.identity(784))
+  rule = calibration.EarlyExit(0.99, calibration.identity())
   assert calibration.EarlyExit.from_card({"early_exit": rule.to_dict()}) == rule
   for bad in ({"threshold": 1.5}, {"threshold": float("nan")}, [0.9], {"calibration": {}}):
     with pytest.raises(ValueError):
@@ -204,3 +205,21 @@ def test_predict_early_needs_a_recorded_rule(tmp_path, toy_data, capsys):
     ["predict", "--checkpoint", str(workdir), "--early", "--confidence", "0.9", str(image)]
   )
   assert code == 2 and "give --early or --confidence" in capsys.readouterr().err
+
+
+def test_a_rule_or_calibration_that_does_not_fit_is_a_value_error():
+  pixel = calibration.Calibration(calibration.default_knots(784), (0.0,) * 9)
+  with pytest.raises(ValueError, match="a calibration for 784 steps .* reads 28"):
+    pixel.temperatures(28)
+  params = gru_classifier.init(jax.random.key(0), num_units=8, in_dim=28, order="row")
+  x = np.zeros((2, 28, 28), np.float32)
+  with pytest.raises(ValueError, match="reads 28"):
+    inference.predict(params, x, threshold=0.9, calibration=pixel)
+  rule = calibration.EarlyExit(0.9, calibration.identity())
+  with pytest.raises(ValueError, match="expected a calibration.Calibration"):
+    inference.predict(params, x, threshold=0.9, calibration=rule)
+  with pytest.raises(ValueError, match="expected a calibration.Calibration"):
+    inference.evaluate(params, x, np.zeros(2, int), calibration={"knots": [0]})
+  for threshold in (None, "0.8", True, float("inf")):
+    with pytest.raises(ValueError, match="expected a probability"):
+      calibration.EarlyExit.from_card({"early_exit": {"threshold": threshold}})
