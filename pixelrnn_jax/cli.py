@@ -284,7 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     "--early",
     action="store_true",
     help="stop at the threshold recorded in the model's card (chosen on valid digits to"
-    " lose at most the card's max_drop of accuracy); see docs/results.md",
+    " lose at most a quarter of a point of accuracy, the card's max_drop); see"
+    " docs/results.md, 'Anytime reading'",
+  )
+  predict.add_argument(
+    "--raw-confidence",
+    action="store_true",
+    help="probabilities as trained, ignoring the card's per-step temperature (the answers"
+    " are the same; only how sure they are, and where --confidence stops, change)",
   )
   predict.add_argument(
     "--split",

@@ -96,7 +96,7 @@ def evaluate(args: argparse.Namespace) -> int:
   """``pixelrnn-jax evaluate``: a saved model's loss and accuracy on a split."""
   check_positive("--devices", args.devices)
   check_positive("--batch-size", args.batch_size)
-  thresholds = parse_thresholds(args.early_exit) if args.early_exit else ()
+  thresholds = parse_thresholds(args.early_exit) if args.early_exit is not None else ()
   use_cpu_devices(args.devices)
   from pixelrnn_jax import data  # noqa: PLC0415
   from pixelrnn_jax import inference  # noqa: PLC0415
@@ -153,21 +153,24 @@ def evaluate(args: argparse.Namespace) -> int:
     "accuracy after t steps: "
     + "  ".join(f"{t}:{curve[t - 1]:.3f}" for t in range(stride, len(curve) + 1, stride))
   )
-  confidence = (
-    "calibrated confidence: the card's per-step temperature"
-    if rule is not None
-    else "confidence as trained: no per-step temperature"
-  )
+  if rule is not None:
+    confidence = "calibrated confidence: the card's per-step temperature"
+  elif args.raw_confidence:
+    confidence = "confidence as trained: --raw-confidence"
+  else:
+    confidence = "confidence as trained: the model records no per-step temperature"
   print(
     f"expected calibration error of the answer after t steps ({confidence}): "
     + "  ".join(f"{t}:{e:.4f}" for t, e in result["calibration_error"].items())
   )
   if rule is not None:
     print(f"the card's recommended early-exit threshold: {rule.threshold:g}")
+  in_dim = preprocessing.sequence_shape(order)[1]
+  unit = "pixels" if in_dim == 1 else "rows"
   for row in result.get("early_exit", []):
     print(
       f"early exit at confidence {row['threshold']:g}: accuracy {row['accuracy']:.4f},"
-      f" mean pixels read {row['mean_steps']:.1f} of {len(curve)}, ECE {row['ece']:.4f}"
+      f" mean {unit} read {row['mean_steps']:.1f} of {len(curve)}, ECE {row['ece']:.4f}"
     )
   return 0
 
@@ -199,6 +202,9 @@ def predict(args: argparse.Namespace) -> int:
     raise ValueError("--early uses the card's recorded threshold: give --early or --confidence")
   params, config, info = _load(args.checkpoint)
   rule = _recorded_rule(info, args.checkpoint)
+  calibrated = rule is not None and not args.raw_confidence
+  if args.early and args.raw_confidence:
+    raise ValueError("--early stops at a calibrated threshold: drop --raw-confidence")
   threshold = 1.0 if args.confidence is None else args.confidence
   if args.early:
     if rule is None:
@@ -238,7 +244,7 @@ def predict(args: argparse.Namespace) -> int:
         params,
         pixels,
         threshold=threshold,
-        calibration=None if rule is None or threshold == 1.0 else rule.calibration,
+        calibration=rule.calibration if calibrated else None,
       ).items()
     }
   total, in_dim = preprocessing.sequence_shape(config.order)
@@ -264,6 +270,7 @@ def predict(args: argparse.Namespace) -> int:
       "resized": digit.resized,
       "pixels_read": int(out["steps"][i]) * in_dim,
       "pixels_total": total * in_dim,
+      "calibrated": calibrated,
     }
     i += 1
     if label is not None:
@@ -290,7 +297,9 @@ def predict(args: argparse.Namespace) -> int:
       ]
       others = ", ".join(f"{t['label']}: {t['probability']:.3f}" for t in row["top3"][1:])
       print(
-        f"{name}: {row['label']}{truth} p={row['probability']:.4f} ({others}) after"
+        f"{name}: {row['label']}{truth} p={row['probability']:.4f}"
+        + (" calibrated" if calibrated else "")
+        + f" ({others}) after"
         f" {out['steps'][i - 1]}/{total} {unit}" + (f"; {', '.join(done)}" if done else "")
       )
   return 1 if len(usable) < len(prepared) else 0
@@ -355,9 +364,10 @@ def export(args: argparse.Namespace) -> int:
   )
   if "early_exit" in card:
     early = card["early_exit"]["valid"]
+    unit = "pixels" if card["config"]["order"] != "row" else "rows"
     print(
       f"early exit at calibrated confidence {early['threshold']:.6g}: valid accuracy"
-      f" {early['accuracy']:.4f} (reading all: {early['read_all_accuracy']:.4f}), mean pixels"
+      f" {early['accuracy']:.4f} (reading all: {early['read_all_accuracy']:.4f}), mean {unit}"
       f" read {early['mean_steps']:.1f}"
     )
   return 0

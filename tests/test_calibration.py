@@ -14,6 +14,7 @@ from pixelrnn_jax import calibration
 from pixelrnn_jax import cli
 from pixelrnn_jax import gru_classifier
 from pixelrnn_jax import inference
+from pixelrnn_jax import model_io
 from pixelrnn_jax.training import config as config_lib
 from pixelrnn_jax.training import loop
 from pixelrnn_jax.training import step as step_lib
@@ -223,3 +224,31 @@ def test_a_rule_or_calibration_that_does_not_fit_is_a_value_error():
   for threshold in (None, "0.8", True, float("inf")):
     with pytest.raises(ValueError, match="expected a probability"):
       calibration.EarlyExit.from_card({"early_exit": {"threshold": threshold}})
+
+
+def test_predict_shows_calibrated_probabilities_when_the_card_has_them(capsys):
+  """Same answer either way; --raw-confidence gives the model's own softmax."""
+  from pathlib import Path
+
+  from pixelrnn_jax import images
+
+  seven = str(Path(__file__).resolve().parents[1] / "examples" / "seven.png")
+  rows = {}
+  for flags in ([], ["--raw-confidence"], ["--early"]):
+    assert cli.main(["predict", "--checkpoint", "pretrained:pixel", "--json", *flags, seven]) == 0
+    rows[tuple(flags)] = json.loads(capsys.readouterr().out)
+  plain, raw, early = rows[()], rows[("--raw-confidence",)], rows[("--early",)]
+  assert plain["label"] == raw["label"] == early["label"] == 7
+  assert plain["calibrated"] and early["calibrated"] and not raw["calibrated"]
+  model = gru_classifier.load_pretrained("pixel")
+  pixels = images.prepare(images.read_image(seven)).pixels[None]
+  softmax = np.asarray(jax.nn.softmax(gru_classifier.apply(model, pixels)[0, -1]))
+  np.testing.assert_allclose(raw["probability"], softmax.max(), rtol=1e-5)
+  rule = calibration.EarlyExit.from_card(model_io.card("pixel"))
+  scaled = gru_classifier.apply(model, pixels)[0, -1] / rule.calibration.temperatures(784)[-1]
+  np.testing.assert_allclose(plain["probability"], np.max(jax.nn.softmax(scaled)), rtol=1e-5)
+  assert (
+    cli.main(["predict", "--checkpoint", "pretrained:pixel", "--early", "--raw-confidence", seven])
+    == 2
+  )
+  assert "drop --raw-confidence" in capsys.readouterr().err
