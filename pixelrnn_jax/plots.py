@@ -189,17 +189,18 @@ def early_exit_comparison(
   curve with its confidences as trained and, when its card records an
   early-exit rule, a solid curve with the rule's per-step temperature and a
   star at the recorded threshold; thresholds ``calibration.THRESHOLD_GRID``,
-  on the first ``examples`` valid images.
+  on the first ``examples`` valid images. The accuracy axis spans from 8
+  points below the least accurate model's full read to 100%.
 
   Raises:
     FileNotFoundError, CheckpointError: a source that cannot be read.
-    ValueError: models that read different numbers of pixels per step.
   """
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(8, 5))
   images = labels = None
-  shown = [784.0]  # pixels read at points above the plot's 90% floor
-  for source in sources:
+  lines = []  # (label, xs, ys, style, source index), then the stars
+  stars = []
+  floors = []
+  for index, source in enumerate(sources):
     saved = model_io.read(source)
     params, config = gru_classifier.from_saved(saved), run_dir_lib.saved_config(saved)
     if images is None:
@@ -210,42 +211,52 @@ def early_exit_comparison(
     total, in_dim = preprocessing.sequence_shape(config.order)
     logits = inference.all_logits(params, images)
     correct = logits.argmax(-1) == labels[:, None]
+    read_all = 100 * correct[:, -1].mean()
+    floors.append(read_all)
     rule = calibration.EarlyExit.from_card(saved.card)
     curves = [("as trained", calibration.identity(), "--")]
     if rule is not None:
       curves.append(("calibrated", rule.calibration, "-"))
-    color = None
     for label, fitted, style in curves:
       scaled = logits / fitted.temperatures(total)[:, None]
       top = np.asarray(jax.nn.softmax(scaled, axis=-1).max(axis=-1))
       rows = calibration.early_exit_table(top, correct, calibration.THRESHOLD_GRID)
-      shown += [r["mean_steps"] * in_dim for r in rows if r["accuracy"] >= 0.9]
-      (line,) = ax.plot(
-        [r["mean_steps"] * in_dim for r in rows],
-        [100 * r["accuracy"] for r in rows],
-        style,
-        color=color,
-        label=f"{source}, {label} (read all: {100 * correct[:, -1].mean():.2f}%)",
+      lines.append(
+        (
+          f"{source}, {label} (read all: {read_all:.2f}%)",
+          [r["mean_steps"] * in_dim for r in rows],
+          [100 * r["accuracy"] for r in rows],
+          style,
+          index,
+        )
       )
-      color = line.get_color()
       if label == "calibrated":
         (chosen,) = calibration.early_exit_table(top, correct, [rule.threshold])
-        ax.plot(
-          chosen["mean_steps"] * in_dim,
-          100 * chosen["accuracy"],
-          "*",
-          ms=14,
-          color=color,
-          label=f"{source}: recorded threshold {rule.threshold:.4g}"
-          f" ({100 * chosen['accuracy']:.2f}%, {chosen['mean_steps'] * in_dim:.0f} pixels)",
+        pixels, accuracy = chosen["mean_steps"] * in_dim, 100 * chosen["accuracy"]
+        stars.append(
+          (
+            f"{source}: recorded threshold {rule.threshold:.4g} ({accuracy:.2f}%,"
+            f" {pixels:.0f} pixels)",
+            pixels,
+            accuracy,
+            index,
+          )
         )
+  bottom = max(0.0, min(floors) - 8)
+  shown = [x for _, xs, ys, _, _ in lines for x, y in zip(xs, ys) if y >= bottom]
+  fig, ax = plt.subplots(figsize=(11, 5))
+  colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for label, xs, ys, style, index in lines:
+    ax.plot(xs, ys, style, color=colours[index % len(colours)], label=label)
+  for label, x, y, index in stars:
+    ax.plot(x, y, "*", ms=14, color=colours[index % len(colours)], label=label)
   ax.set(
     xlabel="mean pixels read (of 784)",
     ylabel="valid accuracy (%)",
     title=f"Early exit: accuracy against pixels read, first {len(labels)} valid images",
-    ylim=(90, 100),
+    ylim=(bottom, 100),
+    xlim=(max(0, min(shown + [784]) - 20), 790),
   )
-  ax.set_xlim(max(0, min(shown) - 20), 790)
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, loc="lower right")
+  ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
   return _save(fig, Path(out_dir) / "early_exit_comparison.png")

@@ -261,7 +261,7 @@ def test_plot_early_exit_compares_models(run_dir, monkeypatch, tmp_path, capsys)
   path = out / "early_exit_comparison.png"
   assert capsys.readouterr().out.strip() == str(path)
   with Image.open(path) as image:
-    assert image.size == (800, 500)
+    assert image.size == (1100, 500)
   assert cli.main(["plot", str(workdir), "--early-exit", str(workdir), "--out", str(out)]) == 2
   assert "without RUN_DIR" in capsys.readouterr().err
   assert cli.main(["plot"]) == 2
