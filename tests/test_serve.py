@@ -241,6 +241,7 @@ def _png(image) -> bytes:
     (dict(json={"pixels": [[0.0] * 28] * 27}), 422, "27 rows"),
     (dict(json={"pixels": [[0.0] * 28] * 27 + [[0.0] * 3]}), 422, "row 27 has 3 values"),
     (dict(json={"pixels": "zeros"}), 422, "pixels is a str"),
+    (dict(json={"pixels": [0.5] * 784}), 422, "pixels is a flat list of 784 values"),
     (dict(json={"pixels": [[0.0] * 28] * 28}), 422, "no ink: every pixel is within 0.1 of 0.00"),
     (dict(json={"pixels": [[0.5] * 28] * 28}), 422, "no ink"),
     (dict(json={"pixels": [[0.0] * 28] * 27 + [[0.0] * 27 + [1.5]]}), 422, "pixels[27][27] = 1.5"),

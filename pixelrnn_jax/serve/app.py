@@ -610,6 +610,12 @@ def check_pixels(pixels: Any) -> np.ndarray:
   Raises:
     RequestError (422): not 28 lists of 28 numbers, or a value not finite or outside [0, 1].
   """
+  if isinstance(pixels, list) and pixels and not any(isinstance(v, list) for v in pixels):
+    raise RequestError(
+      422,
+      f"pixels is a flat list of {len(pixels)} values; expected {SIZE} rows of {SIZE} (a list"
+      f" of {SIZE} lists: [[row 0], [row 1], ...])",
+    )
   if not isinstance(pixels, list) or len(pixels) != SIZE:
     what = f"{len(pixels)} rows" if isinstance(pixels, list) else f"a {type(pixels).__name__}"
     raise RequestError(422, f"pixels is {what}; expected {SIZE} rows of {SIZE} values in [0, 1]")
