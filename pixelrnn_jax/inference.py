@@ -263,8 +263,9 @@ def predict(
       every example, never a plausible answer.
     calibration: per-step temperatures: the confidence after step t is that
       of ``softmax(logits_t / T_t)`` (the answer is the same); None = as
-      trained. A card's recorded threshold is meant with its calibration
-      (``model_io.early_exit``).
+      trained. A card's recorded threshold is meant with its calibration:
+      ``rule = calibration.EarlyExit.from_card(model_io.read(source).card)``,
+      then ``threshold=rule.threshold, calibration=rule.calibration``.
 
   Returns:
     ``{"label": <int32>[batch], "probability": <float>[batch],
