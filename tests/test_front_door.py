@@ -72,6 +72,7 @@ _OPTIONAL = {
   "fastapi": "serve",
   "starlette": "serve",
   "uvicorn": "serve",
+  "orjson": "serve",
 }
 
 

@@ -116,7 +116,15 @@ def test_evaluate_on_two_devices_equals_one_device():
   two = inference.evaluate(
     params, images, labels, order="row", batch_size=10, early_exit_thresholds=(0.2,), devices=2
   )
-  assert one["accuracy"] == two["accuracy"] and one["early_exit"] == two["early_exit"]
+  assert one["accuracy"] == two["accuracy"]
+  (row_one,), (row_two,) = one["early_exit"], two["early_exit"]
+  assert (row_one["accuracy"], row_one["mean_steps"]) == (
+    row_two["accuracy"],
+    row_two["mean_steps"],
+  )
+  np.testing.assert_allclose(row_one["ece"], row_two["ece"], rtol=1e-5)  # summed in another order
+  for t, ece in one["calibration_error"].items():
+    np.testing.assert_allclose(ece, two["calibration_error"][t], rtol=1e-5)
   np.testing.assert_allclose(one["loss"], two["loss"], rtol=1e-6)
   np.testing.assert_array_equal(one["accuracy_per_step"], two["accuracy_per_step"])
 
