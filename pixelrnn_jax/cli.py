@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
   evaluate.add_argument(
     "--checkpoint",
     required=True,
-    help="pretrained:NAME (shipped weights: pixel, permuted), a run"
+    help="pretrained:NAME (shipped weights: pixel, anytime, permuted), a run"
     " directory (its best checkpoint) or a checkpoint file",
   )
   evaluate.add_argument("--split", choices=("valid", "test"), default="valid")
@@ -258,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
   predict.add_argument(
     "--checkpoint",
     required=True,
-    help="pretrained:NAME (shipped weights: pixel, permuted), a run"
+    help="pretrained:NAME (shipped weights: pixel, anytime, permuted), a run"
     " directory (its best checkpoint) or a checkpoint file",
   )
   predict.add_argument(
@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     default=None,
     metavar="SOURCE",
     help="a model to serve, named by its source (pretrained:NAME as NAME); repeat for"
-    " several, the first is the default (default: pretrained:pixel and pretrained:permuted)",
+    " several, the first is the default (default: pretrained:pixel, pretrained:anytime and"
+    " pretrained:permuted)",
   )
   serve.add_argument(
     "--host",

@@ -373,7 +373,7 @@ def export(args: argparse.Namespace) -> int:
   return 0
 
 
-DEFAULT_SERVED = ("pretrained:pixel", "pretrained:permuted")
+DEFAULT_SERVED = ("pretrained:pixel", "pretrained:anytime", "pretrained:permuted")
 
 
 class _Stop(Exception):

@@ -404,7 +404,7 @@ def _start(*flags: str) -> tuple[subprocess.Popen, str]:
 
 @pytest.fixture(scope="module")
 def server():
-  """The command with its default models (pretrained:pixel and pretrained:permuted)."""
+  """The command with its default models (pretrained:pixel, anytime and permuted)."""
   process, url = _start()
   yield url
   process.send_signal(signal.SIGINT)
@@ -544,6 +544,7 @@ def test_the_page_reads_a_digit_drawn_with_the_mouse(server):
       page.wait_for_selector("body[data-ready='true']", timeout=20_000)
       assert page.locator("#model option").all_text_contents() == [
         "pixel (98.80% valid)",
+        "anytime (98.62% valid)",
         "permuted (95.42% valid)",
       ]
       box = page.locator("#canvas").bounding_box()
