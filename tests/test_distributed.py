@@ -397,7 +397,9 @@ def test_a_stopped_peer_ends_the_others_after_the_timeout(tmp_path):
     procs[1].kill()
     procs[1].communicate()
   assert procs[0].returncode == peers.PEER_FAILURE_EXIT, stderr[-2000:]
-  assert 10 <= time.monotonic() - stopped_at < 19  # the watchdog, before JAX's check at 20 s
+  # The watchdog counts from process 0's last finished step, which may come a little
+  # before the SIGSTOP (measured: 9.98 s); and it fires before JAX's own check at 20 s.
+  assert 9 <= time.monotonic() - stopped_at < 19
   assert "made no progress for" in stderr and "Check failure stack trace" not in stderr
   assert re.search(r"The last complete checkpoint is \S+/checkpoints/\d+;", stderr)
 
