@@ -268,6 +268,18 @@ class EarlyExit:
     )
 
 
+def first_reached(top, thresholds):
+  """<int32>[K, N]: each example's first step with ``top >= threshold``, else the last.
+
+  The early-exit rule, one definition for NumPy and jax arrays (``inference``
+  uses it inside jit). ``top`` is <float>[N, T], ``thresholds`` <float>[K].
+  """
+  xp = jnp if isinstance(top, jax.Array) or isinstance(thresholds, jax.Array) else np
+  steps = top.shape[-1]
+  reached = (top[None] >= thresholds[:, None, None]) | (xp.arange(steps) == steps - 1)
+  return xp.argmax(reached, axis=-1).astype(xp.int32)
+
+
 def early_exit_table(top, correct, thresholds) -> list[dict]:
   """Accuracy and mean steps read when each example stops at its first ``top >= threshold``.
 
@@ -281,12 +293,10 @@ def early_exit_table(top, correct, thresholds) -> list[dict]:
     (the same numbers ``inference.evaluate`` reports).
   """
   top, correct = np.asarray(top), np.asarray(correct)
-  n, steps = top.shape
+  n = top.shape[0]
   rows = []
-  for threshold in thresholds:
-    reached = top >= np.float32(threshold)
-    reached[:, -1] = True
-    exits = reached.argmax(axis=1)
+  for threshold in thresholds:  # one at a time: [K, N, T] of a whole grid is gigabytes
+    (exits,) = first_reached(top, np.float32([threshold]))
     rows.append(
       {
         "threshold": float(threshold),

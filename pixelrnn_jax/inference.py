@@ -45,7 +45,7 @@ def _batch_sums(params, x, labels, mask, thresholds, temperatures, report_steps)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits[:, -1], labels)
   correct = jnp.argmax(logits, axis=-1) == labels[:, None]  # (B, T)
   top = jnp.max(jax.nn.softmax(logits / temperatures[:, None], axis=-1), axis=-1)  # (B, T)
-  exits = _first_reached(top, thresholds)  # (K, B)
+  exits = calibration_lib.first_reached(top, thresholds)  # (K, B)
   correct_at_exit = jnp.take_along_axis(correct[None], exits[..., None], axis=-1)[..., 0]
   top_at_exit = jnp.take_along_axis(top[None], exits[..., None], axis=-1)[..., 0]  # (K, B)
 
@@ -350,11 +350,5 @@ def exit_steps(logits: jax.Array, thresholds: jax.Array, temperatures=None) -> j
   """
   if temperatures is not None:
     logits = logits / jnp.asarray(temperatures)[:, None]
-  return _first_reached(jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1), thresholds)
-
-
-def _first_reached(top: jax.Array, thresholds: jax.Array) -> jax.Array:
-  """<int32>[K, batch]: first t with ``top[b, t] >= thresholds[k]``, else T - 1."""
-  reached = top[None] >= thresholds[:, None, None]  # (K, B, T)
-  reached = reached.at[..., -1].set(True)
-  return jnp.argmax(reached, axis=-1).astype(jnp.int32)
+  top = jnp.max(jax.nn.softmax(logits, axis=-1), axis=-1)
+  return calibration_lib.first_reached(top, jnp.asarray(thresholds))
