@@ -209,8 +209,9 @@ def predict(args: argparse.Namespace) -> int:
   if args.early:
     if rule is None:
       raise ValueError(
-        f"--early: {args.checkpoint} records no early-exit threshold (only exported weights"
-        " do: pixelrnn-jax export RUN --out FILE.msgpack); or give --confidence P"
+        f"--early: {args.checkpoint} records no early-exit threshold (a run directory has"
+        " none, nor an export made with --no-early-exit): pixelrnn-jax export RUN --out"
+        " FILE.msgpack records one; or give --confidence P"
       )
     threshold = rule.threshold
   show = None
@@ -315,11 +316,13 @@ def plot(args: argparse.Namespace) -> int:
   if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
     raise ValueError(f"--out {args.out} is a file; expected a directory for the PNGs")
   if args.early_exit:
-    if args.run_dir or not args.out:
+    if args.run_dir:
       raise ValueError(
         "--early-exit draws models, not a run: give --early-exit SOURCE ... --out DIR"
         " without RUN_DIR"
       )
+    if not args.out:
+      raise ValueError("--early-exit needs --out DIR: where early_exit_comparison.png goes")
     from pixelrnn_jax import plots  # noqa: PLC0415
 
     print(

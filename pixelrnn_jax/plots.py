@@ -40,7 +40,10 @@ def _pyplot():
   try:
     import matplotlib  # noqa: PLC0415 (optional extra)
   except ImportError as error:
-    raise ImportError("plotting needs matplotlib: pip install 'pixelrnn_jax[plot]'") from error
+    raise ImportError(
+      "plotting needs matplotlib: pip install -e '.[plot]' in the source checkout"
+      " (or pip install matplotlib)"
+    ) from error
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415 (optional extra)
 

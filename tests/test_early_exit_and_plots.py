@@ -264,5 +264,7 @@ def test_plot_early_exit_compares_models(run_dir, monkeypatch, tmp_path, capsys)
     assert image.size == (1100, 500)
   assert cli.main(["plot", str(workdir), "--early-exit", str(workdir), "--out", str(out)]) == 2
   assert "without RUN_DIR" in capsys.readouterr().err
+  assert cli.main(["plot", "--early-exit", str(workdir)]) == 2
+  assert "--early-exit needs --out DIR" in capsys.readouterr().err
   assert cli.main(["plot"]) == 2
   assert "plot needs RUN_DIR" in capsys.readouterr().err
