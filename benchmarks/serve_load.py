@@ -5,10 +5,12 @@
 Starts ``pixelrnn-jax serve`` in a subprocess on a free loopback port, then,
 for each kind of request (a 280x280 PNG of a drawn 7 as a multipart upload;
 the same digit's 28x28 pixels as JSON), ``--requests`` requests from
-``--clients`` concurrent httpx ``AsyncClient`` connections (each kind stops
-early at ``--time-limit`` seconds). Reports requests/s, p50 and p99 latency,
-errors, and the server's resident memory (``VmRSS`` of its process and its
-worker processes) before and after; then the same work (decode, model, JSON)
+``--clients`` concurrent keep-alive connections (each kind stops early at
+``--time-limit`` seconds). Reports requests/s, p50 and p99 latency, errors,
+the server's resident memory (``VmRSS`` of its process and its worker
+processes) before and after, and the load generator's own CPU time per
+request (it shares the cores with the server: ``--client raw``, HTTP/1.1
+on asyncio streams, costs a tenth of ``--client httpx``); then the same work (decode, model, JSON)
 in a plain single-thread loop in this process, without HTTP, and the ratio of
 the two rates. Once per ``--modes``: ``processes`` (the default server:
 ``--workers`` worker processes) and ``threads`` (``serve --threads``).
@@ -87,34 +89,82 @@ def start_server(checkpoint: str, *flags: str) -> tuple[subprocess.Popen, str]:
   return process, match.group(1)
 
 
-async def load(url: str, kind: str, body: dict, *, clients: int, total: int, limit_s: float):
-  """``total`` requests from ``clients`` concurrent connections; latencies and errors."""
+def request_bytes(url: str, body: dict) -> bytes:
+  """One ``POST /api/predict`` as HTTP/1.1 bytes (keep-alive), built once with httpx."""
+  request = httpx.Request("POST", url + "/api/predict", **body)
+  request.read()
+  head = [f"POST {request.url.raw_path.decode()} HTTP/1.1"]
+  head += [f"{name}: {value}" for name, value in request.headers.items()]
+  return ("\r\n".join(head) + "\r\n\r\n").encode() + request.content
+
+
+async def raw_client(url: str, request: bytes, count, record) -> None:
+  """Sends ``request`` on one keep-alive connection while ``count()`` allows; reads
+  each answer by its Content-Length. A lean client: on 2 cores the load generator
+  shares the CPU with the server, and httpx costs ~4 ms of CPU per request."""
+  host, port = httpx.URL(url).host, httpx.URL(url).port
+  reader, writer = await asyncio.open_connection(host, port)
+  try:
+    while count():
+      started = time.perf_counter()
+      try:
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        content = await reader.readexactly(length)
+        record(started, status, content)
+      except (OSError, asyncio.IncompleteReadError) as error:
+        record(started, None, repr(error).encode())
+        reader, writer = await asyncio.open_connection(host, port)
+  finally:
+    writer.close()
+
+
+async def load(
+  url: str, kind: str, body: dict, *, clients: int, total: int, limit_s: float, client: str
+):
+  """``total`` requests from ``clients`` concurrent connections; latencies and errors.
+
+  ``client``: ``raw`` (asyncio streams, see :func:`raw_client`) or ``httpx``
+  (``AsyncClient``). The client's own CPU time per request is reported."""
   latencies, errors = [], []
   issued = 0
   deadline = time.perf_counter() + limit_s
-  limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-  async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
 
-    async def client():
-      nonlocal issued
-      while issued < total and time.perf_counter() < deadline:
-        issued += 1
-        started = time.perf_counter()
-        try:
-          response = await http.post("/api/predict", **body)
-          # The answer's first key, without parsing its 7,840 probabilities here (this
-          # process shares the server's cores).
-          if response.status_code != 200 or not response.content.startswith(b'{"label":7,'):
-            errors.append(f"{response.status_code} {response.text[:80]}")
-        except httpx.HTTPError as error:
-          errors.append(repr(error))
-        latencies.append(time.perf_counter() - started)
+  def count() -> bool:
+    nonlocal issued
+    issued += 1
+    return issued <= total and time.perf_counter() < deadline
 
-    started = time.perf_counter()
-    await asyncio.gather(*(client() for _ in range(clients)))
-    elapsed = time.perf_counter() - started
+  def record(started: float, status: int | None, content: bytes) -> None:
+    # The answer's first key, without parsing its 7,840 probabilities here (this
+    # process shares the server's cores).
+    if status != 200 or not content.startswith(b'{"label":7,'):
+      errors.append(f"{status} {content[:80]!r}")
+    latencies.append(time.perf_counter() - started)
+
+  async def httpx_client(http: httpx.AsyncClient) -> None:
+    while count():
+      started = time.perf_counter()
+      try:
+        response = await http.post("/api/predict", **body)
+        record(started, response.status_code, response.content)
+      except httpx.HTTPError as error:
+        record(started, None, repr(error).encode())
+
+  cpu, started = time.process_time(), time.perf_counter()
+  if client == "raw":
+    request = request_bytes(url, body)
+    await asyncio.gather(*(raw_client(url, request, count, record) for _ in range(clients)))
+  else:
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as http:
+      await asyncio.gather(*(httpx_client(http) for _ in range(clients)))
+  elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
   return {
     "kind": kind,
+    "client": client,
     "requests": len(latencies),
     "seconds": elapsed,
     "rps": len(latencies) / elapsed,
@@ -122,20 +172,23 @@ async def load(url: str, kind: str, body: dict, *, clients: int, total: int, lim
     "p99_ms": 1000 * float(np.percentile(latencies, 99)),
     "errors": len(errors),
     "first_error": errors[0] if errors else None,
+    "client_cpu_ms": 1000 * cpu / max(1, len(latencies)),
   }
 
 
 def plain_loop(checkpoint: str, png: bytes, pixels_body: bytes, count: int) -> dict[str, float]:
-  """The same work per request (decode or check, model, JSON) in one Python thread."""
+  """The same work per request (decode or check, model, JSON) in one Python thread: the
+  server's own function, one request at a time."""
   from pixelrnn_jax.serve import app as app_lib
   from pixelrnn_jax.serve import models
 
   model = models.load(checkpoint)
-  encode = app_lib._encode  # noqa: SLF001 (the server's own encoder: the same work)
-  work = {
-    "image": lambda: encode(model.answer(app_lib.image_pixels(png, "seven.png"))),
-    "json": lambda: encode(model.answer(app_lib.check_pixels(json.loads(pixels_body)["pixels"]))),
+  answer = app_lib._answer_jobs  # noqa: SLF001 (the server's own code: the same work)
+  jobs = {
+    "image": [(app_lib._read_upload, (model.name, png, "seven.png", "image/png"))],  # noqa: SLF001
+    "json": [(app_lib._read_json, (pixels_body, None))],  # noqa: SLF001
   }
+  work = {kind: (lambda job=job: answer([model], job)) for kind, job in jobs.items()}
   rates = {}
   for kind, once in work.items():
     once()
@@ -160,13 +213,29 @@ def main(argv=None) -> dict:
     default=["processes", "threads"],
     help="server modes to measure: worker processes (the default server) and --threads",
   )
+  parser.add_argument(
+    "--max-batch",
+    nargs="+",
+    type=int,
+    default=[16, 1],
+    help="serve --max-batch values to measure (1: no batching of waiting requests)",
+  )
+  parser.add_argument(
+    "--client",
+    nargs="+",
+    choices=("raw", "httpx"),
+    default=["raw"],
+    help="load generators: raw HTTP/1.1 on asyncio streams (lean) and/or httpx.AsyncClient",
+  )
   args = parser.parse_args(argv)
 
   png = drawn_seven()
   rows = []
   pixels_body = None
-  for mode in args.modes:
-    process, url = start_server(args.checkpoint, *(["--threads"] if mode == "threads" else []))
+  servers = [(mode, batch) for mode in args.modes for batch in args.max_batch]
+  for mode, batch in servers:
+    flags = ["--max-batch", str(batch), *(["--threads"] if mode == "threads" else [])]
+    process, url = start_server(args.checkpoint, *flags)
     try:
       pixels = httpx.post(
         url + "/api/predict", files={"file": ("seven.png", png, "image/png")}, timeout=60
@@ -176,13 +245,23 @@ def main(argv=None) -> dict:
         "image": {"files": {"file": ("seven.png", png, "image/png")}},
         "json": {"content": pixels_body, "headers": {"content-type": "application/json"}},
       }
-      for kind, body in bodies.items():
-        before = rss_mb(process.pid)
-        row = asyncio.run(
-          load(url, kind, body, clients=args.clients, total=args.requests, limit_s=args.time_limit)
-        )
-        row |= {"mode": mode, "rss_before_mb": before, "rss_after_mb": rss_mb(process.pid)}
-        rows.append(row)
+      for client in args.client:
+        for kind, body in bodies.items():
+          before = rss_mb(process.pid)
+          row = asyncio.run(
+            load(
+              url,
+              kind,
+              body,
+              clients=args.clients,
+              total=args.requests,
+              limit_s=args.time_limit,
+              client=client,
+            )
+          )
+          row |= {"mode": mode, "max_batch": batch, "rss_before_mb": before}
+          row["rss_after_mb"] = rss_mb(process.pid)
+          rows.append(row)
     finally:
       process.terminate()
       process.wait(timeout=30)
@@ -191,17 +270,18 @@ def main(argv=None) -> dict:
   print(f"{args.clients} clients, {args.requests} requests per kind, model {args.checkpoint}")
   print()
   print(
-    "| server | request | requests | requests/s | p50 ms | p99 ms | errors | server RSS"
-    " before -> after (MB) | plain loop req/s | server / loop |"
+    "| server | max batch | client | request | requests | requests/s | p50 ms | p99 ms | errors | server RSS"
+    " before -> after (MB) | client CPU ms/req | plain loop req/s | server / loop |"
   )
-  print("|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
+  print("|---|---:|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|")
   for row in rows:
     row["loop_rps"] = rates[row["kind"]]
     row["ratio"] = row["rps"] / row["loop_rps"]
     print(
-      f"| {row['mode']} | {row['kind']} | {row['requests']} | {row['rps']:.1f} |"
-      f" {row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {row['errors']} |"
-      f" {row['rss_before_mb']:.0f} -> {row['rss_after_mb']:.0f} | {row['loop_rps']:.1f} |"
+      f"| {row['mode']} | {row['max_batch']} | {row['client']} | {row['kind']} | {row['requests']} |"
+      f" {row['rps']:.1f} | {row['p50_ms']:.0f} | {row['p99_ms']:.0f} | {row['errors']} |"
+      f" {row['rss_before_mb']:.0f} -> {row['rss_after_mb']:.0f} | {row['client_cpu_ms']:.2f} |"
+      f" {row['loop_rps']:.1f} |"
       f" {row['ratio']:.2f} |"
     )
     if row["first_error"]:

@@ -404,6 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
     f" copy of the models (default: the cores, {_cores()} here)",
   )
   serve.add_argument(
+    "--max-batch",
+    type=int,
+    default=16,
+    help="requests that wait while every worker is busy are answered together, up to this"
+    " many in one pass of the model (default 16; 1: one at a time)",
+  )
+  serve.add_argument(
     "--threads",
     action="store_true",
     help="use worker threads of the server's process instead (less memory, faster start;"

@@ -433,15 +433,23 @@ def serve(args: argparse.Namespace) -> int:
 
   sock = server.bind(args.host, args.port)  # a taken port fails before the models load
   check_positive("--workers", args.workers)
+  check_positive("--max-batch", args.max_batch)
   sources = args.checkpoint or list(DEFAULT_SERVED)
-  served = models_lib.load_all(sources)
+  # With worker processes, this process only names and describes the models.
+  served = models_lib.load_all(sources, warm_up=args.threads)
   pool = None
   if not args.threads:  # each worker loads the models again, in parallel
     pool = app_lib.WorkerProcesses(sources, args.workers)
     stopped = _start_workers(pool)
     if stopped is not None:
       return stopped
-  app = app_lib.make_app(served, max_upload_mb=args.max_upload_mb, workers=args.workers, pool=pool)
+  app = app_lib.make_app(
+    served,
+    max_upload_mb=args.max_upload_mb,
+    workers=args.workers,
+    max_batch=args.max_batch,
+    pool=pool,
+  )
   count = f"{len(served)} model{'s' if len(served) > 1 else ''}"
   print(f"serving {count} on {server.address(sock)} (Ctrl-C to stop)", flush=True)
   server.run(app, sock)

@@ -9,6 +9,7 @@ Needs the ``serve`` extra (skipped without it); the browser test also needs
 
 import concurrent.futures
 import io
+import json
 import os
 import re
 import signal
@@ -208,6 +209,140 @@ def test_the_shipped_early_exit_rule_stops_where_predict_stops(served):
     assert answer["pixels_read"] == int(out["steps"][0])
     assert answer["label"] == int(out["label"][0])
     np.testing.assert_allclose(answer["probability"], float(out["probability"][0]), atol=1e-5)
+
+
+def test_a_batch_answers_each_image_as_numpy_reads_the_logits(served):
+  """``answer_batch`` (one jitted pass, padded to a power of two, in chunks of
+  MAX_BATCH) against the model's logits put through the equations in NumPy:
+  softmax(logits / T_t) per step, the first step whose top probability reaches
+  the threshold, the answer there; and each image of a batch as it is alone."""
+  from pixelrnn_jax import gru_classifier
+
+  rng = np.random.default_rng(3)
+  blank = np.zeros((28, 28), np.float32)
+  ink = [app_lib.image_pixels(drawn_png(digit), "d.png") for digit in STROKES]
+  for model in served:
+    for n in (1, 3, models_lib.MAX_BATCH, models_lib.MAX_BATCH + 3):
+      images = np.stack([ink[i % len(ink)] for i in range(n)])
+      images[::4] = np.clip(images[::4] + rng.uniform(0, 0.3, (28, 28)), 0, 1)
+      if n > 1:
+        images[1] = blank
+      answers = model.answer_batch(images.astype(np.float32))
+      logits = np.asarray(gru_classifier.apply(model.params, images), np.float64)
+      temperatures = np.asarray(model.early_exit.calibration.temperatures(784), np.float64)
+      z = logits / temperatures[:, None]
+      p = np.exp(z - z.max(-1, keepdims=True))
+      p /= p.sum(-1, keepdims=True)
+      top = p.max(-1)
+      assert len(answers) == n
+      for i, answer in enumerate(answers):
+        reached = np.flatnonzero(top[i] >= model.early_exit.threshold)
+        steps = int(reached[0]) + 1 if reached.size else 784
+        assert abs(answer["pixels_read"] - steps) <= 1  # float32 vs float64 at the threshold
+        final = p[i, answer["pixels_read"] - 1]
+        assert answer["label"] == int(np.argmax(final))
+        np.testing.assert_allclose(answer["probability"], final.max(), atol=1e-5)
+        assert [t["label"] for t in answer["top3"]] == list(np.argsort(-final)[:3])
+        np.testing.assert_allclose(answer["probabilities"], p[i], atol=2e-5)
+        np.testing.assert_array_equal(answer["pixels"], images[i].round(4))
+        alone = model.answer(images[i])
+        assert alone["pixels_read"] == answer["pixels_read"]
+        np.testing.assert_allclose(alone["probabilities"], answer["probabilities"], atol=1e-6)
+
+
+def test_answers_are_json_with_float32_probabilities(client, served):
+  """Arrays are written in their shortest float32 form: the values the model computed,
+  rounded to DIGITS decimals, in about half the bytes of float64 text."""
+  response = upload(client, SEVEN.read_bytes(), "seven.png")
+  body = response.json()
+  assert np.shape(body["probabilities"]) == (784, 10) and np.shape(body["pixels"]) == (28, 28)
+  want = served[0].answer(app_lib.image_pixels(SEVEN.read_bytes(), "seven.png"))
+  np.testing.assert_array_equal(np.float32(body["probabilities"]), want["probabilities"])
+  assert len(response.content) < 90_000  # 7,840 numbers of at most 7 characters, and more
+  arrays = response.content.split(b'"probabilities":')[1].split(b'"pixels_read"')[0]
+  assert re.search(rb"\d\.\d{6,}", arrays) is None  # no 0.12346000224351883
+
+
+def test_requests_waiting_for_a_worker_are_answered_together_in_arrival_order():
+  """``Batches``: a request that finds a worker free goes alone; those that arrive
+  while every worker is busy wait in one queue, and the next free worker takes up to
+  max_batch of them in order. A request's own error fails it alone, an error of the
+  whole call fails its batch, and a request whose client left is not answered."""
+  import asyncio
+
+  async def scenario():
+    calls, gate = [], asyncio.Event()
+
+    async def answer(jobs):
+      calls.append(list(jobs))
+      await gate.wait()
+      if "boom" in jobs:
+        raise RuntimeError("the worker broke")
+      return [app_lib.RequestError(422, f"bad {j}") if j < 0 else f"answer {j}" for j in jobs]
+
+    batches = app_lib.Batches(answer, workers=1, max_batch=3)
+    first = asyncio.ensure_future(batches.submit(0))
+    await asyncio.sleep(0)
+    waiting = [asyncio.ensure_future(batches.submit(j)) for j in (1, -2, 3, 4, 5)]
+    gone = asyncio.ensure_future(batches.submit(6))
+    await asyncio.sleep(0)
+    gone.cancel()
+    await asyncio.sleep(0)
+    assert calls == [[0]]  # alone, at once
+    gate.set()
+    results = await asyncio.gather(first, *waiting, return_exceptions=True)
+    assert calls == [[0], [1, -2, 3], [4, 5]]  # in arrival order, 3 at a time, 6 skipped
+    assert (
+      results[0] == "answer 0"
+      and results[1] == "answer 1"
+      and results[3:]
+      == [
+        "answer 3",
+        "answer 4",
+        "answer 5",
+      ]
+    )
+    assert isinstance(results[2], app_lib.RequestError) and results[2].status == 422
+    assert gone.cancelled()
+
+    broken = await asyncio.gather(batches.submit(7), batches.submit("boom"), return_exceptions=True)
+    assert [type(r) for r in broken] == [str, RuntimeError]  # 7 went alone first
+    both = [asyncio.ensure_future(batches.submit(j)) for j in (8, "boom", 9)]
+    out = await asyncio.gather(*both, return_exceptions=True)
+    assert out[0] == "answer 8" and all(isinstance(r, RuntimeError) for r in out[1:])
+
+  asyncio.run(scenario())
+
+
+def test_a_mixed_batch_fails_only_its_bad_requests(served):
+  """One worker call with uploads and JSON for two models, bad ones among them."""
+  seven, four = (app_lib.image_pixels(drawn_png(d), "d.png") for d in (7, 4))
+  jobs = [
+    (app_lib._read_upload, ("pixel", drawn_png(7), "7.png", "image/png")),
+    (app_lib._read_json, (json_body(four, "permuted"), None)),
+    (app_lib._read_json, (b'{"pixels": [[2.0]]}', None)),
+    (app_lib._read_upload, ("permuted", b"not an image", "x.png", "image/png")),
+    (app_lib._read_json, (json_body(four), None)),
+    (app_lib._read_json, (json_body(seven), "permuted")),
+  ]
+  results = app_lib._answer_jobs(served, jobs)
+  error = app_lib.RequestError
+  assert [type(r) for r in results] == [bytes, bytes, error, error, bytes, bytes]
+  assert results[2].status == 422 and results[3].status == 400
+  by_name = {model.name: model for model in served}
+  for result, (model, pixels) in zip(
+    [results[i] for i in (0, 1, 4, 5)],
+    [("pixel", seven), ("permuted", four), ("pixel", four), ("permuted", seven)],
+  ):
+    body = json.loads(result)
+    want = by_name[model].answer(pixels)
+    assert (body["model"], body["label"]) == (model, want["label"])
+    np.testing.assert_allclose(body["probabilities"], want["probabilities"], atol=1e-5)
+
+
+def json_body(pixels: np.ndarray, model: str | None = None) -> bytes:
+  payload = {"pixels": pixels.tolist()} | ({"model": model} if model else {})
+  return json.dumps(payload).encode()
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -608,3 +743,19 @@ def test_a_bad_upload_limit_is_one_line_and_exit_2(size, capsys):
   assert cli.main(["serve", "--port", "0", "--max-upload-mb", size]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and f"--max-upload-mb {float(size)}" in err[0]
+
+
+@pytest.mark.parametrize("flag", ["--workers", "--max-batch"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_a_bad_worker_or_batch_count_is_one_line_and_exit_2(flag, value, capsys):
+  from pixelrnn_jax import cli
+
+  assert cli.main(["serve", "--port", "0", flag, value]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"{flag} {value}" in err[0] and "positive" in err[0]
+
+
+def test_make_app_refuses_a_batch_below_one(served):
+  for bad in (0, -1, 1.5, True):
+    with pytest.raises(ValueError, match="--max-batch"):
+      app_lib.make_app(served, max_batch=bad)

@@ -1,7 +1,8 @@
-"""The models a server answers with: loaded once by source, asked one image at a time.
+"""The models a server answers with: loaded once by source, asked one or more images at once.
 
     models = [load("pretrained:pixel"), load("runs/tuned")]
     answer = models[0].answer(pixels)   # pixels: <float32>[28, 28] in [0, 1]
+    answers = models[0].answer_batch(stack)   # stack: <float32>[n, 28, 28], one jitted pass
 
 Standard library, NumPy and JAX only, so the answers are testable without
 the web extra.
@@ -10,19 +11,43 @@ the web extra.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pixelrnn_jax import calibration
 from pixelrnn_jax import gru_classifier
-from pixelrnn_jax import inference
 from pixelrnn_jax import model_io
 from pixelrnn_jax import preprocessing
 
 IMAGE_SHAPE = preprocessing.IMAGE_SHAPE  # (28, 28): what every loaded model reads
 DIGITS = 5  # decimals of the per-step probabilities sent: 1e-5 is below a chart's pixel
+# Batches are padded to the next power of two up to this (each size compiles once, at load).
+MAX_BATCH = 16
+
+
+@jax.jit
+def _read(params, images, temperatures, threshold):
+  """Every step's (calibrated) class probabilities and the steps read, in one XLA call.
+
+  Args:
+    params: the model's :class:`gru_classifier.Params`.
+    images: <float32>[n, 28, 28] in [0, 1].
+    temperatures: <float32>[T] per-step temperature (ones: uncalibrated).
+    threshold: <float32>[] early-exit threshold (above 1: read every pixel).
+
+  Returns:
+    (<float32>[n, T, classes] softmax of logits / temperature, <int32>[n] steps
+    read: the first step whose top probability reaches ``threshold``, else T),
+    the rule of ``inference.exit_steps`` on this one pass.
+  """
+  logits = gru_classifier.apply(params, images) / temperatures[:, None]
+  probabilities = jax.nn.softmax(logits, axis=-1)
+  top = jnp.max(probabilities, axis=-1)
+  return probabilities, calibration.first_reached(top, threshold[None])[0] + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,35 +87,67 @@ class ServedModel:
 
     Returns:
       ``{"label", "probability", "top3": [{"label", "probability"}] * 3,
-      "probabilities": [784][10], "pixels": [28][28], "pixels_read", "order": [784],
-      "model"}``. ``probabilities[i]`` is every class's probability after the
-      i-th pixel read (in reading order); a row-order model answers once per
+      "probabilities": <float32>[784, 10], "pixels": <float32>[28, 28], "pixels_read",
+      "order": [784], "model"}`` (arrays as NumPy: ``orjson`` with
+      ``OPT_SERIALIZE_NUMPY`` writes them as nested lists). ``probabilities[i]``
+      is every class's probability after the i-th pixel read (in reading
+      order), rounded to DIGITS decimals; a row-order model answers once per
       row, so its 28 answers are repeated for the row's 28 pixels. The answer
       is the one after ``pixels_read`` pixels: all 784, or fewer where the
       card records an early-exit rule and the model reached its threshold;
       with a rule, every probability is calibrated by its per-step temperature.
     """
-    x = np.asarray(pixels, np.float32)[None]  # (1, 28, 28)
-    logits = np.asarray(gru_classifier.apply(self.params, x)[0])  # (T, 10)
-    steps, in_dim = logits.shape[0], preprocessing.NUM_PIXELS // logits.shape[0]
-    if self.early_exit is not None:  # the exit rule of inference.evaluate, on this pass
-      temperatures = self.early_exit.calibration.temperatures(steps)
-      threshold = np.float32([self.early_exit.threshold])
-      steps = int(inference.exit_steps(logits[None], threshold, temperatures)[0, 0]) + 1
-      logits = logits / temperatures[:, None]
-    per_step = np.asarray(jax.nn.softmax(logits, axis=-1))
+    return self.answer_batch(np.asarray(pixels, np.float32)[None])[0]
+
+  def answer_batch(self, pixels: np.ndarray) -> list[dict[str, Any]]:
+    """:meth:`answer` for each of <float32>[n, 28, 28] images, from one jitted pass.
+
+    The batch is padded with blank images to the next power of two (at most
+    MAX_BATCH per pass), so that a server compiles a few sizes only.
+    """
+    pixels = np.asarray(pixels, np.float32)
+    n = pixels.shape[0]
+    answers = []
+    for start in range(0, n, MAX_BATCH):
+      chunk = pixels[start : start + MAX_BATCH]
+      size = padded_size(len(chunk))
+      padded = np.zeros((size, *IMAGE_SHAPE), np.float32)
+      padded[: len(chunk)] = chunk
+      probabilities, steps = _read(self.params, padded, *self._rule)
+      probabilities, steps = np.asarray(probabilities), np.asarray(steps)
+      answers += [
+        self._format(chunk[i], probabilities[i], int(steps[i])) for i in range(len(chunk))
+      ]
+    return answers
+
+  @functools.cached_property
+  def _rule(self) -> tuple[np.ndarray, np.ndarray]:
+    """(temperatures <float32>[T], threshold <float32>[]) for :func:`_read`."""
+    steps = preprocessing.NUM_PIXELS // self.params.in_dim
+    if self.early_exit is None:
+      return np.ones(steps, np.float32), np.float32(np.inf)
+    temperatures = np.asarray(self.early_exit.calibration.temperatures(steps), np.float32)
+    return temperatures, np.float32(self.early_exit.threshold)
+
+  def _format(self, pixels: np.ndarray, per_step: np.ndarray, steps: int) -> dict[str, Any]:
+    in_dim = preprocessing.NUM_PIXELS // per_step.shape[0]
     final = per_step[steps - 1]
     top3 = np.argsort(-final, kind="stable")[:3]
     return {
       "label": int(top3[0]),
       "probability": float(final[top3[0]]),
       "top3": [{"label": int(c), "probability": float(final[c])} for c in top3],
-      "probabilities": np.repeat(per_step, in_dim, axis=0).round(DIGITS).tolist(),
-      "pixels": np.asarray(pixels, np.float32).round(4).tolist(),
+      "probabilities": np.repeat(per_step, in_dim, axis=0).round(DIGITS),
+      "pixels": pixels.round(4),
       "pixels_read": steps * in_dim,
-      "order": list(self.reading_order),
+      "order": self.reading_order,
       "model": self.name,
     }
+
+
+def padded_size(n: int) -> int:
+  """The batch size a pass of ``n`` images runs at: the next power of two, <= MAX_BATCH."""
+  return min(MAX_BATCH, 1 << max(0, n - 1).bit_length())
 
 
 def name_of(source: str) -> str:
@@ -111,8 +168,8 @@ def load(source: str, *, warm_up: bool = True) -> ServedModel:
 
   Args:
     source: where the weights are.
-    warm_up: answer a blank image once, so that the first request does not
-      wait for the compilation (seconds).
+    warm_up: answer blank images once per padded batch size, so that no
+      request waits for a compilation (about a second each).
 
   Raises:
     FileNotFoundError: nothing loadable at ``source``.
@@ -137,8 +194,11 @@ def load(source: str, *, warm_up: bool = True) -> ServedModel:
     card=card,
     early_exit=rule,
   )
-  if warm_up:
-    model.answer(np.zeros(IMAGE_SHAPE, np.float32))
+  if warm_up:  # compiles every padded batch size now, not on a request
+    size = 1
+    while size <= MAX_BATCH:
+      model.answer_batch(np.zeros((size, *IMAGE_SHAPE), np.float32))
+      size *= 2
   return model
 
 
