@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
   export.add_argument(
     "--max-drop",
     type=float,
-    default=0.25,
+    default=None,
     metavar="POINTS",
     help="accuracy points the recorded threshold may lose against reading every pixel,"
     " on the valid images it is chosen on (default 0.25)",

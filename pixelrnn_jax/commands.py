@@ -342,6 +342,9 @@ def plot(args: argparse.Namespace) -> int:
   return 0
 
 
+EXPORT_MAX_DROP = 0.25  # export --max-drop's default, in accuracy points
+
+
 def export(args: argparse.Namespace) -> int:
   """``pixelrnn-jax export``: a run's best weights and their card to ``--out``."""
   from pixelrnn_jax.training import export as export_lib  # noqa: PLC0415
@@ -349,8 +352,14 @@ def export(args: argparse.Namespace) -> int:
   export_lib.check_out(args.out)  # before the run and the data are read
   if args.wall_time_s is not None and not 0 <= args.wall_time_s < float("inf"):
     raise ValueError(f"--wall-time-s {args.wall_time_s}: expected seconds >= 0")
-  if not 0 <= args.max_drop < 100:
-    raise ValueError(f"--max-drop {args.max_drop}: expected accuracy points in [0, 100), e.g. 0.25")
+  if args.max_drop is not None and not args.early_exit:
+    raise ValueError(
+      f"--max-drop {args.max_drop} chooses the early-exit threshold, which --no-early-exit"
+      " does not record: drop one of the two"
+    )
+  max_drop = EXPORT_MAX_DROP if args.max_drop is None else args.max_drop
+  if not 0 <= max_drop < 100:
+    raise ValueError(f"--max-drop {max_drop}: expected accuracy points in [0, 100), e.g. 0.25")
   card = export_lib.export(
     args.run,
     args.out,
@@ -358,7 +367,7 @@ def export(args: argparse.Namespace) -> int:
     notes=args.notes,
     wall_time_s=args.wall_time_s,
     early_exit=args.early_exit,
-    max_drop=args.max_drop / 100,
+    max_drop=max_drop / 100,
   )
   print(
     f"{args.out}: step {card['source']['step']}, valid accuracy"

@@ -14,6 +14,7 @@ card's per-step temperature), with each card's recorded threshold marked.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -50,13 +51,32 @@ def _pyplot():
   return plt
 
 
+def loss_label(run_dir: Path) -> tuple[str, float]:
+  """What a run's logged training loss is, and its value at chance.
+
+  The last step's cross-entropy (chance: ln 10), plus ``W x`` the per-step term
+  where the run's config.json has ``per_step_loss`` W > 0 (both terms at chance
+  are ln 10, the per-step weights summing to 1: ``(1 + W) ln 10``).
+  """
+  try:
+    config = json.loads((Path(run_dir) / run_dir_lib.CONFIG).read_text())
+  except (OSError, ValueError):
+    config = {}
+  weight = config.get("per_step_loss") or 0.0
+  if not weight:
+    return "last step", float(np.log(10))
+  weighting = config.get("per_step_weighting", "uniform")
+  return f"last step + {weight:g} x per-step, {weighting}", float((1 + weight) * np.log(10))
+
+
 def learning_curves(run_dir: Path, out: Path) -> Path:
   plt = _pyplot()
   train_lines, valid_lines = run_dir_lib.read_metrics(run_dir)
   fig, (loss_ax, acc_ax, err_ax) = plt.subplots(1, 3, figsize=(16, 4))
   loss_ax.plot([l["step"] for l in train_lines], [l["loss"] for l in train_lines])
-  loss_ax.axhline(np.log(10), color="grey", ls=":", label="ln 10 = 2.30 (chance)")
-  loss_ax.set(xlabel="step", ylabel="training loss (last step)", title="loss")
+  objective, chance = loss_label(run_dir)
+  loss_ax.axhline(chance, color="grey", ls=":", label=f"{chance:.2f} (chance)")
+  loss_ax.set(xlabel="step", ylabel=f"training loss ({objective})", title="loss")
   loss_ax.legend()
   acc_ax.plot(
     [l["step"] for l in train_lines], [l["accuracy"] for l in train_lines], label="train (batch)"

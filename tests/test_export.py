@@ -97,6 +97,7 @@ def test_a_tampered_export_fails_its_card_checksum(run, tmp_path, mnist_dir):
     (["--max-drop", "nan"], "--max-drop nan"),
     (["--wall-time-s", "nan"], "--wall-time-s nan: expected seconds >= 0"),
     (["--wall-time-s", "-5"], "--wall-time-s -5.0"),
+    (["--no-early-exit", "--max-drop", "1"], "--max-drop 1.0 chooses the early-exit threshold"),
   ],
 )
 def test_bad_export_numbers_are_named_before_any_work(tmp_path, capsys, flags, message):

@@ -306,6 +306,23 @@ def test_plot_reads_a_resumed_run(tmp_path, toy_data, capsys):
   assert plots.learning_curves(tmp_path, tmp_path / "plots").is_file()
 
 
+def test_the_loss_plot_names_the_objective_the_run_trained(tmp_path):
+  """With a per-step loss the logged loss is the whole objective, not the last step's."""
+  import math
+
+  from pixelrnn_jax import plots
+
+  assert plots.loss_label(tmp_path) == ("last step", pytest.approx(math.log(10)))
+  for weight, weighting in ((0.0, "uniform"), (0.3, "linear"), (1.0, "uniform")):
+    config = config_lib.Config(per_step_loss=weight, per_step_weighting=weighting)
+    (tmp_path / "config.json").write_text(config.to_json())
+    label, chance = plots.loss_label(tmp_path)
+    assert chance == pytest.approx((1 + weight) * math.log(10))
+    assert label == (
+      "last step" if not weight else f"last step + {weight:g} x per-step, {weighting}"
+    )
+
+
 @pytest.mark.parametrize("kind", ["existing file", "image name"])
 def test_show_given_a_file_names_the_flag(tmp_path, capsys, kind):
   show = tmp_path / "seen.png"
