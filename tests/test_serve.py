@@ -576,6 +576,32 @@ def test_concurrent_requests_each_get_their_own_answer(server, served):
     np.testing.assert_allclose(answer["probabilities"], want["probabilities"], atol=2e-5)
 
 
+def test_the_load_benchmark_client_counts_answers_and_errors(server):
+  """benchmarks/serve_load.py's raw HTTP/1.1 client against a real server: every
+  request is counted once, a right answer is no error and a wrong one is."""
+  import asyncio
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks/serve_load.py")
+  serve_load = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(serve_load)
+  seven = app_lib.image_pixels(serve_load.drawn_seven(), "seven.png")
+  bodies = {
+    "json": {"content": json_body(seven), "headers": {"content-type": "application/json"}},
+    "image": {"files": {"file": ("seven.png", serve_load.drawn_seven(), "image/png")}},
+    "bad": {"content": b'{"pixels": 1}', "headers": {"content-type": "application/json"}},
+  }
+  for kind, body in bodies.items():
+    for client in ("raw", "httpx"):
+      row = asyncio.run(
+        serve_load.load(server, kind, body, clients=3, total=7, limit_s=60, client=client)
+      )
+      assert row["requests"] == 7 and row["client"] == client
+      assert row["errors"] == (7 if kind == "bad" else 0), row["first_error"]
+      if kind == "bad":
+        assert row["first_error"].startswith("422 ")
+
+
 def test_health_answers_while_predictions_queue(server):
 
   def ask(_):
