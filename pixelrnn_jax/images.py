@@ -40,6 +40,7 @@ Not handled: graph paper, hard-edged shadows, several digits in one image.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -76,6 +77,15 @@ MIN_SPAN = 0.1  # some ink component must span this much of the image's shorter 
 
 class ImageError(ValueError):
   """An input image cannot be used (names the file and what is wrong)."""
+
+
+class ImageTooLarge(ImageError):
+  """A file that claims more pixels than can be read safely (a decompression bomb, or
+  an .npy header with a huge shape): refused before its pixels are allocated."""
+
+
+# Pillow's own limit (it warns above this and refuses at twice it); .npy arrays too.
+MAX_PIXELS = 89_478_485
 
 
 class Digit(NamedTuple):
@@ -142,11 +152,7 @@ def read_image(path: str | Path) -> np.ndarray:
   if path.stat().st_size == 0:
     raise ImageError(f"{path}: empty file")
   if suffix == ".npy":
-    try:
-      array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-      raise ImageError(f"{path}: not a readable .npy array ({error})") from error
-    return _as_grey(array, str(path))
+    return _as_grey(_read_npy(path), str(path))
   if suffix not in IMAGE_SUFFIXES:
     raise ImageError(
       f"{path}: unsupported file type {suffix or '(none)'}; use an image"
@@ -183,10 +189,46 @@ def read_image(path: str | Path) -> np.ndarray:
   except ImageError:
     raise
   except Image.DecompressionBombError as error:  # Pillow's guard against huge images
-    raise ImageError(f"{path}: too large to read safely ({error}); scale it down first") from error
+    raise ImageTooLarge(
+      f"{path}: too large to read safely ({error}); scale it down first"
+    ) from error
   except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
     raise ImageError(f"{path}: not a readable image ({error})") from error
   return _as_grey(np.asarray(grey, np.float32), str(path))
+
+
+def _read_npy(path: Path) -> np.ndarray:
+  """An .npy file's array, its header checked first: a shape of more than MAX_PIXELS
+  values, or more data than the file holds, is refused before anything is allocated.
+
+  Raises:
+    ImageTooLarge: the header's shape has more than MAX_PIXELS values.
+    ImageError: not an .npy file, a truncated one, or an object (pickled) array.
+  """
+  from numpy.lib import format as npy  # noqa: PLC0415 (only for .npy inputs)
+
+  readers = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}
+  try:
+    with open(path, "rb") as file:
+      version = npy.read_magic(file)
+      if version in readers:
+        shape, _, dtype = readers[version](file)
+        count = math.prod(shape)
+        if count > MAX_PIXELS:
+          raise ImageTooLarge(
+            f"{path}: an array of shape {shape} ({count:,} values) is over the"
+            f" {MAX_PIXELS:,}-value limit; a digit needs [28, 28]"
+          )
+        if count * dtype.itemsize > path.stat().st_size - file.tell():
+          raise ImageError(
+            f"{path}: truncated .npy file (its header says shape {shape} {dtype},"
+            f" {count * dtype.itemsize:,} bytes; the file holds fewer)"
+          )
+    return np.load(path, allow_pickle=False)
+  except ImageError:
+    raise
+  except (ValueError, OSError, EOFError, TypeError, SyntaxError) as error:
+    raise ImageError(f"{path}: not a readable .npy array ({error})") from error
 
 
 def _as_grey(array, name: str) -> np.ndarray:

@@ -1,5 +1,6 @@
 """A user's digit image, in the forms people draw and save them, read as MNIST."""
 
+import io
 import json
 import re
 from pathlib import Path
@@ -366,3 +367,34 @@ def test_long_runs_are_the_runs_at_least_span_long(rows, length, ink, span, seed
       expected[r, c:end] = end - c >= span
       c = end
   np.testing.assert_array_equal(images._long_runs(lines, span), expected)
+
+
+def _npy(shape: tuple, dtype: str, data: bytes) -> bytes:
+  from numpy.lib import format as npy
+
+  out = io.BytesIO()
+  npy.write_array_header_1_0(out, {"descr": dtype, "fortran_order": False, "shape": shape})
+  return out.getvalue() + data
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(
+  shape=st.lists(st.integers(0, 10**7), max_size=3).map(tuple),
+  dtype=st.sampled_from(["|u1", "<f4", "<f8", "<i8", "|b1", "<c16", "|V16"]),
+  data=st.binary(max_size=64),
+)
+def test_any_npy_header_is_read_or_refused_by_name(tmp_path_factory, shape, dtype, data):
+  """An .npy file with any shape and dtype in its header and any bytes after it: an
+  array, or an ImageError naming the file; never an allocation of the claimed size
+  (a 10^7 x 10^7 header is refused as too large, before np.load)."""
+  path = tmp_path_factory.mktemp("npy") / "x.npy"
+  path.write_bytes(_npy(shape, dtype, data))
+  try:
+    grey = images.read_image(path)
+  except images.ImageError as error:
+    assert str(path) in str(error)
+    if np.prod(shape, dtype=object) > images.MAX_PIXELS:
+      assert isinstance(error, images.ImageTooLarge) and "limit" in str(error)
+  else:
+    assert grey.dtype == np.float32 and grey.ndim == 2
+    assert np.all((grey >= 0) & (grey <= 1))

@@ -25,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 CI = os.environ.get("PIXELRNN_JAX_CI") == "1"
 if not CI:
@@ -77,6 +80,20 @@ def drawn_png(digit: int, *, size: int = 280) -> bytes:
   out = io.BytesIO()
   image.save(out, "PNG")
   return out.getvalue()
+
+
+def npy_claiming(shape: tuple, dtype: str = "<f8", data: bytes = b"") -> bytes:
+  """An .npy file whose header claims ``shape`` and ``dtype``, followed by ``data``."""
+  from numpy.lib import format as npy
+
+  out = io.BytesIO()
+  npy.write_array_header_1_0(out, {"descr": dtype, "fortran_order": False, "shape": shape})
+  return out.getvalue() + data
+
+
+GRID_FOUR = np.zeros((28, 28), np.float32)
+GRID_FOUR[4:24, 10:14] = 1.0  # a stroke: enough ink to pass the contrast check
+NPY_HUGE = npy_claiming((200_000, 200_000))  # 298 GiB claimed in 128 bytes
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -314,6 +331,37 @@ def test_requests_waiting_for_a_worker_are_answered_together_in_arrival_order():
   asyncio.run(scenario())
 
 
+def test_closing_the_queue_fails_waiting_requests_now_and_running_ones_after_the_grace():
+  import asyncio
+
+  async def scenario():
+    started = asyncio.Event()
+
+    async def answer(jobs):
+      started.set()
+      await asyncio.sleep(10)  # a slow batch
+      return [f"answer {j}" for j in jobs]
+
+    batches = app_lib.Batches(answer, workers=1, max_batch=4)
+    running = asyncio.ensure_future(batches.submit(0))
+    await started.wait()
+    waiting = asyncio.ensure_future(batches.submit(1))
+    await asyncio.sleep(0)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    batches.close(grace_s=0.3)
+    with pytest.raises(app_lib.RequestError, match="stopping") as error:
+      await waiting  # at once
+    assert error.value.status == 503 and loop.time() - t0 < 0.1
+    with pytest.raises(app_lib.RequestError, match="stopping"):
+      await batches.submit(2)  # closed: refused
+    with pytest.raises(app_lib.RequestError, match="stopping"):
+      await running  # after the grace period, not after the slow batch
+    assert 0.25 < loop.time() - t0 < 2
+
+  asyncio.run(scenario())
+
+
 def test_a_mixed_batch_fails_only_its_bad_requests(served):
   """One worker call with uploads and JSON for two models, bad ones among them."""
   seven, four = (app_lib.image_pixels(drawn_png(d), "d.png") for d in (7, 4))
@@ -375,12 +423,27 @@ def _png(image) -> bytes:
     (dict(json={"image": []}), 422, "no 'pixels'"),
     (dict(json={"pixels": [[0.0] * 28] * 27}), 422, "27 rows"),
     (dict(json={"pixels": [[0.0] * 28] * 27 + [[0.0] * 3]}), 422, "row 27 has 3 values"),
-    (dict(json={"pixels": "zeros"}), 422, "pixels is a str"),
+    (dict(json={"pixels": "zeros"}), 422, "pixels is a string 'zeros'"),
+    (dict(json={"pixels": [[0.0] * 28]}), 422, "pixels is 1 row;"),
+    (dict(json={"pixels": [{}] * 28}), 422, "pixels row 0 is an object"),
+    (dict(json={"pixels": None}), 422, "pixels is a null"),
+    (dict(json=[1, 2]), 422, "JSON body is a list"),
+    (dict(json={"pixels": [[0.0] * 28] * 27 + [[0.0] * 27 + [10**400]]}), 422, "[27][27] = 1000"),
+    (dict(files={"file": (None, b"\x89PNG...")}), 400, "field 'file' is text, not a file"),
+    (
+      dict(files={"file": ("big.npy", NPY_HUGE, "application/octet-stream")}),
+      413,
+      "(200000, 200000)",
+    ),
     (dict(json={"pixels": [0.5] * 784}), 422, "pixels is a flat list of 784 values"),
     (dict(json={"pixels": [[0.0] * 28] * 28}), 422, "no ink: every pixel is within 0.1 of 0.00"),
     (dict(json={"pixels": [[0.5] * 28] * 28}), 422, "no ink"),
     (dict(json={"pixels": [[0.0] * 28] * 27 + [[0.0] * 27 + [1.5]]}), 422, "pixels[27][27] = 1.5"),
-    (dict(json={"pixels": [[0.0] * 28] * 27 + [[0.0] * 27 + ["a"]]}), 422, "pixels[27][27] is 'a'"),
+    (
+      dict(json={"pixels": [[0.0] * 28] * 27 + [[0.0] * 27 + ["a"]]}),
+      422,
+      "pixels[27][27] is a string 'a'",
+    ),
     (
       dict(
         content=b'{"pixels": [' + b",".join([b"[" + b",".join([b"NaN"] * 28) + b"]"] * 28) + b"]}",
@@ -416,6 +479,52 @@ def test_bad_input_is_a_4xx_naming_the_problem(client, request_kwargs, status, t
   body = response.json()
   assert set(body) == {"error"} and text in body["error"], body
   assert "Traceback" not in response.text
+
+
+JSON_VALUES = st.recursive(
+  st.none()
+  | st.booleans()
+  | st.integers(min_value=-(10**500), max_value=10**500)
+  | st.floats(allow_nan=True, allow_infinity=True)
+  | st.text(max_size=5),
+  lambda inner: (
+    st.lists(inner, max_size=30) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+  ),
+  max_leaves=40,
+)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(value=JSON_VALUES, row=st.integers(0, 27), column=st.integers(0, 27), whole=st.booleans())
+def test_any_json_pixels_are_answered_or_refused_with_a_422(value, row, column, whole):
+  """Any JSON value as the pixels, or in place of one pixel of a drawn 4: a float32
+  [28, 28] image in [0, 1], or a RequestError 422 naming the problem in one short line;
+  never another exception (an integer too large for a float, NaN, a nested object)."""
+  grid = GRID_FOUR.tolist()
+  if whole:
+    pixels = value
+  else:
+    grid[row][column] = value
+    pixels = grid
+  try:
+    array = app_lib.check_pixels(pixels)
+  except app_lib.RequestError as error:
+    assert error.status == 422 and "\n" not in error.message and len(error.message) < 300
+    assert "pixels" in error.message or "no ink" in error.message
+  else:
+    assert array.shape == (28, 28) and array.dtype == np.float32
+    assert np.all((array >= 0) & (array <= 1))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(body=st.binary(max_size=200) | JSON_VALUES.map(lambda v: json.dumps({"pixels": v}).encode()))
+def test_any_json_body_is_answered_or_refused_with_a_4xx(served, body):
+  try:
+    model, pixels = app_lib._read_json(served, body, None)
+  except app_lib.RequestError as error:
+    assert error.status in (400, 422) and "\n" not in error.message
+  else:
+    assert model is served[0] and pixels.shape == (28, 28)
 
 
 def test_a_body_over_the_limit_is_refused_before_it_is_read(served):
@@ -640,6 +749,44 @@ def test_ctrl_c_and_sigterm_stop_it_with_one_line(signum, code):
     f"pixelrnn-jax serve: {('interrupted', 'terminated')[code == 143]} ({signal.Signals(signum).name})"
   ]
   assert "Traceback" not in out + err
+
+
+@pytest.mark.parametrize("mode", [(), ("--threads",)])
+def test_a_stop_with_requests_queued_answers_each_with_json(mode):
+  """SIGTERM while 32 slow uploads queue: the waiting ones get a JSON 503 at once, the
+  ones being read finish or get a JSON 503 before the grace period ends; the server is
+  gone within it, with its one line (no CancelledError tracebacks, no plain-text 500)."""
+  image = Image.new("L", (5000, 5000), 0)
+  ImageDraw.Draw(image).line([(1200, 800), (3800, 800), (2000, 4300)], fill=255, width=330)
+  out = io.BytesIO()
+  image.save(out, "PNG")
+  big = out.getvalue()
+  process, url = _start("--checkpoint", "pretrained:pixel", *mode)
+  answers = []
+
+  def ask():
+    with httpx.Client(timeout=60) as http:
+      response = http.post(url + "/api/predict", files={"file": ("big.png", big, "image/png")})
+      answers.append((response.status_code, response.headers["content-type"], response.text))
+
+  threads = [threading.Thread(target=ask) for _ in range(32)]
+  for thread in threads:
+    thread.start()
+  time.sleep(1.0)
+  stopped = time.monotonic()
+  process.send_signal(signal.SIGTERM)
+  _, err = process.communicate(timeout=60)
+  elapsed = time.monotonic() - stopped
+  for thread in threads:
+    thread.join(timeout=60)
+  assert process.returncode == 143 and elapsed < 8
+  assert err.strip().splitlines() == ["pixelrnn-jax serve: terminated (SIGTERM)"]
+  assert len(answers) == 32
+  statuses = sorted(status for status, _, _ in answers)
+  assert set(statuses) <= {200, 503} and 503 in statuses, statuses
+  for status, kind, text in answers:
+    assert kind == "application/json"
+    assert status == 200 or "the server is stopping" in text
 
 
 def test_a_busy_port_is_one_line_and_exit_2():

@@ -47,6 +47,7 @@ from fastapi.responses import Response
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from pixelrnn_jax import images
 from pixelrnn_jax.serve import models as models_lib
@@ -55,7 +56,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 MAX_UPLOAD_MB = 10.0  # a phone photo is 2-8 MB; more is not a digit worth decoding
 # Pillow warns above MAX_IMAGE_PIXELS (89 M) and only refuses at twice that; a server
 # refuses at the warning, since decoding 100 M+ pixels takes seconds and gigabytes.
-MAX_IMAGE_PIXELS = 89_478_485
+MAX_IMAGE_PIXELS = images.MAX_PIXELS
 SIZE = models_lib.IMAGE_SHAPE[0]
 # Decoding and model calls at once: one per core. More threads only take turns at the GIL
 # in no fair order (measured: p99 4x p50 with 40), while requests waiting in a FIFO
@@ -240,8 +241,9 @@ def make_app(
     try:
       yield
     finally:
-      if pool is not None:
-        pool.stop()
+      app.state.batches.close()
+      if pool is not None:  # requests are answered or cancelled by now: nothing to wait for
+        pool.kill(wait=True)
 
   app = FastAPI(
     title="pixelrnn-jax",
@@ -341,11 +343,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
   if declared.isdigit() and int(declared) > limit:
     raise RequestError(413, _too_large(int(declared), limit))
   chunks, size = [], 0
-  async for chunk in request.stream():
-    size += len(chunk)
-    if size > limit:
-      raise RequestError(413, _too_large(size, limit, at_least=True))
-    chunks.append(chunk)
+  try:
+    async for chunk in request.stream():
+      size += len(chunk)
+      if size > limit:
+        raise RequestError(413, _too_large(size, limit, at_least=True))
+      chunks.append(chunk)
+  except ClientDisconnect as error:  # nobody to answer: no log, no traceback
+    raise RequestError(400, "the client disconnected before sending its whole body") from error
   if size == 0:
     raise RequestError(
       400,
@@ -379,6 +384,12 @@ async def _read_form(request: Request, body: bytes) -> tuple[UploadFile, str | N
   except HTTPException as error:  # Starlette's text for a malformed multipart body
     raise RequestError(400, f"malformed multipart body: {error.detail}") from error
   upload, model_name = form.get("file"), form.get("model")
+  if isinstance(upload, str):  # e.g. curl -F 'file=<seven.png': the bytes as a text field
+    raise RequestError(
+      400,
+      "multipart field 'file' is text, not a file: send the image as a file part"
+      " (curl -F file=@seven.png)",
+    )
   if not isinstance(upload, UploadFile):
     fields = ", ".join(sorted(form.keys())) or "none"
     raise RequestError(400, f"multipart body without a file in field 'file' (fields: {fields})")
@@ -417,18 +428,49 @@ class Batches:
   def __init__(self, answer, workers: int, max_batch: int):
     self._answer, self._free, self._max_batch = answer, workers, max_batch
     self._waiting: collections.deque = collections.deque()
-    self._tasks: set[asyncio.Task] = set()  # batches in flight (held: tasks are weak)
+    self._running: dict[asyncio.Task, list] = {}  # batches in flight (held: tasks are weak)
+    self._loop: asyncio.AbstractEventLoop | None = None
+    self._closed = False
 
   async def submit(self, job) -> bytes:
     """The bytes answering ``job``, once a worker has answered its batch.
 
     Raises:
-      RequestError, WorkerError: this request's; or the batch's error.
+      RequestError, WorkerError: this request's; or the batch's error; 503 once
+        the server is stopping.
     """
-    future = asyncio.get_running_loop().create_future()
+    if self._closed:
+      raise _stopping()
+    self._loop = asyncio.get_running_loop()
+    future = self._loop.create_future()
     self._waiting.append((job, future))
     self._dispatch()
     return await future  # a client that disconnects cancels it: it is skipped
+
+  def stop_soon(self, grace_s: float) -> None:
+    """From a signal handler: the server is stopping. Requests still waiting get a
+    503 now; those being answered get ``grace_s`` seconds, then a 503 (before the
+    server cancels them, which would answer a plain-text 500)."""
+    if self._loop is not None and not self._loop.is_closed():
+      self._loop.call_soon_threadsafe(self.close, grace_s)
+
+  def close(self, grace_s: float = 0.0) -> None:
+    """Refuses new requests and fails waiting ones (503); in-flight ones after ``grace_s``."""
+    self._closed = True
+    while self._waiting:
+      _, future = self._waiting.popleft()
+      if not future.done():
+        future.set_exception(_stopping())
+    if grace_s > 0:
+      asyncio.get_running_loop().call_later(grace_s, self._fail_running)
+    else:
+      self._fail_running()
+
+  def _fail_running(self) -> None:
+    for batch in self._running.values():
+      for _, future in batch:
+        if not future.done():
+          future.set_exception(_stopping())
 
   def _dispatch(self) -> None:
     while self._free and self._waiting:
@@ -440,8 +482,8 @@ class Batches:
       if batch:
         self._free -= 1
         task = asyncio.get_running_loop().create_task(self._run(batch))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._running[task] = batch
+        task.add_done_callback(self._running.pop)
 
   async def _run(self, batch: list) -> None:
     try:
@@ -460,6 +502,10 @@ class Batches:
       else:
         future.set_result(result)
     self._dispatch()
+
+
+def _stopping() -> RequestError:
+  return RequestError(503, "the server is stopping; send the request again once it is back")
 
 
 # ---------------------------------------------------------------------------- worker processes
@@ -551,13 +597,14 @@ class WorkerProcesses:
     for worker in workers:
       worker.shutdown(wait=True, cancel_futures=True)
 
-  def kill(self) -> None:
-    """Kills every worker process (also half-started ones), then stops."""
+  def kill(self, *, wait: bool = False) -> None:
+    """Kills every worker process (also half-started ones), then stops; ``wait``: until
+    the pools have noticed and released their queues (no leaked semaphores at exit)."""
     for child in multiprocessing.active_children():
       child.kill()
     workers, self._workers = self._workers, []
     for worker in workers:
-      worker.shutdown(wait=False, cancel_futures=True)
+      worker.shutdown(wait=wait, cancel_futures=True)
 
 
 def _start_worker(sources: list[str]) -> None:
@@ -666,7 +713,6 @@ def image_pixels(data: bytes, filename: str = "", content_type: str = "") -> np.
   suffix = Path(name).suffix.lower()[:8]
   if not suffix:  # the reader goes by the suffix; Pillow then goes by the bytes
     suffix = mimetypes.guess_extension(content_type.split(";")[0].strip()) or ".png"
-  from PIL import Image  # noqa: PLC0415 (Pillow loads on first use, as in images)
 
   with tempfile.TemporaryDirectory(prefix="pixelrnn-serve-") as directory:
     path = os.path.join(directory, "upload" + suffix)
@@ -676,7 +722,7 @@ def image_pixels(data: bytes, filename: str = "", content_type: str = "") -> np.
     try:
       grey = images.read_image(path)
     except images.ImageError as error:  # names the file: ours, renamed as the upload
-      status = 413 if isinstance(error.__cause__, Image.DecompressionBombError) else 400
+      status = 413 if isinstance(error, images.ImageTooLarge) else 400
       raise RequestError(status, str(error).replace(path, name)) from error
   try:
     return images.prepare(grey).pixels
@@ -710,12 +756,10 @@ def _read_json(served, body: bytes, query_model: str | None):
   except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
     raise RequestError(400, f"body is not valid JSON ({error})") from error
   if not isinstance(payload, dict):
-    raise RequestError(
-      422, f'JSON body is a {type(payload).__name__}; expected an object {{"pixels": [[...]]}}'
-    )
+    raise RequestError(422, f'JSON body is {_a(payload)}; expected an object {{"pixels": [[...]]}}')
   name = payload.get("model", query_model)
   if name is not None and not isinstance(name, str):
-    raise RequestError(422, f"model must be a string, a loaded model's name (got {name!r:.40})")
+    raise RequestError(422, f"model must be a string, a loaded model's name (got {_short(name)})")
   model = _model(served, name)
   if "pixels" not in payload:
     raise RequestError(422, f"JSON body has no 'pixels' (keys: {', '.join(payload) or 'none'})")
@@ -726,26 +770,27 @@ def check_pixels(pixels: Any) -> np.ndarray:
   """JSON pixels as <float32>[28, 28], used as given once checked.
 
   Raises:
-    RequestError (422): not 28 lists of 28 numbers, or a value not finite or outside [0, 1].
+    RequestError (422): not 28 lists of 28 numbers, or a value not finite or
+      outside [0, 1] (integers of any size, NaN and infinities included).
   """
-  if isinstance(pixels, list) and pixels and not any(isinstance(v, list) for v in pixels):
+  if isinstance(pixels, list) and pixels and all(_is_number(v) for v in pixels):
     raise RequestError(
       422,
       f"pixels is a flat list of {len(pixels)} values; expected {SIZE} rows of {SIZE} (a list"
       f" of {SIZE} lists: [[row 0], [row 1], ...])",
     )
   if not isinstance(pixels, list) or len(pixels) != SIZE:
-    what = f"{len(pixels)} rows" if isinstance(pixels, list) else f"a {type(pixels).__name__}"
+    what = _count(len(pixels), "row") if isinstance(pixels, list) else _a(pixels)
     raise RequestError(422, f"pixels is {what}; expected {SIZE} rows of {SIZE} values in [0, 1]")
   for r, row in enumerate(pixels):
     if not isinstance(row, list) or len(row) != SIZE:
-      what = f"has {len(row)} values" if isinstance(row, list) else f"is a {type(row).__name__}"
+      what = f"has {_count(len(row), 'value')}" if isinstance(row, list) else f"is {_a(row)}"
       raise RequestError(422, f"pixels row {r} {what}; expected {SIZE} values in [0, 1]")
     for c, value in enumerate(row):
-      if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(422, f"pixels[{r}][{c}] is {value!r:.40}; expected a number in [0, 1]")
-      if not math.isfinite(value) or not 0 <= value <= 1:
-        raise RequestError(422, f"pixels[{r}][{c}] = {value!r}; expected a number in [0, 1]")
+      if not _is_number(value):
+        raise RequestError(422, f"pixels[{r}][{c}] is {_a(value)}; expected a number in [0, 1]")
+      if not 0 <= value <= 1:  # also NaN, infinities and integers too large for a float
+        raise RequestError(422, f"pixels[{r}][{c}] = {_short(value)}; expected a number in [0, 1]")
   array = np.asarray(pixels, np.float32)
   if array.max() - array.min() < images.MIN_CONTRAST:  # the same bar as an image's ink
     raise RequestError(
@@ -754,6 +799,29 @@ def check_pixels(pixels: Any) -> np.ndarray:
       " digit (white on black, values in [0, 1])",
     )
   return array
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _a(value: Any) -> str:
+  """``a list``, ``an int``, ``a string 'x'``: a JSON value's kind, for an error."""
+  if isinstance(value, str):
+    return f"a string {_short(value)}"
+  kind = {dict: "object", type(None): "null", bool: "boolean"}.get(type(value))
+  kind = kind or type(value).__name__
+  return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
+def _count(n: int, noun: str) -> str:
+  return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _short(value: Any) -> str:
+  """``repr(value)``, at most 40 characters (a 400-digit integer is not repeated)."""
+  text = repr(value)
+  return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def _encode(answer: dict[str, Any]) -> bytes:

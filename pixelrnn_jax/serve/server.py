@@ -52,13 +52,26 @@ def address(sock: socket.socket) -> str:
   return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+class _Server(uvicorn.Server):
+  """uvicorn's server, telling the app's request queue (``app.state.batches``) at the
+  first SIGINT / SIGTERM, so that queued requests get a 503 at once and those being
+  answered get a JSON 503 before the grace period ends."""
+
+  def handle_exit(self, sig, frame) -> None:
+    batches = getattr(self.config.app.state, "batches", None)
+    if batches is not None and not self.should_exit:
+      batches.stop_soon(SHUTDOWN_SECONDS - 1)
+    super().handle_exit(sig, frame)
+
+
 def run(app: FastAPI, sock: socket.socket) -> None:
   """Serves ``app`` on ``sock`` until SIGINT or SIGTERM.
 
   uvicorn handles the signal (it stops accepting, lets requests in flight
   finish for SHUTDOWN_SECONDS) and then raises it again for the handler
   that was installed before, the CLI's, which prints its one line and exits
-  130 / 143.
+  130 / 143. Requests that waited for a worker get a 503 at once, and those
+  still being answered a second before the end get a 503 too.
   """
   config = uvicorn.Config(
     app,
@@ -68,4 +81,4 @@ def run(app: FastAPI, sock: socket.socket) -> None:
     timeout_keep_alive=30,
     server_header=False,
   )
-  uvicorn.Server(config).run(sockets=[sock])
+  _Server(config).run(sockets=[sock])
