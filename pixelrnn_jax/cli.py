@@ -139,7 +139,14 @@ def config_from_flags(args: argparse.Namespace):
     raise ValueError(message) from error
 
 
-class _CommandParser(argparse.ArgumentParser):
+class _OneLineParser(argparse.ArgumentParser):
+  def error(self, message: str):
+    """One line and exit code 2 (argparse prints the whole usage first); the usage is
+    one ``--help`` away."""
+    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _CommandParser(_OneLineParser):
   """A command's parser that names a misspelt flag (and the closest real ones) before
   anything else, in the command's own usage: argparse would report a missing required
   flag first, or the unknown one in the top-level usage."""
@@ -194,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
   """The ``pixelrnn-jax`` parser with every command and flag."""
   from pixelrnn_jax import __version__  # noqa: PLC0415
 
-  parser = argparse.ArgumentParser(
+  parser = _OneLineParser(
     prog="pixelrnn-jax", description="Sequential MNIST with a GRU that reads one pixel at a time."
   )
   parser.add_argument("--version", action="version", version=f"pixelrnn-jax {__version__}")
