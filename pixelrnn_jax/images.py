@@ -66,6 +66,7 @@ MNIST_STROKE = 0.114  # stroke width / the box's longer side: median over MNIST'
 STROKE_RANGE = (0.06, 0.22)  # a stroke outside this (relative width) is redrawn at MNIST_STROKE
 STROKE_MIN_BOX = 2 * BOX  # pixels: a smaller digit box (an MNIST-sized image) is never redrawn
 FRAME_FILL = 0.3  # a frame: a component filling less than this of its box, around the rest
+FRAME_CONTENT = 0.25  # ... one of which spans this much of the frame's shorter side
 LINE_SPAN = 0.4  # a line: a horizontal component at least this wide (of the image) ...
 LINE_ASPECT = 6.0  # ... and this many times wider than thick
 EDGE_SPAN = 0.3  # the paper's edge: a component along the border for this much of a side
@@ -396,8 +397,14 @@ def _components(mask: np.ndarray) -> list[dict]:
 
 
 def _is_frame(part: dict, others: list[dict]) -> bool:
-  """A hollow component whose box holds every other component's box (a form's box)."""
+  """A hollow component whose box holds every other component's box (a form's box),
+  one of them a digit in it (FRAME_CONTENT of the box's shorter side across): a
+  stroke with only specks inside its box (JPEG ringing around a 7, noise inside a 0)
+  is the digit, not a frame."""
   fill = part["pixels"] / (part["height"] * part["width"])
+  content = FRAME_CONTENT * min(part["height"], part["width"])
+  if not any(max(o["height"], o["width"]) >= content for o in others):
+    return False
   inside = all(
     part["box"][0].start <= o["box"][0].start
     and o["box"][0].stop <= part["box"][0].stop
