@@ -214,6 +214,10 @@ def _read_npy(path: Path) -> np.ndarray:
       version = npy.read_magic(file)
       if version in readers:
         shape, _, dtype = readers[version](file)
+        if dtype.hasobject:
+          raise ImageError(f"{path}: holds Python objects (pickled); save a numeric array")
+        if any(size < 0 for size in shape):
+          raise ImageError(f"{path}: not a readable .npy array (negative shape {shape})")
         count = math.prod(shape)
         if count > MAX_PIXELS:
           raise ImageTooLarge(

@@ -32,6 +32,7 @@ import multiprocessing
 import os
 import signal
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -735,8 +736,10 @@ def _check_pixel_count(path: str, name: str) -> None:
   from PIL import Image  # noqa: PLC0415 (Pillow loads on first use, as in images)
 
   try:
-    with Image.open(path) as image:
-      width, height = image.size
+    with warnings.catch_warnings():  # over MAX_IMAGE_PIXELS: refused below, not warned of
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      with Image.open(path) as image:
+        width, height = image.size
   except Image.DecompressionBombError as error:
     raise RequestError(413, f"{name}: too large to read safely ({error})") from error
   except Exception:  # noqa: BLE001 (not an image: read_image says why, in its words)
