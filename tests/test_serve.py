@@ -328,6 +328,14 @@ def test_requests_waiting_for_a_worker_are_answered_together_in_arrival_order():
     out = await asyncio.gather(*both, return_exceptions=True)
     assert out[0] == "answer 8" and all(isinstance(r, RuntimeError) for r in out[1:])
 
+    async def short(jobs):  # a bug: fewer answers than requests
+      return ["only one"]
+
+    lossy = app_lib.Batches(short, workers=1, max_batch=4)
+    gathered = asyncio.gather(*(lossy.submit(j) for j in range(3)), return_exceptions=True)
+    out = await asyncio.wait_for(gathered, timeout=5)  # nobody waits for ever
+    assert out[0] == "only one" and all(isinstance(r, RuntimeError) for r in out[1:])
+
   asyncio.run(scenario())
 
 

@@ -489,6 +489,8 @@ class Batches:
   async def _run(self, batch: list) -> None:
     try:
       results = await self._answer([job for job, _ in batch])
+      if len(results) != len(batch):  # never leave a request waiting for ever
+        raise RuntimeError(f"{len(results)} answers for a batch of {len(batch)}")
     except Exception as error:  # noqa: BLE001 (every request of the batch gets it)
       results = [error] * len(batch)
     finally:
