@@ -41,6 +41,7 @@ Not handled: graph paper, hard-edged shadows, several digits in one image.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -85,7 +86,9 @@ class ImageTooLarge(ImageError):
   an .npy header with a huge shape): refused before its pixels are allocated."""
 
 
-# Pillow's own limit (it warns above this and refuses at twice it); .npy arrays too.
+# Pillow's own limit (it warns above this and refuses only at twice it): images and .npy
+# arrays with more pixels are refused from their headers, before seconds and gigabytes
+# of decoding.
 MAX_PIXELS = 89_478_485
 
 
@@ -142,6 +145,8 @@ def read_image(path: str | Path) -> np.ndarray:
   [0, 1], shape [H, W] (or [784], read as 28x28).
 
   Raises:
+    ImageTooLarge: a header claiming more than MAX_PIXELS pixels (or values, for
+      .npy), refused before decoding.
     ImageError: naming the file: missing, unreadable, or unusable values.
   """
   path = Path(path)
@@ -164,7 +169,15 @@ def read_image(path: str | Path) -> np.ndarray:
   from PIL import UnidentifiedImageError  # noqa: PLC0415 (Pillow loads on first use)
 
   try:
-    with Image.open(path) as image:
+    with warnings.catch_warnings():  # over MAX_PIXELS: refused below, not warned of
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      image = Image.open(path)
+    with image:
+      if image.width * image.height > MAX_PIXELS:  # from the header, before decoding
+        raise ImageTooLarge(
+          f"{path}: {image.width}x{image.height} pixels is over the {MAX_PIXELS:,}-pixel"
+          " limit (a decompression bomb, or a photo to scale down first)"
+        )
       frames = getattr(image, "n_frames", 1)
       if frames > 1:
         raise ImageError(

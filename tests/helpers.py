@@ -1,8 +1,13 @@
 """Shared test helpers (not tests): toy data and small configs."""
 
 import gzip
+import io
+import struct
+import zlib
 
 import numpy as np
+from numpy.lib import format as npy
+from PIL import Image
 
 from pixelrnn_jax import gru_classifier
 from pixelrnn_jax import idx
@@ -57,3 +62,22 @@ def load_model(source):
     run_dir.saved_config(saved),
     {"path": saved.path, "step": saved.step},
   )
+
+
+def npy_claiming(shape: tuple, dtype: str = "<f8", data: bytes = b"") -> bytes:
+  """An .npy file whose header claims ``shape`` and ``dtype``, followed by ``data``."""
+  out = io.BytesIO()
+  npy.write_array_header_1_0(out, {"descr": dtype, "fortran_order": False, "shape": shape})
+  return out.getvalue() + data
+
+
+def png_claiming(width: int, height: int) -> bytes:
+  """A small PNG whose header claims width x height pixels (a decompression bomb's shape)."""
+  out = io.BytesIO()
+  Image.new("L", (8, 8), 0).save(out, "PNG")
+  data = bytearray(out.getvalue())
+  start = data.index(b"IHDR")  # length (4) | "IHDR" | width, height, ... (13) | CRC (4)
+  data[start + 4 : start + 12] = struct.pack(">II", width, height)
+  crc = zlib.crc32(bytes(data[start : start + 17]))
+  data[start + 17 : start + 21] = struct.pack(">I", crc)
+  return bytes(data)

@@ -1,6 +1,5 @@
 """A user's digit image, in the forms people draw and save them, read as MNIST."""
 
-import io
 import json
 import re
 from pathlib import Path
@@ -15,6 +14,7 @@ from PIL import Image
 from pixelrnn_jax import cli
 from pixelrnn_jax import data
 from pixelrnn_jax import images
+from tests import helpers
 
 CASES = Path(__file__).resolve().parents[2] / "shared" / "cases" / "predict"
 NUM_RENDERED = 200
@@ -384,14 +384,6 @@ def test_long_runs_are_the_runs_at_least_span_long(rows, length, ink, span, seed
   np.testing.assert_array_equal(images._long_runs(lines, span), expected)
 
 
-def _npy(shape: tuple, dtype: str, data: bytes) -> bytes:
-  from numpy.lib import format as npy
-
-  out = io.BytesIO()
-  npy.write_array_header_1_0(out, {"descr": dtype, "fortran_order": False, "shape": shape})
-  return out.getvalue() + data
-
-
 @settings(max_examples=80, deadline=None, derandomize=True)
 @given(
   shape=st.lists(st.integers(-2, 10**7), max_size=3).map(tuple),
@@ -403,7 +395,7 @@ def test_any_npy_header_is_read_or_refused_by_name(tmp_path_factory, shape, dtyp
   array, or an ImageError naming the file; never an allocation of the claimed size
   (a 10^7 x 10^7 header is refused as too large, before np.load)."""
   path = tmp_path_factory.mktemp("npy") / "x.npy"
-  path.write_bytes(_npy(shape, dtype, data))
+  path.write_bytes(helpers.npy_claiming(shape, dtype, data))
   try:
     grey = images.read_image(path)
   except images.ImageError as error:
@@ -417,3 +409,23 @@ def test_any_npy_header_is_read_or_refused_by_name(tmp_path_factory, shape, dtyp
   else:
     assert grey.dtype == np.float32 and grey.ndim == 2
     assert np.all((grey >= 0) & (grey <= 1))
+
+
+def test_an_image_claiming_too_many_pixels_is_refused_from_its_header(tmp_path, capsys):
+  """Over MAX_PIXELS (where Pillow only warns, up to twice that) is refused before
+  decoding, by predict as by the server: one error line for that file, no warning."""
+  big = tmp_path / "big.png"
+  big.write_bytes(helpers.png_claiming(10_000, 10_000))  # 100 M pixels claimed in ~70 bytes
+  with pytest.raises(images.ImageTooLarge, match="10000x10000 pixels is over the 89,478,485"):
+    images.read_image(big)
+  code, rows = _predict_json([big, _small_digit(tmp_path)], capsys)
+  assert code == 1 and "10000x10000 pixels" in rows[0]["error"] and rows[1]["label"] in range(10)
+  assert "DecompressionBombWarning" not in capsys.readouterr().err
+
+
+def _small_digit(tmp_path):
+  path = tmp_path / "one.png"
+  canvas = np.zeros((60, 60), np.uint8)
+  canvas[10:50, 28:33] = 255
+  Image.fromarray(canvas).save(path)
+  return path

@@ -14,13 +14,11 @@ import os
 import re
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
 import warnings
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +43,7 @@ from PIL import ImageDraw  # noqa: E402
 from pixelrnn_jax import preprocessing  # noqa: E402
 from pixelrnn_jax.serve import app as app_lib  # noqa: E402
 from pixelrnn_jax.serve import models as models_lib  # noqa: E402
+from tests import helpers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SEVEN = ROOT / "examples" / "seven.png"
@@ -82,30 +81,9 @@ def drawn_png(digit: int, *, size: int = 280) -> bytes:
   return out.getvalue()
 
 
-def npy_claiming(shape: tuple, dtype: str = "<f8", data: bytes = b"") -> bytes:
-  """An .npy file whose header claims ``shape`` and ``dtype``, followed by ``data``."""
-  from numpy.lib import format as npy
-
-  out = io.BytesIO()
-  npy.write_array_header_1_0(out, {"descr": dtype, "fortran_order": False, "shape": shape})
-  return out.getvalue() + data
-
-
 GRID_FOUR = np.zeros((28, 28), np.float32)
 GRID_FOUR[4:24, 10:14] = 1.0  # a stroke: enough ink to pass the contrast check
-NPY_HUGE = npy_claiming((200_000, 200_000))  # 298 GiB claimed in 128 bytes
-
-
-def png_claiming(width: int, height: int) -> bytes:
-  """A small PNG whose header claims width x height pixels (a decompression bomb's shape)."""
-  out = io.BytesIO()
-  Image.new("L", (8, 8), 0).save(out, "PNG")
-  data = bytearray(out.getvalue())
-  start = data.index(b"IHDR")  # length (4) | "IHDR" | width, height, ... (13) | CRC (4)
-  data[start + 4 : start + 12] = struct.pack(">II", width, height)
-  crc = zlib.crc32(bytes(data[start : start + 17]))
-  data[start + 17 : start + 21] = struct.pack(">I", crc)
-  return bytes(data)
+NPY_HUGE = helpers.npy_claiming((200_000, 200_000))  # 298 GiB claimed in 128 bytes
 
 
 @pytest.fixture(scope="module")
@@ -471,9 +449,13 @@ def _png(image) -> bytes:
       400,
       "unknown model 'nope'",
     ),
-    (dict(files={"file": ("bomb.png", png_claiming(30000, 30000), "image/png")}), 413, "bomb.png"),
     (
-      dict(files={"file": ("big.png", png_claiming(10000, 10000), "image/png")}),
+      dict(files={"file": ("bomb.png", helpers.png_claiming(30000, 30000), "image/png")}),
+      413,
+      "bomb.png",
+    ),
+    (
+      dict(files={"file": ("big.png", helpers.png_claiming(10000, 10000), "image/png")}),
       413,
       "10000x10000 pixels",
     ),

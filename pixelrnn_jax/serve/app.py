@@ -32,7 +32,6 @@ import multiprocessing
 import os
 import signal
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +54,6 @@ from pixelrnn_jax.serve import models as models_lib
 
 STATIC_DIR = Path(__file__).parent / "static"
 MAX_UPLOAD_MB = 10.0  # a phone photo is 2-8 MB; more is not a digit worth decoding
-# Pillow warns above MAX_IMAGE_PIXELS (89 M) and only refuses at twice that; a server
-# refuses at the warning, since decoding 100 M+ pixels takes seconds and gigabytes.
-MAX_IMAGE_PIXELS = images.MAX_PIXELS
 SIZE = models_lib.IMAGE_SHAPE[0]
 # Decoding and model calls at once: one per core. More threads only take turns at the GIL
 # in no fair order (measured: p99 4x p50 with 40), while requests waiting in a FIFO
@@ -644,14 +640,6 @@ def _die_with_parent() -> None:
     pass  # not Linux: the pool's shutdown ends the workers
 
 
-def _worker_ready(pause: float) -> int:
-  """Holds a worker briefly so that ``start``'s tasks go to different workers."""
-  import time  # noqa: PLC0415
-
-  time.sleep(pause)
-  return os.getpid()
-
-
 def _model(served: list[models_lib.ServedModel] | None, name: str | None):
   """The model ``name`` of ``served`` (None: this worker process's models)."""
   served = _MODELS if served is None else served
@@ -721,7 +709,6 @@ def image_pixels(data: bytes, filename: str = "", content_type: str = "") -> np.
     path = os.path.join(directory, "upload" + suffix)
     with open(path, "wb") as file:
       file.write(data)
-    _check_pixel_count(path, name)
     try:
       grey = images.read_image(path)
     except images.ImageError as error:  # names the file: ours, renamed as the upload
@@ -731,27 +718,6 @@ def image_pixels(data: bytes, filename: str = "", content_type: str = "") -> np.
     return images.prepare(grey).pixels
   except images.ImageError as error:  # read, but no digit in it (no ink, specks)
     raise RequestError(422, f"{name}: {error}") from error
-
-
-def _check_pixel_count(path: str, name: str) -> None:
-  """Refuses an image whose header claims more than MAX_IMAGE_PIXELS, before decoding."""
-  from PIL import Image  # noqa: PLC0415 (Pillow loads on first use, as in images)
-
-  try:
-    with warnings.catch_warnings():  # over MAX_IMAGE_PIXELS: refused below, not warned of
-      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-      with Image.open(path) as image:
-        width, height = image.size
-  except Image.DecompressionBombError as error:
-    raise RequestError(413, f"{name}: too large to read safely ({error})") from error
-  except Exception:  # noqa: BLE001 (not an image: read_image says why, in its words)
-    return
-  if width * height > MAX_IMAGE_PIXELS:
-    raise RequestError(
-      413,
-      f"{name}: {width}x{height} pixels is over the {MAX_IMAGE_PIXELS:,}-pixel limit"
-      " (a decompression bomb, or a photo to scale down first)",
-    )
 
 
 def _read_json(served, body: bytes, query_model: str | None):
