@@ -187,7 +187,7 @@ class _CommandParser(_OneLineParser):
         close = difflib.get_close_matches(spelled, list(self.flags), n=3, cutoff=0.6)
         if close and close[0] != "--help":  # --help only when it is the closest
           close = [flag for flag in close if flag not in ("-h", "--help")]
-        hint = f"; did you mean {' or '.join(close)}?" if close else "; see --help"
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
         self.error(f"unknown flag {name}{hint}")
       if self.flags[flag] and "=" not in word:
         i += 1  # its value, which may itself start with "--" (--notes "--recipe ...")
