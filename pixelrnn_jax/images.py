@@ -55,6 +55,7 @@ CENTRE = 14.0  # MNIST digits' mean centre of mass (row and column index) on val
 BACKGROUND_MAX = 0.05  # a 28x28 image whose border median is at most this is MNIST-style
 MIN_CONTRAST = 0.1  # ink less than this above the paper is no ink
 MAX_SIDE = 512  # larger images are first reduced to this (area averaging)
+READ_SIDE = 2 * MAX_SIDE  # files longer than this are reduced while read (see read_image)
 LIGHTING_GRID = 16  # the paper's lighting is estimated on a grid this many cells wide
 LIGHTING_MIN_CELLS = 5  # ... and, where a bold stroke survives 3 cells, over this many
 LIGHTING_INK_STEP = 0.25  # a rise of the paper level by more than this is ink, not light
@@ -144,6 +145,13 @@ def read_image(path: str | Path) -> np.ndarray:
   phone photos is applied. ``.npy`` arrays: uint8 (0..255) or float in
   [0, 1], shape [H, W] (or [784], read as 28x28).
 
+  An image longer than READ_SIDE (1,024) pixels is reduced while it is read, by
+  the smallest integer factor k that brings its longer side to READ_SIDE or less:
+  each output pixel is the mean of a k x k block (Pillow's ``reduce``; a JPEG is
+  first decoded at 1/2, 1/4 or 1/8 scale where that stays at READ_SIDE or more).
+  :func:`prepare` keeps MAX_SIDE (512) of it anyway, and a 48-megapixel photo
+  read whole would cost gigabytes as floats.
+
   Raises:
     ImageTooLarge: a header claiming more than MAX_PIXELS pixels (or values, for
       .npy), refused before decoding.
@@ -184,11 +192,15 @@ def read_image(path: str | Path) -> np.ndarray:
           f"{path}: has {frames} frames (an animation or a multi-page file); save the frame"
           " with the digit as an image of its own"
         )
-      image = ImageOps.exif_transpose(image)
+      factor = max(image.size) // READ_SIDE
+      if image.format == "JPEG" and factor >= 2:  # decode at 1/2..1/8 scale, >= READ_SIDE
+        image.draft(image.mode, (image.width // factor, image.height // factor))
+      ImageOps.exif_transpose(image, in_place=True)
       mode = image.mode
       if mode == "P" or (mode in ("L", "RGB") and "transparency" in image.info):
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         mode = image.mode
+      image = _reduce(image)
       if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         grey = _composite(np.asarray(image.convert("RGBA"), np.float32) / 255.0)
       elif mode.startswith("I"):
@@ -209,6 +221,21 @@ def read_image(path: str | Path) -> np.ndarray:
   except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
     raise ImageError(f"{path}: not a readable image ({error})") from error
   return _as_grey(np.asarray(grey, np.float32), str(path))
+
+
+def _reduce(image):
+  """A Pillow image longer than READ_SIDE, box-averaged by the smallest integer
+  factor that brings its longer side to READ_SIDE or less (an edge block that
+  is cut short is averaged over what it holds); other images as they are.
+  Palette-with-alpha and 1-bit images are first converted to RGBA and L, 16-bit
+  ones to 32-bit I: averaging needs values, not palette indices (read_image has
+  already converted plain palette images to RGB or RGBA)."""
+  factor = -(-max(image.size) // READ_SIDE)
+  if factor < 2:
+    return image
+  if image.mode in ("1", "PA") or image.mode.startswith("I;16"):
+    image = image.convert({"1": "L", "PA": "RGBA"}.get(image.mode, "I"))
+  return image.reduce(factor)
 
 
 def _read_npy(path: Path) -> np.ndarray:
@@ -620,7 +647,7 @@ def prepare(image, *, invert: str = "auto") -> Digit:
   """
   if invert not in INVERT:
     raise ValueError(f"invert={invert!r}: expected one of {INVERT}")
-  grey = _shrink(_as_grey(image, "image").astype(np.float64))
+  grey = np.asarray(_shrink(_as_grey(image, "image")), np.float64)
   if invert == "auto":
     # The ink is the extreme farther from the paper: dark ink on paper of any
     # shade (dim photos, coloured paper) is inverted, light ink on dark is not.

@@ -2,6 +2,7 @@
 
 import json
 import re
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -429,3 +430,105 @@ def _small_digit(tmp_path):
   canvas[10:50, 28:33] = 255
   Image.fromarray(canvas).save(path)
   return path
+
+
+def _block_mean(grey, k):
+  """Independent reference for reading a large image: the mean of each k x k block."""
+  h, w = grey.shape
+  return grey.reshape(h // k, k, w // k, k).mean(axis=(1, 3))
+
+
+def _as_mode(grey_u8, mode):
+  """An image in ``mode`` whose grey level is ``grey_u8`` / 255 (1-bit: thresholded)."""
+  if mode in ("P", "PA"):  # a shuffled grey palette: averaging indices would be wrong
+    levels = np.random.default_rng(1).permutation(256)
+    image = Image.fromarray(np.argsort(levels)[grey_u8].astype(np.uint8), "P")
+    image.putpalette([int(level) for level in levels for _ in range(3)])
+    return image.convert("PA") if mode == "PA" else image
+  if mode == "I;16":
+    return Image.fromarray(grey_u8.astype(np.uint16) * 257)
+  if mode == "1":
+    return Image.fromarray(grey_u8).convert("1", dither=Image.Dither.NONE)
+  return Image.fromarray(grey_u8).convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "LA", "P", "PA", "1", "I;16", "CMYK"])
+def test_a_large_image_is_read_as_the_block_mean_of_its_pixels(tmp_path, mode):
+  """A file longer than READ_SIDE is reduced while read by the smallest integer factor
+  k that fits: each pixel is the mean of a k x k block of the file's grey levels,
+  whatever the mode (palette indices, 1-bit and 16-bit values are averaged as grey)."""
+  k = 3
+  height, width = 360, images.READ_SIDE * k - 3 * k  # k = 3 fits, k = 2 does not
+  rng = np.random.default_rng(0)
+  grey = np.clip(rng.normal(128, 60, (height, width)), 0, 255).astype(np.uint8)
+  image = _as_mode(grey, mode)
+  path = tmp_path / f"big-{mode.replace(';', '')}.{'tif' if mode in ('CMYK', 'PA') else 'png'}"
+  image.save(path)
+  expected = (
+    np.asarray(image.convert("L"), np.float64) / 255 if mode in ("1", "CMYK") else grey / 255
+  )
+  read = images.read_image(path)
+  assert read.shape == (height // k, width // k)
+  np.testing.assert_allclose(read, _block_mean(expected, k), atol=1.01 / 255)
+
+
+@pytest.mark.parametrize("shape", [(images.READ_SIDE + 1, 5), (3, 4 * images.READ_SIDE + 7)])
+def test_a_large_image_is_reduced_to_at_most_read_side(tmp_path, shape):
+  """Cut-short edge blocks included: the longer side ends in (READ_SIDE / 2, READ_SIDE]."""
+  path = tmp_path / "long.png"
+  Image.fromarray(np.full(shape, 200, np.uint8)).save(path)
+  read = images.read_image(path)
+  k = -(-max(shape) // images.READ_SIDE)
+  assert read.shape == tuple(-(-side // k) for side in shape)
+  assert images.READ_SIDE / 2 < max(read.shape) <= images.READ_SIDE
+  np.testing.assert_allclose(read, 200 / 255, atol=1e-6)
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_to_the_same_digit(tmp_path, monkeypatch):
+  """A 4,000 x 3,000 JPEG photo of a digit: decoded at 1/2 scale then reduced, it
+  reads as the block mean of the full decode (within JPEG's own error), and
+  gives the same 28x28 digit."""
+  canvas = np.full((3000, 4000), 235, np.uint8)
+  canvas[700:2300, 1900:2100] = 30  # a bold 1
+  path = tmp_path / "photo.jpg"
+  Image.fromarray(canvas).save(path, quality=90)
+  read = images.read_image(path)
+  monkeypatch.setattr(images, "READ_SIDE", 10**6)  # the whole file, for the reference
+  full = images.read_image(path).astype(np.float64)
+  assert read.shape == (750, 1000)
+  assert np.abs(read - _block_mean(full, 4)).mean() < 2 / 255
+  np.testing.assert_allclose(images.prepare(read).pixels, images.prepare(full).pixels, atol=0.05)
+
+
+def test_reading_a_large_photo_allocates_no_full_size_arrays(tmp_path):
+  """A 12-megapixel RGB PNG: NumPy's peak while reading and preparing it stays far
+  below one float32 copy of the full image (48 MB), let alone the RGB floats."""
+  canvas = np.full((3000, 4000, 3), 240, np.uint8)
+  canvas[800:2200, 1800:2200] = 20
+  path = tmp_path / "photo.png"
+  Image.fromarray(canvas).save(path, compress_level=1)
+  tracemalloc.start()
+  try:
+    digit = images.prepare(images.read_image(path))
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  assert digit.pixels.sum() > 0
+  assert peak < 16 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+@pytest.mark.parametrize("side", [60, 2 * images.READ_SIDE])
+def test_the_exif_orientation_of_a_photo_is_applied(tmp_path, orientation, side):
+  """A camera's EXIF orientation tag (3: turn 180, 6: turn 90 clockwise to view, 8:
+  90 anticlockwise) is applied, before any reduction, so the digit reads upright."""
+  upright = np.zeros((side, side // 2), np.uint8)
+  upright[: side // 4, :] = 255  # the top quarter is bright
+  turns = {3: 2, 6: 1, 8: 3}[orientation]  # as stored: upright turned anticlockwise
+  exif = Image.Exif()
+  exif[0x0112] = orientation
+  path = tmp_path / "photo.png"
+  Image.fromarray(np.rot90(upright, turns)).save(path, exif=exif)
+  read = images.read_image(path)
+  k = -(-side // images.READ_SIDE)
+  np.testing.assert_allclose(read, _block_mean(upright / 255, k), atol=1e-6)
