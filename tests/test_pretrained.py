@@ -1,5 +1,6 @@
 """The weights shipped in pixelrnn_jax/pretrained load and reproduce their recorded accuracy."""
 
+import hashlib
 import shutil
 
 import numpy as np
@@ -27,6 +28,20 @@ def test_load_pretrained(name):
   assert params.num_units == meta["config"]["num_units"]
   assert params.cell == meta["config"]["cell"]
   assert gru_classifier.count_params(params) < 20_000
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_card_records_recipe_step_seed_accuracy_wall_time_and_hash(name):
+  """What a shipped file's card must say: how it was trained, where it stopped, on
+  which seed, what it scores on valid, how long it took, and the weights' SHA-256
+  (the hash checked against the file itself)."""
+  meta = model_io.card(name)
+  assert meta["config"]["steps"] > 0 and meta["config"]["seed"] >= 0 and meta["notes"]
+  assert 0 < meta["source"]["step"] <= meta["config"]["steps"]
+  assert 0.9 < meta["valid_accuracy"] <= 1.0
+  assert isinstance(meta["wall_time_s"], float) and meta["wall_time_s"] > 60, meta["wall_time_s"]
+  weights = model_io.PRETRAINED_DIR / f"{name}.msgpack"
+  assert hashlib.sha256(weights.read_bytes()).hexdigest() == meta["sha256"]
 
 
 @pytest.mark.parametrize("name", NAMES)
