@@ -140,33 +140,30 @@ def config_from_flags(args: argparse.Namespace):
 
 
 class _OneLineParser(argparse.ArgumentParser):
+  """A parser whose errors are one line, and which names a misspelt flag (and the
+  closest real ones) before anything else, in its own usage: argparse would report a
+  missing required flag first, or a command's unknown flag in the top-level usage.
+
+  Flags are taken as spelt, never by prefix (``allow_abbrev=False``): ``--step 5``
+  is an unknown flag with ``--steps`` suggested, and a flag added later cannot make
+  someone's abbreviation ambiguous.
+  """
+
+  def __init__(self, *args, **kwargs):
+    self.flags = {"-v": False, "--verbose": False}  # flag -> takes a value; from the parent
+    kwargs.setdefault("allow_abbrev", False)
+    super().__init__(*args, **kwargs)
+
   def error(self, message: str):
     """One line and exit code 2 (argparse prints the whole usage first); the usage is
     one ``--help`` away."""
     self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-class _CommandParser(_OneLineParser):
-  """A command's parser that names a misspelt flag (and the closest real ones) before
-  anything else, in the command's own usage: argparse would report a missing required
-  flag first, or the unknown one in the top-level usage."""
-
-  def __init__(self, *args, **kwargs):
-    self.flags = {"-v": False, "--verbose": False}  # flag -> takes a value; from the parent
-    super().__init__(*args, **kwargs)
 
   def add_argument(self, *args, **kwargs):
     action = super().add_argument(*args, **kwargs)
     for flag in action.option_strings:
       self.flags[flag] = action.nargs != 0
     return action
-
-  def _known(self, word: str) -> str | None:
-    """The flag ``word`` names (argparse takes any unambiguous prefix), else None."""
-    if word in self.flags:
-      return word
-    matches = [flag for flag in self.flags if flag.startswith("--") and flag.startswith(word)]
-    return matches[0] if len(matches) == 1 and word.startswith("--") else None
 
   def parse_known_args(self, args=None, namespace=None):
     words = list(args or [])
@@ -178,18 +175,17 @@ class _CommandParser(_OneLineParser):
         break
       name = word.split("=", 1)[0]
       if not name.startswith("-") or name == "-" or _NUMBER.fullmatch(name):
+        if self._subparsers is not None:
+          break  # the command's name: what follows is the command's to check
         continue  # a value, a positional, "-" or a negative number
-      flag = self._known(name)
-      if flag is None and name.startswith("--") and any(f.startswith(name) for f in self.flags):
-        continue  # an ambiguous prefix: argparse names the candidates
-      if flag is None:
+      if name not in self.flags:
         spelled = name if name.startswith("--") else "-" + name  # -early for --early
         close = difflib.get_close_matches(spelled, list(self.flags), n=3, cutoff=0.6)
         if close and close[0] != "--help":  # --help only when it is the closest
           close = [flag for flag in close if flag not in ("-h", "--help")]
         hint = f"; did you mean {' or '.join(close)}?" if close else ""
         self.error(f"unknown flag {name}{hint}")
-      if self.flags[flag] and "=" not in word:
+      if self.flags[name] and "=" not in word:
         i += 1  # its value, which may itself start with "--" (--notes "--recipe ...")
     return super().parse_known_args(args, namespace)
 
@@ -211,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
   verbose.add_argument(
     "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
   )
-  commands = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
+  commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
 
   def add_command(name: str, **kwargs) -> argparse.ArgumentParser:
     return commands.add_parser(name, parents=[verbose], **kwargs)

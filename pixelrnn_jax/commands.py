@@ -15,6 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
+from pixelrnn_jax import outputs
 from pixelrnn_jax.training import config as config_lib
 
 SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}  # 128 + the signal's number
@@ -66,8 +67,7 @@ def check_show_dir(path: str, image_suffixes) -> Path:
       f"--show {path} looks like an image file name; --show takes a directory, where each"
       " input's <name>_seen.png is written"
     )
-  show.mkdir(parents=True, exist_ok=True)
-  return show
+  return outputs.make_dir(show, f"--show {path}", "for the *_seen.png")
 
 
 def _load(source: str):
@@ -313,8 +313,8 @@ def _safe_stem(name: str) -> str:
 def plot(args: argparse.Namespace) -> int:
   """``pixelrnn-jax plot``: PNG pictures of a run."""
   check_positive("--examples", args.examples)
-  if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-    raise ValueError(f"--out {args.out} is a file; expected a directory for the PNGs")
+  if args.out:
+    outputs.check_dir(args.out, f"--out {args.out}", "for the PNGs")
   if args.early_exit:
     if args.run_dir:
       raise ValueError(
@@ -323,6 +323,7 @@ def plot(args: argparse.Namespace) -> int:
       )
     if not args.out:
       raise ValueError("--early-exit needs --out DIR: where early_exit_comparison.png goes")
+    outputs.make_dir(args.out, f"--out {args.out}", "for the PNGs")
     from pixelrnn_jax import plots  # noqa: PLC0415
 
     print(
@@ -333,6 +334,8 @@ def plot(args: argparse.Namespace) -> int:
     return 0
   if not args.run_dir:
     raise ValueError("plot needs RUN_DIR (a training run directory) or --early-exit SOURCE")
+  if args.out:
+    outputs.make_dir(args.out, f"--out {args.out}", "for the PNGs")
   from pixelrnn_jax import plots  # noqa: PLC0415
 
   for path in plots.plot_run(

@@ -323,6 +323,53 @@ def test_the_loss_plot_names_the_objective_the_run_trained(tmp_path):
     )
 
 
+_OUTPUT_FLAGS = {  # each command's output directory flag, after arguments that pass
+  "train": lambda out, tmp: [
+    "train",
+    "--steps",
+    "1",
+    "--data-dir",
+    str(tmp / "data"),
+    "--workdir",
+    out,
+  ],
+  "plot": lambda out, tmp: ["plot", str(tmp / "run"), "--out", out],
+  "plot --early-exit": lambda out, tmp: ["plot", "--early-exit", "pretrained:pixel", "--out", out],
+  "export": lambda out, tmp: ["export", "pretrained:pixel", "--out", f"{out}/w.msgpack"],
+  "predict": lambda out, tmp: [
+    "predict",
+    "--checkpoint",
+    "pretrained:pixel",
+    "x.png",
+    "--show",
+    out,
+  ],
+}
+
+
+@pytest.mark.parametrize("command", sorted(_OUTPUT_FLAGS))
+@pytest.mark.parametrize("where", ["below a file", "in /proc"])
+def test_an_output_directory_that_cannot_be_made_is_one_line_before_any_work(
+  tmp_path, capsys, command, where
+):
+  """Every command's output directory is made first: a file in the way, or a file
+  system that refuses new directories (/proc), is one error line naming the flag, the
+  path and the reason, with exit code 2, and nothing else is read or written."""
+  if where == "in /proc" and not Path("/proc/self").is_dir():
+    pytest.skip("no /proc here")
+  (tmp_path / "afile").write_text("mine")
+  (tmp_path / "data").mkdir()
+  _write_fake_idx(tmp_path / "data", n=5100)
+  out = str(tmp_path / "afile" / "sub") if where == "below a file" else "/proc/pixelrnn_jax_out"
+  argv = _OUTPUT_FLAGS[command](out, tmp_path)
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and out in err[0], err
+  reason = "is a file, so no directory can be made in it" if "file" in where else "cannot create"
+  assert reason in err[0] and "Errno" not in err[0], err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "data"]
+
+
 @pytest.mark.parametrize("kind", ["existing file", "image name"])
 def test_show_given_a_file_names_the_flag(tmp_path, capsys, kind):
   show = tmp_path / "seen.png"
@@ -347,9 +394,10 @@ def _command_flags(command: str) -> list[str]:
 @settings(max_examples=60, deadline=None)
 @given(st.sampled_from(cli.COMMANDS), st.data())
 def test_a_misspelt_flag_is_named_with_the_closest_real_one(command, draw):
-  """Any flag with one letter dropped, doubled or swapped (and not a prefix of a real
-  flag, which argparse accepts) is named first, before a missing required flag, in the
-  command's own words, with the real flag it came from among the suggestions."""
+  """Any flag with one letter dropped, doubled or swapped (a prefix of a real flag
+  included: flags are never taken by prefix) is named first, before a missing required
+  flag, in the command's own words, with the real flag it came from among the
+  suggestions."""
   flags = _command_flags(command)
   flag = draw.draw(st.sampled_from([f for f in flags if len(f) > 5]))
   i = draw.draw(st.integers(3, len(flag) - 2))
@@ -362,7 +410,7 @@ def test_a_misspelt_flag_is_named_with_the_closest_real_one(command, draw):
       ]
     )
   )
-  assume(not any(f.startswith(typo) for f in flags))
+  assume(typo not in flags)
   stderr = io.StringIO()
   with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_:
     cli.main([command, typo, "1"])
@@ -392,6 +440,31 @@ def test_single_dash_typos_are_named_and_help_is_no_suggestion(argv, named):
     cli.main(argv)
   lines = stderr.getvalue().strip().splitlines()  # one line: the usage is --help's
   assert len(lines) == 1 and f"unknown flag {named} (see pixelrnn-jax {argv[0]} --help)" in lines[0]
+
+
+@pytest.mark.parametrize(
+  "argv, line",
+  [
+    (["--versoin"], "pixelrnn-jax: error: unknown flag --versoin; did you mean --version"),
+    (["--verbos", "train"], "pixelrnn-jax: error: unknown flag --verbos; did you mean --verbose"),
+    (
+      ["train", "--step", "5"],
+      "pixelrnn-jax train: error: unknown flag --step; did you mean --steps",
+    ),
+    (
+      ["evaluate", "--check", "x"],
+      "evaluate: error: unknown flag --check; did you mean --checkpoint",
+    ),
+  ],
+)
+def test_prefixes_and_top_level_typos_are_unknown_flags(argv, line):
+  """No flag is taken by its prefix (argparse's allow_abbrev), and a misspelt top-level
+  flag is named, not reported as a missing command."""
+  stderr = io.StringIO()
+  with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_:
+    cli.main(argv)
+  lines = stderr.getvalue().strip().splitlines()
+  assert exit_.value.code == 2 and len(lines) == 1 and line in lines[0], lines
 
 
 def test_values_that_look_like_flags_and_negative_numbers_are_values(tmp_path, capsys):

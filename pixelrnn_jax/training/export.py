@@ -35,6 +35,7 @@ from pixelrnn_jax import data
 from pixelrnn_jax import gru_classifier
 from pixelrnn_jax import inference
 from pixelrnn_jax import model_io
+from pixelrnn_jax import outputs
 from pixelrnn_jax.training import run_dir
 
 SUFFIX = ".msgpack"
@@ -54,9 +55,7 @@ def check_out(out: str | os.PathLike) -> Path:
     )
   if out.is_dir():
     raise ValueError(f"--out {out}: is a directory; expected a file name ending in {SUFFIX}")
-  blocking = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None)
-  if blocking is not None:
-    raise ValueError(f"--out {out}: {blocking} is a file, so nothing can be written below it")
+  outputs.make_dir(out.parent, f"--out {out}", "for the weights and their card")
   card = out.with_suffix(".json")
   if card.exists() and not _is_card(card):
     raise ValueError(

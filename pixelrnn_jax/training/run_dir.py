@@ -31,6 +31,7 @@ from flax import serialization
 
 from pixelrnn_jax import checkpoints
 from pixelrnn_jax import model_io
+from pixelrnn_jax import outputs
 from pixelrnn_jax.checkpoints import CheckpointError
 from pixelrnn_jax.training import config as config_lib
 from pixelrnn_jax.training import step as step_lib
@@ -51,7 +52,8 @@ GLOB_CHARACTERS = "[]"
 
 
 def check_workdir(workdir: str | os.PathLike) -> Path:
-  """A usable run directory path, checked before any work: not a file, no glob brackets.
+  """The run directory, checked and created before any work (the data are read
+  after it): no glob brackets, not a file, and a directory this process can make.
 
   Raises:
     ValueError: naming the path and the fix.
@@ -59,15 +61,6 @@ def check_workdir(workdir: str | os.PathLike) -> Path:
   if not str(workdir).strip():
     raise ValueError("--workdir is empty: name the run directory, e.g. --workdir runs/first")
   path = Path(workdir)
-  blocking = next((p for p in path.absolute().parents if p.exists() and not p.is_dir()), None)
-  if blocking is not None:
-    raise ValueError(
-      f"--workdir {workdir}: {blocking} is a file, so no directory can be made in it"
-    )
-  if path.exists() and not path.is_dir():
-    raise ValueError(
-      f"--workdir {workdir} is a file; expected a directory (the run directory, created if missing)"
-    )
   bad = sorted({c for c in str(path.absolute()) if c in GLOB_CHARACTERS})
   if bad:
     raise ValueError(
@@ -75,7 +68,7 @@ def check_workdir(workdir: str | os.PathLike) -> Path:
       " (orbax) reads as a glob pattern, so saved steps could not be found again; choose a"
       " path without square brackets"
     )
-  return path
+  return outputs.make_dir(path, f"--workdir {workdir}", "the run directory")
 
 
 class RunLock:
@@ -93,7 +86,7 @@ class RunLock:
     self._lock = filelock.FileLock(self.workdir / LOCK)
 
   def __enter__(self):
-    self.workdir.mkdir(parents=True, exist_ok=True)
+    outputs.make_dir(self.workdir, f"--workdir {self.workdir}", "the run directory")
     try:
       self._lock.acquire(blocking=False)
     except filelock.Timeout:

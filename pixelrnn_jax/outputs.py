@@ -1,0 +1,54 @@
+"""Output directories, checked and created before any work.
+
+A command that trains or measures for minutes and only then finds that it
+cannot write its result has lost that work; so every command makes the
+directory it writes to first, through :func:`make_dir`, and a path that cannot
+be one (a file in the way, a read-only or virtual file system such as
+``/proc``, no permission) is one error line naming the flag, the path and why.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def check_dir(path: str | os.PathLike, named: str, purpose: str) -> Path:
+  """``path`` as a directory to be made: it is not a file, nor below one.
+
+  Args:
+    path: the directory.
+    named: how the error names it, e.g. ``"--workdir runs/x"``.
+    purpose: what the directory is for, e.g. ``"the run directory"``.
+
+  Raises:
+    ValueError: naming ``named``, the file in the way, and what is expected.
+  """
+  path = Path(path)
+  if path.exists() and not path.is_dir():
+    raise ValueError(f"{named} is a file; expected a directory ({purpose}, created if missing)")
+  blocking = next((p for p in path.absolute().parents if p.exists() and not p.is_dir()), None)
+  if blocking is not None:
+    raise ValueError(f"{named}: {blocking} is a file, so no directory can be made in it")
+  return path
+
+
+def make_dir(path: str | os.PathLike, named: str, purpose: str) -> Path:
+  """Checks ``path`` (:func:`check_dir`), then creates it with its parents.
+
+  Raises:
+    ValueError: as :func:`check_dir`, or the operating system's reason the
+      directory cannot be created or written (no permission, a read-only or
+      virtual file system), with the fix.
+  """
+  path = check_dir(path, named, purpose)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise ValueError(
+      f"{named}: cannot create the directory {path} ({error.strerror or error}); choose one"
+      " you can write to"
+    ) from error
+  if not os.access(path, os.W_OK | os.X_OK):
+    raise ValueError(f"{named}: the directory {path} is not writable; choose one you can write to")
+  return path
