@@ -244,6 +244,21 @@ def test_metrics_mark_each_resume_and_never_repeat_a_step(tmp_path, toy_data):
   assert train_steps == sorted(train_steps) and train_steps[-1] == 8
 
 
+def test_rerunning_a_finished_run_trains_nothing_and_leaves_its_metrics(tmp_path, toy_data, caplog):
+  """The same command again on a finished run: no resume event, no step, the same
+  metrics.jsonl and checkpoints, a line saying so, and the final evaluation again."""
+  config = config_lib.Config(**SMALL)
+  first = loop.train_and_evaluate(config, tmp_path, progress=False)
+  metrics = (tmp_path / "metrics.jsonl").read_bytes()
+  steps = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+  caplog.set_level("INFO")
+  again = loop.train_and_evaluate(config, tmp_path, progress=False)
+  assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == steps
+  assert "already at step 6 of 6: nothing to train" in caplog.text
+  assert again["step"] == first["step"] == 6 and again["valid"] == first["valid"]
+
+
 def test_without_a_terminal_progress_is_plain_log_lines(tmp_path, toy_data, capsys, caplog):
   caplog.set_level("INFO")
   code = cli.main(

@@ -235,7 +235,15 @@ def _train(
   )
   replicated = step_lib.replicate(state, config.devices)
   step = start_step = int(state.step)
-  if start_step > 0 and primary:
+  if start_step >= config.steps:  # nothing to train: no resume event, a final evaluation
+    log.info(
+      "the run is already at step %d of %d: nothing to train (give --steps N above %d to"
+      " train further); its final evaluation follows",
+      start_step,
+      config.steps,
+      start_step,
+    )
+  elif start_step > 0 and primary:
     run_dir.mark_resume(workdir, start_step)
   if progress is None:
     progress = sys.stderr.isatty()
