@@ -53,6 +53,8 @@ BOX = 20  # MNIST: the digit's bounding box fits 20x20
 FIELD = 28  # MNIST: the image is 28x28
 CENTRE = 14.0  # MNIST digits' mean centre of mass (row and column index) on valid
 BACKGROUND_MAX = 0.05  # a 28x28 image whose border median is at most this is MNIST-style
+MNIST_BOX_INK = 0.3  # ... if its ink above this spans 19 or 20 px (20 in MNIST; JPEG: 19-20)
+CENTRE_SLACK = 0.75  # ... and its centre of mass is within this of (14, 14) (MNIST: 0.5)
 MIN_CONTRAST = 0.1  # ink less than this above the paper is no ink
 MAX_SIDE = 512  # larger images are first reduced to this (area averaging)
 READ_SIDE = 2 * MAX_SIDE  # files longer than this are reduced while read (see read_image)
@@ -393,12 +395,27 @@ def _place_by_centre_of_mass(patch: np.ndarray) -> np.ndarray:
 
 
 def _is_mnist_sized(grey: np.ndarray) -> bool:
-  """Already normalised: full-contrast ink whose box's longer side is BOX (every
-  valid digit of MNIST's has exactly 20)."""
-  rows, cols = np.nonzero(grey.any(1))[0], np.nonzero(grey.any(0))[0]
-  if grey.max() < 0.9 or not rows.size:
+  """Already normalised as MNIST's digits are: full-contrast ink whose box's longer
+  side is BOX (every valid digit of MNIST's has exactly 20) and whose centre of mass
+  is at the field's centre (every valid digit's is within 0.5 px of (14, 14)).
+
+  A digit saved as JPEG keeps both, but its ringing puts faint values all over the
+  field, so an any-ink box is 28 wide: the box of the ink above MNIST_BOX_INK
+  (19-20 px for 98% of valid digits at JPEG quality 30) counts too, and the centre
+  may be CENTRE_SLACK off.
+  """
+  if grey.max() < 0.9:
     return False
-  return max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 == BOX
+
+  def box(ink):
+    rows, cols = np.nonzero(ink.any(1))[0], np.nonzero(ink.any(0))[0]
+    return max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
+
+  if box(grey > 0) != BOX and box(grey > MNIST_BOX_INK) not in (BOX - 1, BOX):
+    return False
+  weights = np.clip(grey, 0.0, None)
+  centre = [float((weights.sum(axis) * np.arange(FIELD)).sum() / weights.sum()) for axis in (1, 0)]
+  return max(abs(c - CENTRE) for c in centre) <= CENTRE_SLACK
 
 
 def _remove_ruled_lines(grey: np.ndarray) -> np.ndarray:
