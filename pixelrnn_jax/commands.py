@@ -421,6 +421,37 @@ def _start_workers(pool) -> int | None:
       signal.signal(signum, handler)
 
 
+WORKER_MB = 300  # a serve worker process's memory: JAX and its own copy of the models
+
+
+def check_worker_memory(workers: int, free_mb: float | None) -> None:
+  """``serve --workers N`` (processes): N x WORKER_MB must fit in the free memory
+  (None: unknown, not checked), or the machine swaps or kills workers while they start.
+
+  Raises:
+    ValueError: naming N, what it would take, what is free, and the fix.
+  """
+  if free_mb is not None and workers * WORKER_MB > free_mb:
+    fits = max(1, int(free_mb // WORKER_MB))
+    raise ValueError(
+      f"--workers {workers}: each worker process holds its own models (about {WORKER_MB} MB),"
+      f" {workers * WORKER_MB:,} MB in all, more than the {free_mb:,.0f} MB free here; use at"
+      f" most {fits} workers, or --threads"
+    )
+
+
+def _free_mb() -> float | None:
+  """The memory free for new processes (Linux's MemAvailable), in MB; None if unknown."""
+  try:
+    with open("/proc/meminfo") as meminfo:
+      for line in meminfo:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) / 1024
+  except (OSError, ValueError, IndexError):
+    pass
+  return None
+
+
 def serve(args: argparse.Namespace) -> int:
   """``pixelrnn-jax serve``: the page and JSON API over the ``--checkpoint`` models until
   Ctrl-C / SIGTERM (then the CLI's signal handler exits 130 / 143)."""
@@ -446,6 +477,8 @@ def serve(args: argparse.Namespace) -> int:
   sock = server.bind(args.host, args.port)  # a taken port fails before the models load
   check_positive("--workers", args.workers)
   check_positive("--max-batch", args.max_batch)
+  if not args.threads:
+    check_worker_memory(args.workers, _free_mb())
   sources = args.checkpoint or list(DEFAULT_SERVED)
   # With worker processes, this process only names and describes the models.
   served = models_lib.load_all(sources, warm_up=args.threads)

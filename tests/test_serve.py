@@ -926,6 +926,27 @@ def test_a_bad_worker_or_batch_count_is_one_line_and_exit_2(flag, value, capsys)
   assert len(err) == 1 and f"{flag} {value}" in err[0] and "positive" in err[0]
 
 
+def test_more_workers_than_memory_holds_is_one_line_before_any_model_loads(capsys):
+  """--workers N needs N copies of JAX and the models (~300 MB each): a count this
+  machine's free memory cannot hold is refused at once, with the count that fits."""
+  from pixelrnn_jax import cli
+  from pixelrnn_jax import commands
+
+  free = commands._free_mb()
+  if free is None:
+    pytest.skip("free memory unknown here (no /proc/meminfo)")
+  too_many = int(free // commands.WORKER_MB) + 2
+  start = time.perf_counter()
+  assert cli.main(["serve", "--port", "0", "--workers", str(too_many)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"--workers {too_many}:" in err[0] and "--threads" in err[0], err
+  assert time.perf_counter() - start < 5  # before any model is loaded
+  commands.check_worker_memory(too_many, None)  # unknown: not checked
+  commands.check_worker_memory(3, 3 * commands.WORKER_MB)  # exactly fits
+  with pytest.raises(ValueError, match="use at most 3 workers"):
+    commands.check_worker_memory(4, 3 * commands.WORKER_MB + 1)
+
+
 def test_make_app_refuses_a_batch_below_one(served):
   for bad in (0, -1, 1.5, True):
     with pytest.raises(ValueError, match="--max-batch"):
