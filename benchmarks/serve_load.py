@@ -24,8 +24,10 @@ import asyncio
 import io
 import json
 import re
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,6 +67,9 @@ def children(pid: int) -> list[int]:
 
 
 def start_server(checkpoint: str, *flags: str) -> tuple[subprocess.Popen, str]:
+  """The server on a free port, and its address; its stderr goes to a temporary file,
+  shown only if it fails (its "terminated (SIGTERM)" line at the end is expected)."""
+  log = tempfile.TemporaryFile("w+")
   process = subprocess.Popen(
     [
       sys.executable,
@@ -78,15 +83,31 @@ def start_server(checkpoint: str, *flags: str) -> tuple[subprocess.Popen, str]:
       *flags,
     ],
     stdout=subprocess.PIPE,
+    stderr=log,
     text=True,
     cwd=ROOT,
   )
+  process.log = log
   line = process.stdout.readline()
   match = re.search(r"on (http://\S+) ", line)
   if match is None:
     process.kill()
-    raise RuntimeError(f"the server did not start: {line!r}")
+    process.wait()
+    raise RuntimeError(f"the server did not start: {line!r}; its stderr:\n{server_stderr(process)}")
   return process, match.group(1)
+
+
+def server_stderr(process: subprocess.Popen) -> str:
+  process.log.seek(0)
+  return process.log.read()
+
+
+def stop_server(process: subprocess.Popen) -> None:
+  """SIGTERM, as a service manager stops it; its stderr is shown if it did not exit 143."""
+  process.terminate()
+  code = process.wait(timeout=30)
+  if code not in (143, -signal.SIGTERM):
+    print(f"the server exited {code}; its stderr:\n{server_stderr(process)}", file=sys.stderr)
 
 
 def request_bytes(url: str, body: dict) -> bytes:
@@ -263,8 +284,7 @@ def main(argv=None) -> dict:
           row["rss_after_mb"] = rss_mb(process.pid)
           rows.append(row)
     finally:
-      process.terminate()
-      process.wait(timeout=30)
+      stop_server(process)
 
   rates = plain_loop(args.checkpoint, png, pixels_body, args.loop)
   print(f"{args.clients} clients, {args.requests} requests per kind, model {args.checkpoint}")

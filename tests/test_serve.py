@@ -675,15 +675,33 @@ def test_concurrent_requests_each_get_their_own_answer(server, served):
     np.testing.assert_allclose(answer["probabilities"], want["probabilities"], atol=2e-5)
 
 
-def test_the_load_benchmark_client_counts_answers_and_errors(server):
-  """benchmarks/serve_load.py's raw HTTP/1.1 client against a real server: every
-  request is counted once, a right answer is no error and a wrong one is."""
-  import asyncio
+def _serve_load():
   import importlib.util
 
   spec = importlib.util.spec_from_file_location("serve_load", ROOT / "benchmarks/serve_load.py")
   serve_load = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(serve_load)
+  return serve_load
+
+
+def test_the_load_benchmark_keeps_the_servers_stderr_unless_it_fails(capfd):
+  """The benchmark's server: its expected "terminated (SIGTERM)" line stays out of the
+  benchmark's output; a server that cannot start is an error carrying its stderr."""
+  serve_load = _serve_load()
+  process, url = serve_load.start_server("pretrained:pixel", "--threads")
+  assert url.startswith("http://127.0.0.1:")
+  serve_load.stop_server(process)
+  assert process.returncode == 143 and capfd.readouterr().err == ""
+  with pytest.raises(RuntimeError, match="(?s)the server did not start.*--max-batch 0: expected"):
+    serve_load.start_server("pretrained:pixel", "--threads", "--max-batch", "0")
+
+
+def test_the_load_benchmark_client_counts_answers_and_errors(server):
+  """benchmarks/serve_load.py's raw HTTP/1.1 client against a real server: every
+  request is counted once, a right answer is no error and a wrong one is."""
+  import asyncio
+
+  serve_load = _serve_load()
   seven = app_lib.image_pixels(serve_load.drawn_seven(), "seven.png")
   bodies = {
     "json": {"content": json_body(seven), "headers": {"content-type": "application/json"}},
