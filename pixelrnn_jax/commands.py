@@ -67,7 +67,7 @@ def check_show_dir(path: str, image_suffixes) -> Path:
       f"--show {path} looks like an image file name; --show takes a directory, where each"
       " input's <name>_seen.png is written"
     )
-  return outputs.make_dir(show, f"--show {path}", "for the *_seen.png")
+  return outputs.make_dir(path, f"--show {path}", "for the *_seen.png")
 
 
 def _load(source: str):
@@ -215,7 +215,7 @@ def predict(args: argparse.Namespace) -> int:
       )
     threshold = rule.threshold
   show = None
-  if args.show:
+  if args.show is not None:
     show = check_show_dir(args.show, images.IMAGE_SUFFIXES)
   split_images = split_labels = None
   if args.split:
@@ -251,6 +251,7 @@ def predict(args: argparse.Namespace) -> int:
   total, in_dim = preprocessing.sequence_shape(config.order)
   unit = "pixels" if in_dim == 1 else "rows"
   shown_names: set[str] = set()
+  unshown = 0  # --show pictures that could not be written
   i = 0
   for item in prepared:
     if len(item) == 2:
@@ -284,9 +285,14 @@ def predict(args: argparse.Namespace) -> int:
           break
         unique = f"{stem}_{n}"
       shown_names.add(unique)
-      row["shown"] = str(
-        images.save_side_by_side(original, digit.pixels, show / f"{unique}_seen.png")
-      )
+      try:
+        row["shown"] = str(
+          images.save_side_by_side(original, digit.pixels, show / f"{unique}_seen.png")
+        )
+      except OSError as error:  # e.g. a directory of that name: this file's, not the run's
+        row["shown_error"] = f"cannot write {error.filename or show}: {error.strerror or error}"
+        print(f"{name}: --show {row['shown_error']}", file=sys.stderr)
+        unshown += 1
     if args.json:
       print(json.dumps(row))
     else:
@@ -303,7 +309,7 @@ def predict(args: argparse.Namespace) -> int:
         + f" ({others}) after"
         f" {out['steps'][i - 1]}/{total} {unit}" + (f"; {', '.join(done)}" if done else "")
       )
-  return 1 if len(usable) < len(prepared) else 0
+  return 1 if len(usable) < len(prepared) or unshown else 0
 
 
 def _safe_stem(name: str) -> str:
@@ -313,7 +319,7 @@ def _safe_stem(name: str) -> str:
 def plot(args: argparse.Namespace) -> int:
   """``pixelrnn-jax plot``: PNG pictures of a run."""
   check_positive("--examples", args.examples)
-  if args.out:
+  if args.out is not None:
     outputs.check_dir(args.out, f"--out {args.out}", "for the PNGs")
   if args.early_exit:
     if args.run_dir:
@@ -321,7 +327,7 @@ def plot(args: argparse.Namespace) -> int:
         "--early-exit draws models, not a run: give --early-exit SOURCE ... --out DIR"
         " without RUN_DIR"
       )
-    if not args.out:
+    if args.out is None:
       raise ValueError("--early-exit needs --out DIR: where early_exit_comparison.png goes")
     outputs.make_dir(args.out, f"--out {args.out}", "for the PNGs")
     from pixelrnn_jax import plots  # noqa: PLC0415
@@ -334,7 +340,7 @@ def plot(args: argparse.Namespace) -> int:
     return 0
   if not args.run_dir:
     raise ValueError("plot needs RUN_DIR (a training run directory) or --early-exit SOURCE")
-  if args.out:
+  if args.out is not None:
     outputs.make_dir(args.out, f"--out {args.out}", "for the PNGs")
   from pixelrnn_jax import plots  # noqa: PLC0415
 

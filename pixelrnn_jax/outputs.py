@@ -10,6 +10,7 @@ be one (a file in the way, a read-only or virtual file system such as
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -24,6 +25,8 @@ def check_dir(path: str | os.PathLike, named: str, purpose: str) -> Path:
   Raises:
     ValueError: naming ``named``, the file in the way, and what is expected.
   """
+  if not str(path).strip():
+    raise ValueError(f"{named.strip()} is empty: name a directory ({purpose})")
   path = Path(path)
   if path.exists() and not path.is_dir():
     raise ValueError(f"{named} is a file; expected a directory ({purpose}, created if missing)")
@@ -34,7 +37,9 @@ def check_dir(path: str | os.PathLike, named: str, purpose: str) -> Path:
 
 
 def make_dir(path: str | os.PathLike, named: str, purpose: str) -> Path:
-  """Checks ``path`` (:func:`check_dir`), then creates it with its parents.
+  """Checks ``path`` (:func:`check_dir`), creates it with its parents, and writes
+  (then removes) a probe file in it: permission bits do not tell (root passes
+  ``os.access`` on ``/proc`` and ``/sys``, where no file can be made).
 
   Raises:
     ValueError: as :func:`check_dir`, or the operating system's reason the
@@ -49,6 +54,12 @@ def make_dir(path: str | os.PathLike, named: str, purpose: str) -> Path:
       f"{named}: cannot create the directory {path} ({error.strerror or error}); choose one"
       " you can write to"
     ) from error
-  if not os.access(path, os.W_OK | os.X_OK):
-    raise ValueError(f"{named}: the directory {path} is not writable; choose one you can write to")
+  try:
+    with tempfile.NamedTemporaryFile(dir=path, prefix=".pixelrnn_jax-probe-"):
+      pass
+  except OSError as error:
+    raise ValueError(
+      f"{named}: cannot write in the directory {path} ({error.strerror or error}); choose one"
+      " you can write to"
+    ) from error
   return path

@@ -362,27 +362,54 @@ _OUTPUT_FLAGS = {  # each command's output directory flag, after arguments that 
 }
 
 
+_UNUSABLE_DIRS = {  # where -> (the path given, what the error says)
+  "below a file": ("{tmp}/afile/sub", "is a file, so no directory can be made in it"),
+  "new, in /proc": ("/proc/pixelrnn_jax_out", "cannot create the directory"),
+  "/proc itself": ("/proc", "cannot write in the directory"),  # root passes os.access here
+  "empty": ("", "is empty: name"),
+}
+
+
 @pytest.mark.parametrize("command", sorted(_OUTPUT_FLAGS))
-@pytest.mark.parametrize("where", ["below a file", "in /proc"])
+@pytest.mark.parametrize("where", sorted(_UNUSABLE_DIRS))
 def test_an_output_directory_that_cannot_be_made_is_one_line_before_any_work(
   tmp_path, capsys, command, where
 ):
-  """Every command's output directory is made first: a file in the way, or a file
-  system that refuses new directories (/proc), is one error line naming the flag, the
-  path and the reason, with exit code 2, and nothing else is read or written."""
-  if where == "in /proc" and not Path("/proc/self").is_dir():
+  """Every command's output directory is made, and written in, first: a file in the
+  way, a file system that refuses new directories or files (/proc), or an empty name,
+  is one error line naming the flag and the reason, with exit code 2, and nothing
+  else is read or written."""
+  if "proc" in where and not Path("/proc/self").is_dir():
     pytest.skip("no /proc here")
+  if where == "empty" and command == "export":
+    pytest.skip("export's --out names a file")
   (tmp_path / "afile").write_text("mine")
   (tmp_path / "data").mkdir()
   _write_fake_idx(tmp_path / "data", n=5100)
-  out = str(tmp_path / "afile" / "sub") if where == "below a file" else "/proc/pixelrnn_jax_out"
+  out, reason = _UNUSABLE_DIRS[where]
+  out = out.format(tmp=tmp_path)
   argv = _OUTPUT_FLAGS[command](out, tmp_path)
   assert cli.main(argv) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and out in err[0], err
-  reason = "is a file, so no directory can be made in it" if "file" in where else "cannot create"
-  assert reason in err[0] and "Errno" not in err[0], err
+  assert len(err) == 1 and out in err[0] and reason in err[0], err
+  assert "Errno" not in err[0], err
   assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "data"]
+
+
+def test_a_show_picture_that_cannot_be_written_fails_that_file_alone(tmp_path, capsys):
+  """--show DIR where one input's picture cannot be written (a directory has its name):
+  that input's answer is still given, with the reason; the others are shown; exit 1."""
+  (tmp_path / "seven_seen.png").mkdir()
+  other = tmp_path / "other.png"
+  other.write_bytes((ROOT / "examples" / "seven.png").read_bytes())
+  argv = ["predict", "--checkpoint", "pretrained:pixel", "--json", "--show", str(tmp_path)]
+  assert cli.main([*argv, str(ROOT / "examples" / "seven.png"), str(other)]) == 1
+  out, err = capsys.readouterr()
+  rows = [json.loads(line) for line in out.splitlines()]
+  assert [row["label"] for row in rows] == [7, 7]
+  assert "Is a directory" in rows[0]["shown_error"] and "shown" not in rows[0]
+  assert Path(rows[1]["shown"]).is_file()
+  assert len(err.strip().splitlines()) == 1 and "seven_seen.png" in err
 
 
 @pytest.mark.parametrize("kind", ["existing file", "image name"])
