@@ -151,6 +151,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
   def __init__(self, *args, **kwargs):
     self.flags = {"-v": False, "--verbose": False}  # flag -> takes a value; from the parent
+    self.commands: dict[str, argparse.ArgumentParser] = {}  # the top level's, by name
     kwargs.setdefault("allow_abbrev", False)
     super().__init__(*args, **kwargs)
 
@@ -175,19 +176,37 @@ class _OneLineParser(argparse.ArgumentParser):
         break
       name = word.split("=", 1)[0]
       if not name.startswith("-") or name == "-" or _NUMBER.fullmatch(name):
-        if self._subparsers is not None:
-          break  # the command's name: what follows is the command's to check
+        if self._subparsers is not None:  # the command's name; what follows is its to check
+          if word not in COMMANDS:
+            self.error(f"unknown command {word!r}{_did_you_mean(word, COMMANDS)}")
+          break
         continue  # a value, a positional, "-" or a negative number
       if name not in self.flags:
         spelled = name if name.startswith("--") else "-" + name  # -early for --early
-        close = difflib.get_close_matches(spelled, list(self.flags), n=3, cutoff=0.6)
-        if close and close[0] != "--help":  # --help only when it is the closest
-          close = [flag for flag in close if flag not in ("-h", "--help")]
-        hint = f"; did you mean {' or '.join(close)}?" if close else ""
-        self.error(f"unknown flag {name}{hint}")
+        self.error(f"unknown flag {name}{_did_you_mean(spelled, self.flags)}")
       if self.flags[name] and "=" not in word:
         i += 1  # its value, which may itself start with "--" (--notes "--recipe ...")
     return super().parse_known_args(args, namespace)
+
+  def parse_args(self, args=None, namespace=None):
+    """As argparse's, but words left over after a command are reported by that command's
+    parser, in its usage (argparse reports them in the top-level one)."""
+    namespace, extras = self.parse_known_args(args, namespace)
+    if extras:
+      command = self.commands.get(getattr(namespace, "command", None), self)
+      command.error(f"unrecognized arguments: {' '.join(extras)}")
+    return namespace
+
+
+def _did_you_mean(word: str, choices) -> str:
+  """'; did you mean X or Y?': the choices that ``word`` begins (--raw: --raw-confidence)
+  first, then the closest spellings; --help only when it is the closest."""
+  starts = [c for c in choices if c.startswith(word) and len(word) > 2]
+  close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
+  if close and close[0] != "--help":
+    close = [c for c in close if c not in ("-h", "--help")]
+  named = list(dict.fromkeys(starts + close))[:3]
+  return f"; did you mean {' or '.join(named)}?" if named else ""
 
 
 _NUMBER = re.compile(r"-\d+(\.\d*)?([eE][-+]?\d+)?|-\.\d+|-inf|-nan", re.IGNORECASE)
@@ -208,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
   )
   commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+  parser.commands = commands.choices
 
   def add_command(name: str, **kwargs) -> argparse.ArgumentParser:
     return commands.add_parser(name, parents=[verbose], **kwargs)
@@ -479,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_flags(args)  # bad values fail here, before any work
         return commands.train(args, config)
       return getattr(commands, args.command)(args)
+    except BrokenPipeError:  # stdout's reader went away (| head): stop quietly, as cat does
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+      return 128 + signal.SIGPIPE
     except (ValueError, OSError, ImportError) as error:  # bad flags, data, files, paths
       if type(error).__name__ == "CheckpointWriteError":  # see checkpoints.CheckpointWriteError
         time.sleep(0.5)  # tensorstore's late tracebacks first, so the one line stays whole and last

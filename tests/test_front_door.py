@@ -497,16 +497,42 @@ def test_single_dash_typos_are_named_and_help_is_no_suggestion(argv, named):
       ["evaluate", "--check", "x"],
       "evaluate: error: unknown flag --check; did you mean --checkpoint",
     ),
+    (["predict", "--raw"], "predict: error: unknown flag --raw; did you mean --raw-confidence?"),
+    (["train", "--keep", "3"], "unknown flag --keep; did you mean --keep-checkpoints or "),
+    (
+      ["trian", "--steps", "3"],
+      "pixelrnn-jax: error: unknown command 'trian'; did you mean train?",
+    ),
+    (
+      ["train", "--workdir", "x", "extra"],
+      "pixelrnn-jax train: error: unrecognized arguments: extra",
+    ),
   ],
 )
 def test_prefixes_and_top_level_typos_are_unknown_flags(argv, line):
-  """No flag is taken by its prefix (argparse's allow_abbrev), and a misspelt top-level
-  flag is named, not reported as a missing command."""
+  """No flag is taken by its prefix (argparse's allow_abbrev), though the flags a word
+  begins are suggested first; a misspelt top-level flag or command is named, not
+  reported as a missing command; a command's stray word is reported in its usage."""
   stderr = io.StringIO()
   with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit_:
     cli.main(argv)
   lines = stderr.getvalue().strip().splitlines()
   assert exit_.value.code == 2 and len(lines) == 1 and line in lines[0], lines
+
+
+def test_a_reader_that_stops_early_ends_predict_quietly(tmp_path):
+  """`predict ... | head -1`: once the reader has gone, predict stops with 141 (128 +
+  SIGPIPE, as cat does), and no error or traceback on stderr."""
+  digit = tmp_path / "d.png"
+  digit.write_bytes((ROOT / "examples" / "seven.png").read_bytes())
+  argv = [sys.executable, "-m", "pixelrnn_jax", "predict", "--checkpoint", "pretrained:pixel"]
+  with subprocess.Popen(
+    [*argv, "--json", *[str(digit)] * 300], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+  ) as process:
+    assert json.loads(process.stdout.readline())["label"] == 7
+    process.stdout.close()
+    assert process.wait(timeout=120) == 141
+    assert process.stderr.read() == b""
 
 
 def test_values_that_look_like_flags_and_negative_numbers_are_values(tmp_path, capsys):
