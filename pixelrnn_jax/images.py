@@ -152,7 +152,9 @@ def read_image(path: str | Path) -> np.ndarray:
   each output pixel is the mean of a k x k block (Pillow's ``reduce``; a JPEG is
   first decoded at 1/2, 1/4 or 1/8 scale where that stays at READ_SIDE or more).
   :func:`prepare` keeps MAX_SIDE (512) of it anyway, and a 48-megapixel photo
-  read whole would cost gigabytes as floats.
+  read whole would cost gigabytes as floats. The MAX_PIXELS limit applies to
+  what is decoded: a JPEG of up to twice that (Pillow's own refusal) is read at
+  its reduced scale.
 
   Raises:
     ImageTooLarge: a header claiming more than MAX_PIXELS pixels (or values, for
@@ -183,10 +185,14 @@ def read_image(path: str | Path) -> np.ndarray:
       warnings.simplefilter("ignore", Image.DecompressionBombWarning)
       image = Image.open(path)
     with image:
+      width, height = image.size
+      factor = max(image.size) // READ_SIDE
+      if image.format == "JPEG" and factor >= 2:  # decode at 1/2..1/8 scale, >= READ_SIDE
+        image.draft(image.mode, (image.width // factor, image.height // factor))
       if image.width * image.height > MAX_PIXELS:  # from the header, before decoding
         raise ImageTooLarge(
-          f"{path}: {image.width}x{image.height} pixels is over the {MAX_PIXELS:,}-pixel"
-          " limit (a decompression bomb, or a photo to scale down first)"
+          f"{path}: {width}x{height} pixels is over the {MAX_PIXELS:,}-pixel limit (a"
+          " decompression bomb, or a photo to scale down first)"
         )
       frames = getattr(image, "n_frames", 1)
       if frames > 1:
@@ -194,9 +200,6 @@ def read_image(path: str | Path) -> np.ndarray:
           f"{path}: has {frames} frames (an animation or a multi-page file); save the frame"
           " with the digit as an image of its own"
         )
-      factor = max(image.size) // READ_SIDE
-      if image.format == "JPEG" and factor >= 2:  # decode at 1/2..1/8 scale, >= READ_SIDE
-        image.draft(image.mode, (image.width // factor, image.height // factor))
       ImageOps.exif_transpose(image, in_place=True)
       mode = image.mode
       if mode == "P" or (mode in ("L", "RGB") and "transparency" in image.info):
@@ -664,7 +667,9 @@ def prepare(image, *, invert: str = "auto") -> Digit:
   """
   if invert not in INVERT:
     raise ValueError(f"invert={invert!r}: expected one of {INVERT}")
-  grey = np.asarray(_shrink(_as_grey(image, "image")), np.float64)
+  grey = _as_grey(image, "image")
+  reduced = max(grey.shape) > MAX_SIDE
+  grey = np.asarray(_shrink(grey), np.float64)
   if invert == "auto":
     # The ink is the extreme farther from the paper: dark ink on paper of any
     # shade (dim photos, coloured paper) is inverted, light ink on dark is not.
@@ -690,6 +695,12 @@ def prepare(image, *, invert: str = "auto") -> Digit:
       "; dark ink on light paper needs --invert auto or yes"
       if invert == "no" and paper > 0.5
       else "; is the image blank?"
+      + (
+        f" (it was reduced to {MAX_SIDE} px on its longer side: if the digit is small in"
+        " it, crop the image around the digit)"
+        if reduced
+        else ""
+      )
     )
     raise ImageError(
       f"no ink: the brightest ink ({ink:.2f}) is within {MIN_CONTRAST} of the"

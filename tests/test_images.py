@@ -532,3 +532,28 @@ def test_the_exif_orientation_of_a_photo_is_applied(tmp_path, orientation, side)
   read = images.read_image(path)
   k = -(-side // images.READ_SIDE)
   np.testing.assert_allclose(read, _block_mean(upright / 255, k), atol=1e-6)
+
+
+def test_a_jpeg_over_the_pixel_limit_is_read_at_its_reduced_scale(tmp_path, monkeypatch):
+  """The limit is on what is decoded: a JPEG over it is decoded at 1/2..1/8 scale and
+  read, where a PNG of the same size is refused from its header (with its size)."""
+  monkeypatch.setattr(images, "MAX_PIXELS", 1_000_000)
+  canvas = np.full((1600, 2400), 235, np.uint8)
+  canvas[300:1300, 1100:1300] = 20
+  for suffix in (".jpg", ".png"):
+    Image.fromarray(canvas).save(tmp_path / f"big{suffix}")
+  read = images.read_image(tmp_path / "big.jpg")
+  assert images.READ_SIDE / 2 < max(read.shape) <= images.READ_SIDE and read.min() < 0.2
+  with pytest.raises(images.ImageTooLarge, match="2400x1600 pixels is over the 1,000,000"):
+    images.read_image(tmp_path / "big.png")
+
+
+def test_no_ink_in_a_reduced_image_suggests_cropping_around_the_digit():
+  """A digit too small to survive the reduction to MAX_SIDE: the error says so and what
+  to do; an image that was not reduced gets no such hint."""
+  page = np.full((4000, 6000), 0.92, np.float32)
+  page[2000:2004, 3000:3100] = 0.1  # a short stroke, 4 px thick: gone at 512 px
+  with pytest.raises(images.ImageError, match="crop the image around the digit"):
+    images.prepare(page)
+  with pytest.raises(images.ImageError, match=r"is the image blank\?$"):
+    images.prepare(np.full((300, 300), 0.92, np.float32))
