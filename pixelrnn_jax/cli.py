@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import json
 import logging
 import os
 import re
@@ -25,6 +26,7 @@ import signal
 import sys
 import time
 import typing
+from pathlib import Path
 
 # Only the standard library at import time: main() must be running (and
 # catching Ctrl-C) before JAX is imported, which takes seconds.
@@ -63,8 +65,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument(
     "--recipe",
     choices=sorted(config_lib.RECIPES),
-    default="notebook",
-    help="named starting config (default: notebook); flags override it",
+    default=None,
+    help="named starting config; flags override it (default: the run's own config.json"
+    " when --workdir holds a run, else notebook)",
   )
   for field in dataclasses.fields(config_lib.Config):
     flag = "--" + field.name.replace("_", "-")
@@ -116,10 +119,13 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_flags(args: argparse.Namespace):
-  """The recipe's Config with every given flag applied (validated).
+  """The starting Config with every given flag applied (validated): ``--recipe``'s;
+  without it, the run's own ``config.json`` when ``--workdir`` holds one (so
+  ``train --workdir RUN`` alone resumes it as it was), else the notebook recipe.
 
   Raises:
-    ValueError: naming the flag (``--batch-size 10``), not the field.
+    ValueError: naming the flag (``--batch-size 10``), not the field; or a
+      ``config.json`` that cannot be read.
   """
   config_lib = _config()
   given = {
@@ -127,8 +133,19 @@ def config_from_flags(args: argparse.Namespace):
     for field in dataclasses.fields(config_lib.Config)
     if hasattr(args, field.name)
   }
+  start = config_lib.RECIPES[args.recipe or "notebook"]
+  saved = Path(getattr(args, "workdir", "") or ".", "config.json")
+  if args.recipe is None and getattr(args, "workdir", None) and saved.is_file():
+    try:
+      start = config_lib.Config.from_dict(json.loads(saved.read_text()))
+    except (ValueError, TypeError, AttributeError) as error:
+      raise ValueError(
+        f"{saved}: not a readable run config ({_one_line(error)}); give --recipe to start"
+        " from a named config"
+      ) from error
+    logging.getLogger(__name__).info("starting from the run's %s (no --recipe given)", saved)
   try:
-    return config_lib.RECIPES[args.recipe].replace(**given)
+    return start.replace(**given)
   except ValueError as error:
     message = str(error)
     for name in (f.name for f in dataclasses.fields(config_lib.Config)):

@@ -259,6 +259,29 @@ def test_rerunning_a_finished_run_trains_nothing_and_leaves_its_metrics(tmp_path
   assert again["step"] == first["step"] == 6 and again["valid"] == first["valid"]
 
 
+def test_train_with_only_the_workdir_resumes_the_run_as_it_was(tmp_path, toy_data, capsys):
+  """Without --recipe, a run directory's own config.json is the starting config: the
+  flags not given keep the run's values (not the notebook's), given ones apply, and one
+  that changes what is computed is refused as before."""
+  flags = ["--order", "row", "--units", "8", "--batch-size", "16", "--eval-every", "2"]
+  workdir = ["train", "--workdir", str(tmp_path)]
+  assert cli.main([*workdir, *flags, "--steps", "4", "--log-every", "2"]) == 0
+  config = (tmp_path / "config.json").read_text()
+  assert cli.main(workdir) == 0  # finished: nothing to train, nothing rewritten
+  assert (tmp_path / "config.json").read_text() == config
+  assert cli.main([*workdir, "--steps", "6"]) == 0
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["steps"] == 6 and saved["num_units"] == 8 and saved["eval_every"] == 2
+  records = _records(tmp_path / "metrics.jsonl")
+  assert [r["step"] for r in records if r.get("split") == "valid"] == [2, 4, 6]
+  capsys.readouterr()
+  assert cli.main([*workdir, "--units", "16", "--steps", "8"]) == 2
+  assert "different config (num_units: 8 -> 16)" in capsys.readouterr().err
+  (tmp_path / "config.json").write_text("{")
+  assert cli.main(workdir) == 2
+  assert "config.json: not a readable run config" in capsys.readouterr().err
+
+
 def test_without_a_terminal_progress_is_plain_log_lines(tmp_path, toy_data, capsys, caplog):
   caplog.set_level("INFO")
   code = cli.main(
