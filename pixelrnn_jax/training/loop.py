@@ -62,7 +62,8 @@ class _StopOnSignal:
     self.requested = signal.Signals(signum).name
     self.signum = int(signum)
     log.warning(
-      "%s received: saving a checkpoint after this step, then stopping%s",
+      "%s received: finishing the next step (which tells every process), saving a"
+      " checkpoint, then stopping%s",
       self.requested,
       " (press Ctrl-C again to abort without saving)" if signum == signal.SIGINT else "",
     )
