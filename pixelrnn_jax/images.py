@@ -58,6 +58,7 @@ CENTRE_SLACK = 0.75  # ... and its centre of mass is within this of (14, 14) (MN
 MIN_CONTRAST = 0.1  # ink less than this above the paper is no ink
 MAX_SIDE = 512  # larger images are first reduced to this (area averaging)
 READ_SIDE = 2 * MAX_SIDE  # files longer than this are reduced while read (see read_image)
+DITHER_WINDOW = 64  # a 1-bit image is averaged over windows 1/64 of its shorter side
 LIGHTING_GRID = 16  # the paper's lighting is estimated on a grid this many cells wide
 LIGHTING_MIN_CELLS = 5  # ... and, where a bold stroke survives 3 cells, over this many
 LIGHTING_INK_STEP = 0.25  # a rise of the paper level by more than this is ink, not light
@@ -217,6 +218,8 @@ def read_image(path: str | Path) -> np.ndarray:
           grey = (grey - grey.min()) / max(grey.max() - grey.min(), 1e-12)
       else:  # L, 1, RGB, CMYK, YCbCr, ...
         grey = np.asarray(image.convert("L"), np.float32) / 255.0
+        if mode == "1":
+          grey = _dot_density(grey)
   except ImageError:
     raise
   except Image.DecompressionBombError as error:  # Pillow's guard against huge images
@@ -241,6 +244,21 @@ def _reduce(image):
   if image.mode in ("1", "PA") or image.mode.startswith("I;16"):
     image = image.convert({"1": "L", "PA": "RGBA"}.get(image.mode, "I"))
   return image.reduce(factor)
+
+
+def _dot_density(bilevel: np.ndarray) -> np.ndarray:
+  """A 1-bit image's grey levels: the mean over a square window DITHER_WINDOW-th of
+  its shorter side across (at least 3 px). A dithered scan or print draws grey paper
+  as scattered black dots, which read as ink everywhere; averaged, they are the grey
+  they stand for, while a solid stroke stays solid. Images under 4 x FIELD px on
+  their shorter side (a 28x28 digit saved as 1-bit) are left as they are.
+  """
+  if min(bilevel.shape) < 4 * FIELD:
+    return bilevel
+  from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
+
+  size = max(3, round(min(bilevel.shape) / DITHER_WINDOW))
+  return ndimage.uniform_filter(bilevel, size=size, mode="nearest")
 
 
 def _read_npy(path: Path) -> np.ndarray:
