@@ -1,11 +1,15 @@
-"""Smoke test: the benchmark's smallest shape runs, so the script cannot rot."""
+"""Smoke tests: the benchmarks run at their smallest sizes, so the scripts cannot rot."""
 
 import importlib.util
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "throughput.py"
 
 
 @pytest.fixture(scope="module")
@@ -48,3 +52,18 @@ def test_flop_count_matches_the_hand_count(throughput):
   assert throughput.train_step_flops(batch=512, steps=784, units=64) == 3 * 2 * 512 * 784 * (
     65 * 192 + 640
   )
+
+
+def test_jpeg_digits_reports_accuracy_and_pass_through_per_quality(mnist_dir):
+  """benchmarks/jpeg_digits.py on 30 digits: one line per quality, the digits first."""
+  out = subprocess.run(
+    [sys.executable, str(ROOT / "benchmarks" / "jpeg_digits.py"), "--data-dir", mnist_dir]
+    + ["--count", "30", "--qualities", "50"],
+    capture_output=True,
+    text=True,
+    check=True,
+  ).stdout.splitlines()
+  pattern = r"quality (none|50): accuracy ([\d.]+)%, passed unchanged (\d+)/30"
+  rows = [re.fullmatch(pattern, line).groups() for line in out]
+  assert [row[0] for row in rows] == ["none", "50"] and rows[0][2] == "30"
+  assert all(90 <= float(row[1]) <= 100 for row in rows) and int(rows[1][2]) >= 27
