@@ -138,6 +138,8 @@ def config_from_flags(args: argparse.Namespace):
   if args.recipe is None and getattr(args, "workdir", None) and saved.is_file():
     try:
       start = config_lib.Config.from_dict(json.loads(saved.read_text()))
+      # Which process this is, is this process's own (process 0 wrote config.json).
+      start = start.replace(process_id=config_lib.Config().process_id)
     except (ValueError, TypeError, AttributeError) as error:
       raise ValueError(
         f"{saved}: not a readable run config ({_one_line(error)}); give --recipe to start"

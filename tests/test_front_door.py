@@ -277,6 +277,10 @@ def test_train_with_only_the_workdir_resumes_the_run_as_it_was(tmp_path, toy_dat
   capsys.readouterr()
   assert cli.main([*workdir, "--units", "16", "--steps", "8"]) == 2
   assert "different config (num_units: 8 -> 16)" in capsys.readouterr().err
+  saved["process_id"] = 0  # as process 0 of a multi-process run writes it
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  args = cli.build_parser().parse_args(workdir)
+  assert cli.config_from_flags(args).process_id is None  # each process's own, not process 0's
   (tmp_path / "config.json").write_text("{")
   assert cli.main(workdir) == 2
   assert "config.json: not a readable run config" in capsys.readouterr().err
