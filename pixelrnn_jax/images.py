@@ -59,6 +59,7 @@ MIN_CONTRAST = 0.1  # ink less than this above the paper is no ink
 MAX_SIDE = 512  # larger images are first reduced to this (area averaging)
 READ_SIDE = 2 * MAX_SIDE  # files longer than this are reduced while read (see read_image)
 DITHER_WINDOW = 64  # a 1-bit image is averaged over windows 1/64 of its shorter side
+DITHER_MIN_SIDE = 40  # ... unless it is smaller than this (an MNIST-sized 1-bit digit)
 LIGHTING_GRID = 16  # the paper's lighting is estimated on a grid this many cells wide
 LIGHTING_MIN_CELLS = 5  # ... and, where a bold stroke survives 3 cells, over this many
 LIGHTING_INK_STEP = 0.25  # a rise of the paper level by more than this is ink, not light
@@ -247,18 +248,21 @@ def _reduce(image):
 
 
 def _dot_density(bilevel: np.ndarray) -> np.ndarray:
-  """A 1-bit image's grey levels: the mean over a square window DITHER_WINDOW-th of
-  its shorter side across (at least 3 px). A dithered scan or print draws grey paper
-  as scattered black dots, which read as ink everywhere; averaged, they are the grey
-  they stand for, while a solid stroke stays solid. Images under 4 x FIELD px on
-  their shorter side (a 28x28 digit saved as 1-bit) are left as they are.
+  """A 1-bit image's grey levels. A dithered scan or print draws grey paper as
+  scattered dots, which read as ink everywhere: a 3 x 3 median first removes dots
+  that stand alone (a solid stroke, 2 px or wider, keeps its body), then the mean
+  over a square window DITHER_WINDOW-th of the shorter side (at least 3 px) turns
+  what is left of a dithered tone into the grey it stands for. Images under
+  DITHER_MIN_SIDE px on their shorter side (a 28x28 digit saved as 1-bit) are left
+  as they are.
   """
-  if min(bilevel.shape) < 4 * FIELD:
+  if min(bilevel.shape) < DITHER_MIN_SIDE:
     return bilevel
   from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
 
+  cleaned = ndimage.median_filter(bilevel, size=3, mode="nearest")
   size = max(3, round(min(bilevel.shape) / DITHER_WINDOW))
-  return ndimage.uniform_filter(bilevel, size=size, mode="nearest")
+  return ndimage.uniform_filter(cleaned, size=size, mode="nearest")
 
 
 def _read_npy(path: Path) -> np.ndarray:

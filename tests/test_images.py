@@ -11,9 +11,11 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 from PIL import Image
+from PIL import ImageDraw
 
 from pixelrnn_jax import cli
 from pixelrnn_jax import data
+from pixelrnn_jax import gru_classifier
 from pixelrnn_jax import images
 from tests import helpers
 
@@ -572,3 +574,50 @@ def test_no_ink_in_a_reduced_image_suggests_cropping_around_the_digit():
     images.prepare(page)
   with pytest.raises(images.ImageError, match=r"is the image blank\?$"):
     images.prepare(np.full((300, 300), 0.92, np.float32))
+
+
+@pytest.mark.parametrize("paper", [235, 245, 255])
+def test_a_small_dithered_drawing_reads_as_drawn(tmp_path, paper):
+  """A drawn 7, 48-150 px, on off-white paper saved as 1-bit (Floyd-Steinberg): the
+  paper's lone dots are not ink, at any size from 40 px up."""
+  digits = []
+  for size in (48, 64, 100, 150):
+    image = Image.new("L", (size, size), paper)
+    scale = size / 100
+    points = [(25 * scale, 13 * scale), (75 * scale, 13 * scale), (45 * scale, 90 * scale)]
+    ImageDraw.Draw(image).line(points, fill=0, width=max(2, int(8 * scale)))
+    image.convert("1").save(tmp_path / f"seven_{size}.png")
+    digits.append(images.load_image(tmp_path / f"seven_{size}.png"))
+  logits = gru_classifier.apply(gru_classifier.load_pretrained("pixel"), np.stack(digits))
+  assert np.asarray(logits[:, -1]).argmax(-1).tolist() == [7, 7, 7, 7]
+
+
+@pytest.mark.parametrize("quality", [30, 50, 95])
+def test_an_mnist_digit_saved_as_a_28x28_jpeg_is_read_as_it_is(mnist_dir, tmp_path, quality):
+  """JPEG ringing leaves faint values all over the field, but the digit is still
+  MNIST's: it passes unchanged (no re-boxing) and is classified as well as the digit."""
+  digits, labels = data.load_mnist("valid", data_dir=mnist_dir)
+  digits, labels = digits[:200], labels[:200]
+  read = []
+  for digit in digits:
+    path = tmp_path / "d.jpg"
+    Image.fromarray(_u8(digit)).save(path, quality=quality)
+    read.append(images.prepare(images.read_image(path)))
+  assert np.mean([not r.resized for r in read]) >= 0.95
+  model = gru_classifier.load_pretrained("pixel")
+  correct = [
+    np.asarray(gru_classifier.apply(model, x)[:, -1]).argmax(-1) == labels
+    for x in (digits, np.stack([r.pixels for r in read]))
+  ]
+  assert correct[1].mean() >= correct[0].mean() - 0.01, [c.mean() for c in correct]
+
+
+def test_an_off_centre_28x28_digit_is_centred(mnist_dir):
+  """A 20-px digit in a 28x28 field but 3 px off (0.5 px is MNIST's widest) is normalised."""
+  digit = data.load_mnist("valid", data_dir=mnist_dir)[0][0]
+  shifted = np.roll(digit, 3, axis=1)
+  assert shifted[:, :3].max() == 0  # nothing wrapped round
+  prepared = images.prepare(shifted)
+  assert prepared.resized
+  centre = (prepared.pixels.sum(0) * np.arange(28)).sum() / prepared.pixels.sum()
+  assert abs(centre - images.CENTRE) < 0.5
