@@ -423,6 +423,16 @@ def test_an_output_directory_that_cannot_be_made_is_one_line_before_any_work(
   assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "data"]
 
 
+def test_a_train_that_fails_on_its_data_leaves_no_empty_run_directory(tmp_path, capsys):
+  """The run directory is made before the data are read; when they cannot be, the
+  directories that train made (not those that were there) are removed again."""
+  (tmp_path / "runs").mkdir()
+  argv = ["train", "--workdir", str(tmp_path / "runs" / "new" / "run")]
+  assert cli.main([*argv, "--data-dir", str(tmp_path / "no-data")]) == 2
+  assert "does not exist" in capsys.readouterr().err
+  assert sorted(p.name for p in tmp_path.rglob("*")) == ["runs"]
+
+
 def test_a_show_picture_that_cannot_be_written_fails_that_file_alone(tmp_path, capsys):
   """--show DIR where one input's picture cannot be written (a directory has its name):
   that input's answer is still given, with the reason; the others are shown; exit 1."""

@@ -167,8 +167,16 @@ def train_and_evaluate(
     config = config.replace(data_dir=str(Path(config.data_dir).resolve()))
   # What this process can check alone comes before joining the others: a bad
   # path or missing data is one line at once, not a wait for the peers.
+  absolute = Path(workdir).absolute()
+  made = [path for path in (absolute, *absolute.parents) if not path.exists()]  # deepest first
   workdir = run_dir.check_workdir(workdir)
-  splits = {split: _load_split(config, split) for split in ("train", "valid")}
+  try:
+    splits = {split: _load_split(config, split) for split in ("train", "valid")}
+  except BaseException:  # bad data: no empty directories of ours left behind
+    for path in made:
+      if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+    raise
   config = distributed.initialize(config)
   config.validate()  # the batch must also divide over the processes a cluster job brought
   _check_devices(config)
