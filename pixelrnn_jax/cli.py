@@ -527,14 +527,6 @@ def main(argv: list[str] | None = None) -> int:
         code = _fail(command, _one_line(error), 2)
         sys.stderr.flush()
         os._exit(code)
-      if any(kind.__name__ == "CheckpointError" for kind in type(error).__mro__):
-        # An unreadable checkpoint: tensorstore's reads still in flight would print
-        # "Event loop is closed" tracebacks at exit, after the one line; end before them.
-        code = _fail(command, _one_line(error), 2)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
-        os._exit(code)
       return _fail(command, _one_line(error), 2)
     except Exception as error:
       if _is_run_failure(error):  # a NaN loss, a lost peer: the run failed, not the input
