@@ -147,7 +147,8 @@ def read_image(path: str | Path) -> np.ndarray:
   (scaled by the file's value range: 65535 for 16-bit; 32-bit by 255, or by
   its maximum when that is above 255) and F; PNG, JPEG, BMP, GIF, TIFF, WebP; the EXIF orientation of
   phone photos is applied. ``.npy`` arrays: uint8 (0..255) or float in
-  [0, 1], shape [H, W] (or [784], read as 28x28).
+  [0, 1], shape [H, W] (or [784], read as 28x28). A file without an extension
+  is read by its bytes (.npy's magic, else whatever Pillow identifies).
 
   An image longer than READ_SIDE (1,024) pixels is reduced while it is read, by
   the smallest integer factor k that brings its longer side to READ_SIDE or less:
@@ -171,9 +172,12 @@ def read_image(path: str | Path) -> np.ndarray:
     raise ImageError(f"{path}: no such file")
   if path.stat().st_size == 0:
     raise ImageError(f"{path}: empty file")
+  if not suffix:  # no extension (a download, a pasted file): go by the bytes
+    with open(path, "rb") as file:
+      suffix = ".npy" if file.read(6) == b"\x93NUMPY" else ""
   if suffix == ".npy":
     return _as_grey(_read_npy(path), str(path))
-  if suffix not in IMAGE_SUFFIXES:
+  if suffix and suffix not in IMAGE_SUFFIXES:
     raise ImageError(
       f"{path}: unsupported file type {suffix or '(none)'}; use an image"
       f" ({', '.join(IMAGE_SUFFIXES)}) or .npy"
@@ -228,6 +232,11 @@ def read_image(path: str | Path) -> np.ndarray:
       f"{path}: too large to read safely ({error}); scale it down first"
     ) from error
   except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
+    if not suffix:
+      raise ImageError(
+        f"{path}: no file extension, and its bytes are not an image Pillow reads; use an"
+        f" image ({', '.join(IMAGE_SUFFIXES)}) or .npy"
+      ) from error
     raise ImageError(f"{path}: not a readable image ({error})") from error
   return _as_grey(np.asarray(grey, np.float32), str(path))
 

@@ -621,3 +621,18 @@ def test_an_off_centre_28x28_digit_is_centred(mnist_dir):
   assert prepared.resized
   centre = (prepared.pixels.sum(0) * np.arange(28)).sum() / prepared.pixels.sum()
   assert abs(centre - images.CENTRE) < 0.5
+
+
+def test_a_file_without_an_extension_is_read_by_its_bytes(tmp_path):
+  """A PNG or an .npy saved without an extension reads as it does with one (as the
+  server reads an upload); other bytes are an error that says what was expected."""
+  seven = Path(__file__).resolve().parents[1] / "examples" / "seven.png"
+  (tmp_path / "seven").write_bytes(seven.read_bytes())
+  np.testing.assert_array_equal(images.read_image(tmp_path / "seven"), images.read_image(seven))
+  array = np.random.default_rng(0).uniform(0, 1, (28, 28)).astype(np.float32)
+  np.save(tmp_path / "digit.npy", array)
+  (tmp_path / "digit.npy").rename(tmp_path / "digit")
+  np.testing.assert_array_equal(images.read_image(tmp_path / "digit"), array)
+  (tmp_path / "notes").write_text("hello")
+  with pytest.raises(images.ImageError, match="notes: no file extension, and its bytes are not"):
+    images.read_image(tmp_path / "notes")
