@@ -134,8 +134,9 @@ def config_from_flags(args: argparse.Namespace):
     if hasattr(args, field.name)
   }
   start = config_lib.RECIPES[args.recipe or "notebook"]
-  saved = Path(getattr(args, "workdir", "") or ".", "config.json")
-  if args.recipe is None and getattr(args, "workdir", None) and saved.is_file():
+  workdir = getattr(args, "workdir", None)
+  saved = Path(workdir, "config.json") if workdir else None
+  if args.recipe is None and saved is not None and saved.is_file():
     try:
       start = config_lib.Config.from_dict(json.loads(saved.read_text()))
       # Which process this is, is this process's own (process 0 wrote config.json).

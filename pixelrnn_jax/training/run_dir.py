@@ -86,7 +86,7 @@ class RunLock:
     self._lock = filelock.FileLock(self.workdir / LOCK)
 
   def __enter__(self):
-    outputs.make_dir(self.workdir, f"--workdir {self.workdir}", "the run directory")
+    self.workdir.mkdir(parents=True, exist_ok=True)  # check_workdir proved it can be made
     try:
       self._lock.acquire(blocking=False)
     except filelock.Timeout:
