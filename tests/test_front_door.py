@@ -244,6 +244,15 @@ def test_metrics_mark_each_resume_and_never_repeat_a_step(tmp_path, toy_data):
   assert train_steps == sorted(train_steps) and train_steps[-1] == 8
 
 
+def test_a_short_run_of_a_recipe_is_told_to_shorten_the_warm_up(capsys):
+  """`--recipe tuned --steps 20`: the recipe's 300 warm-up steps do not fit; the one
+  line names the value and the flag that fixes it, before any work."""
+  assert cli.main(["train", "--workdir", "unused", "--recipe", "tuned", "--steps", "20"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "--warmup-steps 300: expected" in err[0], err
+  assert "e.g. --warmup-steps 2" in err[0] and not Path("unused").exists()
+
+
 def test_rerunning_a_finished_run_trains_nothing_and_leaves_its_metrics(tmp_path, toy_data, caplog):
   """The same command again on a finished run: no resume event, no step, the same
   metrics.jsonl and checkpoints, a line saying so, and the final evaluation again."""

@@ -214,7 +214,9 @@ class Config:
       _check_field(field, hints[field.name], getattr(self, field.name))
     if self.warmup_steps and self.warmup_steps >= self.steps:
       raise ValueError(
-        f"warmup_steps={self.warmup_steps}: expected 0 <= warmup_steps < steps ({self.steps})"
+        f"warmup_steps={self.warmup_steps}: expected 0 <= warmup_steps < steps ({self.steps});"
+        " a short run of a recipe needs its warm-up shortened too, e.g. --warmup-steps"
+        f" {self.steps // 10}"
       )
     if self.lr_schedule == "warmup_step" and (
       round(self.lr_drop_at * self.steps) <= self.warmup_steps
