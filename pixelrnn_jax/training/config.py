@@ -80,6 +80,12 @@ class Config:
   recurrent_init: RecurrentInit = knob(
     "glorot", "h-rows of the kernels: glorot (TF1) or orthogonal blocks"
   )
+  init_from: str | None = knob(
+    None,
+    "fine-tune: start from the weights of this model (run directory, weights file or"
+    " pretrained:NAME; same width, cell, activation, input size and standardize) with a"
+    " fresh optimiser and EMA; None = random init (the notebook)",
+  )
   impl: Impl = knob(
     "fused",
     "scan core: fused (hand-written backward, fast) or scan (autodiff reference)",

@@ -30,6 +30,7 @@ from pixelrnn_jax import checkpoints
 from pixelrnn_jax import data
 from pixelrnn_jax import gru_classifier
 from pixelrnn_jax import inference
+from pixelrnn_jax import model_io
 from pixelrnn_jax import preprocessing
 from pixelrnn_jax.training import batches as batches_lib
 from pixelrnn_jax.training import config as config_lib
@@ -165,6 +166,10 @@ def train_and_evaluate(
   config.validate()
   if config.data_dir is not None:
     config = config.replace(data_dir=str(Path(config.data_dir).resolve()))
+  if config.init_from is not None:
+    model_io.resolve(config.init_from)  # a missing model is one line now, not after loading
+    if not config.init_from.startswith(model_io.PREFIX):
+      config = config.replace(init_from=str(Path(config.init_from).resolve()))
   # What this process can check alone comes before joining the others: a bad
   # path or missing data is one line at once, not a wait for the peers.
   absolute = Path(workdir).absolute()

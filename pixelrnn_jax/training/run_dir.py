@@ -32,6 +32,7 @@ from flax import serialization
 from pixelrnn_jax import checkpoints
 from pixelrnn_jax import model_io
 from pixelrnn_jax import outputs
+from pixelrnn_jax import preprocessing
 from pixelrnn_jax.checkpoints import CheckpointError
 from pixelrnn_jax.training import config as config_lib
 from pixelrnn_jax.training import step as step_lib
@@ -143,6 +144,8 @@ def init_or_restore(config: config_lib.Config, optimizer, manager: checkpoints.R
   position, best = (0, 0), -1.0
   restored = manager.restore_latest()
   if restored is None:
+    if config.init_from is not None:
+      state = warm_start(config, state, optimizer)
     return state, position, data_key, best
   step, state_dict, meta = restored
   where = manager.path(step)
@@ -154,6 +157,55 @@ def init_or_restore(config: config_lib.Config, optimizer, manager: checkpoints.R
     tuple(meta["data_position"]),
     jax.random.wrap_key_data(jnp.asarray(meta["data_key"], jnp.uint32)),
     meta["best_valid_accuracy"],
+  )
+
+
+# The fields a model's weights depend on, in shape or meaning: a fine-tuned
+# run must share them with the model it starts from.
+MODEL_FIELDS = ("num_units", "cell", "activation", "standardize")
+
+
+def warm_start(config: config_lib.Config, state: step_lib.TrainState, optimizer):
+  """``state`` with the weights of the model ``config.init_from`` names (fine-tuning).
+
+  The model's params as it was trained (a run with an EMA gives its EMA, as
+  ``model_io.read`` does) replace the random init; the optimiser state is a
+  fresh ``optimizer.init`` and the EMA, if kept, starts at these weights.
+
+  Raises:
+    FileNotFoundError, CheckpointError: nothing loadable at ``init_from``.
+    ValueError: a model of another width, cell, activation, input size or
+      input scaling, naming the field and both values.
+  """
+  saved = model_io.read(config.init_from)
+  source = saved_config(saved)
+  differ = [n for n in MODEL_FIELDS if getattr(source, n) != getattr(config, n)]
+  in_dims = (
+    preprocessing.sequence_shape(source.order)[1],
+    preprocessing.sequence_shape(config.order)[1],
+  )
+  details = [f"{n}: {getattr(source, n)!r} there, {getattr(config, n)!r} here" for n in differ]
+  if in_dims[0] != in_dims[1]:
+    details.append(f"input size (order): {source.order!r} there, {config.order!r} here")
+  if details:
+    raise ValueError(
+      f"init_from={config.init_from!r} ({saved.path}) is another model ({'; '.join(details)});"
+      " pass the same --num-units, --cell, --activation, --standardize and order as it was"
+      " trained with (its config.json), or train from a random init"
+    )
+  params = serialization.from_state_dict(state.params, saved.arrays)
+  shapes = jax.tree.map(lambda a, b: (np.shape(a), np.shape(b)), state.params, params)
+  wrong = [
+    v for v in jax.tree.leaves(shapes, is_leaf=lambda v: isinstance(v, tuple)) if v[0] != v[1]
+  ]
+  if wrong:
+    raise CheckpointError(f"{saved.path}: weights of shapes {wrong} (expected, found)")
+  params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+  log.info("fine-tuning from %s (step %d of its run)", saved.path, saved.step)
+  return state._replace(
+    params=params,
+    opt_state=optimizer.init(params),
+    ema_params=None if state.ema_params is None else params,
   )
 
 
