@@ -1,0 +1,143 @@
+"""Fine-tuning (``Config.init_from``): a run that starts from a saved model's weights."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from pixelrnn_jax import checkpoints
+from pixelrnn_jax import model_io
+from pixelrnn_jax.training import config as config_lib
+from pixelrnn_jax.training import loop
+from pixelrnn_jax.training import run_dir
+from pixelrnn_jax.training import step as step_lib
+from tests.helpers import SMALL
+
+
+@pytest.fixture
+def source_run(tmp_path, toy_data):
+  """A small trained run with an EMA: the model to fine-tune from."""
+  workdir = tmp_path / "source"
+  loop.train_and_evaluate(config_lib.Config(**{**SMALL, "ema_decay": 0.9}), workdir, progress=False)
+  return workdir
+
+
+def _fresh_state(config, tmp_path):
+  optimizer = step_lib.make_optimizer(config)
+  manager = checkpoints.RunCheckpoints(tmp_path / "empty" / "checkpoints", keep=2)
+  try:
+    return run_dir.init_or_restore(config, optimizer, manager)[0], optimizer
+  finally:
+    manager.close()
+
+
+@pytest.mark.parametrize("ema_decay", [None, 0.99])
+def test_a_fine_tuned_run_starts_from_the_models_weights_with_a_fresh_optimiser(
+  source_run, tmp_path, ema_decay
+):
+  config = config_lib.Config(
+    **{**SMALL, "init_from": str(source_run), "ema_decay": ema_decay, "seed": 3}
+  )
+  state, optimizer = _fresh_state(config, tmp_path)
+  saved = model_io.read(source_run)  # the source's selected checkpoint, its EMA weights
+  got = jax.tree.map(np.asarray, state.params)
+  assert jax.tree.structure(got) == jax.tree.structure(
+    step_lib.init_params(config, jax.random.key(0))
+  )
+  np.testing.assert_array_equal(got.gates.kernel, saved.arrays["gates"]["kernel"])
+  np.testing.assert_array_equal(got.output.bias, saved.arrays["output"]["bias"])
+  np.testing.assert_array_equal(got.candidate.kernel, saved.arrays["candidate"]["kernel"])
+  random = step_lib.init_train_state(config, jax.random.key(0), optimizer).params
+  assert not np.array_equal(got.gates.kernel, random.gates.kernel)
+  # Adam's moments and count start at zero, as for a new run.
+  fresh = optimizer.init(state.params)
+  for a, b in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(fresh), strict=True):
+    np.testing.assert_array_equal(a, b)
+  assert int(state.step) == 0
+  if ema_decay is None:
+    assert state.ema_params is None
+  else:
+    for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(state.params), strict=True):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_the_first_evaluation_of_a_fine_tune_at_rate_zero_is_the_sources(source_run, tmp_path):
+  # Adam with a zero learning rate leaves the weights alone: the fine-tuned
+  # run must then score exactly what the source model scores.
+  config = config_lib.Config(
+    **{**SMALL, "init_from": str(source_run), "learning_rate": 1e-30, "steps": 1, "eval_every": 1}
+  )
+  tuned = loop.train_and_evaluate(config, tmp_path / "tuned", progress=False)
+  best = checkpoints.chosen_step(source_run / "checkpoints")
+  source_best = [
+    r["accuracy"]
+    for r in map(json.loads, (source_run / "metrics.jsonl").read_text().splitlines())
+    if r.get("split") == "valid" and r["step"] == int(best.name)
+  ]
+  assert tuned["valid"]["accuracy"] == pytest.approx(source_best[0], abs=1e-9)
+
+
+@pytest.mark.parametrize(
+  ("change", "named"),
+  [
+    ({"num_units": 6}, "num_units: 8 there, 6 here"),
+    ({"cell": "reset_after"}, "cell: 'tf1' there, 'reset_after' here"),
+    ({"activation": "relu"}, "activation: 'tanh' there, 'relu' here"),
+    ({"standardize": True}, "standardize: False there, True here"),
+    ({"order": "pixel"}, "input size (order): 'row' there, 'pixel' here"),
+  ],
+)
+def test_a_model_of_another_shape_or_scaling_is_refused_naming_the_field(
+  source_run, tmp_path, change, named
+):
+  config = config_lib.Config(**{**SMALL, "init_from": str(source_run), **change})
+  with pytest.raises(ValueError, match="init_from=") as error:
+    _fresh_state(config, tmp_path)
+  assert named in str(error.value)
+  assert "--num-units" in str(error.value)  # the fix
+
+
+def test_a_missing_model_fails_before_the_data_is_read_or_the_workdir_made(tmp_path, monkeypatch):
+  def no_data(config, split):
+    raise AssertionError("the data was read before the model was checked")
+
+  monkeypatch.setattr(loop, "_load_split", no_data)
+  config = config_lib.Config(**{**SMALL, "init_from": str(tmp_path / "no-such-run")})
+  with pytest.raises(FileNotFoundError, match="no-such-run"):
+    loop.train_and_evaluate(config, tmp_path / "run", progress=False)
+  assert not (tmp_path / "run").exists()
+  with pytest.raises(FileNotFoundError, match="no pretrained weights named 'nope'"):
+    loop.train_and_evaluate(config.replace(init_from="pretrained:nope"), tmp_path / "run")
+
+
+def test_a_relative_init_from_is_recorded_as_an_absolute_path(source_run, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  config = config_lib.Config(**{**SMALL, "init_from": "source", "steps": 1})
+  loop.train_and_evaluate(config, tmp_path / "tuned", progress=False)
+  recorded = json.loads((tmp_path / "tuned" / "config.json").read_text())["init_from"]
+  assert recorded == str(source_run.resolve())
+
+
+def test_resume_of_a_fine_tune_is_bit_exact_and_does_not_reload_the_model(source_run, tmp_path):
+  config = config_lib.Config(
+    **{**SMALL, "init_from": str(source_run), "steps": 8, "checkpoint_every": 4, "max_shift": 1}
+  )
+  straight = loop.train_and_evaluate(config, tmp_path / "straight", progress=False)
+  loop.train_and_evaluate(config.replace(steps=4), tmp_path / "resumed", progress=False)
+  resumed = loop.train_and_evaluate(config, tmp_path / "resumed", progress=False)
+  assert straight["valid"] == resumed["valid"]
+
+  def latest(workdir):
+    manager = checkpoints.RunCheckpoints(workdir / "checkpoints", read_only=True)
+    try:
+      return manager.restore(manager.latest_step())[0]
+    finally:
+      manager.close()
+
+  for a, b in zip(
+    jax.tree.leaves(latest(tmp_path / "straight")),
+    jax.tree.leaves(latest(tmp_path / "resumed")),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(a, b)
