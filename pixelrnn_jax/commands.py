@@ -176,14 +176,28 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def parse_thresholds(text: str) -> tuple[float, ...]:
-  try:
-    values = tuple(float(v) for v in text.split(",") if v.strip())
-  except ValueError as error:
-    raise ValueError(f"--early-exit {text!r}: expected numbers like 0.9,0.99") from error
-  bad = [v for v in values if not 0 < v <= 1]
-  if not values or bad:
-    raise ValueError(f"--early-exit {text!r}: thresholds must be probabilities in (0, 1]")
-  return values
+  """``--early-exit 0.9,0.99``: the thresholds, in order.
+
+  Raises:
+    ValueError: naming the flag's text and the first element that is empty, not a
+      number, or not a probability in (0, 1].
+  """
+  values = []
+  for position, part in enumerate(text.split(","), start=1):
+    try:
+      value = float(part)
+    except ValueError:
+      what = "is empty" if not part.strip() else f"{part.strip()!r} is not a number"
+      raise ValueError(
+        f"--early-exit {text!r}: element {position} {what}; expected numbers like 0.9,0.99"
+      ) from None
+    if not 0 < value <= 1:
+      raise ValueError(
+        f"--early-exit {text!r}: element {position} ({part.strip()}) must be a probability"
+        " in (0, 1]"
+      )
+    values.append(value)
+  return tuple(values)
 
 
 def predict(args: argparse.Namespace) -> int:

@@ -7,8 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pixelrnn_jax import cli
+from pixelrnn_jax import commands
 from pixelrnn_jax import diagnostics
 from pixelrnn_jax import gru_classifier
 from pixelrnn_jax import images as images_lib
@@ -221,7 +224,7 @@ def test_evaluate_early_exit_flag(run_dir, monkeypatch, capsys):
   assert [r["threshold"] for r in rows] == [0.5, 0.9, 1.0]
   assert rows[0]["mean_steps"] <= rows[1]["mean_steps"] <= rows[2]["mean_steps"] <= 28
   assert cli.main(["evaluate", "--checkpoint", str(workdir), "--early-exit", "2"]) == 2
-  assert "thresholds must be probabilities" in capsys.readouterr().err
+  assert "must be a probability in (0, 1]" in capsys.readouterr().err
 
 
 def test_plot_command_writes_valid_pngs(run_dir, monkeypatch, tmp_path, capsys):
@@ -268,3 +271,25 @@ def test_plot_early_exit_compares_models(run_dir, monkeypatch, tmp_path, capsys)
   assert "--early-exit needs --out DIR" in capsys.readouterr().err
   assert cli.main(["plot"]) == 2
   assert "plot needs RUN_DIR" in capsys.readouterr().err
+
+
+_PROBABILITIES = st.lists(
+  st.floats(min_value=0, max_value=1, exclude_min=True), min_size=1, max_size=5
+)
+
+
+@given(_PROBABILITIES, st.sampled_from(["", " "]))
+def test_early_exit_thresholds_parse_in_order(values, space):
+  text = ",".join(f"{space}{v!r}" for v in values)
+  assert commands.parse_thresholds(text) == tuple(values)
+
+
+@given(_PROBABILITIES, st.data())
+def test_an_empty_or_bad_threshold_is_refused_naming_its_place(values, data):
+  parts = [repr(v) for v in values]
+  position = data.draw(st.integers(0, len(parts)))
+  bad = data.draw(st.sampled_from(["", " ", "x", "0", "1.5", "-0.2", "nan", "inf", "0.9 0.99"]))
+  parts.insert(position, bad)
+  text = ",".join(parts)
+  with pytest.raises(ValueError, match=f"--early-exit .*element {position + 1} "):
+    commands.parse_thresholds(text)

@@ -277,7 +277,8 @@ def test_forward_mode_through_the_default_core_equals_scan():
     (["--batch-size", "0"], "--batch-size 0: expected a positive integer"),
     (["--batch-size", "-5"], "--batch-size -5: expected a positive integer"),
     (["--devices", "0"], "--devices 0: expected a positive integer"),
-    (["--early-exit", "2"], "thresholds must be probabilities"),
+    (["--early-exit", "2"], "element 1 (2) must be a probability in (0, 1]"),
+    (["--early-exit", "0.9,,0.99"], "element 2 is empty"),
   ],
 )
 def test_evaluate_flags_are_validated(flags, match, capsys):
