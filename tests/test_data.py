@@ -453,7 +453,7 @@ def test_shifted_batches_resume_exactly():
     np.testing.assert_array_equal(next(resumed)[0], want[0])
 
 
-def test_train_passes_max_shift_to_the_batches(monkeypatch, tmp_path):
+def test_train_passes_the_augmentation_to_the_batches(monkeypatch, tmp_path):
   seen = {}
 
   class Spy(batches_lib.Batches):
@@ -472,18 +472,22 @@ def test_train_passes_max_shift_to_the_batches(monkeypatch, tmp_path):
     batch_size=16,
     steps=1,
     max_shift=2,
+    max_rotation=12.5,
+    max_scale=0.1,
     eval_every=1,
     checkpoint_every=1,
     log_every=1,
   )
   loop.train_and_evaluate(config, tmp_path, progress=False)
-  assert seen["max_shift"] == 2
+  assert (seen["max_shift"], seen["max_rotation"], seen["max_scale"]) == (2, 12.5, 0.1)
 
 
 @pytest.mark.parametrize(
   "kwargs, match",
   [
     (dict(batch_size=10, max_shift=14), r"max_shift=14"),
+    (dict(batch_size=10, max_rotation=181), r"max_rotation=181: expected degrees in \[0, 180\]"),
+    (dict(batch_size=10, max_scale=1.0), r"max_scale=1.0: expected a fraction in \[0, 1\)"),
     (
       dict(batch_size=9, num_devices=2),
       r"batch_size=9 does not divide across 2 device\(s\) x 1 process",

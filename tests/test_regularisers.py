@@ -6,6 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import skimage.transform
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 from pixelrnn_jax import checkpoints
@@ -193,6 +197,70 @@ def test_shifts_apply_to_the_image_before_the_psmnist_permutation():
       assert not np.array_equal(got, after)
 
 
+# ---------------------------------------------------------------- rotations and scales
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+  st.floats(-180, 180),
+  st.floats(-1, 0.5),
+  st.integers(0, 2**32 - 1),
+)
+def test_rotation_equals_scikit_image_at_any_angle(degrees, background, seed):
+  image = np.random.default_rng(seed).uniform(size=(28, 28))
+  want = skimage.transform.rotate(
+    image, degrees, order=1, mode="constant", cval=background, clip=False
+  )
+  got = batches_lib.rotate_and_scale(image, degrees, 1.0, background)
+  np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+def test_a_quarter_turn_is_numpys_counter_clockwise_rot90():
+  image = np.random.default_rng(0).uniform(size=(28, 28)).astype(np.float32)
+  np.testing.assert_array_equal(batches_lib.rotate_and_scale(image, 90, 1.0), np.rot90(image))
+  np.testing.assert_array_equal(batches_lib.rotate_and_scale(image, 0, 1.0), image)
+
+
+@settings(deadline=None, max_examples=25)
+@given(st.floats(0.6, 1.4), st.floats(-3, 3), st.floats(-3, 3))
+def test_scaling_moves_the_centre_of_mass_away_from_the_centre_by_the_factor(scale, dy, dx):
+  # A smooth blob centred at (13.5 + dy, 13.5 + dx) on a zero background.
+  rows, cols = np.mgrid[0:28, 0:28]
+  blob = np.exp(-((rows - 13.5 - dy) ** 2 + (cols - 13.5 - dx) ** 2) / (2 * 2.0**2))
+  got = batches_lib.rotate_and_scale(blob, 0.0, scale)
+  mass = got.sum()
+  centre = ((rows * got).sum() / mass - 13.5, (cols * got).sum() / mass - 13.5)
+  np.testing.assert_allclose(centre, (scale * dy, scale * dx), atol=0.04)
+  # Its area grows as the square of the factor.
+  assert mass / blob.sum() == pytest.approx(scale**2, rel=0.04)
+
+
+def test_batches_rotate_and_scale_each_image_by_its_recorded_draw_before_the_shift():
+  rng = np.random.default_rng(0)
+  images = rng.uniform(0.3, 1.0, (16, 28, 28)).astype(np.float32)
+  images[:, :4] = -0.4  # background: the smallest value
+  labels = np.arange(16, dtype=np.int32)
+  kwargs = dict(batch_size=8, key=jax.random.key(1), order="permuted", max_shift=1)
+  plain = batches_lib.Batches(images, labels, **kwargs)
+  warped = batches_lib.Batches(images, labels, max_rotation=20, max_scale=0.15, **kwargs)
+  draws = np.concatenate([warped.warps(0, 0), warped.warps(0, 1)])
+  shifts = warped.shifts(0, 0)
+  np.testing.assert_array_equal(shifts, plain.shifts(0, 0))  # a stream of their own
+  x, y = next(warped)
+  x, y = x.reshape(8, 784), y.reshape(8)
+  for got, label, (degrees, scale), (dy, dx) in zip(x, y, draws[:8], shifts):
+    want = batches_lib.rotate_and_scale(images[label], degrees, scale, images.min())
+    want = _shift(want, dy, dx, images.min())
+    np.testing.assert_array_equal(got, want.reshape(784)[preprocessing.permutation()])
+  assert np.abs(draws[:, 0]).max() <= 20 and np.abs(draws[:, 0]).max() > 10
+  assert np.all(np.abs(draws[:, 1] - 1) <= 0.15) and len(set(draws[:, 1])) == 16
+  # At zero rotation and scale, the batches are the unwarped ones, bit for bit.
+  same = batches_lib.Batches(images, labels, max_rotation=0.0, max_scale=0.0, **kwargs)
+  plain = batches_lib.Batches(images, labels, **kwargs)
+  for _ in range(3):
+    np.testing.assert_array_equal(next(same)[0], next(plain)[0])
+
+
 # ---------------------------------------------------------------- EMA
 
 
@@ -251,8 +319,10 @@ def test_every_regulariser_is_off_in_the_notebook_recipe():
     notebook.recurrent_dropout,
     notebook.weight_decay,
     notebook.max_shift,
+    notebook.max_rotation,
+    notebook.max_scale,
     notebook.ema_decay,
-  ) == (0.0, 0.0, 0, None)
+  ) == (0.0, 0.0, 0, 0.0, 0.0, None)
 
 
 def test_resume_is_bit_exact_with_every_regulariser_on(tmp_path, toy_data):
@@ -265,6 +335,8 @@ def test_resume_is_bit_exact_with_every_regulariser_on(tmp_path, toy_data):
       "recurrent_dropout": 0.3,
       "weight_decay": 0.05,
       "max_shift": 2,
+      "max_rotation": 10.0,
+      "max_scale": 0.1,
       "ema_decay": 0.9,
     }
   )

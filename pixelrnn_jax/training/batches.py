@@ -10,6 +10,42 @@ import numpy as np
 from pixelrnn_jax.preprocessing import check_order
 from pixelrnn_jax.preprocessing import to_sequences
 
+_WARP = 0x57415250  # "WARP": the stream of the rotations and scales, apart from the shifts'
+
+
+def rotate_and_scale(images: np.ndarray, degrees, scales, background: float = 0.0) -> np.ndarray:
+  """``images`` <float>[..., H, W] each rotated by its ``degrees`` (counter-clockwise
+  as displayed with row 0 on top) and scaled by its ``scales`` (arrays of the
+  leading shape, or scalars), about the centre ``((H - 1) / 2, (W - 1) / 2)``:
+  bilinear, with ``background`` outside the image. One SciPy
+  ``ndimage.map_coordinates`` call for the whole batch. Returns the same shape
+  and dtype.
+  """
+  from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
+
+  images = np.asarray(images)
+  lead, (height, width) = images.shape[:-2], images.shape[-2:]
+  flat = images.reshape(-1, height, width).astype(np.float64)
+  theta = np.deg2rad(np.broadcast_to(np.asarray(degrees, np.float64), lead).reshape(-1, 1, 1))
+  scale = np.broadcast_to(np.asarray(scales, np.float64), lead).reshape(-1, 1, 1)
+  # Output pixel o reads the input at centre + R(-theta) (o - centre) / scale, in
+  # (row, col) coordinates with rows pointing down, where a counter-clockwise turn
+  # on screen by theta is [[cos, -sin], [sin, cos]].
+  rows, cols = np.mgrid[0:height, 0:width].astype(np.float64)
+  dr, dc = rows - (height - 1) / 2, cols - (width - 1) / 2
+  cos, sin = np.cos(theta), np.sin(theta)
+  source_rows = (height - 1) / 2 + (cos * dr + sin * dc) / scale
+  source_cols = (width - 1) / 2 + (-sin * dr + cos * dc) / scale
+  index = np.broadcast_to(np.arange(len(flat), dtype=np.float64).reshape(-1, 1, 1), flat.shape)
+  out = ndimage.map_coordinates(
+    flat,
+    [index, source_rows, source_cols],
+    order=1,
+    mode="grid-constant",  # the image padded with the background, then interpolated
+    cval=float(background),
+  )
+  return out.reshape(images.shape).astype(images.dtype)
+
 
 class Batches(Iterator):
   """Shuffled batches for a pmapped step, resumable from (epoch, index).
@@ -27,6 +63,14 @@ class Batches(Iterator):
   ``[-max_shift, max_shift]``, filling with the background (the smallest
   pixel value of ``images``); the shifts come from ``(key, epoch, index)``, so
   a resumed run draws the same ones.
+
+  ``max_rotation > 0`` or ``max_scale > 0`` first rotates each image by a
+  random angle in ``[-max_rotation, max_rotation]`` degrees (counter-clockwise
+  positive) and scales it by a random factor in ``[1 - max_scale, 1 +
+  max_scale]``, both about the image centre, with bilinear interpolation and
+  the background outside (:func:`rotate_and_scale`); the draws come from their
+  own stream of ``(key, epoch, index)``, so adding them leaves the shifts as
+  they were.
   """
 
   def __init__(
@@ -41,12 +85,18 @@ class Batches(Iterator):
     num_processes: int = 1,
     process_index: int = 0,
     max_shift: int = 0,
+    max_rotation: float = 0.0,
+    max_scale: float = 0.0,
     epoch: int = 0,
     index: int = 0,
   ):
     check_order(order)
     if not 0 <= max_shift < 14:
       raise ValueError(f"max_shift={max_shift}: expected an integer in [0, 13]")
+    if not 0 <= max_rotation <= 180:
+      raise ValueError(f"max_rotation={max_rotation}: expected degrees in [0, 180]")
+    if not 0 <= max_scale < 1:
+      raise ValueError(f"max_scale={max_scale}: expected a fraction in [0, 1)")
     if batch_size < 1 or num_devices < 1 or num_processes < 1:
       raise ValueError(
         f"batch_size={batch_size}, num_devices={num_devices},"
@@ -79,8 +129,9 @@ class Batches(Iterator):
         f" {self.batches_per_epoch} batches"
       )
     self.epoch, self.index = epoch, index
-    self.max_shift = max_shift
-    self._background = images.min() if max_shift else None
+    self.max_shift, self.max_rotation, self.max_scale = max_shift, max_rotation, max_scale
+    self._warps = bool(max_rotation or max_scale)
+    self._background = images.min() if max_shift or self._warps else None
     self._order_of_epoch = None
 
   @property
@@ -98,6 +149,14 @@ class Batches(Iterator):
     )
     rng = np.random.default_rng(seed.astype(np.uint32).ravel())
     return rng.integers(-self.max_shift, self.max_shift + 1, size=(self.batch_size, 2))
+
+  def warps(self, epoch: int, index: int) -> np.ndarray:
+    """The ``<float64>[batch_size, 2]`` (angle in degrees, scale) of batch ``index`` of ``epoch``."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(self.key, epoch), index), _WARP)
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).astype(np.uint32).ravel())
+    angles = rng.uniform(-self.max_rotation, self.max_rotation, self.batch_size)
+    scales = rng.uniform(1 - self.max_scale, 1 + self.max_scale, self.batch_size)
+    return np.stack([angles, scales], axis=1)
 
   def _shifted(self, images: np.ndarray) -> np.ndarray:
     """``images`` (this process's slice of the batch) shifted by their share of the shifts."""
@@ -118,6 +177,10 @@ class Batches(Iterator):
     start = self.index * self.batch_size + self.local_start
     chosen = self._order_of_epoch[1][start : start + self.local_batch_size]
     images = self.images[chosen]
+    if self._warps:
+      warps = self.warps(self.epoch, self.index)
+      warps = warps[self.local_start : self.local_start + self.local_batch_size]
+      images = rotate_and_scale(images, warps[:, 0], warps[:, 1], self._background)
     if self.max_shift:
       images = self._shifted(images)
     x = to_sequences(images, self.order)

@@ -114,6 +114,21 @@ class Config:
     low=0,
     high=13,
   )
+  max_rotation: float = knob(
+    0.0,
+    "rotate each training image by a random angle in [-N, N] degrees about its centre"
+    " (bilinear, background-filled), before shifts and the order's permutation; 0 = off",
+    low=0,
+    high=180,
+  )
+  max_scale: float = knob(
+    0.0,
+    "scale each training image by a random factor in [1 - N, 1 + N] about its centre,"
+    " with the rotation; 0 = off",
+    low=0,
+    high=1,
+    high_open=True,
+  )
 
   # --- optimisation
   steps: int = knob(

@@ -231,6 +231,8 @@ def _train(
     order=config.order,
     num_devices=config.devices,
     max_shift=config.max_shift,
+    max_rotation=config.max_rotation,
+    max_scale=config.max_scale,
     num_processes=config.num_processes,
     process_index=config.process_id,
     epoch=position[0],
