@@ -25,9 +25,10 @@ def source_run(tmp_path, toy_data):
 
 def _fresh_state(config, tmp_path):
   optimizer = step_lib.make_optimizer(config)
-  manager = checkpoints.RunCheckpoints(tmp_path / "empty" / "checkpoints", keep=2)
+  workdir = tmp_path / "empty"
+  manager = checkpoints.RunCheckpoints(workdir / "checkpoints", keep=2)
   try:
-    return run_dir.init_or_restore(config, optimizer, manager)[0], optimizer
+    return run_dir.init_or_restore(config, optimizer, manager, workdir)[0], optimizer
   finally:
     manager.close()
 
@@ -55,6 +56,15 @@ def test_a_fine_tuned_run_starts_from_the_models_weights_with_a_fresh_optimiser(
   for a, b in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(fresh), strict=True):
     np.testing.assert_array_equal(a, b)
   assert int(state.step) == 0
+  # metrics.jsonl says where the weights came from, with a digest of them.
+  (record,) = map(json.loads, (tmp_path / "empty" / "metrics.jsonl").read_text().splitlines())
+  assert record == {
+    "event": "init_from",
+    "source": str(checkpoints.chosen_step(source_run / "checkpoints")),
+    "step": saved.step,
+    "params_sha256": checkpoints.state_digest(saved.arrays),
+  }
+  assert run_dir.read_metrics(tmp_path / "empty") == ([], [])
   if ema_decay is None:
     assert state.ema_params is None
   else:

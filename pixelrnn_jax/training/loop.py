@@ -222,7 +222,9 @@ def _train(
 
   optimizer = step_lib.make_optimizer(config)
   manager = checkpoints.RunCheckpoints(workdir / run_dir.CHECKPOINTS, keep=config.keep_checkpoints)
-  state, position, data_key, best = run_dir.init_or_restore(config, optimizer, manager)
+  state, position, data_key, best = run_dir.init_or_restore(
+    config, optimizer, manager, workdir if primary else None
+  )
   batches = batches_lib.Batches(
     train_x,
     train_y,

@@ -133,8 +133,17 @@ def checkpoint_contents(
   return state_dict, meta
 
 
-def init_or_restore(config: config_lib.Config, optimizer, manager: checkpoints.RunCheckpoints):
+def init_or_restore(
+  config: config_lib.Config,
+  optimizer,
+  manager: checkpoints.RunCheckpoints,
+  workdir: Path | None = None,
+):
   """A fresh (state, data position, data key, best valid accuracy), or the newest checkpoint's.
+
+  A fresh run with ``config.init_from`` starts from that model's weights
+  (:func:`warm_start`); with ``workdir`` (process 0's), ``metrics.jsonl`` records
+  which: ``{"event": "init_from", "source", "step", "params_sha256"}``.
 
   Raises:
     CheckpointError: the run has checkpoints but none is readable.
@@ -145,7 +154,9 @@ def init_or_restore(config: config_lib.Config, optimizer, manager: checkpoints.R
   restored = manager.restore_latest()
   if restored is None:
     if config.init_from is not None:
-      state = warm_start(config, state, optimizer)
+      state, record = warm_start(config, state, optimizer)
+      if workdir is not None:
+        append_metrics(workdir, record)
     return state, position, data_key, best
   step, state_dict, meta = restored
   where = manager.path(step)
@@ -166,7 +177,8 @@ MODEL_FIELDS = ("num_units", "cell", "activation", "standardize")
 
 
 def warm_start(config: config_lib.Config, state: step_lib.TrainState, optimizer):
-  """``state`` with the weights of the model ``config.init_from`` names (fine-tuning).
+  """``state`` with the weights of the model ``config.init_from`` names (fine-tuning),
+  and the ``metrics.jsonl`` record of where they came from.
 
   The model's params as it was trained (a run with an EMA gives its EMA, as
   ``model_io.read`` does) replace the random init; the optimiser state is a
@@ -201,12 +213,24 @@ def warm_start(config: config_lib.Config, state: step_lib.TrainState, optimizer)
   if wrong:
     raise CheckpointError(f"{saved.path}: weights of shapes {wrong} (expected, found)")
   params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
-  log.info("fine-tuning from %s (step %d of its run)", saved.path, saved.step)
-  return state._replace(
+  record = {
+    "event": "init_from",
+    "source": saved.path,
+    "step": saved.step,
+    "params_sha256": checkpoints.state_digest(serialization.to_state_dict(params)),
+  }
+  log.info(
+    "fine-tuning from %s (step %d of its run; params SHA-256 %s)",
+    saved.path,
+    saved.step,
+    record["params_sha256"],
+  )
+  state = state._replace(
     params=params,
     opt_state=optimizer.init(params),
     ema_params=None if state.ema_params is None else params,
   )
+  return state, record
 
 
 def prepare(workdir: Path, config: config_lib.Config, *, is_primary: bool = True) -> None:
