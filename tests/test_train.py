@@ -177,6 +177,32 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, toy_data, devices):
   assert straight["valid"] == resumed["valid"]
 
 
+def test_the_final_evaluation_reuses_the_last_steps_and_runs_when_there_is_none(
+  tmp_path, toy_data, monkeypatch
+):
+  calls = []
+  real = inference.evaluate
+
+  def counted(*args, **kwargs):
+    calls.append(1)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(loop.inference, "evaluate", counted)
+  config = config_lib.Config(**SMALL)  # 6 steps, evaluated at 3 and 6
+  summary = loop.train_and_evaluate(config, tmp_path / "a", progress=False)
+  assert len(calls) == 2
+  valid = [
+    r
+    for r in map(json.loads, (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
+    if r.get("split") == "valid"
+  ]
+  assert summary["valid"]["accuracy"] == valid[-1]["accuracy"]
+  # A finished run trains nothing, and is evaluated once.
+  calls.clear()
+  again = loop.train_and_evaluate(config, tmp_path / "a", progress=False)
+  assert len(calls) == 1 and again["valid"] == summary["valid"]
+
+
 def test_run_directory_contents(tmp_path, toy_data):
   config = config_lib.Config(**SMALL)
   summary = loop.train_and_evaluate(config, tmp_path, progress=False)

@@ -269,6 +269,7 @@ def _train(
   window, window_start = [], time.perf_counter()
   run_start = time.perf_counter()
   saved_step = start_step if start_step in manager.steps() else None
+  last_eval: dict[int, dict] = {}  # {step: result} of the newest evaluation
 
   def save(valid_accuracy: float | None = None) -> None:
     nonlocal saved_step
@@ -335,6 +336,7 @@ def _train(
       if step % config.eval_every == 0 or step == config.steps:
         eval_start = time.perf_counter()
         result = evaluate()
+        last_eval = {step: result}
         if primary:
           run_dir.append_metrics(
             workdir,
@@ -364,7 +366,7 @@ def _train(
         )
         break
 
-  valid = evaluate()
+  valid = last_eval[step] if step in last_eval else evaluate()  # the same weights: not twice
   if summary["stopped"] is None and primary:
     run_dir.write_eval(workdir, {"step": step, "split": "valid", **valid})
   best_step = manager.best_step()
