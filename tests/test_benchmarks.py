@@ -67,3 +67,20 @@ def test_jpeg_digits_reports_accuracy_and_pass_through_per_quality(mnist_dir):
   rows = [re.fullmatch(pattern, line).groups() for line in out]
   assert [row[0] for row in rows] == ["none", "50"] and rows[0][2] == "30"
   assert all(90 <= float(row[1]) <= 100 for row in rows) and int(rows[1][2]) >= 27
+
+
+def test_robustness_scores_every_model_on_the_same_transformed_digits(mnist_dir):
+  """benchmarks/robustness.py on 40 digits: the identity row is the plain evaluation,
+  a half turn ruins it, and each model has its column."""
+  spec = importlib.util.spec_from_file_location("robustness", ROOT / "benchmarks" / "robustness.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  table = module.main(
+    ["--data-dir", mnist_dir, "--count", "40", "--degrees", "180", "--scales", "1.0"]
+    + ["--checkpoint", "pretrained:pixel", "--checkpoint", "pretrained:anytime"]
+  )
+  assert list(table) == ["as they are", "rotated +180 deg", "scaled x1"]
+  assert table["as they are"] == table["scaled x1"]  # scale 1 is the identity
+  for source in ("pretrained:pixel", "pretrained:anytime"):
+    assert table["as they are"][source] >= 0.9
+    assert table["rotated +180 deg"][source] < 0.6
