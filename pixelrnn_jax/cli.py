@@ -49,8 +49,13 @@ def _parse_optional_int(text: str) -> int | None:
   return None if text.lower() in ("none", "off") else int(text)
 
 
+def _parse_optional_str(text: str) -> str | None:
+  return None if text.lower() in ("none", "off") else text
+
+
 # argparse names the type in its error ("invalid int value: 'two'").
 _parse_optional_float.__name__, _parse_optional_int.__name__ = "float", "int"
+_parse_optional_str.__name__ = "str"
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -87,6 +92,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
       parser.add_argument(flag, type=_parse_optional_float, metavar="FLOAT|none", **common)
     elif optional and base is int:
       parser.add_argument(flag, type=_parse_optional_int, metavar="INT|none", **common)
+    elif optional and base is str:
+      metavar = f"{field.name.upper()}|none"
+      parser.add_argument(flag, type=_parse_optional_str, metavar=metavar, **common)
     else:
       parser.add_argument(flag, type=base, **common)
   parser.add_argument(

@@ -147,6 +147,10 @@ def read(source: str | os.PathLike) -> SavedModel:
   """
   path = resolve(source)
   found_card = None
+  if path.suffix.lower() == ".json" and path.with_suffix(".msgpack").is_file():
+    raise CheckpointError(
+      f"{path} is the card of {path.with_suffix('.msgpack')}, not weights: pass the .msgpack"
+    )
   try:
     if _is_step_dir(path):
       step, state, meta = checkpoints.read_step(path)

@@ -1,6 +1,7 @@
 """Fine-tuning (``Config.init_from``): a run that starts from a saved model's weights."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -61,7 +62,7 @@ def test_a_fine_tuned_run_starts_from_the_models_weights_with_a_fresh_optimiser(
   assert record == {
     "event": "init_from",
     "source": str(checkpoints.chosen_step(source_run / "checkpoints")),
-    "step": saved.step,
+    "source_step": saved.step,
     "params_sha256": checkpoints.state_digest(saved.arrays),
   }
   assert run_dir.read_metrics(tmp_path / "empty") == ([], [])
@@ -91,21 +92,50 @@ def test_the_first_evaluation_of_a_fine_tune_at_rate_zero_is_the_sources(source_
 @pytest.mark.parametrize(
   ("change", "named"),
   [
-    ({"num_units": 6}, "num_units: 8 there, 6 here"),
-    ({"cell": "reset_after"}, "cell: 'tf1' there, 'reset_after' here"),
-    ({"activation": "relu"}, "activation: 'tanh' there, 'relu' here"),
-    ({"standardize": True}, "standardize: False there, True here"),
-    ({"order": "pixel"}, "input size (order): 'row' there, 'pixel' here"),
+    ({"num_units": 6}, "--num-units 8 there, --num-units 6 here"),
+    ({"cell": "reset_after"}, "--cell tf1 there, --cell reset_after here"),
+    ({"activation": "relu"}, "--activation tanh there, --activation relu here"),
+    ({"standardize": True}, "--no-standardize there, --standardize here"),
+    ({"order": "pixel"}, "--order row there, --order pixel here"),
   ],
 )
-def test_a_model_of_another_shape_or_scaling_is_refused_naming_the_field(
+def test_a_model_of_another_shape_or_scaling_is_refused_naming_the_flag(
   source_run, tmp_path, change, named
 ):
   config = config_lib.Config(**{**SMALL, "init_from": str(source_run), **change})
-  with pytest.raises(ValueError, match="init_from=") as error:
+  with pytest.raises(ValueError, match="--init-from ") as error:
     _fresh_state(config, tmp_path)
   assert named in str(error.value)
-  assert "--num-units" in str(error.value)  # the fix
+  assert "or without --init-from" in str(error.value)  # the fix
+  # ... and before the data are read, leaving no run directory behind.
+  with pytest.raises(ValueError, match=named.replace("-", r"\-")):
+    loop.train_and_evaluate(config, tmp_path / "refused", progress=False)
+  assert not (tmp_path / "refused").exists()
+
+
+def test_an_unfit_shipped_model_names_the_recipe_that_has_its_model():
+  config = config_lib.Config(init_from="pretrained:pixel")  # the notebook: not standardised
+  with pytest.raises(ValueError, match="--standardize there, --no-standardize here") as error:
+    run_dir.read_init_model(config)
+  assert "(--recipe tuned has its model)" in str(error.value)
+  assert run_dir.read_init_model(config_lib.RECIPES["tuned"].replace(init_from="pretrained:pixel"))
+
+
+def test_the_card_of_a_weights_file_is_refused_naming_the_weights(tmp_path):
+  card = tmp_path / "model.json"
+  (tmp_path / "model.msgpack").write_bytes(b"weights")
+  card.write_text("{}")
+  config = config_lib.Config(**{**SMALL, "init_from": str(card)})
+  with pytest.raises(checkpoints.CheckpointError, match="is the card of .*model.msgpack"):
+    run_dir.read_init_model(config)
+
+
+def test_init_from_none_on_the_command_line_is_a_random_init():
+  from pixelrnn_jax import cli
+
+  for word in ("none", "None", "off"):
+    args = cli.build_parser().parse_args(["train", "--init-from", word, "--workdir", "x"])
+    assert cli.config_from_flags(args).init_from is None
 
 
 def test_a_missing_model_fails_before_the_data_is_read_or_the_workdir_made(tmp_path, monkeypatch):
@@ -131,12 +161,19 @@ def test_a_relative_init_from_is_recorded_as_an_absolute_path(source_run, tmp_pa
 
 def test_resume_of_a_fine_tune_is_bit_exact_and_does_not_reload_the_model(source_run, tmp_path):
   config = config_lib.Config(
-    **{**SMALL, "init_from": str(source_run), "steps": 8, "checkpoint_every": 4, "max_shift": 1}
+    **{**SMALL, "init_from": str(source_run), "steps": 8, "checkpoint_every": 2, "max_shift": 1}
   )
   straight = loop.train_and_evaluate(config, tmp_path / "straight", progress=False)
-  loop.train_and_evaluate(config.replace(steps=4), tmp_path / "resumed", progress=False)
+  loop.train_and_evaluate(config.replace(steps=2), tmp_path / "resumed", progress=False)
   resumed = loop.train_and_evaluate(config, tmp_path / "resumed", progress=False)
   assert straight["valid"] == resumed["valid"]
+  # The record of the starting weights survives the resume.
+  assert run_dir.init_from_record(tmp_path / "resumed") == run_dir.init_from_record(
+    tmp_path / "straight"
+  )
+  # (the source's step is past the resume's: a record keyed "step" was dropped with
+  # the records after the resumed step)
+  assert run_dir.init_from_record(tmp_path / "resumed")["source_step"] > 2
 
   def latest(workdir):
     manager = checkpoints.RunCheckpoints(workdir / "checkpoints", read_only=True)
@@ -151,3 +188,34 @@ def test_resume_of_a_fine_tune_is_bit_exact_and_does_not_reload_the_model(source
     strict=True,
   ):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_fine_tune_resumes_after_its_source_is_gone(source_run, tmp_path):
+  config = config_lib.Config(**{**SMALL, "init_from": str(source_run), "steps": 4})
+  loop.train_and_evaluate(config, tmp_path / "tuned", progress=False)
+  shutil.rmtree(source_run)
+  resumed = loop.train_and_evaluate(config.replace(steps=6), tmp_path / "tuned", progress=False)
+  assert resumed["step"] == 6
+  # A fresh start still needs it.
+  with pytest.raises(FileNotFoundError, match="--init-from: .*no such weights file"):
+    loop.train_and_evaluate(config, tmp_path / "fresh", progress=False)
+
+
+def test_the_export_card_of_a_fine_tuned_run_says_what_it_started_from(
+  source_run, tmp_path, monkeypatch
+):
+  from pixelrnn_jax.training import export as export_lib
+  from tests.helpers import synthetic_digits
+
+  monkeypatch.setattr(
+    export_lib.data, "load_mnist", lambda split, **kwargs: synthetic_digits(40, 1)
+  )
+  config = config_lib.Config(**{**SMALL, "init_from": str(source_run), "steps": 2})
+  loop.train_and_evaluate(config, tmp_path / "tuned", progress=False)
+  card = export_lib.export(tmp_path / "tuned", tmp_path / "tuned.msgpack", early_exit=False)
+  assert card["source"]["init_from"] == run_dir.init_from_record(tmp_path / "tuned")
+  assert card["source"]["init_from"]["source"] == str(
+    checkpoints.chosen_step(source_run / "checkpoints")
+  )
+  plain = export_lib.export(source_run, tmp_path / "source.msgpack", early_exit=False)
+  assert "init_from" not in plain["source"]

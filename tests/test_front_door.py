@@ -285,7 +285,7 @@ def test_train_with_only_the_workdir_resumes_the_run_as_it_was(tmp_path, toy_dat
   assert [r["step"] for r in records if r.get("split") == "valid"] == [2, 4, 6]
   capsys.readouterr()
   assert cli.main([*workdir, "--units", "16", "--steps", "8"]) == 2
-  assert "different config (num_units: 8 -> 16)" in capsys.readouterr().err
+  assert "different config (--num-units: 8 -> 16)" in capsys.readouterr().err
   saved["process_id"] = 0  # as process 0 of a multi-process run writes it
   (tmp_path / "config.json").write_text(json.dumps(saved))
   args = cli.build_parser().parse_args(workdir)

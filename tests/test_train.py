@@ -323,7 +323,7 @@ def test_non_finite_loss_stops_keeping_the_last_good_checkpoint(tmp_path, monkey
 
 def test_resume_with_a_different_config_is_refused(tmp_path, toy_data):
   loop.train_and_evaluate(config_lib.Config(**SMALL), tmp_path, progress=False)
-  with pytest.raises(ValueError, match=r"different config \(num_units: 8 -> 16\)"):
+  with pytest.raises(ValueError, match=r"different config \(--num-units: 8 -> 16\)"):
     loop.train_and_evaluate(
       config_lib.Config(**{**SMALL, "num_units": 16}), tmp_path, progress=False
     )
@@ -384,7 +384,7 @@ def test_a_run_from_before_a_new_config_field_still_resumes(tmp_path, toy_data):
   del saved["weight_decay"], saved["max_shift"]  # fields added later, at their defaults
   (tmp_path / "config.json").write_text(json.dumps(saved))
   assert loop.train_and_evaluate(config.replace(steps=8), tmp_path, progress=False)["step"] == 8
-  with pytest.raises(ValueError, match=r"different config \(max_shift: 0 -> 1\)"):
+  with pytest.raises(ValueError, match=r"different config \(--max-shift: 0 -> 1\)"):
     loop.train_and_evaluate(config.replace(steps=10, max_shift=1), tmp_path, progress=False)
 
 

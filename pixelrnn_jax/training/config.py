@@ -82,9 +82,10 @@ class Config:
   )
   init_from: str | None = knob(
     None,
-    "fine-tune: start from the weights of this model (run directory, weights file or"
-    " pretrained:NAME; same width, cell, activation, input size and standardize) with a"
-    " fresh optimiser and EMA; None = random init (the notebook)",
+    "fine-tune: start from the weights of this model (a run directory, step directory,"
+    " weights file or pretrained:NAME of the same --num-units, --cell, --activation,"
+    " --standardize, and --order row or not) with a fresh optimiser and EMA; read once,"
+    " at the start (a resume reads its checkpoint); None = random init (the notebook)",
   )
   impl: Impl = knob(
     "fused",
@@ -124,7 +125,7 @@ class Config:
   max_scale: float = knob(
     0.0,
     "scale each training image by a random factor in [1 - N, 1 + N] about its centre,"
-    " with the rotation; 0 = off",
+    " with the rotation; N in [0, 1); 0 = off",
     low=0,
     high=1,
     high_open=True,

@@ -73,6 +73,19 @@ def _is_card(path: Path) -> bool:
   return isinstance(record, dict) and {"sha256", "source", "config"} <= set(record)
 
 
+def _provenance(saved: model_io.SavedModel) -> dict:
+  """The checkpoint and step; for a fine-tuned run, also what it started from
+  (its ``metrics.jsonl`` record: source, source step, params SHA-256)."""
+  provenance = {"checkpoint": saved.path, "step": saved.step}
+  path = Path(saved.path)
+  started = (
+    run_dir.init_from_record(path.parent.parent) if path.parent.name == "checkpoints" else None
+  )
+  if started is not None:
+    provenance["init_from"] = started
+  return provenance
+
+
 def export(
   source: str | os.PathLike,
   out: str | os.PathLike,
@@ -144,7 +157,7 @@ def export(
     "name": out.stem,
     "sha256": hashlib.sha256(weights_partial.read_bytes()).hexdigest(),
     # Re-exporting exported weights (to add an early-exit rule) keeps their provenance.
-    "source": source_card.get("source", {"checkpoint": saved.path, "step": saved.step}),
+    "source": source_card.get("source", _provenance(saved)),
     "config": json.loads(config.to_json()),
     "valid_accuracy": full["accuracy"],
     "valid_loss": full["loss"],

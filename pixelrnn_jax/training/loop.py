@@ -167,9 +167,10 @@ def train_and_evaluate(
   if config.data_dir is not None:
     config = config.replace(data_dir=str(Path(config.data_dir).resolve()))
   if config.init_from is not None:
-    model_io.resolve(config.init_from)  # a missing model is one line now, not after loading
-    if not config.init_from.startswith(model_io.PREFIX):
+    if not config.init_from.startswith(model_io.PREFIX) and config.init_from.strip():
       config = config.replace(init_from=str(Path(config.init_from).resolve()))
+    if run_dir.latest_step(Path(workdir)) is None:  # a fresh start reads it; a resume does not
+      run_dir.read_init_model(config)  # a missing or unfit model: one line, before the data
   # What this process can check alone comes before joining the others: a bad
   # path or missing data is one line at once, not a wait for the peers.
   absolute = Path(workdir).absolute()

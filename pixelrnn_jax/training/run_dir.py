@@ -176,47 +176,83 @@ def init_or_restore(
 MODEL_FIELDS = ("num_units", "cell", "activation", "standardize")
 
 
+def _flag(name: str, value) -> str:
+  """``--num-units 64``, ``--standardize`` / ``--no-standardize``: a field as its flag."""
+  flag = "--" + name.replace("_", "-")
+  if isinstance(value, bool):
+    return flag if value else f"--no-{flag[2:]}"
+  return f"{flag} {value}"
+
+
+def read_init_model(config: config_lib.Config) -> model_io.SavedModel:
+  """The model ``config.init_from`` names, checked to fit ``config`` (fine-tuning).
+
+  Raises:
+    FileNotFoundError, CheckpointError: nothing loadable there, naming ``--init-from``.
+    ValueError: a model of another width, cell, activation, input scaling or
+      input size (``--order`` row against pixel / permuted), naming each
+      flag's value there and here, and a recipe of the same model if one is.
+  """
+  try:
+    saved = model_io.read(config.init_from)
+    source = saved_config(saved)
+  except FileNotFoundError as error:
+    raise FileNotFoundError(f"--init-from: {error}") from error
+  except CheckpointError as error:
+    raise CheckpointError(f"--init-from: {error}") from error
+  fits = lambda other: (
+    all(getattr(source, n) == getattr(other, n) for n in MODEL_FIELDS)
+    and (preprocessing.sequence_shape(source.order) == preprocessing.sequence_shape(other.order))
+  )
+  if fits(config):
+    if source.order != config.order:
+      log.warning(
+        "--init-from %s was trained on %s order and fine-tunes on %s: it starts from"
+        " another reading of the image",
+        config.init_from,
+        source.order,
+        config.order,
+      )
+    return saved
+  differ = [n for n in MODEL_FIELDS if getattr(source, n) != getattr(config, n)]
+  if preprocessing.sequence_shape(source.order) != preprocessing.sequence_shape(config.order):
+    differ.append("order")  # row (28 inputs a step) against pixel / permuted (1)
+  details = ", ".join(
+    f"{_flag(n, getattr(source, n))} there, {_flag(n, getattr(config, n))} here" for n in differ
+  )
+  recipes = [name for name, recipe in config_lib.RECIPES.items() if fits(recipe)]
+  hint = f" (--recipe {recipes[0]} has its model)" if recipes else ""
+  raise ValueError(
+    f"--init-from {config.init_from}: another model ({details}); train with the flags it"
+    f" was trained with{hint}, or without --init-from"
+  )
+
+
 def warm_start(config: config_lib.Config, state: step_lib.TrainState, optimizer):
   """``state`` with the weights of the model ``config.init_from`` names (fine-tuning),
-  and the ``metrics.jsonl`` record of where they came from.
+  and the ``metrics.jsonl`` record of where they came from:
+  ``{"event": "init_from", "source", "source_step", "params_sha256"}``.
 
   The model's params as it was trained (a run with an EMA gives its EMA, as
   ``model_io.read`` does) replace the random init; the optimiser state is a
   fresh ``optimizer.init`` and the EMA, if kept, starts at these weights.
 
   Raises:
-    FileNotFoundError, CheckpointError: nothing loadable at ``init_from``.
-    ValueError: a model of another width, cell, activation, input size or
-      input scaling, naming the field and both values.
+    as :func:`read_init_model`.
   """
-  saved = model_io.read(config.init_from)
-  source = saved_config(saved)
-  differ = [n for n in MODEL_FIELDS if getattr(source, n) != getattr(config, n)]
-  in_dims = (
-    preprocessing.sequence_shape(source.order)[1],
-    preprocessing.sequence_shape(config.order)[1],
-  )
-  details = [f"{n}: {getattr(source, n)!r} there, {getattr(config, n)!r} here" for n in differ]
-  if in_dims[0] != in_dims[1]:
-    details.append(f"input size (order): {source.order!r} there, {config.order!r} here")
-  if details:
-    raise ValueError(
-      f"init_from={config.init_from!r} ({saved.path}) is another model ({'; '.join(details)});"
-      " pass the same --num-units, --cell, --activation, --standardize and order as it was"
-      " trained with (its config.json), or train from a random init"
-    )
+  saved = read_init_model(config)
   params = serialization.from_state_dict(state.params, saved.arrays)
   shapes = jax.tree.map(lambda a, b: (np.shape(a), np.shape(b)), state.params, params)
   wrong = [
     v for v in jax.tree.leaves(shapes, is_leaf=lambda v: isinstance(v, tuple)) if v[0] != v[1]
   ]
   if wrong:
-    raise CheckpointError(f"{saved.path}: weights of shapes {wrong} (expected, found)")
+    raise CheckpointError(f"--init-from {saved.path}: weights of shapes {wrong} (expected, found)")
   params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
   record = {
     "event": "init_from",
     "source": saved.path,
-    "step": saved.step,
+    "source_step": saved.step,
     "params_sha256": checkpoints.state_digest(serialization.to_state_dict(params)),
   }
   log.info(
@@ -255,7 +291,9 @@ def prepare(workdir: Path, config: config_lib.Config, *, is_primary: bool = True
       if name not in config_lib.RESUMABLE_CHANGES and previous.get(name) != current[name]
     )
     if changed:
-      details = ", ".join(f"{n}: {previous.get(n)!r} -> {current[n]!r}" for n in changed)
+      details = ", ".join(
+        f"--{n.replace('_', '-')}: {previous.get(n)!r} -> {current[n]!r}" for n in changed
+      )
       raise ValueError(
         f"{workdir} holds a run with a different config ({details}); resume"
         " with the same settings or choose a new --workdir"
@@ -326,6 +364,19 @@ def read_metrics(workdir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
     [line for line in lines if "split" not in line],
     [line for line in lines if line.get("split") == "valid"],
   )
+
+
+def init_from_record(workdir: str | os.PathLike) -> dict | None:
+  """What a fine-tuned run started from (``warm_start``'s record, without its
+  ``event`` key); None for a run from a random init or no run directory."""
+  path = Path(workdir) / METRICS
+  if not path.is_file():
+    return None
+  found = None
+  for line in path.read_text().splitlines():
+    if line.strip() and (record := json.loads(line)).get("event") == "init_from":
+      found = {k: v for k, v in record.items() if k != "event"}
+  return found
 
 
 def write_eval(workdir: Path, record: dict) -> None:
