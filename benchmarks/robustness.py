@@ -14,6 +14,7 @@ upright and as large as MNIST's; this measures how far from that a model holds.
 
 import argparse
 
+from pixelrnn_jax import commands
 from pixelrnn_jax import data
 from pixelrnn_jax import gru_classifier
 from pixelrnn_jax import inference
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
   )
   parser.add_argument("--devices", type=int, default=1)
   args = parser.parse_args(argv)
+  commands.use_cpu_devices(args.devices)  # host CPU devices, before JAX starts
   checkpoints = args.checkpoint or ["pretrained:pixel"]
   digits, labels = data.load_mnist("valid", data_dir=args.data_dir)
   digits, labels = digits[: args.count], labels[: args.count]

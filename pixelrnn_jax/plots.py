@@ -73,18 +73,29 @@ def learning_curves(run_dir: Path, out: Path) -> Path:
   plt = _pyplot()
   train_lines, valid_lines = run_dir_lib.read_metrics(run_dir)
   fig, (loss_ax, acc_ax, err_ax) = plt.subplots(1, 3, figsize=(16, 4))
-  loss_ax.plot([l["step"] for l in train_lines], [l["loss"] for l in train_lines])
+  losses = [l["loss"] for l in train_lines]
+  loss_ax.plot([l["step"] for l in train_lines], losses)
   objective, chance = loss_label(run_dir)
-  loss_ax.axhline(chance, color="grey", ls=":", label=f"{chance:.2f} (chance)")
-  loss_ax.set(xlabel="step", ylabel=f"training loss ({objective})", title="loss")
-  loss_ax.legend()
+  # A run that starts far below chance (a fine-tune) would be a flat line at 0 on
+  # the scale of chance: its losses get a log axis of their own instead.
+  fine = bool(losses) and max(losses) < chance / 4
+  if fine:
+    loss_ax.set_yscale("log")
+  else:
+    loss_ax.axhline(chance, color="grey", ls=":", label=f"{chance:.2f} (chance)")
+    loss_ax.legend()
+  loss_ax.set(
+    xlabel="step",
+    ylabel=f"training loss ({objective}{', log scale' if fine else ''})",
+    title="loss",
+  )
   acc_ax.plot(
     [l["step"] for l in train_lines], [l["accuracy"] for l in train_lines], label="train (batch)"
   )
   acc_ax.plot(
     [l["step"] for l in valid_lines], [l["accuracy"] for l in valid_lines], "o-", label="valid"
   )
-  acc_ax.set(xlabel="step", ylabel="accuracy", title="accuracy", ylim=(0, 1))
+  acc_ax.set(xlabel="step", ylabel="accuracy", title="accuracy", ylim=None if fine else (0, 1))
   acc_ax.legend()
   # Late progress (97.7% -> 98.1%) is invisible on a linear accuracy axis.
   errors = [100 * (1 - l["accuracy"]) for l in train_lines]

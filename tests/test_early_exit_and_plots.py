@@ -293,3 +293,25 @@ def test_an_empty_or_bad_threshold_is_refused_naming_its_place(values, data):
   text = ",".join(parts)
   with pytest.raises(ValueError, match=f"--early-exit .*element {position + 1} "):
     commands.parse_thresholds(text)
+
+
+@pytest.mark.parametrize(("first_loss", "log_scale"), [(2.3, False), (0.05, True)])
+def test_learning_curves_of_a_fine_tune_get_a_log_loss_axis(
+  tmp_path, monkeypatch, first_loss, log_scale
+):
+  from pixelrnn_jax import plots
+
+  lines = [
+    {"step": s, "loss": first_loss / (1 + s / 100), "accuracy": 0.98 + s / 1e5}
+    for s in (50, 100, 150, 200)
+  ]
+  lines.append({"step": 200, "split": "valid", "accuracy": 0.985, "loss": 0.05})
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+  figures = []
+  monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+  plots.learning_curves(tmp_path, tmp_path)
+  loss_ax, acc_ax, _ = figures[0].axes
+  assert (loss_ax.get_yscale() == "log") is log_scale
+  has_chance = any(line.get_label().endswith("(chance)") for line in loss_ax.get_lines())
+  assert has_chance is not log_scale
+  assert (acc_ax.get_ylim() == (0, 1)) is not log_scale
