@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     help="stop reading once the top probability reaches P (default: read every pixel)."
     " When the model's card records a per-step temperature (pretrained models, exports),"
     " P is compared with the calibrated probability; without one, models are"
-    " over-confident on partial digits (pretrained:pixel at P 0.99: 64.2%% valid accuracy"
+    " over-confident on partial digits (pretrained:pixel-v1 at P 0.99: 64.2%% valid accuracy"
     " uncalibrated, 98.40%% calibrated, reading 630 of 784 pixels; 98.80%% reading all)."
     " See --early",
   )
