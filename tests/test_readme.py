@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pixelrnn_jax import cli
+from pixelrnn_jax import model_io
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -104,5 +105,8 @@ def test_readme_python_example_runs(mnist_dir, monkeypatch):
   with contextlib.redirect_stdout(out):
     exec(compile(code, "README.md", "exec"), {})
   printed = out.getvalue().splitlines()
-  assert float(printed[0]) == pytest.approx(0.987, abs=1e-6)  # the comment's claim
+  claimed = re.search(r"labels\[:1000\]\)\)  # ([\d.]+), as recorded with the weights", code)
+  recorded = model_io.card("pixel")["valid_first_1000_accuracy"]
+  assert float(claimed.group(1)) == pytest.approx(recorded, abs=1e-6)  # the comment's claim
+  assert float(printed[0]) == pytest.approx(recorded, abs=1e-6)
   assert printed[-1].endswith("(65, 128)")
