@@ -16,6 +16,16 @@ MNIST_DIR = os.environ.get(
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+  """Drops JAX's compiled programs after each test module. Each one holds memory
+  mappings of its machine code; the whole suite in one process otherwise
+  approaches the kernel's limit on mappings (vm.max_map_count, 65,530), where
+  XLA's compiler dies with a segfault or an abort."""
+  yield
+  jax.clear_caches()
+
+
 @pytest.fixture
 def mnist_dir():
   """The real MNIST IDX files (../shared/mnist); skips the test when absent."""

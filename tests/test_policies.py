@@ -25,6 +25,8 @@ def _another_value(field: dataclasses.Field, value):
     return not value
   if field.name == "coordinator_address":
     return "10.0.0.9:1234"
+  if field.name == "init_from":
+    return "pretrained:pixel"
   if field.name in ("num_processes", "devices", "batch_size"):
     return 4 if field.name != "batch_size" else 1024
   if isinstance(value, int):

@@ -118,7 +118,9 @@ def test_an_uploaded_seven_is_read_as_seven_with_every_step(client):
   np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-4)
   assert probabilities[-1].argmax() == 7
   assert np.array(body["pixels"]).shape == (28, 28)
-  assert body["pixels_read"] == 784
+  # Every step's probabilities come back, wherever the card's early-exit rule stopped.
+  assert 1 <= body["pixels_read"] <= 784
+  assert probabilities[body["pixels_read"] - 1].argmax() == 7
   assert body["order"] == list(range(784))
 
 
