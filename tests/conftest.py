@@ -18,10 +18,13 @@ MNIST_DIR = os.environ.get(
 
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():
-  """Drops JAX's compiled programs after each test module. Each one holds memory
-  mappings of its machine code; the whole suite in one process otherwise
-  approaches the kernel's limit on mappings (vm.max_map_count, 65,530), where
-  XLA's compiler dies with a segfault or an abort."""
+  """Drops JAX's compiled programs after each test module.
+
+  Without it the whole suite, in one process, twice died inside XLA's compiler
+  (a segfault, then an abort) in test_train.py, which passes on its own. Each
+  compiled program keeps memory mappings of its machine code, and the
+  process's count reached 17,900 within test_train.py alone (limit:
+  vm.max_map_count, 65,530): the likely cause, not a proven one."""
   yield
   jax.clear_caches()
 
