@@ -144,16 +144,19 @@ class Batches(Iterator):
 
   def shifts(self, epoch: int, index: int) -> np.ndarray:
     """The ``<int>[batch_size, 2]`` (dy, dx) of batch ``index`` of ``epoch``."""
-    seed = np.asarray(
-      jax.random.key_data(jax.random.fold_in(jax.random.fold_in(self.key, epoch), index))
-    )
-    rng = np.random.default_rng(seed.astype(np.uint32).ravel())
+    rng = self._rng(epoch, index)
     return rng.integers(-self.max_shift, self.max_shift + 1, size=(self.batch_size, 2))
+
+  def _rng(self, epoch: int, index: int, stream: int | None = None) -> np.random.Generator:
+    """NumPy's generator of batch ``index`` of ``epoch`` (and of ``stream``, if given)."""
+    key = jax.random.fold_in(jax.random.fold_in(self.key, epoch), index)
+    if stream is not None:
+      key = jax.random.fold_in(key, stream)
+    return np.random.default_rng(np.asarray(jax.random.key_data(key)).astype(np.uint32).ravel())
 
   def warps(self, epoch: int, index: int) -> np.ndarray:
     """The ``<float64>[batch_size, 2]`` (angle in degrees, scale) of batch ``index`` of ``epoch``."""
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(self.key, epoch), index), _WARP)
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).astype(np.uint32).ravel())
+    rng = self._rng(epoch, index, _WARP)
     angles = rng.uniform(-self.max_rotation, self.max_rotation, self.batch_size)
     scales = rng.uniform(1 - self.max_scale, 1 + self.max_scale, self.batch_size)
     return np.stack([angles, scales], axis=1)

@@ -184,6 +184,15 @@ def _flag(name: str, value) -> str:
   return f"{flag} {value}"
 
 
+def _model_differences(source: config_lib.Config, other: config_lib.Config) -> list[str]:
+  """The model fields where ``other`` differs from ``source``; ``order`` only when the
+  input size differs (row against pixel / permuted)."""
+  differ = [n for n in MODEL_FIELDS if getattr(source, n) != getattr(other, n)]
+  if preprocessing.sequence_shape(source.order) != preprocessing.sequence_shape(other.order):
+    differ.append("order")
+  return differ
+
+
 def read_init_model(config: config_lib.Config) -> model_io.SavedModel:
   """The model ``config.init_from`` names, checked to fit ``config`` (fine-tuning).
 
@@ -200,11 +209,8 @@ def read_init_model(config: config_lib.Config) -> model_io.SavedModel:
     raise FileNotFoundError(f"--init-from: {error}") from error
   except CheckpointError as error:
     raise CheckpointError(f"--init-from: {error}") from error
-  fits = lambda other: (
-    all(getattr(source, n) == getattr(other, n) for n in MODEL_FIELDS)
-    and (preprocessing.sequence_shape(source.order) == preprocessing.sequence_shape(other.order))
-  )
-  if fits(config):
+  differ = _model_differences(source, config)
+  if not differ:
     if source.order != config.order:
       log.warning(
         "--init-from %s was trained on %s order and fine-tunes on %s: it starts from"
@@ -214,13 +220,10 @@ def read_init_model(config: config_lib.Config) -> model_io.SavedModel:
         config.order,
       )
     return saved
-  differ = [n for n in MODEL_FIELDS if getattr(source, n) != getattr(config, n)]
-  if preprocessing.sequence_shape(source.order) != preprocessing.sequence_shape(config.order):
-    differ.append("order")  # row (28 inputs a step) against pixel / permuted (1)
   details = ", ".join(
     f"{_flag(n, getattr(source, n))} there, {_flag(n, getattr(config, n))} here" for n in differ
   )
-  recipes = [name for name, recipe in config_lib.RECIPES.items() if fits(recipe)]
+  recipes = [n for n, r in config_lib.RECIPES.items() if not _model_differences(source, r)]
   hint = f" (--recipe {recipes[0]} has its model)" if recipes else ""
   raise ValueError(
     f"--init-from {config.init_from}: another model ({details}); train with the flags it"
