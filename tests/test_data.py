@@ -474,12 +474,15 @@ def test_train_passes_the_augmentation_to_the_batches(monkeypatch, tmp_path):
     max_shift=2,
     max_rotation=12.5,
     max_scale=0.1,
+    elastic_alpha=6.0,
+    elastic_sigma=3.0,
     eval_every=1,
     checkpoint_every=1,
     log_every=1,
   )
   loop.train_and_evaluate(config, tmp_path, progress=False)
   assert (seen["max_shift"], seen["max_rotation"], seen["max_scale"]) == (2, 12.5, 0.1)
+  assert (seen["elastic_alpha"], seen["elastic_sigma"]) == (6.0, 3.0)
 
 
 @pytest.mark.parametrize(
@@ -488,6 +491,9 @@ def test_train_passes_the_augmentation_to_the_batches(monkeypatch, tmp_path):
     (dict(batch_size=10, max_shift=14), r"max_shift=14"),
     (dict(batch_size=10, max_rotation=181), r"max_rotation=181: expected degrees in \[0, 180\]"),
     (dict(batch_size=10, max_scale=1.0), r"max_scale=1.0: expected a fraction in \[0, 1\)"),
+    (dict(batch_size=10, elastic_alpha=-1.0), r"elastic_alpha=-1.0: expected pixels >= 0"),
+    (dict(batch_size=10, elastic_alpha=float("nan")), r"elastic_alpha=nan: expected pixels"),
+    (dict(batch_size=10, elastic_sigma=0.0), r"elastic_sigma=0.0: expected pixels > 0"),
     (
       dict(batch_size=9, num_devices=2),
       r"batch_size=9 does not divide across 2 device\(s\) x 1 process",

@@ -315,7 +315,15 @@ def test_a_peer_that_dies_ends_the_others_and_the_run_resumes(tmp_path):
 def test_each_process_reads_its_slice_of_the_same_global_batch():
   images, labels = _synthetic(200, 3)
   key = jax.random.key(5)
-  kwargs = dict(batch_size=24, key=key, order="row", max_shift=2, max_rotation=15, max_scale=0.1)
+  kwargs = dict(
+    batch_size=24,
+    key=key,
+    order="row",
+    max_shift=2,
+    max_rotation=15,
+    max_scale=0.1,
+    elastic_alpha=9,
+  )
   whole = batches_lib.Batches(images, labels, num_devices=4, **kwargs)
   parts = [
     batches_lib.Batches(images, labels, num_devices=2, num_processes=2, process_index=i, **kwargs)

@@ -261,6 +261,79 @@ def test_batches_rotate_and_scale_each_image_by_its_recorded_draw_before_the_shi
     np.testing.assert_array_equal(next(same)[0], next(plain)[0])
 
 
+# ---------------------------------------------------------------- elastic distortions
+
+
+@settings(deadline=None, max_examples=25)
+@given(st.integers(-3, 3), st.integers(-3, 3), st.floats(-1, 0.5), st.integers(0, 2**32 - 1))
+def test_a_constant_whole_pixel_displacement_is_a_shift(dy, dx, background, seed):
+  # Output pixel o reads the input at o + d: the digit moves by -d.
+  image = np.random.default_rng(seed).uniform(size=(28, 28))
+  field = np.stack([np.full((28, 28), float(dy)), np.full((28, 28), float(dx))])
+  got = batches_lib.rotate_and_scale(image, 0.0, 1.0, background, field)
+  np.testing.assert_allclose(got, _shift(image, -dy, -dx, background), atol=1e-12)
+
+
+@settings(deadline=None, max_examples=10)
+@given(st.floats(-45, 45), st.floats(0.7, 1.3), st.integers(0, 2**32 - 1))
+def test_zero_displacements_leave_the_rotation_and_scaling_as_they_were(degrees, scale, seed):
+  images = np.random.default_rng(seed).uniform(size=(3, 28, 28)).astype(np.float32)
+  zeros = np.zeros((3, 2, 28, 28))
+  np.testing.assert_array_equal(
+    batches_lib.rotate_and_scale(images, degrees, scale, 0.0, zeros),
+    batches_lib.rotate_and_scale(images, degrees, scale, 0.0),
+  )
+  with pytest.raises(ValueError, match=r"displacements of shape \(2, 28, 28\): expected"):
+    batches_lib.rotate_and_scale(images, degrees, scale, 0.0, zeros[0])
+
+
+@pytest.mark.parametrize("alpha, sigma", [(34.0, 4.0), (8.0, 2.5), (1.0, 1.5)])
+def test_the_elastic_field_of_one_noise_impulse_is_a_gaussian_of_sigma_and_mass_alpha(alpha, sigma):
+  # Simard et al. (2003): the field is the noise convolved with a normalised
+  # Gaussian of standard deviation sigma, times alpha. One unit impulse in
+  # the middle of a large grid gives that Gaussian itself.
+  noise = np.zeros((2, 61, 61))
+  noise[0, 30, 30] = 1.0
+  field = batches_lib.elastic_displacements(noise, alpha, sigma)
+  assert np.all(field[1] == 0)  # the column field's noise was zero
+  rows = np.arange(61) - 30
+  assert field[0].sum() == pytest.approx(alpha, rel=1e-3)
+  for axis_profile in (field[0].sum(axis=1), field[0].sum(axis=0)):
+    assert (rows**2 * axis_profile).sum() / alpha == pytest.approx(sigma**2, rel=0.02)
+  # Rows and columns are smoothed alike, and each image's fields on their own.
+  assert np.allclose(field[0], field[0].T)
+  pair = batches_lib.elastic_displacements(np.stack([noise, 2 * noise]), alpha, sigma)
+  np.testing.assert_allclose(pair, np.stack([field, 2 * field]), atol=1e-12)
+
+
+def test_batches_apply_each_recorded_elastic_field_with_the_warp_then_the_shift():
+  rng = np.random.default_rng(0)
+  images = rng.uniform(0.3, 1.0, (16, 28, 28)).astype(np.float32)
+  images[:, :4] = -0.4  # background: the smallest value
+  labels = np.arange(16, dtype=np.int32)
+  kwargs = dict(batch_size=8, key=jax.random.key(1), order="permuted", max_shift=1)
+  warped = batches_lib.Batches(images, labels, max_rotation=20, max_scale=0.15, **kwargs)
+  elastic = batches_lib.Batches(
+    images, labels, max_rotation=20, max_scale=0.15, elastic_alpha=20, elastic_sigma=3, **kwargs
+  )
+  # Streams of their own: adding the distortion leaves the other draws as they were.
+  np.testing.assert_array_equal(elastic.warps(0, 0), warped.warps(0, 0))
+  np.testing.assert_array_equal(elastic.shifts(0, 0), warped.shifts(0, 0))
+  fields = elastic.displacements(0, 0)
+  assert fields.shape == (8, 2, 28, 28)
+  assert not np.allclose(fields, elastic.displacements(0, 1))
+  assert 0.3 < fields.std() < 5  # pixels: about alpha * sqrt(1/3 / (4 pi sigma^2)) = 1.1
+  x, y = next(elastic)
+  x, y = x.reshape(8, 784), y.reshape(8)
+  draws, shifts = elastic.warps(0, 0), elastic.shifts(0, 0)
+  for i, (got, label) in enumerate(zip(x, y)):
+    (degrees, scale), (dy, dx) = draws[i], shifts[i]
+    want = batches_lib.rotate_and_scale(images[label], degrees, scale, images.min(), fields[i])
+    want = _shift(want, dy, dx, images.min())
+    np.testing.assert_array_equal(got, want.reshape(784)[preprocessing.permutation()])
+  assert not np.array_equal(x, next(warped)[0].reshape(8, 784))
+
+
 # ---------------------------------------------------------------- EMA
 
 
@@ -321,8 +394,9 @@ def test_every_regulariser_is_off_in_the_notebook_recipe():
     notebook.max_shift,
     notebook.max_rotation,
     notebook.max_scale,
+    notebook.elastic_alpha,
     notebook.ema_decay,
-  ) == (0.0, 0.0, 0, 0.0, 0.0, None)
+  ) == (0.0, 0.0, 0, 0.0, 0.0, 0.0, None)
 
 
 def test_resume_is_bit_exact_with_every_regulariser_on(tmp_path, toy_data):
@@ -337,6 +411,7 @@ def test_resume_is_bit_exact_with_every_regulariser_on(tmp_path, toy_data):
       "max_shift": 2,
       "max_rotation": 10.0,
       "max_scale": 0.1,
+      "elastic_alpha": 8.0,
       "ema_decay": 0.9,
     }
   )

@@ -11,15 +11,46 @@ from pixelrnn_jax.preprocessing import check_order
 from pixelrnn_jax.preprocessing import to_sequences
 
 _WARP = 0x57415250  # "WARP": the stream of the rotations and scales, apart from the shifts'
+_ELASTIC = 0x454C4153  # "ELAS": the stream of the elastic distortions, apart from both
 
 
-def rotate_and_scale(images: np.ndarray, degrees, scales, background: float = 0.0) -> np.ndarray:
+def elastic_displacements(uniform: np.ndarray, alpha: float, sigma: float) -> np.ndarray:
+  """Elastic-distortion fields from their noise (Simard, Steinkraus & Platt 2003,
+  "Best practices for convolutional neural networks applied to visual document
+  analysis", section 2): ``alpha * G_sigma * uniform``, each field's noise
+  smoothed by a Gaussian of standard deviation ``sigma`` pixels (zero outside the
+  image) and scaled by ``alpha`` pixels.
+
+  Args:
+    uniform: <float>[..., 2, H, W] noise drawn uniformly from [-1, 1], one
+      (row, col) pair of fields per image.
+    alpha: the scale, in pixels (Simard used 34 with ``sigma`` 4 on MNIST).
+    sigma: the smoothness, in pixels (> 0).
+
+  Returns:
+    <float64>[..., 2, H, W] displacements in pixels, for ``rotate_and_scale``.
+  """
+  from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
+
+  uniform = np.asarray(uniform, np.float64)
+  sigmas = (0,) * (uniform.ndim - 2) + (sigma, sigma)
+  return alpha * ndimage.gaussian_filter(uniform, sigmas, mode="constant", cval=0.0)
+
+
+def rotate_and_scale(
+  images: np.ndarray, degrees, scales, background: float = 0.0, displacements=None
+) -> np.ndarray:
   """``images`` <float>[..., H, W] each rotated by its ``degrees`` (counter-clockwise
   as displayed with row 0 on top) and scaled by its ``scales`` (arrays of the
   leading shape, or scalars), about the centre ``((H - 1) / 2, (W - 1) / 2)``:
   bilinear, with ``background`` outside the image. One SciPy
   ``ndimage.map_coordinates`` call for the whole batch. Returns the same shape
   and dtype.
+
+  ``displacements`` <float>[..., 2, H, W] (optional; e.g. from
+  :func:`elastic_displacements`) moves where each output pixel reads: output
+  pixel ``(r, c)`` reads the rotated and scaled source point plus
+  ``displacements[..., :, r, c]`` (rows, cols), in pixels.
   """
   from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
 
@@ -36,6 +67,15 @@ def rotate_and_scale(images: np.ndarray, degrees, scales, background: float = 0.
   cos, sin = np.cos(theta), np.sin(theta)
   source_rows = (height - 1) / 2 + (cos * dr + sin * dc) / scale
   source_cols = (width - 1) / 2 + (-sin * dr + cos * dc) / scale
+  if displacements is not None:
+    moved = np.asarray(displacements, np.float64)
+    if moved.shape != (*lead, 2, height, width):
+      raise ValueError(
+        f"displacements of shape {moved.shape}: expected {(*lead, 2, height, width)},"
+        f" a (row, col) pair of fields per image"
+      )
+    moved = moved.reshape(-1, 2, height, width)
+    source_rows, source_cols = source_rows + moved[:, 0], source_cols + moved[:, 1]
   index = np.broadcast_to(np.arange(len(flat), dtype=np.float64).reshape(-1, 1, 1), flat.shape)
   out = ndimage.map_coordinates(
     flat,
@@ -71,6 +111,12 @@ class Batches(Iterator):
   the background outside (:func:`rotate_and_scale`); the draws come from their
   own stream of ``(key, epoch, index)``, so adding them leaves the shifts as
   they were.
+
+  ``elastic_alpha > 0`` adds an elastic distortion to that warp (one
+  interpolation for both): a random displacement field per image, uniform
+  noise smoothed by a Gaussian of ``elastic_sigma`` pixels and scaled by
+  ``elastic_alpha`` pixels (:func:`elastic_displacements`), from a third
+  stream of ``(key, epoch, index)``.
   """
 
   def __init__(
@@ -87,6 +133,8 @@ class Batches(Iterator):
     max_shift: int = 0,
     max_rotation: float = 0.0,
     max_scale: float = 0.0,
+    elastic_alpha: float = 0.0,
+    elastic_sigma: float = 4.0,
     epoch: int = 0,
     index: int = 0,
   ):
@@ -97,6 +145,10 @@ class Batches(Iterator):
       raise ValueError(f"max_rotation={max_rotation}: expected degrees in [0, 180]")
     if not 0 <= max_scale < 1:
       raise ValueError(f"max_scale={max_scale}: expected a fraction in [0, 1)")
+    if not 0 <= elastic_alpha < float("inf"):
+      raise ValueError(f"elastic_alpha={elastic_alpha}: expected pixels >= 0 (0 = off)")
+    if not 0 < elastic_sigma < float("inf"):
+      raise ValueError(f"elastic_sigma={elastic_sigma}: expected pixels > 0")
     if batch_size < 1 or num_devices < 1 or num_processes < 1:
       raise ValueError(
         f"batch_size={batch_size}, num_devices={num_devices},"
@@ -130,7 +182,8 @@ class Batches(Iterator):
       )
     self.epoch, self.index = epoch, index
     self.max_shift, self.max_rotation, self.max_scale = max_shift, max_rotation, max_scale
-    self._warps = bool(max_rotation or max_scale)
+    self.elastic_alpha, self.elastic_sigma = elastic_alpha, elastic_sigma
+    self._warps = bool(max_rotation or max_scale or elastic_alpha)
     self._background = images.min() if max_shift or self._warps else None
     self._order_of_epoch = None
 
@@ -161,6 +214,12 @@ class Batches(Iterator):
     scales = rng.uniform(1 - self.max_scale, 1 + self.max_scale, self.batch_size)
     return np.stack([angles, scales], axis=1)
 
+  def displacements(self, epoch: int, index: int) -> np.ndarray:
+    """The ``<float64>[batch_size, 2, H, W]`` elastic displacements of batch ``index`` of ``epoch``."""
+    rng = self._rng(epoch, index, _ELASTIC)
+    uniform = rng.uniform(-1.0, 1.0, (self.batch_size, 2, *self.images.shape[1:]))
+    return elastic_displacements(uniform, self.elastic_alpha, self.elastic_sigma)
+
   def _shifted(self, images: np.ndarray) -> np.ndarray:
     """``images`` (this process's slice of the batch) shifted by their share of the shifts."""
     m = self.max_shift
@@ -182,8 +241,10 @@ class Batches(Iterator):
     images = self.images[chosen]
     if self._warps:
       warps = self.warps(self.epoch, self.index)
-      warps = warps[self.local_start : self.local_start + self.local_batch_size]
-      images = rotate_and_scale(images, warps[:, 0], warps[:, 1], self._background)
+      local = slice(self.local_start, self.local_start + self.local_batch_size)
+      warps = warps[local]
+      moved = self.displacements(self.epoch, self.index)[local] if self.elastic_alpha else None
+      images = rotate_and_scale(images, warps[:, 0], warps[:, 1], self._background, moved)
     if self.max_shift:
       images = self._shifted(images)
     x = to_sequences(images, self.order)

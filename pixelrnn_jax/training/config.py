@@ -130,6 +130,20 @@ class Config:
     high=1,
     high_open=True,
   )
+  elastic_alpha: float = knob(
+    0.0,
+    "elastic distortion (Simard et al. 2003): move each training image's pixels by a"
+    " random field, uniform noise smoothed by a Gaussian of --elastic-sigma pixels,"
+    " times N pixels; with the rotation, before shifts and the order's permutation;"
+    " 0 = off",
+    low=0,
+  )
+  elastic_sigma: float = knob(
+    4.0,
+    "smoothness of the elastic distortion's field, in pixels; Simard et al.'s 4",
+    low=0,
+    low_open=True,
+  )
 
   # --- optimisation
   steps: int = knob(

@@ -236,6 +236,8 @@ def _train(
     max_shift=config.max_shift,
     max_rotation=config.max_rotation,
     max_scale=config.max_scale,
+    elastic_alpha=config.elastic_alpha,
+    elastic_sigma=config.elastic_sigma,
     num_processes=config.num_processes,
     process_index=config.process_id,
     epoch=position[0],
