@@ -84,3 +84,28 @@ def test_robustness_scores_every_model_on_the_same_transformed_digits(mnist_dir)
   for source in ("pretrained:pixel", "pretrained:anytime"):
     assert table["as they are"][source] >= 0.9
     assert table["rotated +180 deg"][source] < 0.6
+
+
+def test_ensembles_of_one_model_twice_score_as_the_model_and_skip_mixed_orders(
+  mnist_dir, capsys, tmp_path
+):
+  """benchmarks/ensembles.py on 40 digits: a model averaged with itself, by weights
+  or by log-probabilities, is the model; models of two orders get no weight average."""
+  spec = importlib.util.spec_from_file_location("ensembles", ROOT / "benchmarks" / "ensembles.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  common = ["--data-dir", mnist_dir, "--count", "40"]
+  table = module.main(common + ["--checkpoint", "pretrained:pixel"] * 2)
+  alone = table["pretrained:pixel"]
+  assert table["weight average"]["accuracy"] == alone["accuracy"] >= 0.9
+  assert table["ensemble"]["accuracy"] == alone["accuracy"]
+  assert table["ensemble"]["loss"] == pytest.approx(alone["loss"], rel=1e-4)
+  assert table["all wrong"] == round((1 - alone["accuracy"]) * 40)
+  mixed = module.main(
+    common + ["--checkpoint", "pretrained:pixel", "--checkpoint", "pretrained:permuted"]
+  )
+  assert "weight average" not in mixed
+  assert "weight average: skipped (the models differ" in capsys.readouterr().out
+  assert mixed["some right"] >= max(
+    mixed["pretrained:pixel"]["accuracy"], mixed["pretrained:permuted"]["accuracy"]
+  )
