@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,3 +110,24 @@ def test_ensembles_of_one_model_twice_score_as_the_model_and_skip_mixed_orders(
   assert mixed["some right"] >= max(
     mixed["pretrained:pixel"]["accuracy"], mixed["pretrained:permuted"]["accuracy"]
   )
+
+
+def test_augmentations_example_draws_the_digits_and_each_alphas_batch_in_their_order(
+  mnist_dir, tmp_path
+):
+  """examples/augmentations.py: alpha 0 with no other flag is the digits themselves,
+  column for column; a positive alpha moves every digit, and keeps its label."""
+  path = ROOT / "examples" / "augmentations.py"
+  spec = importlib.util.spec_from_file_location("augmentations", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  png = tmp_path / "aug.png"
+  argv = ["--data-dir", mnist_dir, "--out", str(png), "--count", "6"]
+  drawn = module.main(argv + ["--elastic-alpha", "0", "20"])
+  (name, digits, labels), (_, same, same_labels), (_, moved, moved_labels) = drawn
+  assert name == "as they are" and png.stat().st_size > 5000
+  np.testing.assert_array_equal(same, digits)
+  np.testing.assert_array_equal(same_labels, labels)
+  np.testing.assert_array_equal(moved_labels, labels)
+  assert all(not np.allclose(a, b) for a, b in zip(moved, digits))
+  assert np.abs(moved.sum((1, 2)) / digits.sum((1, 2)) - 1).max() < 0.25  # ink kept
