@@ -174,7 +174,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
   Flags are taken as spelt, never by prefix (``allow_abbrev=False``): ``--step 5``
   is an unknown flag with ``--steps`` suggested, and a flag added later cannot make
-  someone's abbreviation ambiguous.
+  someone's abbreviation ambiguous. A negative number, ``-inf`` or ``-nan`` is a value.
   """
 
   def __init__(self, *args, **kwargs):
@@ -182,6 +182,9 @@ class _OneLineParser(argparse.ArgumentParser):
     self.commands: dict[str, argparse.ArgumentParser] = {}  # the top level's, by name
     kwargs.setdefault("allow_abbrev", False)
     super().__init__(*args, **kwargs)
+    # argparse takes "-inf", "-nan" and "-1e-3" for flags ("expected one argument");
+    # they are values, which the config then checks and names.
+    self._negative_number_matcher = re.compile(rf"^(?:{_NUMBER.pattern})$", re.IGNORECASE)
 
   def error(self, message: str):
     """One line and exit code 2 (argparse prints the whole usage first); the usage is

@@ -23,6 +23,7 @@ files (docs/design.md).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import os
@@ -63,8 +64,10 @@ def card(name: str) -> dict:
     FileNotFoundError: no shipped weights of that name.
   """
   if name not in available():
+    close = difflib.get_close_matches(name, available(), n=1, cutoff=0.6)
+    hint = f" (did you mean {PREFIX}{close[0]}?)" if close else ""
     raise FileNotFoundError(
-      f"no pretrained weights named {name!r}; available: {available() or 'none'}"
+      f"no pretrained weights named {name!r}{hint}; available: {available() or 'none'}"
     )
   return json.loads((PRETRAINED_DIR / f"{name}.json").read_text())
 

@@ -589,3 +589,39 @@ def test_values_that_look_like_flags_and_negative_numbers_are_values(tmp_path, c
   assert code == 2 and "no such weights file or run directory" in capsys.readouterr().err
   assert cli.main(["train", "--workdir", str(tmp_path / "w"), "--clip-norm", "-1"]) == 2
   assert "--clip-norm -1.0: expected > 0" in capsys.readouterr().err
+
+
+def _non_negative_number_flags() -> list[str]:
+  """The train flags of number fields whose range starts at 0 or above."""
+  return [
+    "--" + field.name.replace("_", "-")
+    for field in config_lib.dataclasses.fields(config_lib.Config)
+    if field.metadata.get("low") is not None
+    and field.metadata["low"] >= 0
+    and config_lib.typing.get_origin(field.type) is None
+    and field.type in ("int", "float", int, float)
+  ]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+  st.sampled_from(_non_negative_number_flags()),
+  st.sampled_from(["-inf", "-INF", "-nan", "-1e-3", "-5", "-.5", "-2.5E2"]),
+)
+def test_a_negative_number_is_a_value_the_flag_refuses_by_name(tmp_path_factory, flag, value):
+  """argparse alone takes "-inf" or "-1e-3" for a flag ("expected one argument");
+  here every spelling of a negative number is the flag's value, refused by name."""
+  workdir = tmp_path_factory.mktemp("negative")
+  stderr = io.StringIO()
+  with contextlib.redirect_stderr(stderr):
+    try:
+      code = cli.main(["train", "--workdir", str(workdir / "run"), flag, value])
+    except SystemExit as exit_:
+      code = exit_.value if isinstance(exit_, int) else exit_.code
+  last = stderr.getvalue().strip().splitlines()[-1]
+  assert code == 2, last
+  assert "expected one argument" not in last
+  # The range check names the flag and its value; an int flag given "-inf" or
+  # "-1e-3" gets argparse's "invalid int value", which names both too.
+  assert re.search(rf"error: ({flag} \S+: expected|argument {flag}: invalid int value)", last), last
+  assert not (workdir / "run").exists()

@@ -1,10 +1,15 @@
 """The weights shipped in pixelrnn_jax/pretrained load and reproduce their recorded accuracy."""
 
+import difflib
 import hashlib
 import shutil
 
 import numpy as np
 import pytest
+from hypothesis import assume
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 from pixelrnn_jax import calibration
 from pixelrnn_jax import checkpoints
@@ -102,3 +107,59 @@ def test_unknown_name_lists_what_is_available(capsys):
     gru_classifier.load_pretrained("cifar")
   assert cli.main(["evaluate", "--checkpoint", "pretrained:cifar"]) == 2
   assert "available" in capsys.readouterr().err
+
+
+@settings(deadline=None, max_examples=40)
+@given(st.data())
+def test_a_misspelt_pretrained_name_is_refused_with_the_name_it_resembles(data):
+  """One letter dropped, doubled, swapped or changed: the error names the shipped
+  model it came from (when that one is the closest), and never loads anything."""
+  name = data.draw(st.sampled_from(model_io.available()))
+  i = data.draw(st.integers(0, len(name) - 1))
+  edit = data.draw(st.sampled_from(["drop", "double", "swap", "change"]))
+  letter = data.draw(st.sampled_from("abcdefghijklmnopqrstuvwxyz"))
+  typo = {
+    "drop": name[:i] + name[i + 1 :],
+    "double": name[:i] + name[i] + name[i:],
+    "swap": name[:i] + name[i + 1 : i + 2] + name[i] + name[i + 2 :],
+    "change": name[:i] + letter + name[i + 1 :],
+  }[edit]
+  assume(typo not in model_io.available() and len(typo) > 3)
+  with pytest.raises(FileNotFoundError) as error:
+    model_io.card(typo)
+  message = str(error.value)
+  assert f"no pretrained weights named {typo!r}" in message
+  assert "available: ['anytime', 'permuted', 'pixel', 'pixel-v1']" in message
+  closest = difflib.get_close_matches(typo, model_io.available(), n=1, cutoff=0.6)
+  if closest:
+    assert f" (did you mean pretrained:{closest[0]}?); available" in message
+    # The resemblance is real: one edit from the suggestion, as from the source.
+    assert name == closest[0] or _one_edit(typo, closest[0])
+  else:
+    assert "did you mean" not in message
+
+
+def _one_edit(a: str, b: str) -> bool:
+  """Whether a and b are at most one insertion, deletion, substitution or swap apart."""
+  if abs(len(a) - len(b)) > 1:
+    return False
+  if len(a) == len(b):
+    diff = [k for k in range(len(a)) if a[k] != b[k]]
+    return len(diff) <= 1 or (
+      len(diff) == 2
+      and diff[1] == diff[0] + 1
+      and a[diff[0]] == b[diff[1]]
+      and a[diff[1]] == b[diff[0]]
+    )
+  short, long = sorted((a, b), key=len)
+  return any(long[:k] + long[k + 1 :] == short for k in range(len(long)))
+
+
+def test_pixle_suggests_pixel_and_cifar_suggests_nothing():
+  with pytest.raises(
+    FileNotFoundError, match=r"'pixle' \(did you mean pretrained:pixel\?\); available"
+  ):
+    model_io.card("pixle")
+  with pytest.raises(FileNotFoundError) as error:
+    model_io.card("cifar")
+  assert "did you mean" not in str(error.value)
