@@ -219,3 +219,6 @@ def test_the_export_card_of_a_fine_tuned_run_says_what_it_started_from(
   )
   plain = export_lib.export(source_run, tmp_path / "source.msgpack", early_exit=False)
   assert "init_from" not in plain["source"]
+  # The source's card and the fine-tune's record name the same weights.
+  assert card["source"]["init_from"]["params_sha256"] == plain["params_sha256"]
+  assert card["params_sha256"] != plain["params_sha256"]

@@ -163,3 +163,17 @@ def test_pixle_suggests_pixel_and_cifar_suggests_nothing():
   with pytest.raises(FileNotFoundError) as error:
     model_io.card("cifar")
   assert "did you mean" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", model_io.available())
+def test_each_card_gives_the_digest_of_its_arrays_that_a_fine_tune_records(name):
+  card = model_io.card(name)
+  saved = model_io.read(model_io.PREFIX + name)
+  assert card["params_sha256"] == checkpoints.state_digest(saved.arrays)
+  assert card["params_sha256"] != card["sha256"]  # the arrays', not the file's
+
+
+def test_the_shipped_pixel_model_names_the_weights_it_was_fine_tuned_from():
+  start = model_io.card("pixel")["source"]["init_from"]
+  assert start["params_sha256"] == model_io.card("pixel-v1")["params_sha256"]
+  assert start["source_step"] == model_io.card("pixel-v1")["source"]["step"] == 14000

@@ -5,9 +5,11 @@
 writes ``models/pixel.msgpack`` (params, step and config in the single-file
 format of ``checkpoints.save``) and its card ``models/pixel.json``: the
 config, source and step, the valid accuracy (measured here, over all 5,000
-valid images and over the first ``model_io.SUBSET``) and the SHA-256 of the
-weights file. ``gru_classifier.load("models/pixel.msgpack")`` reads it back
-and checks the digest.
+valid images and over the first ``model_io.SUBSET``), the SHA-256 of the
+weights file (``sha256``) and of the params' arrays (``params_sha256``,
+``checkpoints.state_digest``: the digest a fine-tune from these weights
+records in its ``init_from`` event). ``gru_classifier.load("models/pixel.msgpack")``
+reads it back and checks the file's digest.
 
 The card also records an early-exit rule (``card["early_exit"]``, read by
 ``calibration.EarlyExit.from_card``): a per-step temperature fitted on valid
@@ -156,6 +158,8 @@ def export(
   card = {
     "name": out.stem,
     "sha256": hashlib.sha256(weights_partial.read_bytes()).hexdigest(),
+    # Of the arrays, not the file: what a fine-tune's init_from record gives.
+    "params_sha256": checkpoints.state_digest(saved.arrays),
     # Re-exporting exported weights (to add an early-exit rule) keeps their provenance.
     "source": source_card.get("source", _provenance(saved)),
     "config": json.loads(config.to_json()),
