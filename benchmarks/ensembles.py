@@ -28,6 +28,7 @@ the same size is unlikely to beat X% by training longer on the same data.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -74,8 +75,12 @@ def draw_missed(digits, labels, answers, indices, out: str) -> None:
     ax.axis("off")
   for ax, i in zip(axes.ravel(), indices):
     ax.imshow(digits[i], cmap="gray", vmin=0, vmax=1)
-    ax.set_title(f"#{i}: {labels[i]}->{answers[i]}", fontsize=7)
-  fig.suptitle(f"{len(indices)} valid digits every model gets wrong (index: label->ensemble)")
+    ax.set_title(f"#{i}: {labels[i]} (ens. {answers[i]})", fontsize=7)
+  fig.suptitle(
+    f"{len(indices)} valid digits every model gets wrong: #index: label (the ensemble's"
+    " answer, which can be right when the models are wrong in different ways)",
+    fontsize=9,
+  )
   fig.tight_layout()
   fig.savefig(out, dpi=100)
   plt.close(fig)
@@ -94,10 +99,15 @@ def main(argv: list[str] | None = None) -> dict:
   args = parser.parse_args(argv)
   if len(args.checkpoint) < 2:
     parser.error("--checkpoint: give two or more models")
+  if args.missed and not Path(args.missed).resolve().parent.is_dir():
+    parser.error(f"--missed {args.missed}: its directory does not exist")
   commands.use_cpu_devices(args.devices)  # host CPU devices, before JAX starts
-  digits, labels = data.load_mnist("valid", data_dir=args.data_dir)
+  try:
+    models = [gru_classifier.load(name) for name in args.checkpoint]
+    digits, labels = data.load_mnist("valid", data_dir=args.data_dir)
+  except (OSError, ValueError) as error:  # CheckpointError is a ValueError
+    parser.error(str(error))
   digits, labels = digits[: args.count], labels[: args.count]
-  models = [gru_classifier.load(name) for name in args.checkpoint]
   width = max(len(name) for name in args.checkpoint)
   print(f"{len(digits)} valid digits (0..{len(digits) - 1})", flush=True)
   table = {}

@@ -14,6 +14,7 @@ turns a 6 into a 0 teaches the model the wrong label.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -58,16 +59,23 @@ def main(argv: list[str] | None = None) -> list:
   parser.add_argument("--elastic-alpha", type=float, nargs="+", default=[0.0], metavar="A")
   parser.add_argument("--elastic-sigma", type=float, default=4.0)
   args = parser.parse_args(argv)
+  if not 4 <= args.count <= 40:
+    parser.error(f"--count {args.count}: expected 4 to 40 digits (one row of the picture)")
+  if not Path(args.out).resolve().parent.is_dir():
+    parser.error(f"--out {args.out}: its directory does not exist")
   digits, _ = data.load_mnist("valid", data_dir=args.data_dir)
-  drawn = rows(
-    digits[: args.count],
-    seed=args.seed,
-    max_shift=args.max_shift,
-    max_rotation=args.max_rotation,
-    max_scale=args.max_scale,
-    alphas=args.elastic_alpha,
-    sigma=args.elastic_sigma,
-  )
+  try:
+    drawn = rows(
+      digits[: args.count],
+      seed=args.seed,
+      max_shift=args.max_shift,
+      max_rotation=args.max_rotation,
+      max_scale=args.max_scale,
+      alphas=args.elastic_alpha,
+      sigma=args.elastic_sigma,
+    )
+  except ValueError as error:  # a flag out of range, named by Batches
+    parser.error(str(error))
   plt = plots._pyplot()  # noqa: SLF001 (the package's headless matplotlib)
   fig, axes = plt.subplots(
     len(drawn), args.count, figsize=(args.count * 0.9, len(drawn) * 1.05), squeeze=False

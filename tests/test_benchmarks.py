@@ -131,3 +131,22 @@ def test_augmentations_example_draws_the_digits_and_each_alphas_batch_in_their_o
   np.testing.assert_array_equal(moved_labels, labels)
   assert all(not np.allclose(a, b) for a, b in zip(moved, digits))
   assert np.abs(moved.sum((1, 2)) / digits.sum((1, 2)) - 1).max() < 0.25  # ink kept
+
+
+def test_ensembles_refuses_a_bad_path_or_model_in_one_line_before_scoring(
+  mnist_dir, tmp_path, capsys
+):
+  spec = importlib.util.spec_from_file_location("ensembles", ROOT / "benchmarks" / "ensembles.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  models = ["--checkpoint", "pretrained:pixel", "--checkpoint"]
+  for argv, said in [
+    (["--missed", str(tmp_path / "no" / "m.png"), *models, "pretrained:anytime"], "does not exist"),
+    ([*models, "pretrained:pixle"], "did you mean pretrained:pixel?"),
+    ([*models, str(tmp_path / "nothing")], "no such weights file"),
+  ]:
+    with pytest.raises(SystemExit) as exit_:
+      module.main(["--data-dir", mnist_dir, "--count", "10", *argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr()
+    assert said in err.err and "valid digits" not in err.out  # nothing was scored

@@ -491,9 +491,14 @@ def test_train_passes_the_augmentation_to_the_batches(monkeypatch, tmp_path):
     (dict(batch_size=10, max_shift=14), r"max_shift=14"),
     (dict(batch_size=10, max_rotation=181), r"max_rotation=181: expected degrees in \[0, 180\]"),
     (dict(batch_size=10, max_scale=1.0), r"max_scale=1.0: expected a fraction in \[0, 1\)"),
-    (dict(batch_size=10, elastic_alpha=-1.0), r"elastic_alpha=-1.0: expected pixels >= 0"),
-    (dict(batch_size=10, elastic_alpha=float("nan")), r"elastic_alpha=nan: expected pixels"),
-    (dict(batch_size=10, elastic_sigma=0.0), r"elastic_sigma=0.0: expected pixels > 0"),
+    (
+      dict(batch_size=10, elastic_alpha=-1.0),
+      r"elastic_alpha=-1.0: expected a scale in \[0, 100\]",
+    ),
+    (dict(batch_size=10, elastic_alpha=1e9), r"elastic_alpha=1000000000.0: expected a scale"),
+    (dict(batch_size=10, elastic_alpha=float("nan")), r"elastic_alpha=nan: expected a scale"),
+    (dict(batch_size=10, elastic_sigma=0.0), r"elastic_sigma=0.0: expected pixels in \[0.5, 28\]"),
+    (dict(batch_size=10, elastic_sigma=1e6), r"elastic_sigma=1000000.0: expected pixels in"),
     (
       dict(batch_size=9, num_devices=2),
       r"batch_size=9 does not divide across 2 device\(s\) x 1 process",

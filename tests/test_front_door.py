@@ -588,7 +588,7 @@ def test_values_that_look_like_flags_and_negative_numbers_are_values(tmp_path, c
   )
   assert code == 2 and "no such weights file or run directory" in capsys.readouterr().err
   assert cli.main(["train", "--workdir", str(tmp_path / "w"), "--clip-norm", "-1"]) == 2
-  assert "--clip-norm -1.0: expected > 0" in capsys.readouterr().err
+  assert "--clip-norm -1.0: expected a finite number > 0" in capsys.readouterr().err
 
 
 def _non_negative_number_flags() -> list[str]:

@@ -65,7 +65,10 @@ def test_config_passes_options_and_sequence_length():
   [
     (dict(gate_bias_init="zeros"), "gate_bias_init='zeros'"),
     (dict(recurrent_init="identity"), "recurrent_init='identity'"),
-    (dict(weight_decay=-1e-4), r"weight_decay=-0.0001: expected >= 0"),
+    (dict(weight_decay=-1e-4), r"weight_decay=-0.0001: expected a finite number >= 0"),
+    (dict(weight_decay=float("inf")), r"weight_decay=inf: expected a finite number >= 0"),
+    (dict(elastic_sigma=1e6), r"elastic_sigma=1000000.0: expected a number in \[0.5, 28\]"),
+    (dict(elastic_alpha=1e9), r"elastic_alpha=1000000000.0: expected a number in \[0, 100\]"),
     (dict(max_shift=14), r"max_shift=14: expected an integer in \[0, 13\]"),
     (dict(max_shift=-1), r"max_shift=-1"),
     (dict(seed=-1), r"seed=-1: expected >= 0"),

@@ -404,7 +404,7 @@ def test_too_many_devices_is_a_clear_error(tmp_path, toy_data):
     (["--batch-size", "15", "--devices", "2"], r"--batch-size 15 does not divide across devices=2"),
     (["--order", "diagonal"], r"--order: invalid choice: 'diagonal'"),
     (["--cell", "lstm"], r"--cell: invalid choice: 'lstm'"),
-    (["--lr", "0"], r"--learning-rate 0.0: expected > 0"),
+    (["--lr", "0"], r"--learning-rate 0.0: expected a finite number > 0"),
     (["--clip-norm", "-1"], r"--clip-norm -1.0"),
     (["--lr-schedule", "step"], r"--lr-schedule: invalid choice: 'step'"),
     (["--warmup-steps", "50", "--steps", "10"], r"--warmup-steps 50"),

@@ -19,12 +19,14 @@ def elastic_displacements(uniform: np.ndarray, alpha: float, sigma: float) -> np
   "Best practices for convolutional neural networks applied to visual document
   analysis", section 2): ``alpha * G_sigma * uniform``, each field's noise
   smoothed by a Gaussian of standard deviation ``sigma`` pixels (zero outside the
-  image) and scaled by ``alpha`` pixels.
+  image) and multiplied by ``alpha``. The fields' RMS is about ``alpha *
+  sqrt(1 / (12 pi sigma^2))`` pixels in the middle of the image (0.85 px for
+  alpha 16 and sigma 4; 1.8 px for 34), less near the edges.
 
   Args:
     uniform: <float>[..., 2, H, W] noise drawn uniformly from [-1, 1], one
       (row, col) pair of fields per image.
-    alpha: the scale, in pixels (Simard used 34 with ``sigma`` 4 on MNIST).
+    alpha: the scale (Simard used 34 with ``sigma`` 4 on MNIST).
     sigma: the smoothness, in pixels (> 0).
 
   Returns:
@@ -114,8 +116,8 @@ class Batches(Iterator):
 
   ``elastic_alpha > 0`` adds an elastic distortion to that warp (one
   interpolation for both): a random displacement field per image, uniform
-  noise smoothed by a Gaussian of ``elastic_sigma`` pixels and scaled by
-  ``elastic_alpha`` pixels (:func:`elastic_displacements`), from a third
+  noise smoothed by a Gaussian of ``elastic_sigma`` pixels and multiplied by
+  ``elastic_alpha`` (:func:`elastic_displacements`), from a third
   stream of ``(key, epoch, index)``.
   """
 
@@ -145,10 +147,10 @@ class Batches(Iterator):
       raise ValueError(f"max_rotation={max_rotation}: expected degrees in [0, 180]")
     if not 0 <= max_scale < 1:
       raise ValueError(f"max_scale={max_scale}: expected a fraction in [0, 1)")
-    if not 0 <= elastic_alpha < float("inf"):
-      raise ValueError(f"elastic_alpha={elastic_alpha}: expected pixels >= 0 (0 = off)")
-    if not 0 < elastic_sigma < float("inf"):
-      raise ValueError(f"elastic_sigma={elastic_sigma}: expected pixels > 0")
+    if not 0 <= elastic_alpha <= 100:
+      raise ValueError(f"elastic_alpha={elastic_alpha}: expected a scale in [0, 100] (0 = off)")
+    if not 0.5 <= elastic_sigma <= 28:
+      raise ValueError(f"elastic_sigma={elastic_sigma}: expected pixels in [0.5, 28]")
     if batch_size < 1 or num_devices < 1 or num_processes < 1:
       raise ValueError(
         f"batch_size={batch_size}, num_devices={num_devices},"
