@@ -65,6 +65,16 @@ def last_step_log_probs(model: gru_classifier.Params, images: np.ndarray, batch:
   )
 
 
+def check_png(parser: argparse.ArgumentParser, flag: str, path: str) -> None:
+  """Refuses, before any work, a picture path that is not a new or existing .png file
+  in an existing directory."""
+  out = Path(path)
+  if out.suffix.lower() != ".png" or out.is_dir():
+    parser.error(f"{flag} {path}: expected a file name ending in .png")
+  if not out.resolve().parent.is_dir():
+    parser.error(f"{flag} {path}: its directory does not exist")
+
+
 def draw_missed(digits, labels, answers, indices, out: str) -> None:
   """A grid of ``digits[indices]``, each titled with its index, label and the answer."""
   plt = plots._pyplot()  # noqa: SLF001 (the package's headless matplotlib)
@@ -99,8 +109,10 @@ def main(argv: list[str] | None = None) -> dict:
   args = parser.parse_args(argv)
   if len(args.checkpoint) < 2:
     parser.error("--checkpoint: give two or more models")
-  if args.missed and not Path(args.missed).resolve().parent.is_dir():
-    parser.error(f"--missed {args.missed}: its directory does not exist")
+  if args.count < 1 or args.devices < 1:
+    parser.error(f"--count {args.count}, --devices {args.devices}: both must be >= 1")
+  if args.missed:
+    check_png(parser, "--missed", args.missed)
   commands.use_cpu_devices(args.devices)  # host CPU devices, before JAX starts
   try:
     models = [gru_classifier.load(name) for name in args.checkpoint]

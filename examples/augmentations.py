@@ -61,10 +61,13 @@ def main(argv: list[str] | None = None) -> list:
   args = parser.parse_args(argv)
   if not 4 <= args.count <= 40:
     parser.error(f"--count {args.count}: expected 4 to 40 digits (one row of the picture)")
-  if not Path(args.out).resolve().parent.is_dir():
+  out = Path(args.out)
+  if out.suffix.lower() != ".png" or out.is_dir():
+    parser.error(f"--out {args.out}: expected a file name ending in .png")
+  if not out.resolve().parent.is_dir():
     parser.error(f"--out {args.out}: its directory does not exist")
-  digits, _ = data.load_mnist("valid", data_dir=args.data_dir)
   try:
+    digits, _ = data.load_mnist("valid", data_dir=args.data_dir)
     drawn = rows(
       digits[: args.count],
       seed=args.seed,
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> list:
       alphas=args.elastic_alpha,
       sigma=args.elastic_sigma,
     )
-  except ValueError as error:  # a flag out of range, named by Batches
+  except (OSError, ValueError) as error:  # no data, or a flag out of range (Batches)
     parser.error(str(error))
   plt = plots._pyplot()  # noqa: SLF001 (the package's headless matplotlib)
   fig, axes = plt.subplots(

@@ -222,3 +222,13 @@ def test_the_export_card_of_a_fine_tuned_run_says_what_it_started_from(
   # The source's card and the fine-tune's record name the same weights.
   assert card["source"]["init_from"]["params_sha256"] == plain["params_sha256"]
   assert card["params_sha256"] != plain["params_sha256"]
+
+
+def test_a_fine_tune_of_shipped_weights_records_their_name_and_their_cards_digest(tmp_path):
+  config = config_lib.RECIPES["tuned"].replace(init_from="pretrained:pixel-v1")
+  _fresh_state(config, tmp_path)
+  (record,) = map(json.loads, (tmp_path / "empty" / "metrics.jsonl").read_text().splitlines())
+  card = model_io.card("pixel-v1")
+  assert record["source"] == "pretrained:pixel-v1"  # not this machine's installation path
+  assert record["params_sha256"] == card["params_sha256"]
+  assert record["source_step"] == card["source"]["step"]

@@ -143,7 +143,7 @@ def init_or_restore(
 
   A fresh run with ``config.init_from`` starts from that model's weights
   (:func:`warm_start`); with ``workdir`` (process 0's), ``metrics.jsonl`` records
-  which: ``{"event": "init_from", "source", "step", "params_sha256"}``.
+  which: ``{"event": "init_from", "source", "source_step", "params_sha256"}``.
 
   Raises:
     CheckpointError: the run has checkpoints but none is readable.
@@ -254,7 +254,8 @@ def warm_start(config: config_lib.Config, state: step_lib.TrainState, optimizer)
   params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
   record = {
     "event": "init_from",
-    "source": saved.path,
+    # Shipped weights by their name: their path is this machine's installation.
+    "source": config.init_from if config.init_from.startswith(model_io.PREFIX) else saved.path,
     "source_step": saved.step,
     "params_sha256": checkpoints.state_digest(serialization.to_state_dict(params)),
   }
