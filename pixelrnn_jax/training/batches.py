@@ -19,9 +19,10 @@ def elastic_displacements(uniform: np.ndarray, alpha: float, sigma: float) -> np
   "Best practices for convolutional neural networks applied to visual document
   analysis", section 2): ``alpha * G_sigma * uniform``, each field's noise
   smoothed by a Gaussian of standard deviation ``sigma`` pixels (zero outside the
-  image) and multiplied by ``alpha``. The fields' RMS is about ``alpha *
-  sqrt(1 / (12 pi sigma^2))`` pixels in the middle of the image (0.85 px for
-  alpha 16 and sigma 4; 1.8 px for 34), less near the edges.
+  image) and multiplied by ``alpha``. Each component's RMS is about ``alpha *
+  sqrt(1 / (12 pi sigma^2))`` pixels in the middle of the image, and the
+  displacement's length sqrt(2) times that (at sigma 4: 0.9 px for alpha 16,
+  1.9 px for 34); less near the edges (over the whole image 0.85 and 1.8 px).
 
   Args:
     uniform: <float>[..., 2, H, W] noise drawn uniformly from [-1, 1], one
