@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -543,7 +544,10 @@ def test_a_coordinator_port_in_use_is_a_clear_error():
       distributed._check_port_free(f"localhost:{port}")
 
 
-def test_a_second_ctrl_c_to_one_process_ends_every_process_with_one_line(tmp_path):
+# 0.05 s: the second Ctrl-C comes before the agreed stop; 0.8 s: after it, while
+# process 0 already waits at JAX's shutdown barrier (where JAX used to abort it).
+@pytest.mark.parametrize("pause", [0.05, 0.8])
+def test_a_second_ctrl_c_to_one_process_ends_every_process_with_one_line(tmp_path, pause):
   _write_fake_idx(tmp_path)
   workdir = tmp_path / "run"
   procs = _start(
@@ -551,8 +555,9 @@ def test_a_second_ctrl_c_to_one_process_ends_every_process_with_one_line(tmp_pat
   )
   _wait_for_metrics(workdir, procs)
   procs[1].send_signal(signal.SIGINT)
-  time.sleep(0.05)
-  procs[1].send_signal(signal.SIGINT)
+  time.sleep(pause)
+  if procs[1].poll() is None:
+    procs[1].send_signal(signal.SIGINT)
   codes, errors = _finish(procs, timeout=60)
   assert codes[1] == 130, errors[1][-2000:]
   # Process 0 hears of it (exit 1, naming process 1's reason), or had already
@@ -561,7 +566,9 @@ def test_a_second_ctrl_c_to_one_process_ends_every_process_with_one_line(tmp_pat
     codes[0] == peers.PEER_FAILURE_EXIT
     and ("stops because process 1 failed: interrupted (SIGINT)" in errors[0])
   ), errors[0][-2000:]
-  assert all("Traceback" not in e and "Check failure stack trace" not in e for e in errors)
+  assert all("Traceback" not in e and "Check failure stack trace" not in e for e in errors), (
+    "\n---\n".join(e[-4000:] for e in errors)
+  )
 
 
 def test_a_process_started_with_another_num_processes_is_refused(tmp_path):
@@ -606,3 +613,36 @@ def test_coordinator_addresses_are_checked_before_joining(address, match):
   with pytest.raises(ValueError, match=match):
     config_lib.Config(num_processes=2, process_id=0, coordinator_address=address)
   config_lib.Config(num_processes=2, process_id=0, coordinator_address="[::1]:8476")
+
+
+def test_the_watchdog_hears_of_a_failed_peer_without_asking_jax_for_a_backend(
+  monkeypatch, capsys
+):
+  """At exit JAX shuts its backends down while the watchdog still listens for a failed
+  peer; ``jax.process_index()`` would then try to start a backend and end the watchdog's
+  thread with a traceback, and JAX's heartbeat timeout would abort the process later."""
+
+  class Client:
+    def key_value_dir_get(self, prefix):
+      return [(f"{prefix}0", "own entry"), (f"{prefix}1", "interrupted (SIGINT)")]
+
+  state = types.SimpleNamespace(client=Client(), process_id=0, num_processes=2)
+  monkeypatch.setattr(peers.jax_internals, "coordination_state", lambda: state)
+  for name in ("process_index", "process_count"):
+    monkeypatch.setattr(jax, name, lambda *a, **k: pytest.fail("asked JAX for a backend"))
+
+  class Exited(Exception):
+    pass
+
+  def exit_(code):
+    raise Exited(code)
+
+  monkeypatch.setattr(peers.os, "_exit", exit_)
+  monkeypatch.setattr(peers.logging, "shutdown", lambda: None)  # pytest's handlers stay open
+  assert peers._failed_peer() == (1, "interrupted (SIGINT)")
+  with pytest.raises(Exited, match=str(peers.PEER_FAILURE_EXIT)):
+    peers._stop_for(peers._failed_peer())
+  assert capsys.readouterr().err.splitlines()[-1] == (
+    "pixelrnn-jax train: error: process 0 of 2 stops because process 1 failed:"
+    " interrupted (SIGINT)"
+  )

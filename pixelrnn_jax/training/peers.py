@@ -63,6 +63,14 @@ def joined() -> bool:
   return _joined.is_set()
 
 
+def _me() -> str:
+  """``process I of N``, read from the coordination state: unlike ``jax.process_index()``
+  it works in the watchdog's thread while JAX shuts down at exit, when asking for a
+  backend would try to start a new one (and fail with a traceback)."""
+  state = jax_internals.coordination_state()
+  return f"process {state.process_id or 0} of {state.num_processes or 1}"
+
+
 # How a collective or barrier fails when a peer is gone: gloo's TCP errors, and
 # the coordination service's status codes.
 _PEER_FAILURE_SIGNS = (
@@ -98,14 +106,14 @@ def peer_error(error: Exception, last_checkpoint: str) -> PeerError:
   failed = _failed_peer()
   if failed is not None:
     return PeerError(
-      f"process {jax.process_index()} of {jax.process_count()} stops because process"
+      f"{_me()} stops because process"
       f" {failed[0]} failed: {failed[1]}. The last complete checkpoint is"
       f" {last_checkpoint}; start every process again with the same command to resume"
       " from it"
     )
   first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
   return PeerError(
-    f"process {jax.process_index()} of {jax.process_count()}: an exchange with"
+    f"{_me()}: an exchange with"
     f" the other processes failed ({first_line[:200]}); a peer process has stopped or lost"
     f" its connection. The last complete checkpoint is {last_checkpoint}; start every"
     " process again with the same command to resume from it"
@@ -143,10 +151,7 @@ def announce_failure(message: str) -> None:
 
 
 def _stop_for(failed: tuple[int, str]) -> None:
-  abort(
-    f"process {jax.process_index()} of {jax.process_count()} stops because process"
-    f" {failed[0]} failed: {failed[1]}"
-  )
+  abort(f"{_me()} stops because process {failed[0]} failed: {failed[1]}")
 
 
 def wait_for_key(key: str, timeout: float) -> str:
@@ -167,7 +172,7 @@ def wait_for_key(key: str, timeout: float) -> str:
       _stop_for(failed)
     time.sleep(0.05)
   raise TimeoutError(
-    f"process {jax.process_index()} of {jax.process_count()}: no word from"
+    f"{_me()}: no word from"
     f" the other processes ({key}) within {timeout:.0f} s"
   )
 
@@ -180,7 +185,7 @@ def _failed_peer() -> tuple[int, str] | None:
     return None
   for key, message in entries:
     process = int(key.rsplit("/", 1)[1])
-    if process != jax.process_index():
+    if process != (jax_internals.coordination_state().process_id or 0):
       return process, message
   return None
 
@@ -216,7 +221,7 @@ class Watchdog:
       silent = time.monotonic() - self._last
       if silent > self.timeout:
         abort(
-          f"process {jax.process_index()} of {jax.process_count()} made no progress for"
+          f"{_me()} made no progress for"
           f" {silent:.0f} s (--distributed-timeout {self.timeout}): it is waiting for a"
           " peer process that died, was stopped or lost its connection. The last"
           f" complete checkpoint is {self._where_to_resume()}; start every process"
