@@ -615,9 +615,7 @@ def test_coordinator_addresses_are_checked_before_joining(address, match):
   config_lib.Config(num_processes=2, process_id=0, coordinator_address="[::1]:8476")
 
 
-def test_the_watchdog_hears_of_a_failed_peer_without_asking_jax_for_a_backend(
-  monkeypatch, capsys
-):
+def test_the_watchdog_hears_of_a_failed_peer_without_asking_jax_for_a_backend(monkeypatch, capsys):
   """At exit JAX shuts its backends down while the watchdog still listens for a failed
   peer; ``jax.process_index()`` would then try to start a backend and end the watchdog's
   thread with a traceback, and JAX's heartbeat timeout would abort the process later."""
@@ -643,6 +641,5 @@ def test_the_watchdog_hears_of_a_failed_peer_without_asking_jax_for_a_backend(
   with pytest.raises(Exited, match=str(peers.PEER_FAILURE_EXIT)):
     peers._stop_for(peers._failed_peer())
   assert capsys.readouterr().err.splitlines()[-1] == (
-    "pixelrnn-jax train: error: process 0 of 2 stops because process 1 failed:"
-    " interrupted (SIGINT)"
+    "pixelrnn-jax train: error: process 0 of 2 stops because process 1 failed: interrupted (SIGINT)"
   )

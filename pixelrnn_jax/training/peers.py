@@ -171,10 +171,7 @@ def wait_for_key(key: str, timeout: float) -> str:
     if failed is not None:
       _stop_for(failed)
     time.sleep(0.05)
-  raise TimeoutError(
-    f"{_me()}: no word from"
-    f" the other processes ({key}) within {timeout:.0f} s"
-  )
+  raise TimeoutError(f"{_me()}: no word from the other processes ({key}) within {timeout:.0f} s")
 
 
 def _failed_peer() -> tuple[int, str] | None:
