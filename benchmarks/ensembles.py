@@ -33,6 +33,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from pixelrnn_jax import cli
 from pixelrnn_jax import commands
 from pixelrnn_jax import data
 from pixelrnn_jax import gru_classifier
@@ -98,19 +99,17 @@ def draw_missed(digits, labels, answers, indices, out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.OneLineParser(description=__doc__.splitlines()[0])
   parser.add_argument("--data-dir", default=None)
-  parser.add_argument("--count", type=int, default=5000, help="valid digits 0..count-1")
+  parser.add_argument("--count", type=cli.number(1), default=5000, help="valid digits 0..count-1")
   parser.add_argument(
     "--checkpoint", action="append", required=True, help="a model (repeat the flag: two or more)"
   )
-  parser.add_argument("--devices", type=int, default=1)
+  parser.add_argument("--devices", type=cli.number(1), default=1)
   parser.add_argument("--missed", default=None, metavar="PNG", help="draw the digits all miss")
   args = parser.parse_args(argv)
   if len(args.checkpoint) < 2:
     parser.error("--checkpoint: give two or more models")
-  if args.count < 1 or args.devices < 1:
-    parser.error(f"--count {args.count}, --devices {args.devices}: both must be >= 1")
   if args.missed:
     check_png(parser, "--missed", args.missed)
   commands.use_cpu_devices(args.devices)  # host CPU devices, before JAX starts

@@ -10,13 +10,13 @@ by ``--checkpoint`` (default ``pretrained:pixel``). One line per quality; the
 first line ("none") is the digits themselves, for comparison.
 """
 
-import argparse
 import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from pixelrnn_jax import cli
 from pixelrnn_jax import data
 from pixelrnn_jax import gru_classifier
 from pixelrnn_jax import images
@@ -32,13 +32,15 @@ def as_jpeg(digit: np.ndarray, quality: int | None, directory: Path) -> np.ndarr
   return images.read_image(path)
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+  parser = cli.OneLineParser(description=__doc__.splitlines()[0])
   parser.add_argument("--data-dir", default=None)
-  parser.add_argument("--count", type=int, default=1000)
-  parser.add_argument("--qualities", type=int, nargs="+", default=[95, 75, 50, 30, 20])
+  parser.add_argument("--count", type=cli.number(1), default=1000)
+  parser.add_argument(
+    "--qualities", type=cli.number(1, 95), nargs="+", default=[95, 75, 50, 30, 20]
+  )
   parser.add_argument("--checkpoint", default="pretrained:pixel", help="what --checkpoint takes")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   digits, labels = data.load_mnist("valid", data_dir=args.data_dir)
   digits, labels = digits[: args.count], labels[: args.count]
   model = gru_classifier.load(args.checkpoint)

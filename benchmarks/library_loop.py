@@ -13,13 +13,13 @@ JSON line per entry; a flat memory shows as ``rss_growth_mb`` near 0 between
 10% and the end.
 """
 
-import argparse
 import json
 import time
 
 import jax
 import numpy as np
 
+from pixelrnn_jax import cli
 from pixelrnn_jax import gru_classifier
 from pixelrnn_jax import inference
 
@@ -35,11 +35,11 @@ def rss_mb() -> float:
   raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--calls", type=int, default=1000)
-  parser.add_argument("--batch", type=int, default=8)
-  args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+  parser = cli.OneLineParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--calls", type=cli.number(1), default=1000)
+  parser.add_argument("--batch", type=cli.number(1), default=8)
+  args = parser.parse_args(argv)
   compilations = [0]
   jax.monitoring.register_event_duration_secs_listener(
     lambda event, duration, **kw: compilations.__setitem__(0, compilations[0] + (event == EVENT))

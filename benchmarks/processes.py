@@ -16,7 +16,6 @@ gain of more machines.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import socket
@@ -28,6 +27,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from pixelrnn_jax import cli
 
 
 def _free_port() -> int:
@@ -110,17 +111,23 @@ def run_layout(args, processes: int, devices: int, workdir: Path) -> dict:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = cli.OneLineParser(description=__doc__.split("\n")[0])
   parser.add_argument("--data-dir", required=True)
   parser.add_argument("--recipe", default="notebook")
   parser.add_argument("--order", default="pixel", choices=("pixel", "permuted", "row"))
-  parser.add_argument("--steps", type=int, default=60, help="steps per run (the first compiles)")
-  parser.add_argument("--log-every", type=int, default=20)
-  parser.add_argument("--batch-size", type=int, default=256)
-  parser.add_argument("--devices", type=int, default=2, help="devices in all (D)")
-  parser.add_argument("--processes", type=int, default=2, help="processes of the split layout (N)")
-  parser.add_argument("--rounds", type=int, default=2)
-  parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+  parser.add_argument(
+    "--steps", type=cli.number(1), default=60, help="steps per run (the first compiles)"
+  )
+  parser.add_argument("--log-every", type=cli.number(1), default=20)
+  parser.add_argument("--batch-size", type=cli.number(1), default=256)
+  parser.add_argument("--devices", type=cli.number(1), default=2, help="devices in all (D)")
+  parser.add_argument(
+    "--processes", type=cli.number(1), default=2, help="processes of the split layout (N)"
+  )
+  parser.add_argument("--rounds", type=cli.number(1), default=2)
+  parser.add_argument(
+    "--timeout", type=cli.number(1, kind=float), default=1800, help="seconds per run"
+  )
   parser.add_argument("--out", default=None, help="write the report as JSON here")
   args = parser.parse_args(argv)
   if args.devices % args.processes:

@@ -12,8 +12,7 @@ model; the first line is the digits as they are. Users' digits are rarely as
 upright and as large as MNIST's; this measures how far from that a model holds.
 """
 
-import argparse
-
+from pixelrnn_jax import cli
 from pixelrnn_jax import commands
 from pixelrnn_jax import data
 from pixelrnn_jax import gru_classifier
@@ -31,20 +30,30 @@ def transforms(degrees: list[float], scales: list[float]) -> list[tuple[str, flo
 
 
 def main(argv: list[str] | None = None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.OneLineParser(description=__doc__.splitlines()[0])
   parser.add_argument("--data-dir", default=None)
-  parser.add_argument("--count", type=int, default=5000)
+  parser.add_argument("--count", type=cli.number(1), default=5000)
   parser.add_argument(
-    "--degrees", type=float, nargs="+", default=[-20.0, -10.0, 10.0, 20.0], metavar="DEG"
+    "--degrees",
+    type=cli.number(-180, 180, kind=float),
+    nargs="+",
+    default=[-20.0, -10.0, 10.0, 20.0],
+    metavar="DEG",
   )
-  parser.add_argument("--scales", type=float, nargs="+", default=[0.8, 0.9, 1.1], metavar="S")
+  parser.add_argument(
+    "--scales",
+    type=cli.number(0.1, 10, kind=float),
+    nargs="+",
+    default=[0.8, 0.9, 1.1],
+    metavar="S",
+  )
   parser.add_argument(
     "--checkpoint",
     action="append",
     default=None,
     help="a model (repeat the flag); default pretrained:pixel",
   )
-  parser.add_argument("--devices", type=int, default=1)
+  parser.add_argument("--devices", type=cli.number(1), default=1)
   args = parser.parse_args(argv)
   commands.use_cpu_devices(args.devices)  # host CPU devices, before JAX starts
   checkpoints = args.checkpoint or ["pretrained:pixel"]

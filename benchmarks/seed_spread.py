@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from pixelrnn_jax import cli
+
 
 def valid_at(run_dir: Path, step: int) -> float | None:
   metrics = run_dir / "metrics.jsonl"
@@ -75,19 +77,19 @@ def run_seed(args, seed: int, run_dir: Path) -> float:
   return accuracy
 
 
-def main() -> int:
-  parser = argparse.ArgumentParser(
+def main(argv: list[str] | None = None) -> int:
+  parser = cli.OneLineParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   parser.add_argument("--recipe", required=True)
-  parser.add_argument("--seeds", type=int, nargs="+", required=True)
+  parser.add_argument("--seeds", type=cli.number(0), nargs="+", required=True)
   parser.add_argument(
     "--at-step",
-    type=int,
+    type=cli.number(1),
     required=True,
     help="compare the valid accuracy at this step (a multiple of --eval-every)",
   )
-  parser.add_argument("--eval-every", type=int, default=500)
+  parser.add_argument("--eval-every", type=cli.number(1), default=500)
   parser.add_argument("--runs", default="runs/seeds", help="parent of the run directories")
   parser.add_argument(
     "--reuse",
@@ -97,8 +99,8 @@ def main() -> int:
     help="take this seed's accuracy from an existing run directory",
   )
   parser.add_argument("--data-dir", default=None)
-  parser.add_argument("--devices", type=int, default=1)
-  args = parser.parse_args()
+  parser.add_argument("--devices", type=cli.number(1), default=1)
+  args = parser.parse_args(argv)
   if args.at_step % args.eval_every:
     parser.error(f"--at-step {args.at_step} is not a multiple of --eval-every {args.eval_every}")
   reused = dict(item.split("=", 1) for item in args.reuse)

@@ -19,7 +19,6 @@ Targets on 2 cores: no errors, flat memory, p99 <= 1 s at 64 clients.
 Needs the ``serve`` extra (``pip install -e '.[serve]'``).
 """
 
-import argparse
 import asyncio
 import io
 import json
@@ -35,6 +34,8 @@ import httpx
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
+
+from pixelrnn_jax import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SEVEN = [(70, 55), (210, 55), (120, 240)]  # one stroke on a 280x280 canvas, as on the page
@@ -221,11 +222,15 @@ def plain_loop(checkpoint: str, png: bytes, pixels_body: bytes, count: int) -> d
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--clients", type=int, default=64, help="concurrent connections")
-  parser.add_argument("--requests", type=int, default=640, help="requests per kind")
-  parser.add_argument("--time-limit", type=float, default=300.0, help="seconds per kind, at most")
-  parser.add_argument("--loop", type=int, default=200, help="iterations of the plain loop")
+  parser = cli.OneLineParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--clients", type=cli.number(1), default=64, help="concurrent connections")
+  parser.add_argument("--requests", type=cli.number(1), default=640, help="requests per kind")
+  parser.add_argument(
+    "--time-limit", type=cli.number(1, kind=float), default=300.0, help="seconds per kind, at most"
+  )
+  parser.add_argument(
+    "--loop", type=cli.number(1), default=200, help="iterations of the plain loop"
+  )
   parser.add_argument("--checkpoint", default="pretrained:pixel")
   parser.add_argument(
     "--modes",
@@ -237,7 +242,7 @@ def main(argv=None) -> dict:
   parser.add_argument(
     "--max-batch",
     nargs="+",
-    type=int,
+    type=cli.number(1),
     default=[16, 1],
     help="serve --max-batch values to measure (1: no batching of waiting requests)",
   )

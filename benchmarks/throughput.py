@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from pixelrnn_jax import cli
 from pixelrnn_jax import gru_classifier
 from pixelrnn_jax.training import config as config_lib
 from pixelrnn_jax.training import step as train_lib
@@ -478,18 +479,18 @@ def _print_report(report: dict) -> None:
 
 
 def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(
+  parser = cli.OneLineParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
   parser.add_argument("--quick", action="store_true", help="a ~1 minute smoke run")
-  parser.add_argument("--batch", type=int, default=512)
-  parser.add_argument("--steps", type=int, default=784, help="sequence length T")
-  parser.add_argument("--units", type=int, default=64)
-  parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds")
-  parser.add_argument("--iters", type=int, default=2, help="steps timed per round")
+  parser.add_argument("--batch", type=cli.number(1), default=512)
+  parser.add_argument("--steps", type=cli.number(1), default=784, help="sequence length T")
+  parser.add_argument("--units", type=cli.number(1), default=64)
+  parser.add_argument("--rounds", type=cli.number(1), default=None, help="interleaved rounds")
+  parser.add_argument("--iters", type=cli.number(1), default=2, help="steps timed per round")
   parser.add_argument(
     "--devices",
-    type=int,
+    type=cli.number(1),
     default=min(2, os.cpu_count() or 1),
     help="also time pixelrnn_jax pmapped over N host devices (1: off)",
   )

@@ -13,12 +13,12 @@ turns a 6 into a 0 teaches the model the wrong label.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from pixelrnn_jax import cli
 from pixelrnn_jax import data
 from pixelrnn_jax import plots
 from pixelrnn_jax.training import batches as batches_lib
@@ -48,19 +48,19 @@ def rows(digits, *, seed, max_shift, max_rotation, max_scale, alphas, sigma) -> 
 
 
 def main(argv: list[str] | None = None) -> list:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.OneLineParser(description=__doc__.splitlines()[0])
   parser.add_argument("--data-dir", default=None)
   parser.add_argument("--out", required=True, help="the PNG to write")
-  parser.add_argument("--count", type=int, default=12, help="valid digits 0..count-1")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--max-shift", type=int, default=0)
-  parser.add_argument("--max-rotation", type=float, default=0.0)
-  parser.add_argument("--max-scale", type=float, default=0.0)
-  parser.add_argument("--elastic-alpha", type=float, nargs="+", default=[0.0], metavar="A")
-  parser.add_argument("--elastic-sigma", type=float, default=4.0)
+  parser.add_argument("--count", type=cli.number(4, 40), default=12, help="valid digits 0..count-1 (one row of the picture)")
+  parser.add_argument("--seed", type=cli.number(0), default=0)
+  parser.add_argument("--max-shift", type=cli.number(0), default=0)
+  parser.add_argument("--max-rotation", type=cli.number(kind=float), default=0.0)
+  parser.add_argument("--max-scale", type=cli.number(kind=float), default=0.0)
+  parser.add_argument(
+    "--elastic-alpha", type=cli.number(kind=float), nargs="+", default=[0.0], metavar="A"
+  )
+  parser.add_argument("--elastic-sigma", type=cli.number(kind=float), default=4.0)
   args = parser.parse_args(argv)
-  if not 4 <= args.count <= 40:
-    parser.error(f"--count {args.count}: expected 4 to 40 digits (one row of the picture)")
   out = Path(args.out)
   if out.suffix.lower() != ".png" or out.is_dir():
     parser.error(f"--out {args.out}: expected a file name ending in .png")

@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -167,7 +168,7 @@ def config_from_flags(args: argparse.Namespace):
     raise ValueError(message) from error
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
   """A parser whose errors are one line, and which names a misspelt flag (and the
   closest real ones) before anything else, in its own usage: argparse would report a
   missing required flag first, or a command's unknown flag in the top-level usage.
@@ -229,6 +230,40 @@ class _OneLineParser(argparse.ArgumentParser):
     return namespace
 
 
+def number(minimum: float | None = None, maximum: float | None = None, *, kind=int):
+  """An argparse ``type`` for a numeric flag: a finite ``kind`` (int or float) within
+  [minimum, maximum] (either end may be None: open). A value outside it, a word or
+  ``inf`` / ``nan`` is one line naming the flag, the value and what it takes
+  (``argument --count: expected an integer >= 1, got '0'``)."""
+  what = "an integer" if kind is int else "a finite number"
+  if minimum is not None and maximum is not None:
+    expected = f"{what} from {minimum:g} to {maximum:g}"
+  elif minimum is not None:
+    expected = f"{what} >= {minimum:g}"
+  elif maximum is not None:
+    expected = f"{what} <= {maximum:g}"
+  else:
+    expected = what
+
+  def parse(text: str):
+    try:
+      value = kind(text)
+    except ValueError:
+      value = None
+    if (
+      value is None
+      or not math.isfinite(value)
+      or (minimum is not None and value < minimum)
+      or (maximum is not None and value > maximum)
+    ):
+      raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+  parse.__name__ = expected  # argparse names a type by it in some messages
+  parse.minimum, parse.maximum, parse.kind = minimum, maximum, kind
+  return parse
+
+
 def _did_you_mean(word: str, choices) -> str:
   """'; did you mean X or Y?': the choices that ``word`` begins (--raw: --raw-confidence)
   first, then the closest spellings; --help only when it is the closest."""
@@ -247,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
   """The ``pixelrnn-jax`` parser with every command and flag."""
   from pixelrnn_jax import __version__  # noqa: PLC0415
 
-  parser = _OneLineParser(
+  parser = OneLineParser(
     prog="pixelrnn-jax", description="Sequential MNIST with a GRU that reads one pixel at a time."
   )
   parser.add_argument("--version", action="version", version=f"pixelrnn-jax {__version__}")
@@ -257,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
   verbose.add_argument(
     "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
   )
-  commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+  commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
   parser.commands = commands.choices
 
   def add_command(name: str, **kwargs) -> argparse.ArgumentParser:

@@ -146,7 +146,7 @@ def test_ensembles_refuses_a_bad_path_or_model_in_one_line_before_scoring(
     ([*models, str(tmp_path / "nothing")], "no such weights file"),
     (["--missed", str(tmp_path), *models, "pretrained:anytime"], "ending in .png"),
     (["--missed", "m.xyz", *models, "pretrained:anytime"], "ending in .png"),
-    (["--count", "0", *models, "pretrained:anytime"], "--count 0, --devices 1: both"),
+    (["--count", "0", *models, "pretrained:anytime"], "argument --count: expected an integer >= 1"),
   ]:
     with pytest.raises(SystemExit) as exit_:
       module.main(["--data-dir", mnist_dir, "--count", "10", *argv])

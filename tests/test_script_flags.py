@@ -1,0 +1,130 @@
+"""Every example and benchmark script parses its flags as the ``pixelrnn-jax`` command
+does: a numeric flag out of its range, a word, ``inf`` or ``nan`` is one line naming
+the flag and the value; a misspelt flag is named with the real one; a negative number
+is a value. The flags and their ranges are read from each script's own parser."""
+
+import argparse
+import functools
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+
+from pixelrnn_jax import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(
+  p
+  for p in [*ROOT.glob("examples/*.py"), *ROOT.glob("benchmarks/*.py")]
+  if "argparse" in p.read_text() or "OneLineParser" in p.read_text()
+)
+
+
+class _Parsed(Exception):
+  def __init__(self, parser):
+    super().__init__()
+    self.parser = parser
+
+
+@functools.cache
+def _parser_of(path: Path) -> argparse.ArgumentParser:
+  """The script's parser, taken when its ``main`` asks it to parse (nothing runs)."""
+
+  def capture(self, args=None, namespace=None):
+    raise _Parsed(self)
+
+  spec = importlib.util.spec_from_file_location(f"script_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  with pytest.MonkeyPatch.context() as monkeypatch, pytest.raises(_Parsed) as parsed:
+    monkeypatch.setattr(cli.OneLineParser, "parse_args", capture)
+    module.main([])
+  return parsed.value.parser
+
+
+def _numeric_flags(parser):
+  return [
+    (action.option_strings[-1], action.type)
+    for action in parser._actions
+    if hasattr(action.type, "minimum")
+  ]
+
+
+def _required(parser) -> list[str]:
+  """Values for the required flags, so that only the flag under test can fail."""
+  words = []
+  for action in parser._actions:
+    if action.required and action.option_strings:
+      value = action.type.minimum if hasattr(action.type, "minimum") else "x"
+      words += [action.option_strings[-1], str(value if value is not None else 1)]
+  return words
+
+
+def _refusal(parser, argv, capsys) -> str:
+  with pytest.raises(SystemExit) as exit_:
+    parser.parse_args(argv)
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1, err  # one line
+  return err
+
+
+def test_every_script_with_flags_uses_the_one_line_parser():
+  assert len(SCRIPTS) >= 9
+  for path in SCRIPTS:
+    text = path.read_text()
+    assert "argparse.ArgumentParser(" not in text, path.name
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+@settings(
+  max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)  # capsys is read (and so emptied) by each example
+@given(data=st.data())
+def test_a_numeric_flag_out_of_its_range_is_one_line_naming_it(path, data, capsys):
+  parser = _parser_of(path)
+  flags = _numeric_flags(parser)
+  assert flags, f"{path.name} has no numeric flag"
+  flag, kind = data.draw(st.sampled_from(flags))
+  bad = []
+  if kind.minimum is not None:
+    bad.append(st.floats(max_value=kind.minimum, exclude_max=True, allow_nan=False))
+  if kind.maximum is not None:
+    bad.append(st.floats(min_value=kind.maximum, exclude_min=True, allow_nan=False))
+  bad.append(st.sampled_from([math.inf, -math.inf, math.nan]))
+  value = data.draw(st.one_of(bad))
+  text = repr(value) if math.isfinite(value) else str(value)
+  word = data.draw(st.sampled_from([text, "ten", ""]))
+  err = _refusal(parser, [*_required(parser), flag, word], capsys)
+  assert f"argument {flag}: expected" in err and repr(word) in err, err
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_values_in_range_are_taken_and_negative_numbers_are_values(path):
+  parser = _parser_of(path)
+  for flag, kind in _numeric_flags(parser):
+    low = kind.minimum if kind.minimum is not None else -3
+    value = kind.kind(low)
+    if kind.kind is float and kind.minimum is not None and kind.minimum < 0:
+      value = -1e-3  # argparse alone would take "-1e-3" for a flag
+    args = parser.parse_args([*_required(parser), flag, str(value)])
+    got = getattr(args, parser._option_string_actions[flag].dest)
+    assert (got[0] if isinstance(got, list) else got) == value, (flag, got)
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_a_misspelt_flag_is_named_with_the_real_one(path, capsys):
+  parser = _parser_of(path)
+  for flag in [f for f in parser._option_string_actions if f.startswith("--")]:
+    if flag == "--help":
+      continue
+    typo = flag[:3] + flag[4:]  # one letter dropped
+    if typo in parser._option_string_actions:
+      continue
+    err = _refusal(parser, [typo], capsys)
+    assert f"unknown flag {typo}; did you mean" in err and flag in err, err
