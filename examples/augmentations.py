@@ -51,7 +51,12 @@ def main(argv: list[str] | None = None) -> list:
   parser = cli.OneLineParser(description=__doc__.splitlines()[0])
   parser.add_argument("--data-dir", default=None)
   parser.add_argument("--out", required=True, help="the PNG to write")
-  parser.add_argument("--count", type=cli.number(4, 40), default=12, help="valid digits 0..count-1 (one row of the picture)")
+  parser.add_argument(
+    "--count",
+    type=cli.number(4, 40),
+    default=12,
+    help="valid digits 0..count-1 (one row of the picture)",
+  )
   parser.add_argument("--seed", type=cli.number(0), default=0)
   parser.add_argument("--max-shift", type=cli.number(0), default=0)
   parser.add_argument("--max-rotation", type=cli.number(kind=float), default=0.0)

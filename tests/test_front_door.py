@@ -4,6 +4,7 @@ import ast
 import contextlib
 import io
 import json
+import logging
 import re
 import signal
 import subprocess
@@ -190,6 +191,25 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
   if "SIGINT received" not in stderr:  # (a slow machine: the loop had started, also fine)
     lines = [line for line in stderr.splitlines() if "INFO" not in line]
     assert lines == ["pixelrnn-jax train: interrupted (SIGINT)"], stderr
+
+
+def test_a_signal_after_the_last_step_ends_the_run_normally_and_says_so(
+  tmp_path, toy_data, monkeypatch, caplog
+):
+  """Ctrl-C during the last step's evaluation: nothing is left to stop, so the run
+  completes (its eval.json written, exit 0) and says why it did not stop."""
+
+  class SignalAtTheEnd(loop._StopOnSignal):
+    def __exit__(self, *exc):
+      self.requested, self.signum = "SIGINT", int(signal.SIGINT)
+      return super().__exit__(*exc)
+
+  monkeypatch.setattr(loop, "_StopOnSignal", SignalAtTheEnd)
+  with caplog.at_level(logging.WARNING, logger="pixelrnn_jax.training.loop"):
+    summary = loop.train_and_evaluate(config_lib.Config(**SMALL), tmp_path, progress=False)
+  assert summary["stopped"] is None and summary["step"] == SMALL["steps"]
+  assert (tmp_path / "eval.json").exists()
+  assert "SIGINT arrived after the last step: the run is complete" in caplog.text
 
 
 def test_a_stop_before_any_evaluation_reports_no_best(tmp_path, toy_data, monkeypatch, capsys):

@@ -369,6 +369,10 @@ def _train(
         )
         break
 
+  if stop.requested and summary["stopped"] is None:  # it came during the last evaluation
+    log.warning(
+      "%s arrived after the last step: the run is complete and ends normally", stop.requested
+    )
   valid = last_eval[step] if step in last_eval else evaluate()  # the same weights: not twice
   if summary["stopped"] is None and primary:
     run_dir.write_eval(workdir, {"step": step, "split": "valid", **valid})
