@@ -909,6 +909,10 @@ def test_the_page_reads_a_digit_drawn_with_the_mouse(server):
       # The scrubber moves the cursor in the chart and the 28x28 view.
       page.locator("#scrub").fill("392")
       assert page.locator("#step").text_content().startswith("392 of 784 pixels read (now row 13,")
+      # busy 'false' meant no answer was still to come: none moves the cursor back later.
+      page.wait_for_timeout(1_000)
+      assert page.locator("#step").text_content().startswith("392 of 784 pixels read")
+      assert page.evaluate("document.body.dataset.busy") == "false"
       if os.environ.get("PIXELRNN_JAX_SCREENSHOT"):  # mid-reading: the cursor shows in both
         page.locator("#scrub").fill("300")
         page.screenshot(path=str(ROOT / os.environ["PIXELRNN_JAX_SCREENSHOT"]), full_page=True)

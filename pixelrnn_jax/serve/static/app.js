@@ -181,10 +181,17 @@ drop.addEventListener("drop", (event) => {
 
 // ---------------------------------------------------------------- asking the server
 
+// body[data-busy] is "true" while an answer is still to come: a request in flight or
+// one scheduled, so that "false" means the answer shown is the one for what is drawn.
+function markBusy() {
+  document.body.dataset.busy = String(state.inFlight || state.again || state.timer !== null);
+}
+
 function sendSoon() {
   if (state.timer === null) {
     state.timer = setTimeout(() => { state.timer = null; send(); }, SEND_EVERY_MS);
   }
+  markBusy();
 }
 
 function isEmpty() {
@@ -192,10 +199,10 @@ function isEmpty() {
 }
 
 async function send() {
-  if (state.inFlight) { state.again = true; return; }
-  if (isEmpty()) { showNothing(); return; }
+  if (state.inFlight) { state.again = true; markBusy(); return; }
+  if (isEmpty()) { showNothing(); markBusy(); return; }
   state.inFlight = true;
-  document.body.dataset.busy = "true";
+  markBusy();
   try {
     const form = new FormData();
     if (state.file) {
@@ -215,8 +222,8 @@ async function send() {
     if (!state.again) showError(`cannot reach the server (${error.message})`);
   } finally {
     state.inFlight = false;
-    document.body.dataset.busy = "false";
     if (state.again) { state.again = false; send(); }
+    markBusy();
   }
 }
 
