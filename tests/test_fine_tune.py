@@ -232,3 +232,19 @@ def test_a_fine_tune_of_shipped_weights_records_their_name_and_their_cards_diges
   assert record["source"] == "pretrained:pixel-v1"  # not this machine's installation path
   assert record["params_sha256"] == card["params_sha256"]
   assert record["source_step"] == card["source"]["step"]
+
+
+def test_a_restart_after_an_attempt_killed_before_its_first_checkpoint_records_it_once(
+  source_run, tmp_path
+):
+  """SIGKILL before the first save leaves metrics.jsonl without a checkpoint: starting
+  again trains from step 0, so the unsaved attempt's records go (one init_from, no
+  step twice)."""
+  config = config_lib.Config(**{**SMALL, "init_from": str(source_run)})
+  _fresh_state(config, tmp_path)  # the killed attempt: its init_from record ...
+  run_dir.append_metrics(tmp_path / "empty", {"step": 1, "loss": 2.3, "accuracy": 0.1})
+  loop.train_and_evaluate(config, tmp_path / "empty", progress=False)
+  lines = [json.loads(x) for x in (tmp_path / "empty" / "metrics.jsonl").read_text().splitlines()]
+  assert [x["event"] for x in lines if "event" in x] == ["init_from"]
+  steps = [(x["step"], x.get("split")) for x in lines if "step" in x]
+  assert len(steps) == len(set(steps)), steps

@@ -153,6 +153,8 @@ def init_or_restore(
   position, best = (0, 0), -1.0
   restored = manager.restore_latest()
   if restored is None:
+    if workdir is not None:
+      _forget_unsaved_attempt(workdir)
     if config.init_from is not None:
       state, record = warm_start(config, state, optimizer)
       if workdir is not None:
@@ -169,6 +171,17 @@ def init_or_restore(
     jax.random.wrap_key_data(jnp.asarray(meta["data_key"], jnp.uint32)),
     meta["best_valid_accuracy"],
   )
+
+
+def _forget_unsaved_attempt(workdir: Path) -> None:
+  """A run that starts at step 0 in a directory with ``metrics.jsonl`` but no checkpoint
+  (an earlier attempt was killed before its first save) drops those records: the steps
+  are trained again, and its fine-tune record is written again."""
+  path = Path(workdir) / METRICS
+  if path.is_file() and path.read_text().strip():
+    lines = len(path.read_text().splitlines())
+    log.info("%s: no checkpoint yet; the %d records of an unsaved attempt are dropped", path, lines)
+    path.unlink()
 
 
 # The fields a model's weights depend on, in shape or meaning: a fine-tuned
