@@ -99,7 +99,7 @@ def draw_missed(digits, labels, answers, indices, out: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-  parser = cli.OneLineParser(description=__doc__.splitlines()[0])
+  parser = cli.OneLineParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--data-dir", default=None)
   parser.add_argument("--count", type=cli.number(1), default=5000, help="valid digits 0..count-1")
   parser.add_argument(

@@ -33,7 +33,7 @@ def as_jpeg(digit: np.ndarray, quality: int | None, directory: Path) -> np.ndarr
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = cli.OneLineParser(description=__doc__.splitlines()[0])
+  parser = cli.OneLineParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--data-dir", default=None)
   parser.add_argument("--count", type=cli.number(1), default=1000)
   parser.add_argument(

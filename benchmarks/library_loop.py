@@ -36,7 +36,7 @@ def rss_mb() -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = cli.OneLineParser(description=__doc__.splitlines()[0])
+  parser = cli.OneLineParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--calls", type=cli.number(1), default=1000)
   parser.add_argument("--batch", type=cli.number(1), default=8)
   args = parser.parse_args(argv)

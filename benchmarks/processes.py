@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from pixelrnn_jax import cli
+from pixelrnn_jax.training import config as config_lib
 
 
 def _free_port() -> int:
@@ -111,9 +112,9 @@ def run_layout(args, processes: int, devices: int, workdir: Path) -> dict:
 
 
 def main(argv=None) -> None:
-  parser = cli.OneLineParser(description=__doc__.split("\n")[0])
+  parser = cli.OneLineParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--data-dir", required=True)
-  parser.add_argument("--recipe", default="notebook")
+  parser.add_argument("--recipe", default="notebook", choices=sorted(config_lib.RECIPES))
   parser.add_argument("--order", default="pixel", choices=("pixel", "permuted", "row"))
   parser.add_argument(
     "--steps", type=cli.number(1), default=60, help="steps per run (the first compiles)"

@@ -30,7 +30,7 @@ def transforms(degrees: list[float], scales: list[float]) -> list[tuple[str, flo
 
 
 def main(argv: list[str] | None = None) -> dict:
-  parser = cli.OneLineParser(description=__doc__.splitlines()[0])
+  parser = cli.OneLineParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--data-dir", default=None)
   parser.add_argument("--count", type=cli.number(1), default=5000)
   parser.add_argument(

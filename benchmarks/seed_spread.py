@@ -1,4 +1,4 @@
-"""Seed spread of a recipe: the first N steps of its exact schedule, for several seeds.
+r"""Seed spread of a recipe: the first N steps of its exact schedule, for several seeds.
 
 Each seed trains with the recipe unchanged (the same schedule as the full
 run) and is stopped with SIGINT once its valid evaluation at step N is
@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from pixelrnn_jax import cli
+from pixelrnn_jax.training import config as config_lib
 
 
 def valid_at(run_dir: Path, step: int) -> float | None:
@@ -77,11 +78,21 @@ def run_seed(args, seed: int, run_dir: Path) -> float:
   return accuracy
 
 
+def _reuse(text: str) -> tuple[str, str]:
+  """``SEED=RUN_DIR`` -> (seed, run directory), for --reuse."""
+  seed, _, run_dir = text.partition("=")
+  if not (seed.isdigit() and run_dir):
+    raise argparse.ArgumentTypeError(f"expected SEED=RUN_DIR (e.g. 0=runs/tuned), got {text!r}")
+  if not Path(run_dir).is_dir():
+    raise argparse.ArgumentTypeError(f"{run_dir}: no such run directory")
+  return str(int(seed)), run_dir
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = cli.OneLineParser(
     description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
   )
-  parser.add_argument("--recipe", required=True)
+  parser.add_argument("--recipe", required=True, choices=sorted(config_lib.RECIPES))
   parser.add_argument("--seeds", type=cli.number(0), nargs="+", required=True)
   parser.add_argument(
     "--at-step",
@@ -96,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     action="append",
     default=[],
     metavar="SEED=RUN_DIR",
+    type=_reuse,
     help="take this seed's accuracy from an existing run directory",
   )
   parser.add_argument("--data-dir", default=None)
@@ -103,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   if args.at_step % args.eval_every:
     parser.error(f"--at-step {args.at_step} is not a multiple of --eval-every {args.eval_every}")
-  reused = dict(item.split("=", 1) for item in args.reuse)
+  if len(set(args.seeds)) < len(args.seeds):
+    parser.error(f"--seeds {' '.join(map(str, args.seeds))}: a seed is repeated")
+  reused = dict(args.reuse)
   rows = {}
   for seed in sorted(set(args.seeds) | {int(s) for s in reused}):
     run_dir = Path(reused.get(str(seed), Path(args.runs) / f"{args.recipe}-seed{seed}"))

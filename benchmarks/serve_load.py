@@ -222,7 +222,7 @@ def plain_loop(checkpoint: str, png: bytes, pixels_body: bytes, count: int) -> d
 
 
 def main(argv=None) -> dict:
-  parser = cli.OneLineParser(description=__doc__.splitlines()[0])
+  parser = cli.OneLineParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--clients", type=cli.number(1), default=64, help="concurrent connections")
   parser.add_argument("--requests", type=cli.number(1), default=640, help="requests per kind")
   parser.add_argument(

@@ -514,7 +514,13 @@ def main(argv=None) -> dict:
     args.rounds = args.rounds or 3
   rounds = args.rounds or 5
   setups = contestants(args)
-  ours = next(name for name in setups if name.startswith("pixelrnn_jax"))
+  ours = next((name for name in setups if name.startswith("pixelrnn_jax")), None)
+  if ours is None:  # the ratios are to pixelrnn_jax's time
+    every = ", ".join(contestants(argparse.Namespace(**{**vars(args), "only": None})))
+    parser.error(
+      f"--only {args.only}: no pixelrnn_jax contestant is left (the ratios are to its"
+      f" time); contestants: {every}"
+    )
   report = {
     "machine": machine(),
     "command": "python benchmarks/throughput.py " + " ".join(argv or sys.argv[1:]),

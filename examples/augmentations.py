@@ -48,7 +48,7 @@ def rows(digits, *, seed, max_shift, max_rotation, max_scale, alphas, sigma) -> 
 
 
 def main(argv: list[str] | None = None) -> list:
-  parser = cli.OneLineParser(description=__doc__.splitlines()[0])
+  parser = cli.OneLineParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--data-dir", default=None)
   parser.add_argument("--out", required=True, help="the PNG to write")
   parser.add_argument(

@@ -61,6 +61,7 @@ def _required(parser) -> list[str]:
   for action in parser._actions:
     if action.required and action.option_strings:
       value = action.type.minimum if hasattr(action.type, "minimum") else "x"
+      value = sorted(action.choices)[0] if action.choices else value
       words += [action.option_strings[-1], str(value if value is not None else 1)]
   return words
 
@@ -128,3 +129,48 @@ def test_a_misspelt_flag_is_named_with_the_real_one(path, capsys):
       continue
     err = _refusal(parser, [typo], capsys)
     assert f"unknown flag {typo}; did you mean" in err and flag in err, err
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: p.name)
+def test_a_value_outside_a_flags_choices_is_one_line_naming_them(path, capsys):
+  parser = _parser_of(path)
+  for action in parser._actions:
+    if action.choices and action.option_strings:
+      flag = action.option_strings[-1]
+      err = _refusal(parser, [*_required(parser), flag, "nope"], capsys)
+      assert f"argument {flag}: invalid choice: 'nope'" in err, err
+
+
+def _main_of(name: str):
+  spec = importlib.util.spec_from_file_location(f"main_{name}", ROOT / "benchmarks" / name)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.main
+
+
+@pytest.mark.parametrize(
+  "argv, said",
+  [
+    (["--reuse", "foo"], "argument --reuse: expected SEED=RUN_DIR"),
+    (["--reuse", "0=/no/such/run"], "argument --reuse: /no/such/run: no such run directory"),
+    (["--seeds", "1", "1"], "--seeds 1 1: a seed is repeated"),
+  ],
+)
+def test_seed_spread_checks_its_seeds_and_reused_runs_before_training(argv, said, capsys):
+  main = _main_of("seed_spread.py")
+  with pytest.raises(SystemExit) as exit_:
+    main(["--recipe", "tuned", "--seeds", "1", "--at-step", "1000", *argv])
+  assert exit_.value.code == 2
+  assert said in capsys.readouterr().err
+
+
+def test_throughput_refuses_an_only_that_leaves_no_pixelrnn_jax_contestant(capsys):
+  main = _main_of("throughput.py")
+  with pytest.raises(SystemExit) as exit_:
+    main(["--only", "flax", "--rounds", "1", "--no-memory", "--no-scaling", "--devices", "1"])
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err
+  assert (
+    "--only flax: no pixelrnn_jax contestant is left" in err
+    and "torch" not in err.split("contestants:")[0]
+  )
