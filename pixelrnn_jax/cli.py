@@ -155,9 +155,8 @@ def config_from_flags(args: argparse.Namespace):
         f"{saved}: not a readable run config ({_one_line(error)}); give --recipe to start"
         " from a named config"
       ) from error
-    logging.getLogger(__name__).info("starting from the run's %s (no --recipe given)", saved)
   try:
-    return start.replace(**given)
+    config = start.replace(**given)
   except ValueError as error:
     message = str(error)
     for name in (f.name for f in dataclasses.fields(config_lib.Config)):
@@ -166,6 +165,9 @@ def config_from_flags(args: argparse.Namespace):
         message = f"{flag} {message.removeprefix(name + '=')}"
         break
     raise ValueError(message) from error
+  if start is not config_lib.RECIPES[args.recipe or "notebook"]:  # said once the flags fit
+    logging.getLogger(__name__).info("starting from the run's %s (no --recipe given)", saved)
+  return config
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -645,3 +645,40 @@ def test_a_negative_number_is_a_value_the_flag_refuses_by_name(tmp_path_factory,
   # "-1e-3" gets argparse's "invalid int value", which names both too.
   assert re.search(rf"error: ({flag} \S+: expected|argument {flag}: invalid int value)", last), last
   assert not (workdir / "run").exists()
+
+
+def test_a_new_run_says_so_and_a_resume_does_not(tmp_path, toy_data, caplog):
+  """A mistyped --workdir starts a new run: the log says so, with its length."""
+  config = config_lib.Config(**SMALL)
+  with caplog.at_level(logging.INFO, logger="pixelrnn_jax.training.run_dir"):
+    loop.train_and_evaluate(config, tmp_path / "run", progress=False)
+  assert f"a new run: no checkpoint in {tmp_path / 'run' / 'checkpoints'}; 6 steps" in caplog.text
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger="pixelrnn_jax.training.run_dir"):
+    loop.train_and_evaluate(config.replace(steps=8), tmp_path / "run", progress=False)
+  assert "a new run" not in caplog.text and "resuming from" in caplog.text
+
+
+def test_flags_that_do_not_fit_a_saved_run_are_one_line_before_the_data_is_read(tmp_path, toy_data):
+  workdir = tmp_path / "run"
+  loop.train_and_evaluate(config_lib.Config(**SMALL), workdir, progress=False)
+  # --data-dir names nothing: had the data been read first, that would be the error.
+  result = subprocess.run(
+    [sys.executable, "-m", "pixelrnn_jax", "train", "--workdir", str(workdir)]
+    + ["--num-units", "16", "--data-dir", str(tmp_path / "no-data")],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 2, result.stderr
+  (line,) = [x for x in result.stderr.splitlines() if " INFO " not in x]  # no data read
+  assert "holds a run with a different config (--num-units: 8 -> 16)" in line
+  assert "MNIST" not in result.stderr
+  # A value no config takes is refused before the run's config.json is even mentioned.
+  result = subprocess.run(
+    [sys.executable, "-m", "pixelrnn_jax", "train", "--workdir", str(workdir), "--steps", "-5"],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr

@@ -176,6 +176,7 @@ def train_and_evaluate(
   absolute = Path(workdir).absolute()
   made = [path for path in (absolute, *absolute.parents) if not path.exists()]  # deepest first
   workdir = run_dir.check_workdir(workdir)
+  run_dir.check_resumable(workdir, config, early=True)  # before minutes of data loading
   try:
     splits = {split: _load_split(config, split) for split in ("train", "valid")}
   except BaseException:  # bad data: no empty directories of ours left behind

@@ -153,6 +153,14 @@ def init_or_restore(
   position, best = (0, 0), -1.0
   restored = manager.restore_latest()
   if restored is None:
+    log.info(
+      "a new run: no checkpoint in %s; %d steps of batch %d, %s order%s",
+      manager.directory,
+      config.steps,
+      config.batch_size,
+      config.order,
+      f", from {config.init_from}" if config.init_from else "",
+    )
     if workdir is not None:
       _forget_unsaved_attempt(workdir)
     if config.init_from is not None:
@@ -289,6 +297,25 @@ def warm_start(config: config_lib.Config, state: step_lib.TrainState, optimizer)
 def prepare(workdir: Path, config: config_lib.Config, *, is_primary: bool = True) -> None:
   """Writes config.json; on resume, refuses a config that changes what is computed."""
   workdir.mkdir(parents=True, exist_ok=True)
+  check_resumable(workdir, config)
+  if is_primary:
+    config_path = workdir / "config.json"
+    tmp = config_path.with_suffix(".json.partial")
+    tmp.write_text(config.to_json() + "\n")
+    tmp.replace(config_path)
+
+
+def check_resumable(workdir: Path, config: config_lib.Config, *, early: bool = False) -> None:
+  """Nothing when ``workdir`` holds no run or one that ``config`` continues (read-only).
+
+  The trainer calls it ``early`` (before loading data and joining the other processes:
+  the fields a cluster fills in are not compared yet, and nothing is logged), then again
+  under the run's lock.
+
+  Raises:
+    ValueError: the run is past ``config.steps``, or its config differs in a field
+      that changes what is computed (naming each flag, then and now).
+  """
   config_path = workdir / "config.json"
   latest = latest_step(workdir)
   if latest is not None and latest > config.steps:
@@ -305,7 +332,9 @@ def prepare(workdir: Path, config: config_lib.Config, *, is_primary: bool = True
     changed = sorted(
       name
       for name in current
-      if name not in config_lib.RESUMABLE_CHANGES and previous.get(name) != current[name]
+      if name not in config_lib.RESUMABLE_CHANGES
+      and not (early and name in _FILLED_IN_BY_A_CLUSTER)
+      and previous.get(name) != current[name]
     )
     if changed:
       details = ", ".join(
@@ -315,12 +344,12 @@ def prepare(workdir: Path, config: config_lib.Config, *, is_primary: bool = True
         f"{workdir} holds a run with a different config ({details}); resume"
         " with the same settings or choose a new --workdir"
       )
-    if previous.get("steps") != config.steps:
+    if previous.get("steps") != config.steps and not early:
       _warn_if_schedule_changes(config.replace(steps=previous["steps"]), config, latest)
-  if is_primary:
-    tmp = config_path.with_suffix(".json.partial")
-    tmp.write_text(config.to_json() + "\n")
-    tmp.replace(config_path)
+
+
+# What ``distributed.initialize`` may set from a cluster's environment (SLURM, Open MPI).
+_FILLED_IN_BY_A_CLUSTER = ("num_processes", "process_id", "coordinator_address", "devices")
 
 
 def latest_step(workdir: Path) -> int | None:
