@@ -202,6 +202,7 @@ class OneLineParser(argparse.ArgumentParser):
 
   def parse_known_args(self, args=None, namespace=None):
     words = list(args or [])
+    spelt = {}  # an action's dest -> how it was first spelt, to catch --lr 1 --learning-rate 2
     i = 0
     while i < len(words):
       word = words[i]
@@ -218,6 +219,11 @@ class OneLineParser(argparse.ArgumentParser):
       if name not in self.flags:
         spelled = name if name.startswith("--") else "-" + name  # -early for --early
         self.error(f"unknown flag {name}{_did_you_mean(spelled, self.flags)}")
+      action = self._option_string_actions.get(name)
+      if action is not None and not isinstance(action, argparse._AppendAction):  # noqa: SLF001
+        first = spelt.setdefault(action.dest, name)
+        if first != name:  # argparse would silently keep the last one
+          self.error(f"{first} and {name} are the same flag: give it once")
       if self.flags[name] and "=" not in word:
         i += 1  # its value, which may itself start with "--" (--notes "--recipe ...")
     return super().parse_known_args(args, namespace)

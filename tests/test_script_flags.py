@@ -4,8 +4,10 @@ the flag and the value; a misspelt flag is named with the real one; a negative n
 is a value. The flags and their ranges are read from each script's own parser."""
 
 import argparse
+import contextlib
 import functools
 import importlib.util
+import io
 import math
 from pathlib import Path
 
@@ -174,3 +176,28 @@ def test_throughput_refuses_an_only_that_leaves_no_pixelrnn_jax_contestant(capsy
     "--only flax: no pixelrnn_jax contestant is left" in err
     and "torch" not in err.split("contestants:")[0]
   )
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_two_spellings_of_one_flag_are_refused_not_silently_resolved(data):
+  """``--lr 1e-3 --learning-rate 2e-3``: argparse keeps the last; the command says so."""
+  commands = cli.build_parser().commands
+  name = data.draw(st.sampled_from(sorted(commands)))
+  parser = commands[name]
+  aliased = [
+    a
+    for a in parser._actions
+    if len(a.option_strings) > 1 and not isinstance(a, argparse._AppendAction)
+  ]
+  if not aliased:
+    return
+  action = data.draw(st.sampled_from(aliased))
+  first, second = data.draw(st.permutations(action.option_strings))[:2]
+  words = [first] if action.nargs == 0 else [first, "1"]
+  words += [second] if action.nargs == 0 else [f"{second}=2"]
+  err = io.StringIO()
+  with pytest.raises(SystemExit) as exit_, contextlib.redirect_stderr(err):
+    cli.build_parser().parse_args([name, *words])
+  assert exit_.value.code == 2
+  assert f"{first} and {second} are the same flag: give it once" in err.getvalue()
