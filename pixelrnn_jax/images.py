@@ -712,6 +712,13 @@ def prepare(image, *, invert: str = "auto") -> Digit:
   if inverted:
     grey = 1.0 - grey
   paper = float(np.median(_border(grey)))
+  if invert != "auto" and paper > 0.5:  # the model reads light ink on dark paper
+    ink, other = ("light", "no") if invert == "yes" else ("dark", "yes")
+    raise ImageError(
+      f"--invert {invert} leaves light paper (median {paper:.2f} at the border):"
+      f" {ink} ink on {'dark' if ink == 'light' else 'light'} paper needs --invert auto"
+      f" or {other}"
+    )
   if grey.shape == (FIELD, FIELD) and paper <= BACKGROUND_MAX and _is_mnist_sized(grey):
     return Digit(grey.astype(np.float32), inverted, False)
   grey = _remove_lighting(grey)

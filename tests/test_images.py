@@ -636,3 +636,25 @@ def test_a_file_without_an_extension_is_read_by_its_bytes(tmp_path):
   (tmp_path / "notes").write_text("hello")
   with pytest.raises(images.ImageError, match="notes: no file extension, and its bytes are not"):
     images.read_image(tmp_path / "notes")
+
+
+@settings(max_examples=20, deadline=None)
+@given(index=st.integers(0, 39), size=st.sampled_from([28, 64, 150]))
+def test_a_forced_polarity_that_is_wrong_names_the_fix(index, size):
+  """--invert yes on light ink on dark paper (or --invert no on dark on light) hands the
+  model light paper: refused, naming the --invert that reads it (it used to say "is the
+  image blank?", or read the paper's texture as a digit)."""
+  digit = helpers.synthetic_digits(40, 3)[0][index]
+  light_on_dark = (
+    np.asarray(Image.fromarray((digit * 255).astype(np.uint8)).resize((size, size)), np.float32)
+    / 255
+  )
+  with pytest.raises(
+    images.ImageError, match=r"light ink on dark paper needs --invert auto or no$"
+  ):
+    images.prepare(light_on_dark, invert="yes")
+  with pytest.raises(
+    images.ImageError, match=r"dark ink on light paper needs --invert auto or yes$"
+  ):
+    images.prepare(1.0 - light_on_dark, invert="no")
+  assert images.prepare(light_on_dark, invert="no").pixels.max() > 0.5
