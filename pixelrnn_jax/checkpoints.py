@@ -31,10 +31,15 @@ name, fsynced and renamed, so it is atomic on POSIX.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
+import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +55,68 @@ class CheckpointWriteError(OSError):
   """A checkpoint could not be written (a full disk, a write limit).
 
   The failed write's tensorstore callbacks then find orbax's event loop closed and
-  print "Event loop is closed" tracebacks from C++, which Python cannot catch; ``cli``
-  lets them pass, then prints its one line last and whole, and ends the process."""
+  print "Event loop is closed" tracebacks from C++, which Python cannot catch: the
+  save runs with stderr captured, and those are dropped from what it printed."""
+
+
+_CLOSED_LOOP = "RuntimeError: Event loop is closed"
+# The pieces of those tracebacks. Several threads print them at once, and their writes
+# interleave even within a line, so the pieces go one by one, not as lines or blocks.
+_CLOSED_LOOP_PIECES = re.compile(
+  r'File "[^"\n]*asyncio[/\\]base_events\.py", line \d+, in (?:call_soon_threadsafe|_check_closed)'
+  r"|self\._check_closed\(\)"
+  r"|raise RuntimeError\('Event loop is closed'\)"
+  r"|RuntimeError: Event loop is closed"
+)
+_TRACEBACK = "Traceback (most recent call last):"
+
+
+def drop_closed_loop_tracebacks(text: str) -> str:
+  """``text`` without the tracebacks that end in ``RuntimeError: Event loop is closed``
+  (what tensorstore's callbacks of a failed read or write print from several threads
+  at once, once orbax's event loop is gone). Other lines are kept, in order, except
+  blank ones; a "Traceback" header cannot say whose it is, so the first as many as
+  there are closed-loop errors go (a traceback of another kind printed before them,
+  in the same few milliseconds, would lose its header)."""
+  closed = text.count(_CLOSED_LOOP)
+  if not closed:
+    return text
+  text = _CLOSED_LOOP_PIECES.sub("", text).replace(_TRACEBACK, "", closed)
+  return "".join(line for line in text.splitlines(keepends=True) if line.strip())
+
+
+@contextlib.contextmanager
+def _quiet_closed_loop_tracebacks(settle_s: float = 0.3):
+  """Runs the block with file descriptor 2 captured, then writes back what it printed
+  without tensorstore's closed-loop tracebacks (printed from C++ threads: Python cannot
+  catch them). On failure it waits ``settle_s`` for the late ones first.
+
+  Only in a single-process run: in a multi-process one, the watchdog's thread may end
+  the process mid-save with its one line, which must reach the terminal."""
+  try:
+    saved = os.dup(2) if jax.process_count() == 1 else None
+  except OSError:  # no stderr to capture: nothing to tidy
+    saved = None
+  if saved is None:
+    yield
+    return
+  sys.stderr.flush()
+  with tempfile.TemporaryFile() as capture:
+    os.dup2(capture.fileno(), 2)
+    try:
+      yield
+    except BaseException:
+      time.sleep(settle_s)
+      raise
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      capture.seek(0)
+      kept = drop_closed_loop_tracebacks(capture.read().decode(errors="replace"))
+      if kept:
+        sys.stderr.write(kept)
+        sys.stderr.flush()
 
 
 class CheckpointError(ValueError):
@@ -222,11 +287,12 @@ class RunCheckpoints:
     meta = {**meta, "state_sha256": state_digest(state)}
     ocp = _orbax()
     try:
-      self._manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        metrics=metrics,
-      )
+      with _quiet_closed_loop_tracebacks():
+        self._manager.save(
+          step,
+          args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+          metrics=metrics,
+        )
     except Exception as error:
       if jax.process_count() > 1:  # maybe a peer is gone: the trainer tells which
         raise
@@ -247,9 +313,11 @@ class RunCheckpoints:
     """
     ocp = _orbax()
     try:
-      restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
-      )
+      with _quiet_closed_loop_tracebacks():
+        restored = self._manager.restore(
+          step,
+          args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
+        )
     except Exception as error:  # orbax/tensorstore raise many kinds
       message = " ".join(str(error).split())[:300]
       raise CheckpointError(
