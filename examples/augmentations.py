@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> list:
       sigma=args.elastic_sigma,
     )
   except (OSError, ValueError) as error:  # no data, or a flag out of range (Batches)
-    parser.error(str(error))
+    parser.error(cli.flags_named(str(error)))
   plt = plots._pyplot()  # noqa: SLF001 (the package's headless matplotlib)
   fig, axes = plt.subplots(
     len(drawn), args.count, figsize=(args.count * 0.9, len(drawn) * 1.05), squeeze=False

@@ -158,13 +158,7 @@ def config_from_flags(args: argparse.Namespace):
   try:
     config = start.replace(**given)
   except ValueError as error:
-    message = str(error)
-    for name in (f.name for f in dataclasses.fields(config_lib.Config)):
-      if message.startswith(f"{name}="):  # "batch_size=10: ..." -> "--batch-size 10: ..."
-        flag = "--" + name.replace("_", "-")
-        message = f"{flag} {message.removeprefix(name + '=')}"
-        break
-    raise ValueError(message) from error
+    raise ValueError(flags_named(str(error))) from error
   if start is not config_lib.RECIPES[args.recipe or "notebook"]:  # said once the flags fit
     logging.getLogger(__name__).info("starting from the run's %s (no --recipe given)", saved)
   return config
@@ -236,6 +230,16 @@ class OneLineParser(argparse.ArgumentParser):
       command = self.commands.get(getattr(namespace, "command", None), self)
       command.error(f"unrecognized arguments: {' '.join(extras)}")
     return namespace
+
+
+def flags_named(message: str) -> str:
+  """A library message in the command's words: each ``field=value`` of a ``Config``
+  field becomes ``--field value`` ("batch_size=10 does not divide across devices=4" ->
+  "--batch-size 10 does not divide across --devices 4")."""
+  names = "|".join(sorted((f.name for f in dataclasses.fields(_config().Config)), key=len)[::-1])
+  return re.sub(
+    rf"(?<![\w.-])({names})=", lambda m: "--" + m.group(1).replace("_", "-") + " ", message
+  )
 
 
 def number(minimum: float | None = None, maximum: float | None = None, *, kind=int):

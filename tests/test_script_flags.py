@@ -201,3 +201,21 @@ def test_two_spellings_of_one_flag_are_refused_not_silently_resolved(data):
     cli.build_parser().parse_args([name, *words])
   assert exit_.value.code == 2
   assert f"{first} and {second} are the same flag: give it once" in err.getvalue()
+
+
+@given(data=st.data())
+def test_a_library_message_names_the_commands_flags(data):
+  """Messages of Config and Batches say ``batch_size=3``; the command says
+  ``--batch-size 3``, a flag that ``train`` has."""
+  import dataclasses
+
+  from pixelrnn_jax.training import config as config_lib
+
+  fields = [f.name for f in dataclasses.fields(config_lib.Config)]
+  first, second = data.draw(st.lists(st.sampled_from(fields), min_size=2, max_size=2))
+  value = data.draw(st.integers(-5, 5))
+  said = cli.flags_named(f"{first}={value} does not fit {second}={value}; num_devices={value}")
+  flag = "--" + first.replace("_", "-")
+  other = "--" + second.replace("_", "-")
+  assert said == f"{flag} {value} does not fit {other} {value}; num_devices={value}"
+  assert {flag, other} <= set(cli.build_parser().commands["train"].flags)
