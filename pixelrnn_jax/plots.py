@@ -126,20 +126,35 @@ def accuracy_per_pixel(curve, out: Path, title: str, unit: str = "pixels") -> Pa
   return _save(fig, out / "accuracy_per_pixel.png")
 
 
+def threshold_labels(rows: list[dict]) -> dict[tuple[float, float], str]:
+  """(mean steps, accuracy) -> the label of the thresholds that land there: thresholds
+  that give the same point share one label ("0.99-1"), instead of overprinting."""
+  points: dict[tuple[float, float], list[float]] = {}
+  for r in rows:
+    points.setdefault((r["mean_steps"], r["accuracy"]), []).append(r["threshold"])
+  return {
+    point: f"{ts[0]:g}" if len(ts) == 1 else f"{min(ts):g}-{max(ts):g}"
+    for point, ts in points.items()
+  }
+
+
 def early_exit_tradeoff(
   rows: list[dict], total: int, out: Path, title: str, unit: str = "pixels"
 ) -> Path:
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7, 4))
   ax.plot([r["mean_steps"] for r in rows], [r["accuracy"] for r in rows], "o-")
-  for r in rows:
-    ax.annotate(
-      f"{r['threshold']:g}",
-      (r["mean_steps"], r["accuracy"]),
-      textcoords="offset points",
-      xytext=(4, -10),
-      fontsize=8,
-    )
+  for (x, y), thresholds in threshold_labels(rows).items():
+    ax.annotate(thresholds, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
+  ax.text(
+    0.99,
+    0.02,
+    "at each point: the exit threshold p",
+    transform=ax.transAxes,
+    ha="right",
+    fontsize=8,
+    color="0.4",
+  )
   ax.set(xlabel=f"mean {unit} read (of {total})", ylabel="valid accuracy", title=title)
   ax.grid(alpha=0.3)
   return _save(fig, out / "early_exit.png")

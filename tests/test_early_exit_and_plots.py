@@ -16,6 +16,7 @@ from pixelrnn_jax import diagnostics
 from pixelrnn_jax import gru_classifier
 from pixelrnn_jax import images as images_lib
 from pixelrnn_jax import inference
+from pixelrnn_jax import plots
 from pixelrnn_jax.training import config as config_lib
 from pixelrnn_jax.training import loop
 from tests import helpers
@@ -315,3 +316,24 @@ def test_learning_curves_of_a_fine_tune_get_a_log_loss_axis(
   has_chance = any(line.get_label().endswith("(chance)") for line in loss_ax.get_lines())
   assert has_chance is not log_scale
   assert (acc_ax.get_ylim() == (0, 1)) is not log_scale
+
+
+@given(
+  st.lists(
+    st.tuples(st.sampled_from([200.0, 350.5, 784.0]), st.sampled_from([0.5, 0.9, 0.98])),
+    min_size=1,
+    max_size=8,
+  )
+)
+def test_thresholds_that_land_on_one_point_share_one_label(points):
+  """An untrained model never gets sure: every threshold reads all 784 pixels, and the
+  labels used to overprint each other at that one point."""
+  rows = [
+    {"threshold": t, "mean_steps": x, "accuracy": y}
+    for t, (x, y) in zip(np.linspace(0.5, 1.0, len(points)).round(3), points, strict=True)
+  ]
+  labels = plots.threshold_labels(rows)
+  assert set(labels) == set(points)  # one label per distinct point
+  for (x, y), label in labels.items():
+    here = [r["threshold"] for r in rows if (r["mean_steps"], r["accuracy"]) == (x, y)]
+    assert label == (f"{here[0]:g}" if len(here) == 1 else f"{min(here):g}-{max(here):g}")
