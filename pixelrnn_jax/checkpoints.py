@@ -119,6 +119,23 @@ def _quiet_closed_loop_tracebacks(settle_s: float = 0.3):
         sys.stderr.flush()
 
 
+class _OwnFailedReads(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" records about this run's own
+  checkpoint files: orbax leaves the tasks of a failed read behind, and ``restore``
+  has already reported that read, in one line."""
+
+  def __init__(self, directory: Path):
+    super().__init__()
+    self.directory = str(directory)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    if not message.startswith("Task exception was never retrieved"):
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    return self.directory not in message + str(error)
+
+
 class CheckpointError(ValueError):
   """A checkpoint file is unreadable, corrupt or not a checkpoint."""
 
@@ -259,6 +276,8 @@ class RunCheckpoints:
       self._manager = ocp.CheckpointManager(self.directory, options=options)
     finally:
       absl_log.setLevel(level)
+    self._quiet = _OwnFailedReads(self.directory)
+    logging.getLogger("asyncio").addFilter(self._quiet)
 
   def steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -374,6 +393,7 @@ class RunCheckpoints:
 
   def close(self) -> None:
     self._manager.close()
+    logging.getLogger("asyncio").removeFilter(self._quiet)
 
 
 def read_step(path: str | os.PathLike) -> tuple[int, dict, dict]:

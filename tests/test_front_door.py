@@ -682,3 +682,18 @@ def test_flags_that_do_not_fit_a_saved_run_are_one_line_before_the_data_is_read(
     timeout=120,
   )
   assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_a_second_ctrl_c_goes_to_the_handler_that_was_there_before_the_loop():
+  """The command's handler ends the process with one line; a KeyboardInterrupt raised
+  instead could be swallowed by whatever runs at that moment (a gc callback in JAX)."""
+  calls = []
+  earlier = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+  try:
+    with loop._StopOnSignal() as stop:
+      signal.raise_signal(signal.SIGINT)  # the first: asks the loop to stop
+      assert stop.requested == "SIGINT" and calls == []
+      signal.raise_signal(signal.SIGINT)  # the second: the earlier handler
+      assert calls == [signal.SIGINT]
+  finally:
+    signal.signal(signal.SIGINT, earlier)

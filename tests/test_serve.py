@@ -569,12 +569,15 @@ def test_default_models_and_duplicate_names():
 
 
 def _children(pid: int) -> set[int]:
-  """Child processes of ``pid``, started by any of its threads (Linux /proc)."""
-  return {
-    int(child)
-    for path in Path(f"/proc/{pid}/task").glob("*/children")
-    for child in path.read_text().split()
-  }
+  """Child processes of ``pid``, started by any of its threads (Linux /proc); a thread
+  that ends while it is read has none."""
+  found = set()
+  for path in Path(f"/proc/{pid}/task").glob("*/children"):
+    try:
+      found.update(int(child) for child in path.read_text().split())
+    except FileNotFoundError:
+      pass
+  return found
 
 
 def test_worker_processes_answer_as_threads_and_survive_a_dead_worker(served):

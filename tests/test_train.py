@@ -401,7 +401,10 @@ def test_too_many_devices_is_a_clear_error(tmp_path, toy_data):
   "flags, match",
   [
     (["--steps", "-5"], r"error: --steps -5: expected a positive integer"),
-    (["--batch-size", "15", "--devices", "2"], r"--batch-size 15 does not divide across devices=2"),
+    (
+      ["--batch-size", "15", "--devices", "2"],
+      r"--batch-size 15 does not divide across --devices 2",
+    ),
     (["--order", "diagonal"], r"--order: invalid choice: 'diagonal'"),
     (["--cell", "lstm"], r"--cell: invalid choice: 'lstm'"),
     (["--lr", "0"], r"--learning-rate 0.0: expected a finite number > 0"),

@@ -47,7 +47,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _StopOnSignal:
-  """SIGINT/SIGTERM ask the loop to checkpoint and stop; a second SIGINT aborts.
+  """SIGINT/SIGTERM ask the loop to checkpoint and stop; a second SIGINT aborts (through
+  the SIGINT handler that was there before the loop).
 
   ``signum`` (0 until a signal) goes into the next train step, whose ``pmax``
   tells every process of the run, so they all stop after the same step.
@@ -68,7 +69,12 @@ class _StopOnSignal:
       self.requested,
       " (press Ctrl-C again to abort without saving)" if signum == signal.SIGINT else "",
     )
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # The second Ctrl-C: the handler that was there before the loop. The command's
+    # ends the process at once with one line (telling the other processes); Python's
+    # default (a library caller's) raises KeyboardInterrupt, which code running at that
+    # moment (a gc callback in JAX) can swallow.
+    previous = self._previous.get(signal.SIGINT)
+    signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
 
   def __enter__(self):
     for signum in (signal.SIGINT, signal.SIGTERM):
