@@ -55,8 +55,10 @@ class CheckpointWriteError(OSError):
   """A checkpoint could not be written (a full disk, a write limit).
 
   The failed write's tensorstore callbacks then find orbax's event loop closed and
-  print "Event loop is closed" tracebacks from C++, which Python cannot catch: the
-  save runs with stderr captured, and those are dropped from what it printed."""
+  print "Event loop is closed" tracebacks from C++, which Python cannot catch; ``cli``
+  lets them pass, then prints its one line last and whole, and ends the process. (A
+  restore captures stderr and drops them; a save does not, so that a second Ctrl-C
+  during it still prints its line.)"""
 
 
 _CLOSED_LOOP = "RuntimeError: Event loop is closed"
@@ -305,13 +307,12 @@ class RunCheckpoints:
     metrics = None if valid_accuracy is None else {METRIC: float(valid_accuracy), "step": step}
     meta = {**meta, "state_sha256": state_digest(state)}
     ocp = _orbax()
-    try:
-      with _quiet_closed_loop_tracebacks():
-        self._manager.save(
-          step,
-          args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-          metrics=metrics,
-        )
+    try:  # (stderr is not captured here: a second Ctrl-C mid-save must print its line)
+      self._manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        metrics=metrics,
+      )
     except Exception as error:
       if jax.process_count() > 1:  # maybe a peer is gone: the trainer tells which
         raise
