@@ -485,22 +485,37 @@ def _check_labels(logits: jax.Array, labels) -> jax.Array:
   return jnp.asarray(labels)
 
 
-def _losses(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Per-example cross-entropy; NaN (loss and gradient) for an out-of-range label."""
-  valid = (labels >= 0) & (labels < logits.shape[-1])
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+def _losses(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example cross-entropy; NaN (loss and gradient) for an out-of-range label.
+
+  With ``label_smoothing`` a > 0 the target is ``(1 - a) one_hot + a / classes``
+  (Szegedy et al. 2016, "Rethinking the Inception architecture", section 7).
+  """
+  classes = logits.shape[-1]
+  valid = (labels >= 0) & (labels < classes)
+  safe = jnp.where(valid, labels, 0)
+  if label_smoothing:
+    targets = optax.smooth_labels(
+      jax.nn.one_hot(safe, classes, dtype=logits.dtype), label_smoothing
+    )
+    losses = optax.softmax_cross_entropy(logits, targets)
+  else:
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
   # A constant NaN factor makes that example's loss and gradient NaN (and
   # only that example's), so a traced training step with a bad label stops
   # at the trainer's non-finite check instead of training on class 0.
   return losses * jnp.where(valid, 1.0, jnp.nan).astype(losses.dtype)
 
 
-def cross_entropy(logits: jax.Array, labels) -> jax.Array:
+def cross_entropy(logits: jax.Array, labels, *, label_smoothing: float = 0.0) -> jax.Array:
   """Mean softmax cross-entropy on the last step (the notebook's loss).
 
   Args:
     logits: <float>[batch, T, classes] from :func:`apply`.
     labels: <int>[batch], classes in [0, classes).
+    label_smoothing: a in [0, 1): the target puts 1 - a + a / classes on the
+      label and a / classes on every other class (Szegedy et al. 2016); 0 =
+      the plain cross-entropy (the notebook's).
 
   Returns:
     <float>[]
@@ -511,7 +526,7 @@ def cross_entropy(logits: jax.Array, labels) -> jax.Array:
       out-of-range label makes the loss and its gradient NaN.
   """
   labels = _check_labels(logits, labels)
-  return _losses(logits[:, -1], labels).mean()
+  return _losses(logits[:, -1], labels, label_smoothing).mean()
 
 
 STEP_WEIGHTINGS = ("uniform", "linear")
@@ -534,15 +549,18 @@ def step_weights(steps: int, weighting: str = "uniform", dtype=jnp.float32) -> j
   return w / jnp.sum(w)
 
 
-def cross_entropy_per_step(logits: jax.Array, labels, weighting: str = "uniform") -> jax.Array:
+def cross_entropy_per_step(
+  logits: jax.Array, labels, weighting: str = "uniform", *, label_smoothing: float = 0.0
+) -> jax.Array:
   """Softmax cross-entropy of every step's answer, <float>[].
 
   The mean over examples of ``sum_t w_t * CE(logits[:, t], labels)`` with the
   weights of :func:`step_weights` (``uniform``: the mean over every step and
-  example). Labels and errors as :func:`cross_entropy`.
+  example). Labels, ``label_smoothing`` and errors as :func:`cross_entropy`.
   """
   labels = _check_labels(logits, labels)
-  losses = _losses(logits, jnp.broadcast_to(labels[:, None], logits.shape[:2]))  # (B, T)
+  labels_t = jnp.broadcast_to(labels[:, None], logits.shape[:2])
+  losses = _losses(logits, labels_t, label_smoothing)  # (B, T)
   weights = step_weights(logits.shape[1], weighting, losses.dtype)
   return jnp.mean(losses @ weights)
 

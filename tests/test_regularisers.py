@@ -1,5 +1,6 @@
 """Regularisers of the trainer, each against its definition: recurrent dropout,
-decoupled weight decay (AdamW), shift-then-permute, and the weights' EMA."""
+decoupled weight decay (AdamW), label smoothing, shift-then-permute, and the
+weights' EMA."""
 
 import chex
 import jax
@@ -383,6 +384,71 @@ def test_a_run_with_an_ema_evaluates_and_loads_the_ema(tmp_path, toy_data):
   assert summary["best_valid_accuracy"] == meta["best_valid_accuracy"]
 
 
+# ---------------------------------------------------------------- label smoothing
+
+
+def _numpy_smoothed_cross_entropy(logits, labels, a):
+  """Szegedy et al. 2016, section 7: q' = (1 - a) one_hot + a / K, loss = -sum q' log p."""
+  z = logits - logits.max(axis=-1, keepdims=True)
+  log_p = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+  classes = logits.shape[-1]
+  target = np.full(logits.shape, a / classes)
+  np.put_along_axis(target, labels[..., None], 1 - a + a / classes, axis=-1)
+  return -(target * log_p).sum(axis=-1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+  a=st.floats(0.0, 0.95),
+  seed=st.integers(0, 2**16),
+  scale=st.floats(0.1, 30.0),
+)
+def test_label_smoothing_is_the_cross_entropy_with_the_smoothed_target(a, seed, scale):
+  rng = np.random.default_rng(seed)
+  logits = scale * rng.standard_normal((5, 3, 10))
+  labels = rng.integers(0, 10, size=5)
+  want = _numpy_smoothed_cross_entropy(logits[:, -1], labels, a).mean()
+  got = gru_classifier.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), label_smoothing=a)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-5)
+  per_step = gru_classifier.cross_entropy_per_step(
+    jnp.asarray(logits), jnp.asarray(labels), "uniform", label_smoothing=a
+  )
+  want_steps = _numpy_smoothed_cross_entropy(logits, np.repeat(labels[:, None], 3, 1), a)
+  np.testing.assert_allclose(float(per_step), want_steps.mean(), rtol=1e-5, atol=1e-5)
+
+
+def test_label_smoothing_at_0_is_the_plain_loss_and_its_minimum_is_the_smoothed_target():
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.standard_normal((4, 2, 10)), jnp.float32)
+  labels = jnp.asarray([0, 3, 9, 5])
+  plain = gru_classifier.cross_entropy(logits, labels)
+  assert float(gru_classifier.cross_entropy(logits, labels, label_smoothing=0.0)) == float(plain)
+  # The smoothed loss is smallest where softmax equals the target: its gradient
+  # with respect to the logits is softmax - target, zero there.
+  a = 0.1
+  target = jnp.full((4, 10), a / 10).at[jnp.arange(4), labels].add(1 - a)
+  at_target = jnp.broadcast_to(jnp.log(target)[:, None], (4, 2, 10))
+  grad = jax.grad(lambda z: gru_classifier.cross_entropy(z, labels, label_smoothing=a))(at_target)
+  np.testing.assert_allclose(grad, 0.0, atol=1e-7)
+  # An out-of-range label still makes the loss NaN, as without smoothing.
+  bad = gru_classifier._losses(logits[:, -1], jnp.asarray([0, 3, 10, 5]), a)
+  assert np.isnan(bad[2]) and np.isfinite(np.delete(np.asarray(bad), 2)).all()
+
+
+def test_the_train_step_reports_the_smoothed_loss_it_descends():
+  config = config_lib.Config(**{**SMALL_RUN, "devices": 1, "label_smoothing": 0.2})
+  optimizer = step_lib.make_optimizer(config)
+  state = step_lib.init_train_state(config, jax.random.key(0), optimizer)
+  rng = np.random.default_rng(1)
+  x = rng.random((1, 4, 28, 28), dtype=np.float32)
+  labels = rng.integers(0, 10, size=(1, 4)).astype(np.int32)
+  step = step_lib.make_train_step(optimizer, label_smoothing=0.2)
+  _, metrics = step(step_lib.replicate(state, 1), x, labels)
+  logits = gru_classifier.apply(state.params, x[0])
+  want = _numpy_smoothed_cross_entropy(np.asarray(logits[:, -1], np.float64), labels[0], 0.2)
+  np.testing.assert_allclose(float(metrics["loss"][0]), want.mean(), rtol=1e-4)
+
+
 # ---------------------------------------------------------------- in the recipes and runs
 
 
@@ -395,8 +461,9 @@ def test_every_regulariser_is_off_in_the_notebook_recipe():
     notebook.max_rotation,
     notebook.max_scale,
     notebook.elastic_alpha,
+    notebook.label_smoothing,
     notebook.ema_decay,
-  ) == (0.0, 0.0, 0, 0.0, 0.0, 0.0, None)
+  ) == (0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0, None)
 
 
 def test_resume_is_bit_exact_with_every_regulariser_on(tmp_path, toy_data):
@@ -412,6 +479,7 @@ def test_resume_is_bit_exact_with_every_regulariser_on(tmp_path, toy_data):
       "max_rotation": 10.0,
       "max_scale": 0.1,
       "elastic_alpha": 8.0,
+      "label_smoothing": 0.1,
       "ema_decay": 0.9,
     }
   )

@@ -172,6 +172,14 @@ class Config:
   weight_decay: float = knob(
     0.0, "decoupled weight decay (AdamW) on every weight; 0 = plain Adam (the notebook)", low=0
   )
+  label_smoothing: float = knob(
+    0.0,
+    "train towards (1 - a) one-hot + a / 10 instead of the label alone (Szegedy"
+    " 2016); the valid loss stays the plain cross-entropy; 0 = off (the notebook)",
+    low=0,
+    high=1,
+    high_open=True,
+  )
   per_step_loss: float = knob(
     0.0,
     "weight of the per-step cross-entropy (every step's answer, for anytime reading)"

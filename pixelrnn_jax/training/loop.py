@@ -259,6 +259,7 @@ def _train(
     recurrent_dropout=config.recurrent_dropout,
     ema_decay=config.ema_decay,
     seed=config.seed,
+    label_smoothing=config.label_smoothing,
     devices=distributed.training_devices(config.devices) if multi_process else None,
   )
   replicated = step_lib.replicate(state, config.devices)

@@ -128,6 +128,7 @@ def loss_fn(
   impl: str = gru_classifier.DEFAULT_IMPL,
   recurrent_dropout: float = 0.0,
   key: jax.Array | None = None,
+  label_smoothing: float = 0.0,
 ):
   """Cross-entropy on the last step (the notebook's), plus an optional per-step term.
 
@@ -135,15 +136,16 @@ def loss_fn(
     x: <float32>[batch, T, in_dim]
     labels: <int32>[batch]
     recurrent_dropout, key: ``gru_classifier.apply``'s, for training.
+    label_smoothing: ``gru_classifier.cross_entropy``'s, for both terms.
 
   Returns:
     (loss, logits <float32>[batch, T, classes])
   """
   logits = gru_classifier.apply(params, x, impl=impl, recurrent_dropout=recurrent_dropout, key=key)
-  loss = gru_classifier.cross_entropy(logits, labels)
+  loss = gru_classifier.cross_entropy(logits, labels, label_smoothing=label_smoothing)
   if per_step_loss:
     loss = loss + per_step_loss * gru_classifier.cross_entropy_per_step(
-      logits, labels, per_step_weighting
+      logits, labels, per_step_weighting, label_smoothing=label_smoothing
     )
   return loss, logits
 
@@ -158,6 +160,7 @@ def make_train_step(
   recurrent_dropout: float = 0.0,
   ema_decay: float | None = None,
   seed: int = 0,
+  label_smoothing: float = 0.0,
 ):
   """Returns the pmapped train step ``(state, x, labels[, stop]) -> (state, metrics)``.
 
@@ -176,6 +179,8 @@ def make_train_step(
     recurrent_dropout: the drop probability; each device's masks come from
       ``(dropout_key(seed), step, device index)``, so a resumed run draws the same.
     ema_decay: keep ``state.ema_params`` (``update_ema``) after every update; None = off.
+    label_smoothing: of the training loss (``loss_fn``); the metrics' loss is
+      the same smoothed loss.
   """
 
   def train_step(state: TrainState, x, labels, stop=None):
@@ -194,6 +199,7 @@ def make_train_step(
       impl=impl,
       recurrent_dropout=recurrent_dropout,
       key=key,
+      label_smoothing=label_smoothing,
     )
     grads = jax.lax.pmean(grads, AXIS)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
