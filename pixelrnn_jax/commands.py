@@ -27,11 +27,10 @@ def train(args: argparse.Namespace, config: config_lib.Config) -> int:
   from pixelrnn_jax.training import loop  # noqa: PLC0415 (the only command that trains)
 
   summary = loop.train_and_evaluate(config, args.workdir, progress=args.progress)
-  valid = summary["valid"]
   best = summary["best_valid_accuracy"]
   print(
-    f"step {summary['step']}/{config.steps}: valid accuracy {valid['accuracy']:.4f},"
-    f" loss {valid['loss']:.4f}, {summary['seconds']:.0f} s"
+    f"step {summary['step']}/{config.steps}: {loop.describe_valid(summary['valid'])},"
+    f" {summary['seconds']:.0f} s"
     + (f"; best {best:.4f} ({summary['best_checkpoint']})" if best is not None else "")
     + f"; run directory {args.workdir}"
   )

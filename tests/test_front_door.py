@@ -219,9 +219,16 @@ def test_a_stop_before_any_evaluation_reports_no_best(tmp_path, toy_data, monkey
       return self
 
   monkeypatch.setattr(loop, "_StopOnSignal", StopAtOnce)
+  evaluations = []
+  evaluate = loop.inference.evaluate
+  monkeypatch.setattr(
+    loop.inference, "evaluate", lambda *a, **k: evaluations.append(1) or evaluate(*a, **k)
+  )
   summary = loop.train_and_evaluate(config_lib.Config(**SMALL), tmp_path, progress=False)
   assert summary["stopped"] == "SIGINT" and summary["step"] == 1
   assert summary["best_valid_accuracy"] is None
+  # Ctrl-C stops now: no valid pass over the whole split first.
+  assert summary["valid"] is None and evaluations == []
   assert checkpoints.RunCheckpoints(tmp_path / "checkpoints", read_only=True).best_step() is None
   code = cli.main(
     [
@@ -240,7 +247,9 @@ def test_a_stop_before_any_evaluation_reports_no_best(tmp_path, toy_data, monkey
       "3",
     ]
   )
-  assert code == 130 and "best" not in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert code == 130 and "best" not in out
+  assert "step 1/6: no valid evaluation at this step (stopped between evaluations)" in out
 
 
 def _records(path):

@@ -143,6 +143,13 @@ def _window_record(step: int, window: list[dict], seconds: float, batch_size: in
   }
 
 
+def describe_valid(valid: dict | None) -> str:
+  """The summary's ``valid`` in words: accuracy and loss, or that it was not measured."""
+  if valid is None:
+    return "no valid evaluation at this step (stopped between evaluations)"
+  return f"valid accuracy {valid['accuracy']:.4f}, loss {valid['loss']:.4f}"
+
+
 def train_and_evaluate(
   config: config_lib.Config, workdir: str | Path, *, progress: bool | None = None
 ) -> dict:
@@ -159,7 +166,8 @@ def train_and_evaluate(
 
   Returns:
     A summary dict: ``step``, ``stopped`` (None or the signal name), ``valid``
-    (the final evaluation), ``best_valid_accuracy`` (of the best checkpoint;
+    (the final evaluation; None when a signal stopped the run between
+    evaluations, which skips it), ``best_valid_accuracy`` (of the best checkpoint;
     None when no evaluation has been checkpointed), ``best_checkpoint`` (its
     directory or None), ``seconds``.
 
@@ -381,7 +389,12 @@ def _train(
     log.warning(
       "%s arrived after the last step: the run is complete and ends normally", stop.requested
     )
-  valid = last_eval[step] if step in last_eval else evaluate()  # the same weights: not twice
+  if step in last_eval:  # the same weights: not twice
+    valid = last_eval[step]
+  elif summary["stopped"] is None:
+    valid = evaluate()
+  else:  # stopped between evaluations: a signal asks to stop now, not after a valid pass
+    valid = None
   if summary["stopped"] is None and primary:
     run_dir.write_eval(workdir, {"step": step, "split": "valid", **valid})
   best_step = manager.best_step()
@@ -394,10 +407,9 @@ def _train(
     seconds=time.perf_counter() - run_start,
   )
   log.info(
-    "done: step %d, valid accuracy %.4f, loss %.4f, %.0f s%s",
+    "done: step %d, %s, %.0f s%s",
     step,
-    valid["accuracy"],
-    valid["loss"],
+    describe_valid(valid),
     summary["seconds"],
     f"; best {best:.4f} in {summary['best_checkpoint']}" if best_step is not None else "",
   )
