@@ -171,8 +171,33 @@ def gradient_norms(curves: dict[str, np.ndarray], out: Path, title: str) -> Path
   return _save(fig, out / "gradient_norms.png")
 
 
+def readable_log_ticks(ax) -> None:
+  """Plain-number ticks (0.02, 0.03, 0.05; 1, 2, 5) on a log y axis that spans at most
+  3 decades, where matplotlib would label one power of ten or none (``4 x 10^-2``);
+  wider axes keep matplotlib's powers of ten."""
+  from matplotlib import ticker  # noqa: PLC0415 (matplotlib loads on first use)
+
+  if ax.get_yscale() != "log":
+    return
+  low, high = sorted(ax.get_ylim())
+  if not 0 < low < high:
+    return
+  decades = np.log10(high / low)
+  if decades > 3:
+    return
+  if decades <= 1:  # evenly spaced round numbers read best within one decade
+    locator = ticker.MaxNLocator(nbins=6, steps=[1, 2, 2.5, 5, 10])
+  else:  # 1, 2, 5 in each decade
+    locator = ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=40)
+  ax.yaxis.set_major_locator(locator)
+  ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:.6g}"))
+  ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+
+
 def _save(fig, path: Path) -> Path:
   path.parent.mkdir(parents=True, exist_ok=True)
+  for ax in fig.axes:
+    readable_log_ticks(ax)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   _pyplot().close(fig)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 
 from pixelrnn_jax import cli
@@ -316,6 +317,30 @@ def test_learning_curves_of_a_fine_tune_get_a_log_loss_axis(
   has_chance = any(line.get_label().endswith("(chance)") for line in loss_ax.get_lines())
   assert has_chance is not log_scale
   assert (acc_ax.get_ylim() == (0, 1)) is not log_scale
+
+
+@settings(max_examples=30, deadline=None)
+@given(low=st.floats(-4, 2), decades=st.floats(0.05, 2.7))  # with the margins: <= 3
+def test_a_log_axis_of_up_to_3_decades_gets_plain_number_ticks_inside_it(low, decades):
+  """The fine-tune's loss (0.02-0.06) and error (0.5-2%) axes used to show one tick label,
+  '4 x 10^-2' or '10^0', or none at all."""
+  from pixelrnn_jax import plots
+
+  plt = plots._pyplot()
+  fig, ax = plt.subplots()
+  ax.semilogy([0, 1], [10**low, 10 ** (low + decades)])
+  plots.readable_log_ticks(ax)
+  fig.canvas.draw()
+  lo, hi = ax.get_ylim()
+  shown = [
+    (tick.get_loc(), tick.label1.get_text())
+    for tick in ax.yaxis.get_major_ticks()
+    if lo <= tick.get_loc() <= hi and tick.label1.get_text()
+  ]
+  plt.close(fig)
+  assert len(shown) >= 2, (lo, hi, shown)
+  for value, text in shown:
+    assert float(text) == pytest.approx(value, rel=1e-5), text  # '0.03', not '3 x 10^-2'
 
 
 @given(
