@@ -22,24 +22,22 @@ from pixelrnn_jax import cli
 from pixelrnn_jax import data
 from pixelrnn_jax import plots
 from pixelrnn_jax.training import batches as batches_lib
+from pixelrnn_jax.training import config as config_lib
 
 
-def rows(digits, *, seed, max_shift, max_rotation, max_scale, alphas, sigma) -> list:
-  """<float>[count, 28, 28] per row: the digits, then each alpha's batch of them."""
+def rows(digits, config, alphas) -> list:
+  """<float>[count, 28, 28] per row: the digits, then each alpha's batch of them.
+
+  ``config`` is a ``training.config.Config``: its augmentations and ``seed``
+  make each row as a run of it would (its batch size is the digits' count).
+  """
   labels = np.arange(len(digits), dtype=np.int32)
   out = [("as they are", digits, labels)]
   for alpha in alphas:
-    batches = batches_lib.Batches(
-      digits,
-      labels,
-      batch_size=len(digits),
-      key=jax.random.key(seed),
-      order="row",
-      max_shift=max_shift,
-      max_rotation=max_rotation,
-      max_scale=max_scale,
-      elastic_alpha=alpha,
-      elastic_sigma=sigma,
+    row_config = config.replace(elastic_alpha=alpha, batch_size=len(digits), devices=1)
+    row_config.validate()  # a flag out of range: the message names it
+    batches = batches_lib.Batches.from_config(
+      digits, labels, row_config.replace(order="row"), key=jax.random.key(row_config.seed)
     )
     x, y = next(batches)
     back = np.argsort(y.reshape(-1))  # the batch is shuffled: back to the digits' order
@@ -73,16 +71,15 @@ def main(argv: list[str] | None = None) -> list:
     parser.error(f"--out {args.out}: its directory does not exist")
   try:
     digits, _ = data.load_mnist("valid", data_dir=args.data_dir)
-    drawn = rows(
-      digits[: args.count],
+    config = config_lib.Config(
       seed=args.seed,
       max_shift=args.max_shift,
       max_rotation=args.max_rotation,
       max_scale=args.max_scale,
-      alphas=args.elastic_alpha,
-      sigma=args.elastic_sigma,
+      elastic_sigma=args.elastic_sigma,
     )
-  except (OSError, ValueError) as error:  # no data, or a flag out of range (Batches)
+    drawn = rows(digits[: args.count], config, args.elastic_alpha)
+  except (OSError, ValueError) as error:  # no data, or a flag out of range (Config)
     parser.error(cli.flags_named(str(error)))
   plt = plots._pyplot()  # noqa: SLF001 (the package's headless matplotlib)
   fig, axes = plt.subplots(

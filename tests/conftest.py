@@ -9,6 +9,13 @@ jax.config.update("jax_num_cpu_devices", 2)
 jax.config.update("jax_enable_x64", True)
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# No per-example deadline: the examples run JAX and build parsers, whose time is
+# the machine's load, not the code's (one took 258 ms beside a training run and
+# failed the default 200 ms). A test that sets its own settings keeps them.
+settings.register_profile("pixelrnn_jax", deadline=None)
+settings.load_profile("pixelrnn_jax")
 
 MNIST_DIR = os.environ.get(
   "PIXELRNN_JAX_TEST_MNIST",

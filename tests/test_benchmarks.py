@@ -113,7 +113,7 @@ def test_ensembles_of_one_model_twice_score_as_the_model_and_skip_mixed_orders(
 
 
 def test_augmentations_example_draws_the_digits_and_each_alphas_batch_in_their_order(
-  mnist_dir, tmp_path
+  mnist_dir, tmp_path, capsys
 ):
   """examples/augmentations.py: alpha 0 with no other flag is the digits themselves,
   column for column; a positive alpha moves every digit, and keeps its label."""
@@ -131,6 +131,11 @@ def test_augmentations_example_draws_the_digits_and_each_alphas_batch_in_their_o
   np.testing.assert_array_equal(moved_labels, labels)
   assert all(not np.allclose(a, b) for a, b in zip(moved, digits))
   assert np.abs(moved.sum((1, 2)) / digits.sum((1, 2)) - 1).max() < 0.25  # ink kept
+  # A flag out of the trainer's range is refused as `train` refuses it: by its name.
+  with pytest.raises(SystemExit) as exit_:
+    module.main(argv + ["--max-rotation", "200"])
+  assert exit_.value.code == 2
+  assert "--max-rotation 200.0: expected a number in [0, 180]" in capsys.readouterr().err
 
 
 def test_ensembles_refuses_a_bad_path_or_model_in_one_line_before_scoring(

@@ -190,6 +190,34 @@ class Batches(Iterator):
     self._background = images.min() if max_shift or self._warps else None
     self._order_of_epoch = None
 
+  @classmethod
+  def from_config(
+    cls, images: np.ndarray, labels: np.ndarray, config, *, key: jax.Array, epoch=0, index=0
+  ) -> Batches:
+    """The batches a run of ``config`` (a ``training.config.Config``) trains on.
+
+    Its batch size, order, devices and processes (None = 1, process 0) and
+    augmentations; ``key`` is the run's data key, ``(epoch, index)`` where to
+    start. Errors as the constructor's.
+    """
+    return cls(
+      images,
+      labels,
+      batch_size=config.batch_size,
+      key=key,
+      order=config.order,
+      num_devices=config.devices,
+      num_processes=config.num_processes or 1,
+      process_index=config.process_id or 0,
+      max_shift=config.max_shift,
+      max_rotation=config.max_rotation,
+      max_scale=config.max_scale,
+      elastic_alpha=config.elastic_alpha,
+      elastic_sigma=config.elastic_sigma,
+      epoch=epoch,
+      index=index,
+    )
+
   @property
   def position(self) -> tuple[int, int]:
     """(epoch, index) of the next batch: pass it back to resume exactly."""

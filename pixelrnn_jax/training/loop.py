@@ -241,22 +241,8 @@ def _train(
   state, position, data_key, best = run_dir.init_or_restore(
     config, optimizer, manager, workdir if primary else None
   )
-  batches = batches_lib.Batches(
-    train_x,
-    train_y,
-    batch_size=config.batch_size,
-    key=data_key,
-    order=config.order,
-    num_devices=config.devices,
-    max_shift=config.max_shift,
-    max_rotation=config.max_rotation,
-    max_scale=config.max_scale,
-    elastic_alpha=config.elastic_alpha,
-    elastic_sigma=config.elastic_sigma,
-    num_processes=config.num_processes,
-    process_index=config.process_id,
-    epoch=position[0],
-    index=position[1],
+  batches = batches_lib.Batches.from_config(
+    train_x, train_y, config, key=data_key, epoch=position[0], index=position[1]
   )
   multi_process = config.num_processes > 1
   train_step = step_lib.make_train_step(
