@@ -300,7 +300,13 @@ def predict(args: argparse.Namespace) -> int:
       shown_names.add(unique)
       try:
         row["shown"] = str(
-          images.save_side_by_side(original, digit.pixels, show / f"{unique}_seen.png")
+          images.save_side_by_side(
+            original,
+            digit.pixels,
+            show / f"{unique}_seen.png",
+            caption=f"left: {Path(name).name}\nright: the 28x28 digit read\n"
+            f"answer {row['label']} ({row['probability']:.1%})",
+          )
         )
       except OSError as error:  # e.g. a directory of that name: this file's, not the run's
         row["shown_error"] = f"cannot write {error.filename or show}: {error.strerror or error}"

@@ -779,12 +779,30 @@ def load_image(path: str | Path, *, invert: str = "auto") -> np.ndarray:
     raise ImageError(message if message.startswith(str(path)) else f"{path}: {message}") from error
 
 
-def save_side_by_side(original, digit: np.ndarray, path: str | Path, *, height: int = 112) -> Path:
+def _fit(line: str, font, width: int) -> str:
+  """``line``, shortened in the middle with an ellipsis until it is at most ``width`` px."""
+  if font.getlength(line) <= width:
+    return line
+  keep = len(line)
+  while keep > 2:
+    keep -= 1
+    head, tail = line[: (keep + 1) // 2], line[len(line) - keep // 2 :]
+    if font.getlength(f"{head}\u2026{tail}") <= width:
+      return f"{head}\u2026{tail}"
+  return "\u2026"
+
+
+def save_side_by_side(
+  original, digit: np.ndarray, path: str | Path, *, height: int = 112, caption: str | None = None
+) -> Path:
   """Writes ``original`` (any size) beside ``digit`` (28x28), both ``height`` pixels tall, as PNG.
 
   The digit is enlarged without smoothing, so each of its 784 pixels shows.
+  ``caption``: text (lines split on newlines) in a white band below both.
   """
   from PIL import Image  # noqa: PLC0415 (Pillow loads on first use)
+  from PIL import ImageDraw  # noqa: PLC0415
+  from PIL import ImageFont  # noqa: PLC0415
 
   path = Path(path)
 
@@ -797,9 +815,19 @@ def save_side_by_side(original, digit: np.ndarray, path: str | Path, *, height: 
   )
   right = grey(digit).resize((height, height), Image.Resampling.NEAREST)
   gap = 8
-  canvas = Image.new("L", (left.width + gap + right.width, height), 128)
+  width = left.width + gap + right.width
+  font = ImageFont.load_default(size=12)
+  lines = [_fit(line, font, width - 8) for line in (caption.splitlines() if caption else [])]
+  line_height = 16
+  band = line_height * len(lines) + (6 if lines else 0)
+  canvas = Image.new("L", (width, height + band), 128)
   canvas.paste(left, (0, 0))
   canvas.paste(right, (left.width + gap, 0))
+  if lines:
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle((0, height, width, height + band), fill=255)
+    for n, line in enumerate(lines):
+      draw.text((4, height + 3 + n * line_height), line, fill=0, font=font)
   path.parent.mkdir(parents=True, exist_ok=True)
   canvas.save(path)
   return path

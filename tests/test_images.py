@@ -252,8 +252,33 @@ def test_show_writes_the_input_beside_what_the_model_read(tmp_path, capsys):
   Image.fromarray(np.pad(np.full((30, 6), 255, np.uint8), 20)).save(tmp_path / "a.png")
   code, rows = _predict_json([tmp_path / "a.png", "--show", tmp_path / "seen"], capsys)
   assert code == 0 and rows[0]["resized"] is True
-  shown = Image.open(rows[0]["shown"])
-  assert shown.height == 112 and shown.width > 112
+  shown = np.asarray(Image.open(rows[0]["shown"]))
+  assert shown.shape[0] > 112 and shown.shape[1] > 112
+  # Below the two pictures, a white band with three lines of dark text: the
+  # file, what the right picture is, the answer.
+  band = shown[112:]
+  assert np.median(band) == 255
+  inked_rows = np.flatnonzero((band < 128).any(axis=1))
+  assert len(np.split(inked_rows, np.flatnonzero(np.diff(inked_rows) > 1) + 1)) == 3
+  # The digit read is the right half's 28x28 image, each pixel 4x4.
+  read = shown[:112, -112:][::4, ::4]
+  assert read.shape == (28, 28) and read.max() > 200 and read[0, 0] < 50
+
+
+@settings(max_examples=40)
+@given(line=st.text(min_size=1, max_size=200), width=st.integers(20, 400))
+def test_a_caption_line_is_shortened_in_the_middle_to_fit_its_width(line, width):
+  from PIL import ImageFont
+
+  font = ImageFont.load_default(size=12)
+  fitted = images._fit(line, font, width)
+  assert font.getlength(fitted) <= width or fitted == "\u2026"
+  if font.getlength(line) <= width:
+    assert fitted == line
+  elif fitted != "\u2026":
+    head, tail = fitted.split("\u2026", 1) if "\u2026" not in line else (fitted[:1], "")
+    assert line.startswith(head)
+    assert line.endswith(tail)
 
 
 # ---------------------------------------------------------------------------- properties
