@@ -41,6 +41,7 @@ Not handled: graph paper, hard-edged shadows, several digits in one image.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -227,9 +228,12 @@ def read_image(path: str | Path) -> np.ndarray:
           grey = _dot_density(grey)
   except ImageError:
     raise
-  except Image.DecompressionBombError as error:  # Pillow's guard against huge images
+  except Image.DecompressionBombError as error:  # Pillow's own refusal, over twice its limit
+    claimed = re.search(r"\((\d+) pixels\)", str(error))
+    size = f"{int(claimed[1]):,} pixels" if claimed else "its size"
     raise ImageTooLarge(
-      f"{path}: too large to read safely ({error}); scale it down first"
+      f"{path}: {size} is over the {MAX_PIXELS:,}-pixel limit (a decompression bomb, or a"
+      " photo to scale down first)"
     ) from error
   except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
     if not suffix:

@@ -463,6 +463,23 @@ def test_an_image_claiming_too_many_pixels_is_refused_from_its_header(tmp_path, 
   assert "DecompressionBombWarning" not in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+  ("width", "height", "size"),
+  [(9_500, 9_500, "9500x9500 pixels"), (20_000, 10_000, "200,000,000 pixels")],
+)
+def test_every_image_over_the_limit_gets_one_message_form(tmp_path, width, height, size):
+  """Between the limit and twice it the reader refuses; above twice it Pillow does, and
+  its words ("could be decompression bomb DOS attack") used to reach the user."""
+  big = tmp_path / "big.png"
+  big.write_bytes(helpers.png_claiming(width, height))
+  with pytest.raises(images.ImageTooLarge) as refused:
+    images.read_image(big)
+  assert str(refused.value) == (
+    f"{big}: {size} is over the 89,478,485-pixel limit (a decompression bomb, or a photo to"
+    " scale down first)"
+  )
+
+
 def _small_digit(tmp_path):
   path = tmp_path / "one.png"
   canvas = np.zeros((60, 60), np.uint8)
