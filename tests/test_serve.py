@@ -170,7 +170,14 @@ def test_models_health_page_and_openapi(client):
   schema = client.get("/openapi.json").json()
   content = schema["paths"]["/api/predict"]["post"]["requestBody"]["content"]
   assert set(content) == {"multipart/form-data", "application/json"}
-  assert client.get("/docs").status_code == 200
+  docs = client.get("/docs")
+  assert docs.status_code == 200 and "SwaggerUIBundle" in docs.text
+  # Offline: every script, style sheet and icon of the docs page comes from this server.
+  linked = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", docs.text)
+  assert linked and all(url.startswith(str(client.base_url)) for url in linked), linked
+  for url in linked:
+    assert client.get(url).status_code == 200, url
+  assert client.get("/redoc").status_code == 404  # ReDoc only comes from a CDN: not offered
 
 
 def test_an_early_exit_threshold_on_the_card_stops_reading(served):
@@ -929,6 +936,30 @@ def test_the_page_reads_a_digit_drawn_with_the_mouse(server):
       page.click("#undo")
       page.wait_for_selector("#answer:not([data-label])", timeout=5_000)
       assert page.get_attribute("#chart", "data-drawn") == "false"
+      assert failed == []
+    finally:
+      browser.close()
+
+
+def test_the_api_docs_page_shows_the_routes_without_the_internet(server):
+  """FastAPI's /docs loads Swagger UI from a CDN by default: a blank page offline."""
+  sync_playwright = _playwright()
+  with sync_playwright() as playwright:
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    try:
+      page = browser.new_page()
+      failed = []
+      page.on("pageerror", lambda error: failed.append(str(error)))
+      page.on("requestfailed", lambda request: failed.append(request.url))
+      page.on(
+        "request", lambda request: request.url.startswith(server) or failed.append(request.url)
+      )
+      page.goto(server + "/docs")
+      page.wait_for_selector(".opblock-summary-path[data-path='/api/predict']", timeout=20_000)
+      if os.environ.get("PIXELRNN_JAX_SCREENSHOT_DOCS"):
+        page.screenshot(path=os.environ["PIXELRNN_JAX_SCREENSHOT_DOCS"], full_page=True)
+      paths = page.locator(".opblock-summary-path").all_text_contents()
+      assert {"/api/predict", "/api/models", "/healthz"} <= {p.strip() for p in paths}
       assert failed == []
     finally:
       browser.close()

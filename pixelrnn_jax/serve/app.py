@@ -3,7 +3,9 @@
     app = make_app(models.load_all(["pretrained:pixel"]))
 
 Routes: ``GET /`` (the page), ``POST /api/predict``, ``GET /api/models``,
-``GET /healthz``, and FastAPI's ``/docs`` and ``/openapi.json``. Every error
+``GET /healthz``, ``/openapi.json``, and ``/docs``: FastAPI's Swagger UI page,
+its scripts served from the fastapi-swagger package, so it works offline
+(FastAPI's default loads them from a CDN). Every error
 is JSON ``{"error": "..."}`` naming the problem: 4xx for the request's
 fault, 500 (without a traceback) for the server's. Image decoding and model
 calls run off the event loop, in worker processes (``processes`` > 0, what
@@ -35,6 +37,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import fastapi_swagger
 import numpy as np
 import orjson
 from fastapi import FastAPI
@@ -247,6 +250,9 @@ def make_app(
     summary="A GRU that reads a 28x28 digit one pixel at a time, and its answer after each",
     version=_version(),
     lifespan=lifespan,
+    docs_url=None,  # served below, without a CDN
+    swagger_ui_oauth2_redirect_url=None,
+    redoc_url=None,  # ReDoc has no offline bundle here
   )
   app.state.models = by_name
 
@@ -284,6 +290,9 @@ def make_app(
     )
 
   app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+  # /docs: FastAPI's Swagger UI page with Swagger UI's files served from here
+  # (fastapi-swagger), where FastAPI's own would load them from a CDN.
+  fastapi_swagger.patch_fastapi(app, redirect_from_root_to_docs=False, title=f"{app.title} API")
 
   @app.get("/", include_in_schema=False)
   async def page() -> FileResponse:
