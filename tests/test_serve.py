@@ -170,6 +170,17 @@ def test_models_health_page_and_openapi(client):
   schema = client.get("/openapi.json").json()
   content = schema["paths"]["/api/predict"]["post"]["requestBody"]["content"]
   assert set(content) == {"multipart/form-data", "application/json"}
+  # /docs's "Try it out" fills each field from the schema: the model field offers the
+  # loaded names, the first by default (it sent the placeholder "string" before).
+  for kind in content.values():
+    field = kind["schema"]["properties"]["model"]
+    assert field["enum"] == ["pixel", "permuted"] and field["default"] == "pixel"
+  tried = client.post(
+    "/api/predict",
+    files={"file": ("seven.png", SEVEN.read_bytes(), "image/png")},
+    data={"model": content["multipart/form-data"]["schema"]["properties"]["model"]["default"]},
+  )
+  assert tried.status_code == 200 and tried.json()["label"] == 7
   docs = client.get("/docs")
   assert docs.status_code == 200 and "SwaggerUIBundle" in docs.text
   # Offline: every script, style sheet and icon of the docs page comes from this server.

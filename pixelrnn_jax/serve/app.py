@@ -25,6 +25,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -109,6 +110,23 @@ _PIXELS_SCHEMA = {
   },
   "description": "28 rows of 28 values in [0, 1], white digit on black, used as given",
 }
+
+
+def _predict_docs(names: list[str]) -> dict:
+  """``POST /api/predict``'s request and answers in OpenAPI, its ``model`` field an
+  enum of the loaded ``names`` with the first (the default) as its default, so that
+  /docs's "Try it out" sends a real name (it sent the placeholder "string")."""
+  docs = copy.deepcopy(_PREDICT_DOCS)
+  for content in docs["requestBody"]["content"].values():
+    content["schema"]["properties"]["model"] = {
+      "type": "string",
+      "enum": names,
+      "default": names[0],
+      "description": f"a loaded model's name; the default is the first, {names[0]}",
+    }
+  return docs
+
+
 _PREDICT_DOCS = {
   "requestBody": {
     "required": True,
@@ -309,7 +327,7 @@ def make_app(
   @app.post(
     "/api/predict",
     summary="classify one digit: an image file (multipart field `file`) or JSON pixels",
-    openapi_extra=_PREDICT_DOCS,
+    openapi_extra=_predict_docs([model.name for model in served]),
     response_class=Response,
   )
   async def predict(request: Request) -> Response:
