@@ -697,8 +697,9 @@ def load(source: str | os.PathLike) -> Params:
 
 
 def load_pretrained(name: str = "pixel") -> Params:
-  """Shipped weights: ``"pixel"`` (pixel order) or ``"permuted"`` (psMNIST).
+  """Shipped weights: ``"pixel"`` (pixel order) or ``"permuted"`` (psMNIST); the name
+  may also be given as ``"pretrained:pixel"``, as the command line and error hints say.
 
   The same as ``load("pretrained:" + name)``; ``model_io.card(name)`` has their card.
   """
-  return load(model_io.PREFIX + name)
+  return load(model_io.PREFIX + name.removeprefix(model_io.PREFIX))

@@ -60,9 +60,12 @@ def available() -> list[str]:
 def card(name: str) -> dict:
   """The card of shipped weights: SHA-256, config, source run and step, valid accuracy.
 
+  ``name``: ``"pixel"`` or ``"pretrained:pixel"``, as the error's hint spells it.
+
   Raises:
     FileNotFoundError: no shipped weights of that name.
   """
+  name = name.removeprefix(PREFIX)
   if name not in available():
     close = difflib.get_close_matches(name, available(), n=1, cutoff=0.6)
     hint = f" (did you mean {PREFIX}{close[0]}?)" if close else ""

@@ -4,6 +4,7 @@ import difflib
 import hashlib
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import assume
@@ -137,6 +138,17 @@ def test_a_misspelt_pretrained_name_is_refused_with_the_name_it_resembles(data):
     assert name == closest[0] or _one_edit(typo, closest[0])
   else:
     assert "did you mean" not in message
+
+
+@pytest.mark.parametrize("name", ["pixel", "permuted", "anytime", "pixel-v1"])
+def test_the_hints_spelling_pretrained_name_loads_what_the_bare_name_loads(name):
+  """The hint says `did you mean pretrained:pixel?`; the library took only `pixel`."""
+  assert model_io.card(f"pretrained:{name}") == model_io.card(name)
+  spelled = gru_classifier.load_pretrained(f"pretrained:{name}")
+  for a, b in zip(
+    jax.tree.leaves(spelled), jax.tree.leaves(gru_classifier.load_pretrained(name)), strict=True
+  ):
+    np.testing.assert_array_equal(a, b)
 
 
 def _one_edit(a: str, b: str) -> bool:
