@@ -27,9 +27,6 @@ the same size is unlikely to beat X% by training longer on the same data.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import jax
 import numpy as np
 
@@ -64,16 +61,6 @@ def last_step_log_probs(model: gru_classifier.Params, images: np.ndarray, batch:
   return np.concatenate(
     [np.asarray(run(model, images[i : i + batch])) for i in range(0, len(images), batch)]
   )
-
-
-def check_png(parser: argparse.ArgumentParser, flag: str, path: str) -> None:
-  """Refuses, before any work, a picture path that is not a new or existing .png file
-  in an existing directory."""
-  out = Path(path)
-  if out.suffix.lower() != ".png" or out.is_dir():
-    parser.error(f"{flag} {path}: expected a file name ending in .png")
-  if not out.resolve().parent.is_dir():
-    parser.error(f"{flag} {path}: its directory does not exist")
 
 
 def draw_missed(digits, labels, answers, indices, out: str) -> None:
@@ -111,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
   if len(args.checkpoint) < 2:
     parser.error("--checkpoint: give two or more models")
   if args.missed:
-    check_png(parser, "--missed", args.missed)
+    parser.check_output_file("--missed", args.missed, ".png")
   commands.use_cpu_devices(args.devices)  # host CPU devices, before JAX starts
   try:
     models = [gru_classifier.load(name) for name in args.checkpoint]

@@ -41,9 +41,10 @@ def main(argv: list[str] | None = None) -> None:
   )
   parser.add_argument("--checkpoint", default="pretrained:pixel", help="what --checkpoint takes")
   args = parser.parse_args(argv)
-  digits, labels = data.load_mnist("valid", data_dir=args.data_dir)
+  with parser.refusing_bad_inputs():
+    digits, labels = data.load_mnist("valid", data_dir=args.data_dir)
+    model = gru_classifier.load(args.checkpoint)
   digits, labels = digits[: args.count], labels[: args.count]
-  model = gru_classifier.load(args.checkpoint)
   directory = Path(tempfile.mkdtemp())
   for quality in [None, *args.qualities]:
     read = [images.prepare(as_jpeg(digit, quality, directory)) for digit in digits]

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from pixelrnn_jax import cli
+from pixelrnn_jax import data
 from pixelrnn_jax.training import config as config_lib
 
 
@@ -133,6 +134,10 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   if args.devices % args.processes:
     parser.error(f"--devices {args.devices} does not split over --processes {args.processes}")
+  if args.out:
+    parser.check_output_file("--out", args.out, ".json")
+  with parser.refusing_bad_inputs():  # here, not as a child's failure after a run starts
+    data.load_mnist("valid", data_dir=args.data_dir)
   layouts = [(1, args.devices), (args.processes, args.devices // args.processes)]
   results = {layout: [] for layout in layouts}
   with tempfile.TemporaryDirectory() as tmp:

@@ -57,9 +57,10 @@ def main(argv: list[str] | None = None) -> dict:
   args = parser.parse_args(argv)
   commands.use_cpu_devices(args.devices)  # host CPU devices, before JAX starts
   checkpoints = args.checkpoint or ["pretrained:pixel"]
-  digits, labels = data.load_mnist("valid", data_dir=args.data_dir)
+  with parser.refusing_bad_inputs():
+    digits, labels = data.load_mnist("valid", data_dir=args.data_dir)
+    models = {name: gru_classifier.load(name) for name in checkpoints}
   digits, labels = digits[: args.count], labels[: args.count]
-  models = {name: gru_classifier.load(name) for name in checkpoints}
   width = max(len(name) for name in checkpoints)
   print(f"{len(digits)} valid digits; columns: valid accuracy of each model", flush=True)
   print(f"{'transform':<18}" + "".join(f"  {name:>{width}}" for name in checkpoints))

@@ -36,6 +36,7 @@ from PIL import Image
 from PIL import ImageDraw
 
 from pixelrnn_jax import cli
+from pixelrnn_jax import model_io
 
 ROOT = Path(__file__).resolve().parents[1]
 SEVEN = [(70, 55), (210, 55), (120, 240)]  # one stroke on a 280x280 canvas, as on the page
@@ -254,6 +255,8 @@ def main(argv=None) -> dict:
     help="load generators: raw HTTP/1.1 on asyncio streams (lean) and/or httpx.AsyncClient",
   )
   args = parser.parse_args(argv)
+  with parser.refusing_bad_inputs():  # before a server starts: its error was a traceback here
+    model_io.read(args.checkpoint)
 
   png = drawn_seven()
   rows = []

@@ -500,6 +500,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--json", default=None, help="write the report here")
   parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.json:  # before minutes of timing, not after them
+    parser.check_output_file("--json", args.json, ".json")
   if args.devices > 1:
     jax.config.update("jax_num_cpu_devices", args.devices)
 

@@ -13,8 +13,6 @@ turns a 6 into a 0 teaches the model the wrong label.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import numpy as np
 
@@ -64,11 +62,7 @@ def main(argv: list[str] | None = None) -> list:
   )
   parser.add_argument("--elastic-sigma", type=cli.number(kind=float), default=4.0)
   args = parser.parse_args(argv)
-  out = Path(args.out)
-  if out.suffix.lower() != ".png" or out.is_dir():
-    parser.error(f"--out {args.out}: expected a file name ending in .png")
-  if not out.resolve().parent.is_dir():
-    parser.error(f"--out {args.out}: its directory does not exist")
+  parser.check_output_file("--out", args.out, ".png")
   try:
     digits, _ = data.load_mnist("valid", data_dir=args.data_dir)
     config = config_lib.Config(

@@ -16,6 +16,7 @@ SIGINT / SIGTERM.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -187,6 +188,28 @@ class OneLineParser(argparse.ArgumentParser):
     """One line and exit code 2 (argparse prints the whole usage first); the usage is
     one ``--help`` away."""
     self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+  @contextlib.contextmanager
+  def refusing_bad_inputs(self):
+    """Inside it, a file the flags name that is missing or unreadable, or data or a
+    model that do not fit (``OSError``, ``ValueError``: ``DataNotFoundError``,
+    ``CheckpointError`` and ``ImageError`` are among them), ends the script as a bad
+    flag does: one line, exit 2. Wrap the loading of what the flags name, not the work."""
+    try:
+      yield
+    except (OSError, ValueError) as error:
+      self.error(flags_named(str(error)))
+
+  def check_output_file(self, flag: str, path: str, suffix: str) -> Path:
+    """``path``, a file the script writes when its work is done, checked before the
+    work: a name ending in ``suffix`` (e.g. ``".png"``), not a directory, in a
+    directory that exists. Otherwise one line naming the flag, exit 2."""
+    out = Path(path)
+    if out.suffix.lower() != suffix or out.is_dir():
+      self.error(f"{flag} {path}: expected a file name ending in {suffix}")
+    if not out.resolve().parent.is_dir():
+      self.error(f"{flag} {path}: its directory does not exist")
+    return out
 
   def add_argument(self, *args, **kwargs):
     action = super().add_argument(*args, **kwargs)

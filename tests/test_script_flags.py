@@ -219,3 +219,50 @@ def test_a_library_message_names_the_commands_flags(data):
   other = "--" + second.replace("_", "-")
   assert said == f"{flag} {value} does not fit {other} {value}; num_devices={value}"
   assert {flag, other} <= set(cli.build_parser().commands["train"].flags)
+
+
+_NAMED_INPUTS = {  # flag -> a value naming something that is not there
+  "--checkpoint": "/nonexistent/model.msgpack",
+  "--data-dir": "/nonexistent/mnist",
+}
+_OUTPUT_FILES = {"--json": ".json", "--out": ".png", "--missed": ".png"}  # the rest: .json
+_CASES = [
+  (path, flag)
+  for path in SCRIPTS
+  if path.stem != "seed_spread"  # its --data-dir goes to `pixelrnn-jax train` (tested there)
+  for flag in [*_NAMED_INPUTS, *_OUTPUT_FILES]
+  if flag in _parser_of(path).flags
+]
+
+
+@pytest.mark.parametrize(("path", "flag"), _CASES, ids=lambda c: getattr(c, "name", c))
+def test_a_missing_input_or_output_place_is_one_line_before_any_work(
+  path, flag, mnist_dir, monkeypatch, capsys, tmp_path
+):
+  """A script given a model or data that is not there, or told to write its report
+  into a directory that is not there, says so in one line (exit 2) before its work:
+  it printed a traceback, or ran the whole benchmark before failing to write."""
+  monkeypatch.setenv("PIXELRNN_JAX_MNIST_DIR", mnist_dir)
+  parser = _parser_of(path)
+  if flag in _NAMED_INPUTS:
+    value = _NAMED_INPUTS[flag]
+  else:
+    suffix = ".json" if path.stem in ("throughput", "processes") else _OUTPUT_FILES[flag]
+    value = f"/nonexistent/dir/report{suffix}"
+  argv = [*_required(parser), flag, value]
+  fits = {"--out": str(tmp_path / "picture.png"), "--checkpoint": "pretrained:pixel"}
+  argv = [fits.get(a, w) if w == "x" else w for a, w in zip(["", *argv], argv)]
+  if "--data-dir" in parser.flags and flag != "--data-dir":
+    argv += ["--data-dir", mnist_dir]
+  if path.stem == "ensembles":  # two models or more
+    argv += ["--checkpoint", "pretrained:anytime"]
+  spec = importlib.util.spec_from_file_location(f"run_{path.stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  work = []
+  monkeypatch.setattr("subprocess.Popen.__init__", lambda *a, **k: work.append(a) or 1 / 0)
+  with pytest.raises(SystemExit) as exit_:
+    module.main(argv)
+  err = capsys.readouterr().err
+  assert exit_.value.code == 2 and err.count("\n") == 1 and value in err, err
+  assert "Traceback" not in err and work == []
