@@ -351,3 +351,43 @@ def test_a_save_leaves_stderr_to_the_terminal(tmp_path, monkeypatch):
   manager.save(1, {"x": np.zeros(2, np.float32)}, {"a": 1})
   manager.close()
   assert (seen[0].st_dev, seen[0].st_ino) == (before.st_dev, before.st_ino)
+
+
+@given(
+  records=st.lists(
+    st.fixed_dictionaries({"step": st.integers(1, 10**6), "loss": st.floats(0, 10)}),
+    min_size=1,
+    max_size=6,
+  ),
+  cut=st.integers(1, 10**6),
+)
+def test_a_last_metrics_line_cut_short_is_dropped_and_any_other_bad_line_is_named(
+  records, cut, tmp_path_factory
+):
+  """A kill or a full disk in the middle of an append leaves a torn last line: plot and
+  resume failed on it with the JSON parser's words ('Expecting ',' delimiter: line 1
+  column 26'), naming neither the file nor the line."""
+  workdir = tmp_path_factory.mktemp("run")
+  whole = "".join(json.dumps(r) + "\n" for r in records)
+  last = json.dumps({"step": 10**7, "loss": 0.25})
+  torn = last[: 1 + cut % (len(last) - 1)]  # never the whole line
+  (workdir / "metrics.jsonl").write_text(whole + torn)
+  assert run_dir.metrics_records(workdir) == records
+  assert run_dir.read_metrics(workdir)[0] == records
+  # The same bytes inside the file, followed by more lines: not a torn append.
+  (workdir / "metrics.jsonl").write_text(torn + "\n" + whole)
+  with pytest.raises(ValueError, match=r"metrics.jsonl: line 1 is not a JSON record .*delete"):
+    run_dir.metrics_records(workdir)
+
+
+def test_a_run_with_a_torn_metrics_line_resumes_and_plots(tmp_path, toy_data, capsys):
+  config = config_lib.Config(**{**SMALL, "log_every": 1})
+  loop.train_and_evaluate(config.replace(steps=4), tmp_path, progress=False)
+  with open(tmp_path / "metrics.jsonl", "a") as handle:
+    handle.write('{"step": 5, "loss": 0.2')  # killed mid-append
+  summary = loop.train_and_evaluate(config, tmp_path, progress=False)  # 4 -> 6
+  assert summary["step"] == 6
+  text = (tmp_path / "metrics.jsonl").read_text()
+  assert text.endswith("\n") and '"loss": 0.2\n' not in text
+  assert all(json.loads(line) for line in text.splitlines())
+  assert cli.main(["plot", str(tmp_path), "--out", str(tmp_path / "pictures")]) == 0

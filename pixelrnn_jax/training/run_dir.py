@@ -396,16 +396,44 @@ def append_metrics(workdir: Path, record: dict) -> None:
     handle.write(json.dumps(record) + "\n")
 
 
+def metrics_records(workdir: str | os.PathLike) -> list[dict]:
+  """Every record of ``metrics.jsonl``, in order; [] without the file.
+
+  A last line cut short (no newline, not whole JSON: what a kill or a full disk
+  leaves in the middle of an append) is dropped with a warning; the next resume
+  rewrites the file without it.
+
+  Raises:
+    ValueError: any other line that is not JSON, naming the file, the line and the fix.
+  """
+  path = Path(workdir) / METRICS
+  if not path.is_file():
+    return []
+  text = path.read_text()
+  lines = text.splitlines()
+  records = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except ValueError as error:
+      if number == len(lines) and not text.endswith("\n"):
+        log.warning("%s: its last line was cut short (a killed write?); dropped", path)
+        continue
+      raise ValueError(
+        f"{path}: line {number} is not a JSON record ({error}); delete that line (the"
+        " checkpoints do not depend on it) and run the command again"
+      ) from error
+  return records
+
+
 def read_metrics(workdir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
   """(training log lines, valid evaluations) of ``metrics.jsonl``; resume markers dropped.
 
   A run stopped before its first log line has no ``metrics.jsonl``: both lists are empty.
   """
-  path = Path(workdir) / METRICS
-  if not path.is_file():
-    return [], []
-  lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  lines = [line for line in lines if "event" not in line]
+  lines = [line for line in metrics_records(workdir) if "event" not in line]
   return (
     [line for line in lines if "split" not in line],
     [line for line in lines if line.get("split") == "valid"],
@@ -415,12 +443,9 @@ def read_metrics(workdir: str | os.PathLike) -> tuple[list[dict], list[dict]]:
 def init_from_record(workdir: str | os.PathLike) -> dict | None:
   """What a fine-tuned run started from (``warm_start``'s record, without its
   ``event`` key); None for a run from a random init or no run directory."""
-  path = Path(workdir) / METRICS
-  if not path.is_file():
-    return None
   found = None
-  for line in path.read_text().splitlines():
-    if line.strip() and (record := json.loads(line)).get("event") == "init_from":
+  for record in metrics_records(workdir):
+    if record.get("event") == "init_from":
       found = {k: v for k, v in record.items() if k != "event"}
   return found
 
@@ -437,13 +462,9 @@ def mark_resume(workdir: Path, step: int) -> None:
   them) and appends ``{"event": "resume", "step": step}``, so no step repeats."""
   metrics_path = workdir / METRICS
   if metrics_path.exists():
-    kept = [
-      line
-      for line in metrics_path.read_text().splitlines()
-      if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
+    kept = [record for record in metrics_records(workdir) if record.get("step", 0) <= step]
     partial = metrics_path.with_suffix(".jsonl.partial")
-    partial.write_text("".join(line + "\n" for line in kept))
+    partial.write_text("".join(json.dumps(record) + "\n" for record in kept))
     partial.replace(metrics_path)
   append_metrics(workdir, {"event": "resume", "step": step})
 
