@@ -80,7 +80,9 @@ EDGE_SPAN = 0.3  # the paper's edge: a component along the border for this much 
 EDGE_MARGIN = 0.04  # ... within this much of the border
 FRAME_THICK = 0.06  # a form's box: its sides at most this thick (of the image)
 MIN_SIDE = 8  # pixels: a smaller image cannot hold a digit
-MIN_SPAN = 0.1  # some ink component must span this much of the image's shorter side
+MIN_SPAN = 0.1  # some ink component must span this much of the image's shorter side ...
+SMALL_DIGIT_SPAN = 12  # ... or, a small digit on a big page, this many pixels while
+SMALL_DIGIT_SHARE = 0.5  # holding this share of the ink (noise is specks of similar size)
 
 
 class ImageError(ValueError):
@@ -231,8 +233,10 @@ def read_image(path: str | Path) -> np.ndarray:
   except Image.DecompressionBombError as error:  # Pillow's own refusal, over twice its limit
     claimed = re.search(r"\((\d+) pixels\)", str(error))
     size = f"{int(claimed[1]):,} pixels" if claimed else "its size"
+    pillows = re.search(r"limit of (\d+) pixels", str(error))
+    limit = min(MAX_PIXELS, int(pillows[1])) if pillows else MAX_PIXELS
     raise ImageTooLarge(
-      f"{path}: {size} is over the {MAX_PIXELS:,}-pixel limit (a decompression bomb, or a"
+      f"{path}: {size} is over the {limit:,}-pixel limit (a decompression bomb, or a"
       " photo to scale down first)"
     ) from error
   except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
@@ -646,11 +650,15 @@ def _check_digit_like(ink_mask: np.ndarray) -> None:
   parts = _components(ink_mask)
   largest = max(parts, key=lambda p: max(p["height"], p["width"]))
   span = max(largest["height"], largest["width"])
-  if span < MIN_SPAN * min(height, width):
+  small_digit = span >= SMALL_DIGIT_SPAN and largest["pixels"] >= SMALL_DIGIT_SHARE * sum(
+    p["pixels"] for p in parts
+  )
+  if span < MIN_SPAN * min(height, width) and not small_digit:
+    specks = f"{len(parts)} speck{'s' if len(parts) > 1 else ''}"
     raise ImageError(
-      f"no digit-like ink: {len(parts)} scattered specks, the longest {span} pixels across"
-      f" in {width}x{height} (a digit's stroke spans at least {MIN_SPAN:.0%} of the image);"
-      " is it noise or an empty page?"
+      f"no digit-like ink: {specks}, the longest {span} pixels across in {width}x{height}"
+      f" as read (a digit's stroke spans {SMALL_DIGIT_SPAN} pixels or {MIN_SPAN:.0%} of"
+      " the image); is it noise or an empty page? (A tiny digit: crop the image around the digit.)"
     )
 
 
@@ -710,7 +718,12 @@ def prepare(image, *, invert: str = "auto") -> Digit:
     # shade (dim photos, coloured paper) is inverted, light ink on dark is not.
     paper = float(np.median(_paper(grey)))
     darkest, brightest = np.percentile(grey, [0.05, 99.95])
-    inverted = bool(paper - darkest > brightest - paper)
+    if abs((paper - darkest) - (brightest - paper)) < MIN_CONTRAST:
+      # A digit under 0.05% of the image (small on a big page) leaves both
+      # percentiles on the paper: the paper's shade decides.
+      inverted = paper > 0.5
+    else:
+      inverted = bool(paper - darkest > brightest - paper)
   else:
     inverted = invert == "yes"
   if inverted:
