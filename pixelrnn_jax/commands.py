@@ -304,7 +304,7 @@ def predict(args: argparse.Namespace) -> int:
             original,
             digit.pixels,
             show / f"{unique}_seen.png",
-            caption=f"left: {Path(name).name}\nright: the 28x28 digit read\n"
+            caption=f"left: {name}\nright: the 28x28 digit read\n"
             f"answer {row['label']} ({row['probability']:.1%})",
           )
         )
