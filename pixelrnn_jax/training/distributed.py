@@ -196,7 +196,7 @@ def initialize(config: config_lib.Config) -> config_lib.Config:
     raise ValueError(
       f"cannot start a multi-process run (num_processes={config.num_processes},"
       f" process_id={config.process_id}, coordinator_address="
-      f"{config.coordinator_address!r}): {error}; give all three flags, or run as the"
+      f"{config.coordinator_address!r}): {str(error).rstrip('.')}; give all three flags, or run as the"
       " tasks of a SLURM or Open MPI job"
     ) from error
   if config.num_processes is not None and config.num_processes != jax.process_count():
