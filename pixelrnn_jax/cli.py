@@ -613,6 +613,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
       if _is_run_failure(error):  # a NaN loss, a lost peer: the run failed, not the input
         return _fail(command, str(error), 1)
+      if "RESOURCE_EXHAUSTED" in str(error):  # XLA could not allocate: the sizes asked for
+        said = _one_line(error).split("RESOURCE_EXHAUSTED: ", 1)[-1].rstrip(".")
+        return _fail(
+          command, f"{said}: a smaller --units, --batch-size or --eval-batch-size fits", 1
+        )
       if not _in_multi_process_run():
         raise  # a bug: its traceback helps more than a line
       return _fail(command, f"{type(error).__name__}: {_one_line(error)}", 1)

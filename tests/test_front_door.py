@@ -706,3 +706,16 @@ def test_a_second_ctrl_c_goes_to_the_handler_that_was_there_before_the_loop():
       assert calls == [signal.SIGINT]
   finally:
     signal.signal(signal.SIGINT, earlier)
+
+
+def test_a_model_too_big_for_memory_is_one_line_and_a_smaller_one_then_trains(
+  tmp_path, toy_data, capsys
+):
+  """--units 100000 asks XLA for 80 GB: 83 lines of JAX traceback before."""
+  flags = ["train", "--workdir", str(tmp_path / "run"), "--order", "row", "--steps", "2"]
+  flags += ["--batch-size", "16"]
+  assert cli.main([*flags, "--units", "100000"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "Out of memory allocating" in err[0], err
+  assert "a smaller --units, --batch-size or --eval-batch-size fits" in err[0]
+  assert cli.main([*flags, "--units", "8"]) == 0  # nothing saved: the next try is a new run
