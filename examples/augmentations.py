@@ -39,7 +39,8 @@ def rows(digits, config, alphas) -> list:
     )
     x, y = next(batches)
     back = np.argsort(y.reshape(-1))  # the batch is shuffled: back to the digits' order
-    out.append((f"elastic alpha {alpha:g}", x.reshape(-1, 28, 28)[back], y.reshape(-1)[back]))
+    name = f"elastic alpha {alpha:g}" if alpha else "no elastic"
+    out.append((name, x.reshape(-1, 28, 28)[back], y.reshape(-1)[back]))
   return out
 
 
