@@ -401,9 +401,13 @@ function drawChart() {
     ctx.beginPath(); ctx.moveTo(g.x(result.pixels_read), g.y(0));
     ctx.lineTo(g.x(result.pixels_read), g.y(1)); ctx.stroke();
     ctx.fillStyle = "#444";
-    ctx.textAlign = "left";
-    ctx.fillText(`early exit (p \u2265 ${Number(early).toPrecision(4)})`,
-      g.x(result.pixels_read) + 4, g.y(1));
+    const label = `early exit (p \u2265 ${Number(early).toPrecision(4)})`;
+    // Right of the line, or left of it where the label would run off the chart.
+    const room = g.width - (g.x(result.pixels_read) + 4);
+    const right = ctx.measureText(label).width <= room;
+    chart.dataset.exitLabel = right ? "right" : "left";  // of the line (for the tests)
+    ctx.textAlign = right ? "left" : "right";
+    ctx.fillText(label, g.x(result.pixels_read) + (right ? 4 : -4), g.y(1));
     ctx.restore();
   }
   // One line per class; the answer's on top and thicker.
@@ -432,6 +436,7 @@ function drawChart() {
   }
   chart.dataset.drawn = "true";
   chart.dataset.steps = String(result.probabilities.length);
+  chart.dataset.read = String(result.pixels_read);
 }
 
 function drawLegend() {
