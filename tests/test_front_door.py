@@ -719,3 +719,22 @@ def test_a_model_too_big_for_memory_is_one_line_and_a_smaller_one_then_trains(
   assert len(err) == 1 and "Out of memory allocating" in err[0], err
   assert "a smaller --units, --batch-size or --eval-batch-size fits" in err[0]
   assert cli.main([*flags, "--units", "8"]) == 0  # nothing saved: the next try is a new run
+
+
+@pytest.mark.parametrize(
+  ("tty", "columns", "bar"), [(True, 120, True), (True, 0, False), (False, 80, False)]
+)
+def test_the_progress_bar_is_drawn_only_on_a_terminal_with_a_width(monkeypatch, tty, columns, bar):
+  """Under `script` without a size the terminal reports 0 columns: tqdm drew nothing
+  there and the log lines were off, so a run showed no progress at all."""
+  import os
+
+  class Stream:
+    def isatty(self):
+      return tty
+
+    def fileno(self):
+      return 2
+
+  monkeypatch.setattr(loop.os, "get_terminal_size", lambda fd: os.terminal_size((columns, 24)))
+  assert loop._draws_a_bar(Stream()) is bar

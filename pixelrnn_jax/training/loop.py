@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -129,6 +130,17 @@ def _check_finite(step: int, metrics: dict, workdir: Path) -> None:
     f" good checkpoint is {run_dir.last_checkpoint(workdir)}."
     " Try a lower --lr or --clip-norm 1.0, and check the input for NaNs."
   )
+
+
+def _draws_a_bar(stream) -> bool:
+  """Whether a progress bar shows on ``stream``: a terminal that reports a width. One
+  that reports 0 columns (``script`` without a size) shows no bar: log lines instead."""
+  if not stream.isatty():
+    return False
+  try:
+    return os.get_terminal_size(stream.fileno()).columns > 0
+  except (OSError, ValueError):
+    return False
 
 
 def _window_record(step: int, window: list[dict], seconds: float, batch_size: int) -> dict:
@@ -269,7 +281,7 @@ def _train(
   elif start_step > 0 and primary:
     run_dir.mark_resume(workdir, start_step)
   if progress is None:
-    progress = sys.stderr.isatty()
+    progress = _draws_a_bar(sys.stderr)
   summary: dict[str, Any] = {"stopped": None}
   window, window_start = [], time.perf_counter()
   run_start = time.perf_counter()
