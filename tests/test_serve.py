@@ -1025,3 +1025,22 @@ def test_make_app_refuses_a_batch_below_one(served):
   for bad in (0, -1, 1.5, True):
     with pytest.raises(ValueError, match="--max-batch"):
       app_lib.make_app(served, max_batch=bad)
+
+
+def test_a_served_run_shows_the_valid_accuracy_its_run_recorded(tmp_path, toy_data):
+  """A run directory has no card; the page listed it without an accuracy."""
+  from pixelrnn_jax.training import config as config_lib
+  from pixelrnn_jax.training import loop
+  from pixelrnn_jax.training import run_dir
+
+  summary = loop.train_and_evaluate(
+    config_lib.Config(**helpers.SMALL), tmp_path / "run", progress=False
+  )
+  served = models_lib.load(str(tmp_path / "run"), warm_up=False)
+  best_step = int(Path(summary["best_checkpoint"]).name)
+  recorded = {r["step"]: r["accuracy"] for r in run_dir.read_metrics(tmp_path / "run")[1]}
+  assert served.describe()["valid_accuracy"] == recorded[best_step]
+  assert served.describe()["valid_accuracy"] == summary["best_valid_accuracy"]
+  # Weights with a card keep the card's figure.
+  loose = models_lib.load("pretrained:pixel", warm_up=False)
+  assert loose.describe()["valid_accuracy"] == loose.card["valid_accuracy"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -61,6 +62,7 @@ class ServedModel:
   reading_order: tuple[int, ...]  # the 784 pixel indices (row-major) in the order read
   card: dict[str, Any] | None  # the weights' card, if any
   early_exit: calibration.EarlyExit | None  # the card's rule; None reads every pixel
+  valid_accuracy: float | None = None  # the card's, or the run's record of this step
 
   @property
   def early_exit_threshold(self) -> float | None:
@@ -73,7 +75,7 @@ class ServedModel:
       "name": self.name,
       "source": self.source,
       "order": self.order,
-      "valid_accuracy": card.get("valid_accuracy"),
+      "valid_accuracy": card.get("valid_accuracy", self.valid_accuracy),
       "early_exit_threshold": self.early_exit_threshold,
       "calibrated": self.early_exit is not None,
       "card": self.card,
@@ -162,6 +164,23 @@ def reading_order(order: str) -> tuple[int, ...]:
   return tuple(range(preprocessing.NUM_PIXELS))  # pixel and row order read row by row
 
 
+def _recorded_accuracy(saved: model_io.SavedModel) -> float | None:
+  """The valid accuracy a run recorded for this checkpoint (``metrics.jsonl`` of the run
+  whose ``checkpoints/STEP`` it is); None for anything else."""
+  from pixelrnn_jax.training import run_dir  # noqa: PLC0415 (only for a run's checkpoint)
+
+  step_dir = Path(saved.path)
+  run = step_dir.parent.parent
+  if step_dir.parent.name != run_dir.CHECKPOINTS or saved.step is None:
+    return None
+  try:
+    evaluations = run_dir.read_metrics(run)[1]
+  except (OSError, ValueError):
+    return None
+  found = [r["accuracy"] for r in evaluations if r.get("step") == saved.step]
+  return found[-1] if found else None
+
+
 def load(source: str, *, warm_up: bool = True) -> ServedModel:
   """One model by its source: ``pretrained:NAME``, a run directory, a step directory or
   a weights file (as ``--checkpoint`` elsewhere).
@@ -193,6 +212,7 @@ def load(source: str, *, warm_up: bool = True) -> ServedModel:
     reading_order=reading_order(order),
     card=card,
     early_exit=rule,
+    valid_accuracy=None if card else _recorded_accuracy(saved),
   )
   if warm_up:  # compiles every padded batch size now, not on a request
     size = 1
