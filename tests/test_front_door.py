@@ -74,6 +74,7 @@ _OPTIONAL = {
   "starlette": "serve",
   "uvicorn": "serve",
   "orjson": "serve",
+  "fastapi_swagger": "serve",
 }
 
 
