@@ -48,8 +48,7 @@ def run_layout(args, processes: int, devices: int, workdir: Path) -> dict:
     "train",
     "--workdir",
     str(workdir),
-    "--data-dir",
-    args.data_dir,
+    *(["--data-dir", args.data_dir] if args.data_dir else []),  # else the environment's
     "--order",
     args.order,
     "--recipe",
@@ -114,7 +113,9 @@ def run_layout(args, processes: int, devices: int, workdir: Path) -> dict:
 
 def main(argv=None) -> None:
   parser = cli.OneLineParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--data-dir", required=True)
+  parser.add_argument(
+    "--data-dir", default=None, help="MNIST IDX files (default: $PIXELRNN_JAX_MNIST_DIR)"
+  )
   parser.add_argument("--recipe", default="notebook", choices=sorted(config_lib.RECIPES))
   parser.add_argument("--order", default="pixel", choices=("pixel", "permuted", "row"))
   parser.add_argument(

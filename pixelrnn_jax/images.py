@@ -81,7 +81,7 @@ EDGE_MARGIN = 0.04  # ... within this much of the border
 FRAME_THICK = 0.06  # a form's box: its sides at most this thick (of the image)
 MIN_SIDE = 8  # pixels: a smaller image cannot hold a digit
 MIN_SPAN = 0.1  # some ink component must span this much of the image's shorter side ...
-SMALL_DIGIT_SPAN = 12  # ... or, a small digit on a big page, this many pixels while
+SMALL_DIGIT_SPAN = 8  # ... or, a small digit on a big page, this many pixels while
 SMALL_DIGIT_SHARE = 0.5  # holding this share of the ink (noise is specks of similar size)
 
 
@@ -657,8 +657,9 @@ def _check_digit_like(ink_mask: np.ndarray) -> None:
     specks = f"{len(parts)} speck{'s' if len(parts) > 1 else ''}"
     raise ImageError(
       f"no digit-like ink: {specks}, the longest {span} pixels across in {width}x{height}"
-      f" as read (a digit's stroke spans {SMALL_DIGIT_SPAN} pixels or {MIN_SPAN:.0%} of"
-      " the image); is it noise or an empty page? (A tiny digit: crop the image around the digit.)"
+      f" as read (a digit spans {MIN_SPAN:.0%} of the image, or {SMALL_DIGIT_SPAN}+ pixels"
+      f" in one piece holding {SMALL_DIGIT_SHARE:.0%} of the ink); is it noise or an empty"
+      " page? (A tiny digit: crop the image around the digit.)"
     )
 
 
@@ -753,7 +754,7 @@ def prepare(image, *, invert: str = "auto") -> Digit:
       + (
         f" (it was reduced to {MAX_SIDE} px on its longer side: if the digit is small in"
         " it, crop the image around the digit)"
-        if reduced
+        if reduced and ink > paper + 1e-6  # some ink, lost in the reduction; not a blank page
         else ""
       )
     )

@@ -161,6 +161,32 @@ def test_a_small_digit_on_a_big_page_is_read(
   assert int(inference.predict(model, read[None])["label"][0]) == label
 
 
+@pytest.mark.parametrize(("size", "canvas"), [(29, 1500), (50, 2500), (80, 3000)])
+def test_a_small_digit_on_a_page_reduced_for_reading_is_read(size, canvas, model, first_valid):
+  """The reader reduces a page to 512 px first: a 50 px digit on a 2,500 px page is 10
+  px across as read, and was refused as '1 speck'."""
+  index = 0
+  digit, label = first_valid[0][index], first_valid[1][index]
+  small = np.asarray(Image.fromarray(np.uint8(digit * 255)).resize((size, size), Image.BILINEAR))
+  page = np.full((canvas, canvas), 255, np.uint8)
+  page[canvas // 3 : canvas // 3 + size, canvas // 2 : canvas // 2 + size] = 255 - small
+  read = images.prepare(page.astype(np.float32) / 255).pixels
+  assert int(inference.predict(model, read[None])["label"][0]) == label
+
+
+def test_no_digit_message_states_the_rule_and_a_blank_page_gets_no_crop_hint():
+  rng = np.random.default_rng(0)
+  specks = (rng.random((600, 600)) > 0.995).astype(np.float32)  # lone dots, no piece
+  with pytest.raises(images.ImageError) as refused:
+    images.prepare(specks)
+  assert "a digit spans 10% of the image, or 8+ pixels in one piece holding 50% of the ink" in (
+    str(refused.value)
+  )
+  with pytest.raises(images.ImageError) as blank:
+    images.prepare(np.zeros((2000, 2000), np.float32))
+  assert "crop" not in str(blank.value)
+
+
 @pytest.mark.parametrize("shape", [(3, 3), (5, 40), (40, 5)])
 def test_a_crop_too_small_for_a_digit_is_refused(shape, tmp_path):
   page = np.ones(shape, np.float32)
