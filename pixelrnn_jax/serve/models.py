@@ -62,7 +62,7 @@ class ServedModel:
   reading_order: tuple[int, ...]  # the 784 pixel indices (row-major) in the order read
   card: dict[str, Any] | None  # the weights' card, if any
   early_exit: calibration.EarlyExit | None  # the card's rule; None reads every pixel
-  valid_accuracy: float | None = None  # the card's, or the run's record of this step
+  valid_accuracy: float | None  # the card's, or the run's record of this step
 
   @property
   def early_exit_threshold(self) -> float | None:
@@ -70,12 +70,11 @@ class ServedModel:
 
   def describe(self) -> dict[str, Any]:
     """The JSON of ``GET /api/models`` for this model."""
-    card = self.card or {}
     return {
       "name": self.name,
       "source": self.source,
       "order": self.order,
-      "valid_accuracy": card.get("valid_accuracy", self.valid_accuracy),
+      "valid_accuracy": self.valid_accuracy,
       "early_exit_threshold": self.early_exit_threshold,
       "calibrated": self.early_exit is not None,
       "card": self.card,
@@ -212,7 +211,7 @@ def load(source: str, *, warm_up: bool = True) -> ServedModel:
     reading_order=reading_order(order),
     card=card,
     early_exit=rule,
-    valid_accuracy=None if card else _recorded_accuracy(saved),
+    valid_accuracy=card.get("valid_accuracy") if card else _recorded_accuracy(saved),
   )
   if warm_up:  # compiles every padded batch size now, not on a request
     size = 1
