@@ -565,6 +565,42 @@ def cross_entropy_per_step(
   return jnp.mean(losses @ weights)
 
 
+def distillation_loss(logits: jax.Array, teacher_logits, *, temperature: float = 1.0) -> jax.Array:
+  """Knowledge distillation's soft-target term on the last step, <float>[].
+
+  The mean over examples of ``T**2 * KL(softmax(teacher / T) || softmax(student / T))``
+  (Hinton, Vinyals and Dean 2015, "Distilling the knowledge in a neural
+  network", section 2: the ``T**2`` keeps its gradients' scale as ``T``
+  changes). It is 0 where the model's last-step answer equals the teacher's, and
+  differs from the cross-entropy with the soft targets by the targets' entropy,
+  a constant: the same gradient.
+
+  Args:
+    logits: <float>[batch, T, classes] from :func:`apply`.
+    teacher_logits: <float>[batch, classes], the teacher's logits or
+      log-probabilities (a constant per row cancels); no gradient flows into them.
+    temperature: T > 0; 1 = the models' own probabilities.
+
+  Raises:
+    ValueError: for shapes that do not match, or ``temperature`` <= 0.
+  """
+  if not temperature > 0:
+    raise ValueError(f"temperature={temperature!r}: expected > 0")
+  teacher_logits = jnp.asarray(teacher_logits)
+  if logits.ndim != 3 or teacher_logits.shape != (logits.shape[0], logits.shape[2]):
+    raise ValueError(
+      f"teacher_logits have shape {tuple(teacher_logits.shape)} for logits of shape"
+      f" {tuple(logits.shape)}: expected [batch, classes] ="
+      f" {[logits.shape[0], logits.shape[-1]] if logits.ndim == 3 else '[batch, T, classes]'}"
+    )
+  student = jax.nn.log_softmax(logits[:, -1] / temperature)
+  teacher = jax.nn.log_softmax(
+    jax.lax.stop_gradient(teacher_logits).astype(student.dtype) / temperature
+  )
+  kl = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
+  return temperature**2 * jnp.mean(kl)
+
+
 def accuracy(logits: jax.Array, labels) -> jax.Array:
   """Top-1 accuracy of the last step's prediction, <float>[].
 

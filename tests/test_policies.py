@@ -27,6 +27,8 @@ def _another_value(field: dataclasses.Field, value):
     return "10.0.0.9:1234"
   if field.name == "init_from":
     return "pretrained:pixel"
+  if field.name == "distill_from":
+    return "pretrained:pixel-v1"
   if field.name in ("num_processes", "devices", "batch_size"):
     return 4 if field.name != "batch_size" else 1024
   if isinstance(value, int):
@@ -51,6 +53,8 @@ def test_every_run_defining_field_is_compared_across_processes(field):
   base = config_lib.Config(
     warmup_steps=0, num_processes=2, process_id=0, coordinator_address="10.0.0.1:1234"
   )
+  if field.name.startswith("distill_"):  # its fields come together
+    base = base.replace(distill_from="pretrained:pixel", distill_weight=0.5)
   changed = base.replace(**{field.name: _another_value(field, getattr(base, field.name))})
   assert config_lib.run_identity(changed) != config_lib.run_identity(base), field.name
 

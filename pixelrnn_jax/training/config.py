@@ -180,6 +180,27 @@ class Config:
     high=1,
     high_open=True,
   )
+  distill_from: str | None = knob(
+    None,
+    "knowledge distillation (Hinton et al. 2015): also learn the answers of these models"
+    " (comma-separated run directories, weights files or pretrained:NAMEs of this --order;"
+    " their ensemble, the mean of their log-probabilities, on each training batch as the"
+    " run sees it); read at every start and checked on resume; None = off (the notebook)",
+  )
+  distill_weight: float = knob(
+    0.0,
+    "weight w of the distillation term: loss = (1 - w) * cross-entropy + w * T^2 *"
+    " KL(teachers || model) at --distill-temperature T; needs --distill-from; 0 = off",
+    low=0,
+    high=1,
+  )
+  distill_temperature: float = knob(
+    2.0,
+    "softmax temperature T of the distillation term, teachers and model alike (Hinton"
+    " et al. 2015); 1 = the models' own probabilities",
+    low=0,
+    low_open=True,
+  )
   per_step_loss: float = knob(
     0.0,
     "weight of the per-step cross-entropy (every step's answer, for anytime reading)"
@@ -272,6 +293,17 @@ class Config:
         f" steps ({self.steps}) that falls after warmup_steps"
         f" ({self.warmup_steps})"
       )
+    if (self.distill_from is None) != (self.distill_weight == 0):
+      raise ValueError(
+        f"distill_weight={self.distill_weight!r} with distill_from={self.distill_from!r}:"
+        " distillation needs both, e.g. --distill-from pretrained:pixel --distill-weight 0.5"
+        " (or neither)"
+      )
+    if self.distill_from is not None and not teacher_sources(self.distill_from):
+      raise ValueError(
+        f"distill_from={self.distill_from!r}: expected one or more models, comma-separated,"
+        " e.g. pretrained:pixel,runs/my-run"
+      )
     if None not in (self.num_processes, self.process_id) and not (
       self.process_id < self.num_processes
     ):
@@ -304,6 +336,13 @@ class Config:
     if unknown:
       raise ValueError(f"unknown config fields {sorted(unknown)}")
     return cls(**values)
+
+
+def teacher_sources(distill_from: str | None) -> list[str]:
+  """The models ``Config.distill_from`` names, in order: its comma-separated entries."""
+  if distill_from is None:
+    return []
+  return [part.strip() for part in distill_from.split(",") if part.strip()]
 
 
 def _choices(kind) -> tuple | None:

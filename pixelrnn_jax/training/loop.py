@@ -39,6 +39,7 @@ from pixelrnn_jax.training import distributed
 from pixelrnn_jax.training import peers
 from pixelrnn_jax.training import run_dir
 from pixelrnn_jax.training import step as step_lib
+from pixelrnn_jax.training import teachers as teachers_lib
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,8 @@ def train_and_evaluate(
     directory or None), ``seconds``.
 
   Raises:
-    ValueError: a bad config, or a workdir holding a run with another config.
+    ValueError: a bad config, or a workdir holding a run with another config, or
+      (distillation) a teacher of another order, or whose weights changed since the run began.
     CheckpointError: the run has checkpoints and none of them can be read.
     NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
     peers.PeerError: another process of the run died or lost its connection.
@@ -197,12 +199,22 @@ def train_and_evaluate(
       config = config.replace(init_from=str(Path(config.init_from).resolve()))
     if run_dir.latest_step(Path(workdir)) is None:  # a fresh start reads it; a resume does not
       run_dir.read_init_model(config)  # a missing or unfit model: one line, before the data
+  if config.distill_from is not None:  # paths as absolute, like --init-from's
+    config = config.replace(
+      distill_from=",".join(
+        s if s.startswith(model_io.PREFIX) else str(Path(s).resolve())
+        for s in config_lib.teacher_sources(config.distill_from)
+      )
+    )
+  teachers = teachers_lib.read(config)  # read at every start; a resume needs the same ones
   # What this process can check alone comes before joining the others: a bad
   # path or missing data is one line at once, not a wait for the peers.
   absolute = Path(workdir).absolute()
   made = [path for path in (absolute, *absolute.parents) if not path.exists()]  # deepest first
   workdir = run_dir.check_workdir(workdir)
   run_dir.check_resumable(workdir, config, early=True)  # before minutes of data loading
+  if teachers is not None and run_dir.latest_step(workdir) is not None:
+    teachers_lib.check_same(teachers, run_dir.metrics_records(workdir), str(workdir))
   try:
     splits = {split: _load_split(config, split) for split in ("train", "valid")}
   except BaseException:  # bad data: no empty directories of ours left behind
@@ -224,7 +236,7 @@ def train_and_evaluate(
       distributed.check_same_run(config, workdir)
       # Process 0 holds the run directory's lock for every process of the run.
       with run_dir.RunLock(workdir) if distributed.is_primary() else contextlib.nullcontext():
-        return _train(config, workdir, splits, progress, watchdog)
+        return _train(config, workdir, splits, teachers, progress, watchdog)
     except (NonFiniteLossError, peers.PeerError):
       raise
     except Exception as error:  # a step's all-reduce, or a checkpoint's barrier in orbax
@@ -237,6 +249,7 @@ def _train(
   config: config_lib.Config,
   workdir: Path,
   splits: dict,
+  teachers: teachers_lib.Teachers | None,
   progress: bool | None,
   watchdog: peers.Watchdog,
 ) -> dict:
@@ -266,10 +279,21 @@ def _train(
     ema_decay=config.ema_decay,
     seed=config.seed,
     label_smoothing=config.label_smoothing,
+    teachers=teachers,
+    distill_weight=config.distill_weight,
+    distill_temperature=config.distill_temperature,
     devices=distributed.training_devices(config.devices) if multi_process else None,
   )
   replicated = step_lib.replicate(state, config.devices)
   step = start_step = int(state.step)
+  if teachers is not None and start_step == 0 and primary:
+    run_dir.append_metrics(workdir, teachers.record())
+    log.info(
+      "distilling from %s (weight %g, temperature %g)",
+      ", ".join(f"{r['source']} (step {r['step']})" for r in teachers.records),
+      config.distill_weight,
+      config.distill_temperature,
+    )
   if start_step >= config.steps:  # nothing to train: no resume event, a final evaluation
     log.info(
       "the run is already at step %d of %d: nothing to train (give --steps N above %d to"

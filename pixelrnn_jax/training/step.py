@@ -8,6 +8,7 @@ averaged with ``lax.pmean`` (the pattern of Flax's ImageNet example).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from typing import NamedTuple
 
 import flax.jax_utils
@@ -19,6 +20,9 @@ import optax
 from pixelrnn_jax import gru_classifier
 from pixelrnn_jax import preprocessing
 from pixelrnn_jax.training.config import Config
+
+if TYPE_CHECKING:  # the trainer's module; loading a model imports this one without it
+  from pixelrnn_jax.training import teachers as teachers_lib
 
 AXIS = "batch"  # the pmap axis the gradients are averaged over
 
@@ -129,14 +133,21 @@ def loss_fn(
   recurrent_dropout: float = 0.0,
   key: jax.Array | None = None,
   label_smoothing: float = 0.0,
+  teacher_logits: jax.Array | None = None,
+  distill_weight: float = 0.0,
+  distill_temperature: float = 1.0,
 ):
-  """Cross-entropy on the last step (the notebook's), plus an optional per-step term.
+  """Cross-entropy on the last step (the notebook's), plus an optional per-step term,
+  optionally mixed with a distillation term: ``(1 - w) * that + w * distillation``.
 
   Args:
     x: <float32>[batch, T, in_dim]
     labels: <int32>[batch]
     recurrent_dropout, key: ``gru_classifier.apply``'s, for training.
     label_smoothing: ``gru_classifier.cross_entropy``'s, for both terms.
+    teacher_logits: <float32>[batch, classes], the teachers' answer to ``x``
+      (``teachers.ensemble_logits``); with ``distill_weight`` w > 0 the loss is
+      ``(1 - w) * ce + w * gru_classifier.distillation_loss(..., distill_temperature)``.
 
   Returns:
     (loss, logits <float32>[batch, T, classes])
@@ -147,6 +158,9 @@ def loss_fn(
     loss = loss + per_step_loss * gru_classifier.cross_entropy_per_step(
       logits, labels, per_step_weighting, label_smoothing=label_smoothing
     )
+  if distill_weight:
+    soft = gru_classifier.distillation_loss(logits, teacher_logits, temperature=distill_temperature)
+    loss = (1.0 - distill_weight) * loss + distill_weight * soft
   return loss, logits
 
 
@@ -161,6 +175,9 @@ def make_train_step(
   ema_decay: float | None = None,
   seed: int = 0,
   label_smoothing: float = 0.0,
+  teachers: teachers_lib.Teachers | None = None,
+  distill_weight: float = 0.0,
+  distill_temperature: float = 1.0,
 ):
   """Returns the pmapped train step ``(state, x, labels[, stop]) -> (state, metrics)``.
 
@@ -181,7 +198,12 @@ def make_train_step(
     ema_decay: keep ``state.ema_params`` (``update_ema``) after every update; None = off.
     label_smoothing: of the training loss (``loss_fn``); the metrics' loss is
       the same smoothed loss.
+    teachers, distill_weight, distill_temperature: knowledge distillation
+      (``loss_fn``): the teachers' ensemble answers each device's batch as the
+      model reads it; the metrics' loss is the mixed loss.
   """
+  if distill_weight and teachers is None:
+    raise ValueError(f"distill_weight={distill_weight!r} needs teachers (teachers.read)")
 
   def train_step(state: TrainState, x, labels, stop=None):
     key = None
@@ -189,6 +211,7 @@ def make_train_step(
       key = jax.random.fold_in(
         jax.random.fold_in(dropout_key(seed), state.step), jax.lax.axis_index(AXIS)
       )
+    teacher_logits = teachers.ensemble_logits(x) if distill_weight else None
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, logits), grads = grad_fn(
       state.params,
@@ -200,6 +223,9 @@ def make_train_step(
       recurrent_dropout=recurrent_dropout,
       key=key,
       label_smoothing=label_smoothing,
+      teacher_logits=teacher_logits,
+      distill_weight=distill_weight,
+      distill_temperature=distill_temperature,
     )
     grads = jax.lax.pmean(grads, AXIS)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
