@@ -230,6 +230,9 @@ def test_a_distilled_run_records_its_teachers_resumes_bit_exact_and_refuses_chan
   saved = helpers.load_model(weights)[2]
   assert record["teachers"][0]["source"] == str(weights)
   assert record["teachers"][0]["step"] == saved["step"]
+  # The student's card names its teachers.
+  card = export_lib.export(tmp_path / "straight", tmp_path / "student.msgpack", early_exit=False)
+  assert card["source"]["distill_from"] == record["teachers"]
   # The teacher's weights change under the run: its resume is refused, nothing lost.
   other = tmp_path / "other"
   loop.train_and_evaluate(config_lib.Config(**{**SMALL, "seed": 9}), other, progress=False)

@@ -39,6 +39,7 @@ from pixelrnn_jax import inference
 from pixelrnn_jax import model_io
 from pixelrnn_jax import outputs
 from pixelrnn_jax.training import run_dir
+from pixelrnn_jax.training import teachers as teachers_lib
 
 SUFFIX = ".msgpack"
 
@@ -77,14 +78,18 @@ def _is_card(path: Path) -> bool:
 
 def _provenance(saved: model_io.SavedModel) -> dict:
   """The checkpoint and step; for a fine-tuned run, also what it started from
-  (its ``metrics.jsonl`` record: source, source step, params SHA-256)."""
+  (its ``metrics.jsonl`` record: source, source step, params SHA-256); for a
+  distilled run, its teachers (each's source, step, params SHA-256)."""
   provenance = {"checkpoint": saved.path, "step": saved.step}
   path = Path(saved.path)
-  started = (
-    run_dir.init_from_record(path.parent.parent) if path.parent.name == "checkpoints" else None
-  )
+  if path.parent.name != "checkpoints":
+    return provenance
+  started = run_dir.init_from_record(path.parent.parent)
   if started is not None:
     provenance["init_from"] = started
+  taught = teachers_lib.recorded(run_dir.metrics_records(path.parent.parent))
+  if taught is not None:
+    provenance["distill_from"] = taught
   return provenance
 
 
