@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import textwrap
 from pathlib import Path
 
 import jax
@@ -51,22 +52,31 @@ def _pyplot():
   return plt
 
 
-def loss_label(run_dir: Path) -> tuple[str, float]:
+def loss_label(run_dir: Path) -> tuple[str, float | None]:
   """What a run's logged training loss is, and its value at chance.
 
   The last step's cross-entropy (chance: ln 10), plus ``W x`` the per-step term
   where the run's config.json has ``per_step_loss`` W > 0 (both terms at chance
-  are ln 10, the per-step weights summing to 1: ``(1 + W) ln 10``).
+  are ln 10, the per-step weights summing to 1: ``(1 + W) ln 10``). A distilled
+  run (``distill_weight`` w > 0) logs ``(1 - w) x that + w x`` the distillation
+  term, whose value at chance depends on its teachers: chance is None.
   """
   try:
     config = json.loads((Path(run_dir) / run_dir_lib.CONFIG).read_text())
   except (OSError, ValueError):
     config = {}
   weight = config.get("per_step_loss") or 0.0
-  if not weight:
-    return "last step", float(np.log(10))
-  weighting = config.get("per_step_weighting", "uniform")
-  return f"last step + {weight:g} x per-step, {weighting}", float((1 + weight) * np.log(10))
+  label, chance = "last step", float(np.log(10))
+  if weight:
+    weighting = config.get("per_step_weighting", "uniform")
+    label = f"last step + {weight:g} x per-step, {weighting}"
+    chance = float((1 + weight) * np.log(10))
+  distill = config.get("distill_weight") or 0.0
+  if distill:
+    temperature = config.get("distill_temperature", 1.0)
+    label = f"{1 - distill:g} x ({label}) + {distill:g} x distillation at T={temperature:g}"
+    chance = None
+  return label, chance
 
 
 def learning_curves(run_dir: Path, out: Path) -> Path:
@@ -78,16 +88,17 @@ def learning_curves(run_dir: Path, out: Path) -> Path:
   objective, chance = loss_label(run_dir)
   # A run that starts far below chance (a fine-tune) would be a flat line at 0 on
   # the scale of chance: its losses get a log axis of their own instead.
-  fine = bool(losses) and max(losses) < chance / 4
+  fine = bool(losses) and (chance is None or max(losses) < chance / 4)
   if fine:
     loss_ax.set_yscale("log")
   else:
     loss_ax.axhline(chance, color="grey", ls=":", label=f"{chance:.2f} (chance)")
     loss_ax.legend()
+  # The objective goes in the title (wrapped): a distilled run's does not fit an axis label.
   loss_ax.set(
     xlabel="step",
-    ylabel=f"training loss ({objective}{', log scale' if fine else ''})",
-    title="loss",
+    ylabel=f"training loss{' (log scale)' if fine else ''}",
+    title=textwrap.fill(f"loss: {objective}", width=56),
   )
   acc_ax.plot(
     [l["step"] for l in train_lines], [l["accuracy"] for l in train_lines], label="train (batch)"

@@ -402,6 +402,10 @@ def test_the_loss_plot_names_the_objective_the_run_trained(tmp_path):
     assert label == (
       "last step" if not weight else f"last step + {weight:g} x per-step, {weighting}"
     )
+  # A distilled run's loss mixes in a term whose value at chance depends on its teachers.
+  config = config_lib.Config(distill_from="pretrained:pixel", distill_weight=0.7)
+  (tmp_path / "config.json").write_text(config.to_json())
+  assert plots.loss_label(tmp_path) == ("0.3 x (last step) + 0.7 x distillation at T=2", None)
 
 
 _OUTPUT_FLAGS = {  # each command's output directory flag, after arguments that pass
