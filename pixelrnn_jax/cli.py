@@ -604,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
       os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
       return 128 + signal.SIGPIPE
     except (ValueError, OSError, ImportError) as error:  # bad flags, data, files, paths
+      if "RESOURCE_EXHAUSTED" in str(error):  # XLA's allocation failure can come as these too
+        return _out_of_memory(command, error)
       if type(error).__name__ == "CheckpointWriteError":  # see checkpoints.CheckpointWriteError
         time.sleep(0.5)  # tensorstore's late tracebacks first, so the one line stays whole and last
         code = _fail(command, _one_line(error), 2)
@@ -614,10 +616,7 @@ def main(argv: list[str] | None = None) -> int:
       if _is_run_failure(error):  # a NaN loss, a lost peer: the run failed, not the input
         return _fail(command, str(error), 1)
       if "RESOURCE_EXHAUSTED" in str(error):  # XLA could not allocate: the sizes asked for
-        said = _one_line(error).split("RESOURCE_EXHAUSTED: ", 1)[-1].rstrip(".")
-        return _fail(
-          command, f"{said}: a smaller --units, --batch-size or --eval-batch-size fits", 1
-        )
+        return _out_of_memory(command, error)
       if not _in_multi_process_run():
         raise  # a bug: its traceback helps more than a line
       return _fail(command, f"{type(error).__name__}: {_one_line(error)}", 1)
@@ -626,6 +625,13 @@ def main(argv: list[str] | None = None) -> int:
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)
+
+
+def _out_of_memory(command: str, error: Exception) -> int:
+  """XLA could not allocate what the flags ask for: one line naming the flags that shrink it
+  (exit 1, whatever exception type carried it)."""
+  said = _one_line(error).split("RESOURCE_EXHAUSTED: ", 1)[-1].rstrip(".")
+  return _fail(command, f"{said}: a smaller --units, --batch-size or --eval-batch-size fits", 1)
 
 
 def _in_multi_process_run() -> bool:

@@ -74,7 +74,7 @@ def loss_label(run_dir: Path) -> tuple[str, float | None]:
   distill = config.get("distill_weight") or 0.0
   if distill:
     temperature = config.get("distill_temperature", 1.0)
-    label = f"{1 - distill:g} x ({label}) + {distill:g} x distillation at T={temperature:g}"
+    label = f"{1 - distill:g} x ({label}) + {distill:g} x T^2 KL at T={temperature:g}"
     chance = None
   return label, chance
 
@@ -120,8 +120,11 @@ def learning_curves(run_dir: Path, out: Path) -> Path:
       [l["step"] for l in valid_lines], np.maximum(valid_errors, 1e-2), "o-", label="valid"
     )
     best = max(valid_lines, key=lambda l: l["accuracy"])
-    title = f"error rate (best valid {100 * best['accuracy']:.2f}% at step {best['step']})"
-  err_ax.set(xlabel="step", ylabel="error (%, log scale)", title=title)
+    title = (
+      f"error rate (best valid {100 * (1 - best['accuracy']):.2f}%,"
+      f" i.e. {100 * best['accuracy']:.2f}% accuracy, at step {best['step']})"
+    )
+  err_ax.set(xlabel="step", ylabel="error (%, log scale)", title=textwrap.fill(title, width=56))
   err_ax.grid(alpha=0.3, which="both")
   err_ax.legend()
   fig.suptitle(run_dir.name)

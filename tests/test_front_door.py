@@ -405,7 +405,7 @@ def test_the_loss_plot_names_the_objective_the_run_trained(tmp_path):
   # A distilled run's loss mixes in a term whose value at chance depends on its teachers.
   config = config_lib.Config(distill_from="pretrained:pixel", distill_weight=0.7)
   (tmp_path / "config.json").write_text(config.to_json())
-  assert plots.loss_label(tmp_path) == ("0.3 x (last step) + 0.7 x distillation at T=2", None)
+  assert plots.loss_label(tmp_path) == ("0.3 x (last step) + 0.7 x T^2 KL at T=2", None)
 
 
 _OUTPUT_FLAGS = {  # each command's output directory flag, after arguments that pass
@@ -724,6 +724,23 @@ def test_a_model_too_big_for_memory_is_one_line_and_a_smaller_one_then_trains(
   assert len(err) == 1 and "Out of memory allocating" in err[0], err
   assert "a smaller --units, --batch-size or --eval-batch-size fits" in err[0]
   assert cli.main([*flags, "--units", "8"]) == 0  # nothing saved: the next try is a new run
+
+
+@pytest.mark.parametrize("kind", [RuntimeError, ValueError, OSError])
+def test_an_allocation_failure_is_the_same_one_line_whatever_exception_carries_it(
+  kind, monkeypatch, capsys
+):
+  """In CI, XLA's out-of-memory once came as a ValueError-like error: exit 2 without the hint."""
+  from pixelrnn_jax import commands
+
+  def fail(args, config):
+    raise kind("RESOURCE_EXHAUSTED: Out of memory allocating 80022400000 bytes.")
+
+  monkeypatch.setattr(commands, "train", fail)
+  assert cli.main(["train", "--workdir", "unused", "--units", "100000"]) == 1
+  (line,) = capsys.readouterr().err.strip().splitlines()
+  assert "Out of memory allocating 80022400000 bytes" in line
+  assert "a smaller --units, --batch-size or --eval-batch-size fits" in line
 
 
 @pytest.mark.parametrize(

@@ -190,7 +190,8 @@ class Config:
   distill_weight: float = knob(
     0.0,
     "weight w of the distillation term: loss = (1 - w) * cross-entropy + w * T^2 *"
-    " KL(teachers || model) at --distill-temperature T; needs --distill-from; 0 = off",
+    " KL(teachers || model) at --distill-temperature T; needs --distill-from, which needs"
+    " it above 0; 0 = off",
     low=0,
     high=1,
   )
