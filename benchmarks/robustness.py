@@ -5,7 +5,7 @@
 
 Each valid digit 0..count-1 is rotated by each ``--degrees`` (counter-clockwise)
 and, separately, scaled by each ``--scales`` about the image centre, bilinear
-with a black background (``training.batches.rotate_and_scale``, the transform
+with a black background (``preprocessing.rotate_and_scale``, the transform
 of ``--max-rotation`` / ``--max-scale``), and scored by every ``--checkpoint``
 (anything ``--checkpoint`` takes). One line per transform, one column per
 model; the first line is the digits as they are. Users' digits are rarely as
@@ -17,7 +17,7 @@ from pixelrnn_jax import commands
 from pixelrnn_jax import data
 from pixelrnn_jax import gru_classifier
 from pixelrnn_jax import inference
-from pixelrnn_jax.training.batches import rotate_and_scale
+from pixelrnn_jax.preprocessing import rotate_and_scale
 
 
 def transforms(degrees: list[float], scales: list[float]) -> list[tuple[str, float, float]]:

@@ -267,9 +267,11 @@ def as_sequence(params: Params, x) -> jax.Array:
     # Images, and any input of a model that knows its order (a loaded one), are
     # [0, 1] pixels; a bare model's sequences may be in any units.
     as_images = sequence is not x or params.order is not None
-    if as_images and (values.min() < 0 or values.max() > 1):
+    # float32 rounding (e.g. an undone standardisation) may overshoot by an ulp or so.
+    slack = 1e-6
+    if as_images and (values.min() < -slack or values.max() > 1 + slack):
       raise ValueError(
-        f"x has pixels in [{values.min():.3g}, {values.max():.3g}]: expected"
+        f"x has pixels in [{values.min():.7g}, {values.max():.7g}]: expected"
         " [0, 1] (divide 0..255 pixels by 255; do not standardise them:"
         " a loaded model does that itself)"
       )

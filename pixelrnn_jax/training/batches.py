@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from pixelrnn_jax.preprocessing import check_order
+from pixelrnn_jax.preprocessing import rotate_and_scale
 from pixelrnn_jax.preprocessing import to_sequences
 
 _WARP = 0x57415250  # "WARP": the stream of the rotations and scales, apart from the shifts'
@@ -38,56 +39,6 @@ def elastic_displacements(uniform: np.ndarray, alpha: float, sigma: float) -> np
   uniform = np.asarray(uniform, np.float64)
   sigmas = (0,) * (uniform.ndim - 2) + (sigma, sigma)
   return alpha * ndimage.gaussian_filter(uniform, sigmas, mode="constant", cval=0.0)
-
-
-def rotate_and_scale(
-  images: np.ndarray, degrees, scales, background: float = 0.0, displacements=None
-) -> np.ndarray:
-  """``images`` <float>[..., H, W] each rotated by its ``degrees`` (counter-clockwise
-  as displayed with row 0 on top) and scaled by its ``scales`` (arrays of the
-  leading shape, or scalars), about the centre ``((H - 1) / 2, (W - 1) / 2)``:
-  bilinear, with ``background`` outside the image. One SciPy
-  ``ndimage.map_coordinates`` call for the whole batch. Returns the same shape
-  and dtype.
-
-  ``displacements`` <float>[..., 2, H, W] (optional; e.g. from
-  :func:`elastic_displacements`) moves where each output pixel reads: output
-  pixel ``(r, c)`` reads the rotated and scaled source point plus
-  ``displacements[..., :, r, c]`` (rows, cols), in pixels.
-  """
-  from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
-
-  images = np.asarray(images)
-  lead, (height, width) = images.shape[:-2], images.shape[-2:]
-  flat = images.reshape(-1, height, width).astype(np.float64)
-  theta = np.deg2rad(np.broadcast_to(np.asarray(degrees, np.float64), lead).reshape(-1, 1, 1))
-  scale = np.broadcast_to(np.asarray(scales, np.float64), lead).reshape(-1, 1, 1)
-  # Output pixel o reads the input at centre + R(-theta) (o - centre) / scale, in
-  # (row, col) coordinates with rows pointing down, where a counter-clockwise turn
-  # on screen by theta is [[cos, -sin], [sin, cos]].
-  rows, cols = np.mgrid[0:height, 0:width].astype(np.float64)
-  dr, dc = rows - (height - 1) / 2, cols - (width - 1) / 2
-  cos, sin = np.cos(theta), np.sin(theta)
-  source_rows = (height - 1) / 2 + (cos * dr + sin * dc) / scale
-  source_cols = (width - 1) / 2 + (-sin * dr + cos * dc) / scale
-  if displacements is not None:
-    moved = np.asarray(displacements, np.float64)
-    if moved.shape != (*lead, 2, height, width):
-      raise ValueError(
-        f"displacements of shape {moved.shape}: expected {(*lead, 2, height, width)},"
-        f" a (row, col) pair of fields per image"
-      )
-    moved = moved.reshape(-1, 2, height, width)
-    source_rows, source_cols = source_rows + moved[:, 0], source_cols + moved[:, 1]
-  index = np.broadcast_to(np.arange(len(flat), dtype=np.float64).reshape(-1, 1, 1), flat.shape)
-  out = ndimage.map_coordinates(
-    flat,
-    [index, source_rows, source_cols],
-    order=1,
-    mode="grid-constant",  # the image padded with the background, then interpolated
-    cval=float(background),
-  )
-  return out.reshape(images.shape).astype(images.dtype)
 
 
 class Batches(Iterator):

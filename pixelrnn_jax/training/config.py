@@ -202,6 +202,13 @@ class Config:
     low=0,
     low_open=True,
   )
+  distill_rotations: str | None = knob(
+    None,
+    "the teachers' test-time augmentation (pixelrnn_jax/tta.py): each teacher also reads"
+    " each training batch turned by +- each of these degrees (comma-separated, e.g. 3 or"
+    " 3,6), and their answer is the mean over these views; needs --distill-from;"
+    " None = the batch as it is",
+  )
   per_step_loss: float = knob(
     0.0,
     "weight of the per-step cross-entropy (every step's answer, for anytime reading)"
@@ -305,6 +312,13 @@ class Config:
         f"distill_from={self.distill_from!r}: expected one or more models, comma-separated,"
         " e.g. pretrained:pixel,runs/my-run"
       )
+    if self.distill_rotations is not None:
+      if self.distill_from is None:
+        raise ValueError(
+          f"distill_rotations={self.distill_rotations!r} without distill_from: the rotations"
+          " are the teachers' views; add --distill-from and --distill-weight, or drop it"
+        )
+      rotation_views(self.distill_rotations, flag="--distill-rotations")
     if None not in (self.num_processes, self.process_id) and not (
       self.process_id < self.num_processes
     ):
@@ -503,3 +517,34 @@ RECIPES = {
     ema_decay=0.999,
   ),
 }
+
+
+MAX_VIEW_DEGREES = 45.0
+
+
+def rotation_views(text: str, *, flag: str = "--tta-rotations") -> tuple[float, ...]:
+  """``"3,6"`` -> ``(0.0, -3.0, 3.0, -6.0, 6.0)``: the unturned view, then -d and +d
+  for each comma-separated angle d in degrees (test-time augmentation, ``tta.py``).
+
+  Raises:
+    ValueError: naming ``flag``, its text and the first element that is empty, not
+      a number, not in (0, 45], or repeated.
+  """
+  views = [0.0]
+  for position, part in enumerate(text.split(","), start=1):
+    try:
+      value = float(part)
+    except ValueError:
+      what = "is empty" if not part.strip() else f"{part.strip()!r} is not a number"
+      raise ValueError(
+        f"{flag} {text!r}: element {position} {what}; expected angles in degrees like 3 or 3,6"
+      ) from None
+    if not 0 < value <= MAX_VIEW_DEGREES:
+      raise ValueError(
+        f"{flag} {text!r}: element {position} ({part.strip()}) must be an angle in"
+        f" (0, {MAX_VIEW_DEGREES:g}] degrees; each d adds the views turned by -d and +d"
+      )
+    if value in views:
+      raise ValueError(f"{flag} {text!r}: {part.strip()} is given twice; give each angle once")
+    views += [-value, value]
+  return tuple(views)

@@ -6,7 +6,9 @@ ensemble's, which carry how alike the classes look to them. The teachers read
 each training batch as the run reads it (after the augmentations, the shifts
 and the order's permutation), so their answer is to the same digit. Their
 ensemble's answer is the mean of their log-probabilities, as in
-``benchmarks/ensembles.py``.
+``benchmarks/ensembles.py``; with ``Config.distill_rotations`` the mean is also
+over the batch turned by those angles (test-time augmentation, ``tta.py``), a
+stronger teacher at one more read per view.
 
 The teachers are read at every start of a run, a resume included: a resume
 checks that their weights are the ones the run started with
@@ -25,6 +27,7 @@ from pixelrnn_jax import checkpoints
 from pixelrnn_jax import gru_classifier
 from pixelrnn_jax import model_io
 from pixelrnn_jax import preprocessing
+from pixelrnn_jax import tta
 from pixelrnn_jax.checkpoints import CheckpointError
 from pixelrnn_jax.training import config as config_lib
 
@@ -38,11 +41,16 @@ class Teachers:
   ``models`` read [0, 1] sequences in the run's order (``gru_classifier.from_saved``);
   ``standardize``: the run's batches are standardised, so the teachers first undo it.
   ``records``: per teacher ``{"source", "step", "params_sha256"}``.
+  ``rotations``: the angles of the views each teacher reads, in degrees (0 = the
+  batch as it is; ``config.rotation_views``); ``view_matrices``: <float32>[views,
+  784, 784], one per nonzero angle (``tta.view_matrices``).
   """
 
   models: tuple[gru_classifier.Params, ...]
   standardize: bool
   records: tuple[dict, ...]
+  rotations: tuple[float, ...] = (0.0,)
+  view_matrices: np.ndarray | None = None
 
   def ensemble_logits(self, x: jax.Array) -> jax.Array:
     """The teachers' answer to a training batch, <float32>[batch, classes].
@@ -52,18 +60,26 @@ class Teachers:
         (standardised when the run's config says so).
 
     Returns:
-      The mean over teachers of their last-step log-probabilities (a log of the
-      geometric mean of their probabilities, up to a constant per row), without
-      gradient.
+      The mean over teachers and views of their last-step log-probabilities (a
+      log of the geometric mean of their probabilities, up to a constant per
+      row), without gradient.
     """
     if self.standardize:
       x = x * np.float32(preprocessing.TRAIN_STD) + np.float32(preprocessing.TRAIN_MEAN)
-    answers = [jax.nn.log_softmax(gru_classifier.apply(m, x)[:, -1]) for m in self.models]
+    matrices = () if self.view_matrices is None else jnp.asarray(self.view_matrices)
+    inputs = tta.views(x, matrices, with_identity=0.0 in self.rotations)
+    answers = [
+      jax.nn.log_softmax(gru_classifier.apply(m, v)[:, -1]) for m in self.models for v in inputs
+    ]
     return jax.lax.stop_gradient(jnp.mean(jnp.stack(answers), axis=0))
 
   def record(self) -> dict:
-    """The ``metrics.jsonl`` record: ``{"event": "distill_from", "teachers": [...]}``."""
-    return {"event": EVENT, "teachers": list(self.records)}
+    """The ``metrics.jsonl`` record: ``{"event": "distill_from", "teachers": [...]}``,
+    with ``"rotations"`` when the teachers read turned views."""
+    record = {"event": EVENT, "teachers": list(self.records)}
+    if self.rotations != (0.0,):
+      record["rotations"] = list(self.rotations)
+    return record
 
 
 def read(config: config_lib.Config) -> Teachers | None:
@@ -101,7 +117,16 @@ def read(config: config_lib.Config) -> Teachers | None:
         "params_sha256": checkpoints.state_digest(saved.arrays),
       }
     )
-  return Teachers(tuple(models), config.standardize, tuple(records))
+  if config.distill_rotations is None:
+    return Teachers(tuple(models), config.standardize, tuple(records))
+  rotations = config_lib.rotation_views(config.distill_rotations, flag="--distill-rotations")
+  return Teachers(
+    tuple(models),
+    config.standardize,
+    tuple(records),
+    rotations,
+    tta.view_matrices(rotations, config.order),
+  )
 
 
 def recorded(records: list[dict]) -> list[dict] | None:
