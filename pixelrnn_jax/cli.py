@@ -377,6 +377,14 @@ def build_parser() -> argparse.ArgumentParser:
     action="store_true",
     help="ignore the card's per-step temperature: confidences as trained",
   )
+  evaluate.add_argument(
+    "--tta-rotations",
+    default=None,
+    metavar="DEGREES",
+    help="also score the test-time augmentation by rotation: the mean of the model's"
+    " last-step log-probabilities over the digit and its copies turned by +- each of these"
+    " degrees, e.g. 3 or 3,6 (one read per view)",
+  )
 
   predict = add_command("predict", help="classify images, optionally stopping early once confident")
   predict.add_argument(

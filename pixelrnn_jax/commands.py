@@ -96,6 +96,11 @@ def evaluate(args: argparse.Namespace) -> int:
   check_positive("--devices", args.devices)
   check_positive("--batch-size", args.batch_size)
   thresholds = parse_thresholds(args.early_exit) if args.early_exit is not None else ()
+  rotations = None
+  if args.tta_rotations is not None:
+    from pixelrnn_jax.training import config as config_lib  # noqa: PLC0415
+
+    rotations = config_lib.rotation_views(args.tta_rotations)
   use_cpu_devices(args.devices)
   from pixelrnn_jax import data  # noqa: PLC0415
   from pixelrnn_jax import inference  # noqa: PLC0415
@@ -138,6 +143,12 @@ def evaluate(args: argparse.Namespace) -> int:
     step=info["step"],
     calibrated=rule is not None,
   )
+  if rotations is not None:
+    from pixelrnn_jax import tta  # noqa: PLC0415
+
+    result["tta"] = tta.evaluate(
+      params, images, labels, rotations, order=order, batch_size=args.batch_size
+    )
   if args.json:
     print(json.dumps(result))
     return 0
@@ -148,6 +159,12 @@ def evaluate(args: argparse.Namespace) -> int:
     f" {result['num_examples']} examples"
   )
   print(f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}")
+  if rotations is not None:
+    views = ", ".join(f"{d:+g}" if d else "0" for d in rotations)
+    print(
+      f"with test-time rotations ({views} degrees; {len(rotations)} reads): accuracy"
+      f" {result['tta']['accuracy']:.4f}  loss {result['tta']['loss']:.4f}"
+    )
   print(
     "accuracy after t steps: "
     + "  ".join(f"{t}:{curve[t - 1]:.3f}" for t in range(stride, len(curve) + 1, stride))

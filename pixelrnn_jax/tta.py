@@ -97,3 +97,31 @@ def log_probs(models, x: jax.Array, degrees, order: str) -> jax.Array:
   inputs = views(x, matrices, with_identity=any(d == 0 for d in degrees))
   answers = [jax.nn.log_softmax(gru_classifier.apply(m, v)[:, -1]) for m in models for v in inputs]
   return jax.nn.log_softmax(jnp.mean(jnp.stack(answers), axis=0))
+
+
+def evaluate(params, images, labels, degrees, *, order: str, batch_size: int = 1000) -> dict:
+  """Accuracy and loss of :func:`log_probs` over ``images``.
+
+  Args:
+    params: a loaded model (it reads [0, 1] pixels; ``gru_classifier.load``).
+    images: <float32>[N, 28, 28] in [0, 1]; labels: <int>[N].
+    degrees: the views' angles (``config.rotation_views``).
+
+  Returns:
+    ``{"rotations": [...], "accuracy": fraction, "loss": mean cross-entropy in
+    nats, "num_examples": N}``.
+  """
+  run = jax.jit(lambda p, x: log_probs(p, x, degrees, order))
+  answers = np.concatenate(
+    [
+      np.asarray(run(params, preprocessing.to_sequences(images[i : i + batch_size], order)))
+      for i in range(0, len(images), batch_size)
+    ]
+  )
+  labels = np.asarray(labels)
+  return {
+    "rotations": [float(d) for d in degrees],
+    "accuracy": float(np.mean(answers.argmax(axis=1) == labels)),
+    "loss": float(-np.mean(answers[np.arange(len(labels)), labels])),
+    "num_examples": len(labels),
+  }
