@@ -182,7 +182,9 @@ def load(path: str | os.PathLike) -> dict:
     payload, digest = outer["payload"], outer["sha256"]
   except Exception as error:  # msgpack raises many kinds on bad bytes
     raise CheckpointError(
-      f"{path}: not a pixelrnn_jax checkpoint or truncated ({error})"
+      f"{path}: not a pixelrnn_jax weights file, or a truncated one (msgpack: {error});"
+      " give a run directory, one of its checkpoints/STEP, a .msgpack written by"
+      " `pixelrnn-jax export`, or pretrained:NAME"
     ) from error
   if hashlib.sha256(payload).hexdigest() != digest:
     raise CheckpointError(f"{path}: checksum mismatch, the file is corrupt")

@@ -3,6 +3,7 @@ definition (Hinton et al. 2015) in NumPy, the teachers' ensemble against the mod
 themselves, and the runs: what they record, resume, and refuse."""
 
 import json
+import logging
 import shutil
 
 import jax
@@ -168,6 +169,15 @@ def test_a_teacher_that_is_the_model_itself_teaches_nothing(teacher_run):
     ({"distill_from": " , ", "distill_weight": 0.5}, "expected one or more models"),
     ({"distill_from": "pretrained:pixel", "distill_weight": 1.5}, r"distill_weight=1.5"),
     ({"distill_temperature": 0.0}, "distill_temperature=0.0"),
+    ({"distill_temperature": 4.0}, "without distill_from: the temperature is distillation's"),
+    (
+      {"distill_from": "pretrained:pixel,,pretrained:anytime", "distill_weight": 0.5},
+      "element 2 is empty",
+    ),
+    (
+      {"distill_from": "pretrained:pixel, pretrained:pixel", "distill_weight": 0.5},
+      "pretrained:pixel is given twice",
+    ),
   ],
 )
 def test_a_half_given_or_out_of_range_distillation_is_refused_naming_the_fix(changes, match):
@@ -201,7 +211,7 @@ def test_a_teacher_of_another_order_or_a_missing_one_is_refused_before_the_data(
 
 
 def test_a_distilled_run_records_its_teachers_resumes_bit_exact_and_refuses_changed_ones(
-  teacher_run, tmp_path, monkeypatch
+  teacher_run, tmp_path, monkeypatch, caplog
 ):
   from pixelrnn_jax.training import export as export_lib
 
@@ -223,7 +233,9 @@ def test_a_distilled_run_records_its_teachers_resumes_bit_exact_and_refuses_chan
   )
   straight = loop.train_and_evaluate(config, tmp_path / "straight", progress=False)
   loop.train_and_evaluate(config.replace(steps=4), tmp_path / "resumed", progress=False)
-  resumed = loop.train_and_evaluate(config, tmp_path / "resumed", progress=False)
+  with caplog.at_level(logging.INFO, logger="pixelrnn_jax.training.loop"):
+    resumed = loop.train_and_evaluate(config, tmp_path / "resumed", progress=False)
+  assert f"distilling from {weights} (step" in caplog.text  # a resume says so too
   assert straight["valid"] == resumed["valid"]
   records = run_dir.metrics_records(tmp_path / "resumed")
   (record,) = [r for r in records if r.get("event") == "distill_from"]

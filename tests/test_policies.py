@@ -29,6 +29,8 @@ def _another_value(field: dataclasses.Field, value):
     return "pretrained:pixel"
   if field.name == "distill_from":
     return "pretrained:pixel-v1"
+  if field.name == "distill_rotations":
+    return "3"
   if field.name in ("num_processes", "devices", "batch_size"):
     return 4 if field.name != "batch_size" else 1024
   if isinstance(value, int):

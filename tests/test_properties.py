@@ -192,3 +192,31 @@ def test_gru_step_returns_the_state_shape_or_value_error(spec, h_units, x_dim, l
     assert h_new.shape == h.shape and _finite(h_new)
 
   _run(x64, body)
+
+
+@SETTINGS
+@given(overshoot=st.sampled_from([1e-7, 5e-7, 1e-5, 1e-3, 0.5]), low=st.booleans())
+def test_a_loaded_model_allows_float32_rounding_of_its_01_pixels_and_no_more(overshoot, low):
+  """An undone standardisation lands an ulp or so outside [0, 1]; a real overshoot is refused."""
+  params = gru_classifier.init(jax.random.key(0), num_units=2, in_dim=1, order="pixel")
+  x = np.full((1, 28, 28), 0.5, np.float32)
+  x[0, 3, 4] = -overshoot if low else 1 + overshoot
+  if overshoot <= 1e-6:
+    assert gru_classifier.apply(params, x).shape == (1, 784, 10)
+  else:
+    with pytest.raises(ValueError, match=r"x has pixels in \[.*\]: expected \[0, 1\]") as error:
+      gru_classifier.apply(params, x)
+    shown = f"{-overshoot:.7g}" if low else f"{1 + overshoot:.7g}"
+    assert shown in str(error.value)
+
+
+@SETTINGS
+@given(blob=st.binary(max_size=64))
+def test_any_file_that_is_not_weights_is_refused_naming_what_to_give(blob, tmp_path_factory):
+  from pixelrnn_jax import checkpoints
+
+  path = tmp_path_factory.mktemp("junk") / "weights.msgpack"
+  path.write_bytes(blob)
+  with pytest.raises(checkpoints.CheckpointError, match="not a pixelrnn_jax weights file") as error:
+    checkpoints.load(path)
+  assert "pretrained:NAME" in str(error.value) and "pixelrnn-jax export" in str(error.value)

@@ -28,6 +28,7 @@ Impl = Literal["fused", "scan"]
 Order = Literal["pixel", "permuted", "row"]
 LrSchedule = Literal["constant", "warmup_cosine", "warmup_step"]
 StepWeighting = Literal["uniform", "linear"]
+DISTILL_TEMPERATURE = 2.0  # Hinton et al. 2015 used 1-20; 2 measured as well as 4 here
 
 
 def knob(
@@ -196,7 +197,7 @@ class Config:
     high=1,
   )
   distill_temperature: float = knob(
-    2.0,
+    DISTILL_TEMPERATURE,
     "softmax temperature T of the distillation term, teachers and model alike (Hinton"
     " et al. 2015); 1 = the models' own probabilities",
     low=0,
@@ -307,10 +308,12 @@ class Config:
         " distillation needs both, e.g. --distill-from pretrained:pixel --distill-weight 0.5"
         " (or neither)"
       )
-    if self.distill_from is not None and not teacher_sources(self.distill_from):
+    if self.distill_from is not None:
+      _check_teacher_list(self.distill_from)
+    if self.distill_from is None and self.distill_temperature != DISTILL_TEMPERATURE:
       raise ValueError(
-        f"distill_from={self.distill_from!r}: expected one or more models, comma-separated,"
-        " e.g. pretrained:pixel,runs/my-run"
+        f"distill_temperature={self.distill_temperature!r} without distill_from: the"
+        " temperature is distillation's; add --distill-from and --distill-weight, or drop it"
       )
     if self.distill_rotations is not None:
       if self.distill_from is None:
@@ -351,6 +354,27 @@ class Config:
     if unknown:
       raise ValueError(f"unknown config fields {sorted(unknown)}")
     return cls(**values)
+
+
+def _check_teacher_list(distill_from: str) -> None:
+  """Refuses an empty list, an empty entry or a teacher named twice."""
+  parts = [part.strip() for part in distill_from.split(",")]
+  if not any(parts):
+    raise ValueError(
+      f"distill_from={distill_from!r}: expected one or more models, comma-separated,"
+      " e.g. pretrained:pixel,runs/my-run"
+    )
+  for position, part in enumerate(parts, start=1):
+    if not part:
+      raise ValueError(
+        f"distill_from={distill_from!r}: element {position} is empty; expected models"
+        " separated by single commas, e.g. pretrained:pixel,runs/my-run"
+      )
+    if part in parts[: position - 1]:
+      raise ValueError(
+        f"distill_from={distill_from!r}: {part} is given twice; give each teacher once"
+        " (a teacher named twice would only count double)"
+      )
 
 
 def teacher_sources(distill_from: str | None) -> list[str]:

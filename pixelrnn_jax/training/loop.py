@@ -286,11 +286,17 @@ def _train(
   )
   replicated = step_lib.replicate(state, config.devices)
   step = start_step = int(state.step)
-  if teachers is not None and start_step == 0 and primary:
-    run_dir.append_metrics(workdir, teachers.record())
+  if teachers is not None and primary:
+    if start_step == 0:
+      run_dir.append_metrics(workdir, teachers.record())
+    views = ""
+    if teachers.rotations != (0.0,):
+      views = ", each over views turned by " + ", ".join(f"{d:g}" for d in teachers.rotations)
+      views += " degrees"
     log.info(
-      "distilling from %s (weight %g, temperature %g)",
+      "distilling from %s%s (weight %g, temperature %g)",
       ", ".join(f"{r['source']} (step {r['step']})" for r in teachers.records),
+      views,
       config.distill_weight,
       config.distill_temperature,
     )
