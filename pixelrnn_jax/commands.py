@@ -146,6 +146,8 @@ def evaluate(args: argparse.Namespace) -> int:
   if rotations is not None:
     from pixelrnn_jax import tta  # noqa: PLC0415
 
+    if not config.max_rotation:
+      logging.getLogger(__name__).warning(tta.UNTRAINED_WARNING, args.checkpoint)
     result["tta"] = tta.evaluate(
       params, images, labels, rotations, order=order, batch_size=args.batch_size
     )

@@ -4,6 +4,7 @@ in the model's order, the answer against the models run on turned images one by
 one in NumPy, the teachers' views, and the flags' refusals."""
 
 import json
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -100,7 +101,7 @@ def test_the_answer_is_the_mean_over_models_and_turned_images_of_their_log_proba
 
 
 def test_the_evaluate_flag_scores_the_views_and_refuses_bad_angles_before_loading(
-  monkeypatch, capsys
+  monkeypatch, capsys, caplog
 ):
   from pixelrnn_jax import data
 
@@ -126,6 +127,13 @@ def test_the_evaluate_flag_scores_the_views_and_refuses_bad_angles_before_loadin
   assert result["accuracy"] == pytest.approx(np.mean(answers.argmax(1) == labels))
   assert result["loss"] == pytest.approx(-answers[np.arange(12), labels].mean(), rel=1e-4)
 
+  # A model trained without rotations is warned about; one trained with them is not.
+  assert "trained without --max-rotation" not in caplog.text
+  with caplog.at_level(logging.WARNING):
+    assert cli.main([*argv[:2], "pretrained:anytime", *argv[3:], "--tta-rotations", "5"]) == 0
+  assert "pretrained:anytime was trained without --max-rotation" in caplog.text
+  capsys.readouterr()
+
   def no_data(split, **kw):
     raise AssertionError("the data were read")
 
@@ -138,7 +146,7 @@ def test_the_evaluate_flag_scores_the_views_and_refuses_bad_angles_before_loadin
 # ---------------------------------------------------------------- teachers
 
 
-def test_teachers_with_rotations_answer_as_the_views_of_their_ensemble(tmp_path, toy_data):
+def test_teachers_with_rotations_answer_as_the_views_of_their_ensemble(tmp_path, toy_data, caplog):
   teacher = tmp_path / "teacher"
   loop.train_and_evaluate(config_lib.Config(**{**SMALL, "seed": 5}), teacher, progress=False)
   images = np.random.default_rng(2).random((6, 28, 28), dtype=np.float32)
@@ -154,7 +162,9 @@ def test_teachers_with_rotations_answer_as_the_views_of_their_ensemble(tmp_path,
         "distill_rotations": "6",
       }
     )
-    teachers = teachers_lib.read(config)
+    with caplog.at_level(logging.WARNING):
+      teachers = teachers_lib.read(config)
+    assert f"{teacher} was trained without --max-rotation" in caplog.text
     x = preprocessing.to_sequences(images, "row")
     if standardize:
       x = preprocessing.standardize(x)

@@ -18,6 +18,7 @@ checks that their weights are the ones the run started with
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -94,7 +95,7 @@ def read(config: config_lib.Config) -> Teachers | None:
   sources = config_lib.teacher_sources(config.distill_from)
   if not sources:
     return None
-  models, records = [], []
+  models, records, unturned = [], [], []
   for source in sources:
     try:
       saved = model_io.read(source)
@@ -109,6 +110,8 @@ def read(config: config_lib.Config) -> Teachers | None:
         f" --order {config.order}; a teacher must read the image as the run does"
       )
     models.append(jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), model))
+    if not (saved.config or {}).get("max_rotation"):
+      unturned.append(source)
     records.append(
       {
         # Shipped weights by their name: their path is this machine's installation.
@@ -120,6 +123,8 @@ def read(config: config_lib.Config) -> Teachers | None:
   if config.distill_rotations is None:
     return Teachers(tuple(models), config.standardize, tuple(records))
   rotations = config_lib.rotation_views(config.distill_rotations, flag="--distill-rotations")
+  for source in unturned:
+    logging.getLogger(__name__).warning(tta.UNTRAINED_WARNING, source)
   return Teachers(
     tuple(models),
     config.standardize,
