@@ -313,6 +313,18 @@ def _did_you_mean(word: str, choices) -> str:
 _NUMBER = re.compile(r"-\d+(\.\d*)?([eE][-+]?\d+)?|-\.\d+|-inf|-nan", re.IGNORECASE)
 
 
+def _add_tta_flag(parser: argparse.ArgumentParser, what: str) -> None:
+  parser.add_argument(
+    "--tta-rotations",
+    default=None,
+    metavar="DEGREES",
+    help=f"{what} the mean of the model's last-step log-probabilities over the digit and"
+    " its copies turned by +- each of these degrees, e.g. 3 or 3,6 (one read per view;"
+    " for models trained with --max-rotation: pretrained:pixel 98.88%% alone, 99.12%% with"
+    " 3,6 on valid)",
+  )
+
+
 def build_parser() -> argparse.ArgumentParser:
   """The ``pixelrnn-jax`` parser with every command and flag."""
   from pixelrnn_jax import __version__  # noqa: PLC0415
@@ -377,14 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     action="store_true",
     help="ignore the card's per-step temperature: confidences as trained",
   )
-  evaluate.add_argument(
-    "--tta-rotations",
-    default=None,
-    metavar="DEGREES",
-    help="also score the test-time augmentation by rotation: the mean of the model's"
-    " last-step log-probabilities over the digit and its copies turned by +- each of these"
-    " degrees, e.g. 3 or 3,6 (one read per view)",
-  )
+  _add_tta_flag(evaluate, "also score the test-time augmentation by rotation:")
 
   predict = add_command("predict", help="classify images, optionally stopping early once confident")
   predict.add_argument(
@@ -444,6 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     default=None,
     metavar="DIR",
     help="write DIR/<input>_seen.png: each input beside the 28x28 the model read",
+  )
+  _add_tta_flag(
+    predict,
+    "answer by test-time augmentation (reads every pixel of every view; not with"
+    " --early or --confidence; probabilities uncalibrated):",
   )
 
   plot = add_command("plot", help="write PNG pictures of a training run")

@@ -91,16 +91,39 @@ def _recorded_rule(info: dict, source: str):
     raise ValueError(f"{source}: {error}") from error
 
 
+def _tta_rotations(args: argparse.Namespace) -> tuple[float, ...] | None:
+  """``--tta-rotations``' views (``config.rotation_views``), or None without it."""
+  if args.tta_rotations is None:
+    return None
+  from pixelrnn_jax.training import config as config_lib  # noqa: PLC0415
+
+  return config_lib.rotation_views(args.tta_rotations)
+
+
+def _tta_answers(params, pixels, rotations, config, source: str) -> dict:
+  """``inference.predict``'s dict for ``--tta-rotations``: every pixel of every view read."""
+  import numpy as np  # noqa: PLC0415
+
+  from pixelrnn_jax import preprocessing  # noqa: PLC0415
+  from pixelrnn_jax import tta  # noqa: PLC0415
+
+  if not config.max_rotation:
+    logging.getLogger(__name__).warning(tta.UNTRAINED_WARNING, source)
+  probabilities = np.exp(np.asarray(tta.log_probs(params, pixels, rotations, config.order)))
+  return {
+    "label": probabilities.argmax(axis=1),
+    "probability": probabilities.max(axis=1),
+    "probabilities": probabilities,
+    "steps": np.full(len(pixels), preprocessing.sequence_shape(config.order)[0]),
+  }
+
+
 def evaluate(args: argparse.Namespace) -> int:
   """``pixelrnn-jax evaluate``: a saved model's loss and accuracy on a split."""
   check_positive("--devices", args.devices)
   check_positive("--batch-size", args.batch_size)
   thresholds = parse_thresholds(args.early_exit) if args.early_exit is not None else ()
-  rotations = None
-  if args.tta_rotations is not None:
-    from pixelrnn_jax.training import config as config_lib  # noqa: PLC0415
-
-    rotations = config_lib.rotation_views(args.tta_rotations)
+  rotations = _tta_rotations(args)
   use_cpu_devices(args.devices)
   from pixelrnn_jax import data  # noqa: PLC0415
   from pixelrnn_jax import inference  # noqa: PLC0415
@@ -148,6 +171,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     if not config.max_rotation:
       logging.getLogger(__name__).warning(tta.UNTRAINED_WARNING, args.checkpoint)
+
     result["tta"] = tta.evaluate(
       params, images, labels, rotations, order=order, batch_size=args.batch_size
     )
@@ -232,6 +256,12 @@ def predict(args: argparse.Namespace) -> int:
     raise ValueError(f"--confidence {args.confidence}: expected a probability in (0, 1]")
   if args.early and args.confidence is not None:
     raise ValueError("--early uses the card's recorded threshold: give --early or --confidence")
+  rotations = _tta_rotations(args)
+  if rotations is not None and (args.early or args.confidence is not None):
+    raise ValueError(
+      "--tta-rotations reads every pixel of every view: drop --early / --confidence, or"
+      " drop --tta-rotations to stop early"
+    )
   params, config, info = _load(args.checkpoint)
   rule = _recorded_rule(info, args.checkpoint)
   calibrated = rule is not None and not args.raw_confidence
@@ -271,15 +301,19 @@ def predict(args: argparse.Namespace) -> int:
   out = {}
   if usable:
     pixels = np.stack([digit.pixels for _, _, digit, _ in usable])  # (N, 28, 28) in [0, 1]
-    out = {
-      key: np.asarray(value)
-      for key, value in inference.predict(
-        params,
-        pixels,
-        threshold=threshold,
-        calibration=rule.calibration if calibrated else None,
-      ).items()
-    }
+    if rotations is None:
+      out = {
+        key: np.asarray(value)
+        for key, value in inference.predict(
+          params,
+          pixels,
+          threshold=threshold,
+          calibration=rule.calibration if calibrated else None,
+        ).items()
+      }
+    else:
+      out = _tta_answers(params, pixels, rotations, config, args.checkpoint)
+      calibrated = False
   total, in_dim = preprocessing.sequence_shape(config.order)
   unit = "pixels" if in_dim == 1 else "rows"
   shown_names: set[str] = set()
@@ -306,6 +340,8 @@ def predict(args: argparse.Namespace) -> int:
       "pixels_total": total * in_dim,
       "calibrated": calibrated,
     }
+    if rotations is not None:
+      row["tta_rotations"] = list(rotations)
     i += 1
     if label is not None:
       row["true_label"] = label
@@ -345,7 +381,9 @@ def predict(args: argparse.Namespace) -> int:
         f"{name}: {row['label']}{truth} p={row['probability']:.4f}"
         + (" calibrated" if calibrated else "")
         + f" ({others}) after"
-        f" {out['steps'][i - 1]}/{total} {unit}" + (f"; {', '.join(done)}" if done else "")
+        f" {out['steps'][i - 1]}/{total} {unit}"
+        + (f" of {len(rotations)} turned views" if rotations is not None else "")
+        + (f"; {', '.join(done)}" if done else "")
       )
   return 1 if len(usable) < len(prepared) or unshown else 0
 

@@ -193,3 +193,33 @@ def test_distill_rotations_without_teachers_or_with_a_bad_angle_is_refused(capsy
   assert cli.main(["train", "--workdir", "nowhere", "--distill-rotations", "3"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "--distill-from" in err[0]
+
+
+def test_predict_answers_by_the_views_and_refuses_early_exit_with_them(capsys, tmp_path):
+  images, labels = helpers.synthetic_digits(3, 6)
+  for i, image in enumerate(images):
+    np.save(tmp_path / f"{i}.npy", image)
+  inputs = [str(tmp_path / f"{i}.npy") for i in range(3)]
+  argv = ["predict", "--checkpoint", "pretrained:pixel", "--tta-rotations", "3"]
+  assert cli.main([*argv, "--json", *inputs]) == 0
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  from pixelrnn_jax import images as images_lib
+
+  pixels = np.stack([images_lib.prepare(image, invert="auto").pixels for image in images])
+  want = np.exp(
+    np.asarray(
+      tta.log_probs(gru_classifier.load("pretrained:pixel"), pixels, (0.0, -3.0, 3.0), "pixel")
+    )
+  )
+  for row, p in zip(rows, want, strict=True):
+    assert row["label"] == int(p.argmax()) and row["probability"] == pytest.approx(
+      p.max(), rel=1e-5
+    )
+    assert row["tta_rotations"] == [0.0, -3.0, 3.0] and row["pixels_read"] == 784
+    assert row["calibrated"] is False
+  assert cli.main([*argv, inputs[0]]) == 0
+  assert "after 784/784 pixels of 3 turned views" in capsys.readouterr().out
+  for extra in (["--early"], ["--confidence", "0.9"]):
+    assert cli.main([*argv, *extra, inputs[0]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--tta-rotations reads every pixel of every view" in err[0]
