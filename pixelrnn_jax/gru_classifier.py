@@ -199,6 +199,14 @@ def params_dtype(params: Params) -> jnp.dtype:
   return dtypes.pop()
 
 
+def _shown(value: float) -> str:
+  """A pixel value for a message: 3 digits, or as many as show it is outside [0, 1]."""
+  text = f"{value:.3g}"
+  if 0 <= float(text) <= 1 and not 0 <= value <= 1:
+    text = f"{value:.9g}"
+  return text
+
+
 def as_sequence(params: Params, x) -> jax.Array:
   """Validates ``x`` and returns the model's input <float>[batch, T, in_dim].
 
@@ -271,7 +279,7 @@ def as_sequence(params: Params, x) -> jax.Array:
     slack = 1e-6
     if as_images and (values.min() < -slack or values.max() > 1 + slack):
       raise ValueError(
-        f"x has pixels in [{values.min():.7g}, {values.max():.7g}]: expected"
+        f"x has pixels in [{_shown(values.min())}, {_shown(values.max())}]: expected"
         " [0, 1] (divide 0..255 pixels by 255; do not standardise them:"
         " a loaded model does that itself)"
       )
