@@ -76,16 +76,20 @@ def card(name: str) -> dict:
 
 
 def checked_weights(path: Path, expected_sha256: str) -> Path:
-  """``path``, after checking its bytes against a card's SHA-256.
+  """``path``, after checking its bytes against the SHA-256 its card (``path`` with
+  the suffix .json) records.
 
   Raises:
-    CheckpointError: the digest differs.
+    CheckpointError: the digest differs, naming both files and the fixes.
   """
   digest = hashlib.sha256(path.read_bytes()).hexdigest()
   if digest != expected_sha256:
     raise CheckpointError(
-      f"{path}: SHA-256 {digest} does not match the recorded"
-      f" {expected_sha256}; reinstall the package or export it again"
+      f"{path}: SHA-256 {digest[:12]}... does not match the recorded"
+      f" {expected_sha256[:12]}... in its card {path.with_suffix('.json')}: the weights or"
+      " the card are not the ones exported together (a corrupt or replaced file). Put back"
+      " the pair from the same `pixelrnn-jax export`, export again, or for pretrained:NAME"
+      " reinstall the package"
     )
   return path
 

@@ -86,8 +86,10 @@ def test_a_tampered_export_fails_its_card_checksum(run, tmp_path, mnist_dir):
   blob = bytearray(out.read_bytes())
   blob[-3] ^= 0x01
   out.write_bytes(bytes(blob))
-  with pytest.raises(CheckpointError, match="does not match the recorded"):
+  with pytest.raises(CheckpointError, match="does not match the recorded") as error:
     gru_classifier.load(out)
+  assert f"in its card {out.with_suffix('.json')}" in str(error.value)
+  assert "export again" in str(error.value)
 
 
 @pytest.mark.parametrize(
