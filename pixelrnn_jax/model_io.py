@@ -110,6 +110,20 @@ def step_sources(run_dir: str | os.PathLike) -> list[Path]:
   return sorted((p for p in directory.iterdir() if _is_step_dir(p)), key=lambda p: int(p.name))
 
 
+def recorded_source(source: str, saved: SavedModel) -> str:
+  """How a run records a model it read: shipped weights by their ``pretrained:NAME``
+  (their path is one machine's installation), anything else by the path read."""
+  return source if source.startswith(PREFIX) else saved.path
+
+
+def absolute(source: str) -> str:
+  """``source`` with a path made absolute (a run resumed from another directory
+  reads the same file); ``pretrained:NAME`` and an empty source as they are."""
+  if source.startswith(PREFIX) or not source.strip():
+    return source
+  return str(Path(source).resolve())
+
+
 def resolve(source: str | os.PathLike) -> Path:
   """The weights file or step directory a source names (see the module docstring).
 

@@ -195,15 +195,13 @@ def train_and_evaluate(
   if config.data_dir is not None:
     config = config.replace(data_dir=str(Path(config.data_dir).resolve()))
   if config.init_from is not None:
-    if not config.init_from.startswith(model_io.PREFIX) and config.init_from.strip():
-      config = config.replace(init_from=str(Path(config.init_from).resolve()))
+    config = config.replace(init_from=model_io.absolute(config.init_from))
     if run_dir.latest_step(Path(workdir)) is None:  # a fresh start reads it; a resume does not
       run_dir.read_init_model(config)  # a missing or unfit model: one line, before the data
   if config.distill_from is not None:  # paths as absolute, like --init-from's
     config = config.replace(
       distill_from=",".join(
-        s if s.startswith(model_io.PREFIX) else str(Path(s).resolve())
-        for s in config_lib.teacher_sources(config.distill_from)
+        model_io.absolute(s) for s in config_lib.teacher_sources(config.distill_from)
       )
     )
   teachers = teachers_lib.read(config)  # read at every start; a resume needs the same ones

@@ -275,8 +275,7 @@ def warm_start(config: config_lib.Config, state: step_lib.TrainState, optimizer)
   params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
   record = {
     "event": "init_from",
-    # Shipped weights by their name: their path is this machine's installation.
-    "source": config.init_from if config.init_from.startswith(model_io.PREFIX) else saved.path,
+    "source": model_io.recorded_source(config.init_from, saved),
     "source_step": saved.step,
     "params_sha256": checkpoints.state_digest(serialization.to_state_dict(params)),
   }

@@ -114,8 +114,7 @@ def read(config: config_lib.Config) -> Teachers | None:
       unturned.append(source)
     records.append(
       {
-        # Shipped weights by their name: their path is this machine's installation.
-        "source": source if source.startswith(model_io.PREFIX) else saved.path,
+        "source": model_io.recorded_source(source, saved),
         "step": saved.step,
         "params_sha256": checkpoints.state_digest(saved.arrays),
       }
