@@ -382,7 +382,7 @@ def predict(args: argparse.Namespace) -> int:
         + (" calibrated" if calibrated else "")
         + f" ({others}) after"
         f" {out['steps'][i - 1]}/{total} {unit}"
-        + (f" of {len(rotations)} turned views" if rotations is not None else "")
+        + (f" in each of {len(rotations)} views" if rotations is not None else "")
         + (f"; {', '.join(done)}" if done else "")
       )
   return 1 if len(usable) < len(prepared) or unshown else 0

@@ -46,16 +46,36 @@ def _image_rotation(degrees: float) -> np.ndarray:
   return matrix
 
 
-def rotation_matrix(degrees: float, order: str) -> np.ndarray:
-  """<float32>[784, 784] ``M`` such that ``flat_sequence @ M`` is the sequence of
-  the image turned by ``degrees`` (counter-clockwise as displayed), for sequences
-  of ``order`` flattened to [N, 784] (``preprocessing.to_sequences`` then reshape).
+def check_degrees(degrees) -> tuple[float, ...]:
+  """The views' angles as floats.
 
   Raises:
-    ValueError: an unknown order.
+    ValueError: no angle, or one that is not a finite number, naming it.
+  """
+  try:
+    angles = tuple(float(d) for d in np.atleast_1d(np.asarray(degrees, dtype=object)))
+  except (TypeError, ValueError):
+    raise ValueError(f"degrees={degrees!r}: expected numbers, e.g. (0, -3, 3)") from None
+  if not angles:
+    raise ValueError(f"degrees={degrees!r}: expected at least one view, e.g. (0, -3, 3)")
+  bad = [d for d in angles if not np.isfinite(d)]
+  if bad:
+    raise ValueError(f"degrees={degrees!r}: {bad[0]} is not a finite angle in degrees")
+  return angles
+
+
+def rotation_matrix(degrees: float, order: str) -> np.ndarray:
+  """<float32>[784, 784] ``M`` such that ``flat_sequence @ M`` is the sequence of
+  the image turned by ``degrees`` (counter-clockwise as displayed; any finite
+  angle, though models are trained on small ones), for sequences of ``order``
+  flattened to [N, 784] (``preprocessing.to_sequences`` then reshape).
+
+  Raises:
+    ValueError: an unknown order or an angle that is not finite.
   """
   preprocessing.check_order(order)
-  matrix = _image_rotation(float(degrees))
+  (degrees,) = check_degrees((degrees,))
+  matrix = _image_rotation(degrees)
   if order == "permuted":
     permutation = preprocessing.permutation()
     matrix = matrix[permutation][:, permutation]
@@ -65,7 +85,7 @@ def rotation_matrix(degrees: float, order: str) -> np.ndarray:
 def view_matrices(degrees, order: str) -> np.ndarray:
   """<float32>[views, 784, 784]: :func:`rotation_matrix` of each nonzero angle (the
   unturned view needs none); [0, 784, 784] when all are 0."""
-  turned = [rotation_matrix(d, order) for d in degrees if d != 0]
+  turned = [rotation_matrix(d, order) for d in check_degrees(degrees) if d != 0]
   size = preprocessing.NUM_PIXELS
   return np.stack(turned) if turned else np.zeros((0, size, size), np.float32)
 
@@ -74,10 +94,18 @@ def views(x: jax.Array, matrices, *, with_identity: bool = True) -> list[jax.Arr
   """The views of a batch of sequences: itself (``with_identity``), then one per matrix.
 
   Args:
-    x: <float32>[batch, T, in_dim] sequences of [0, 1] pixels (black = 0 is what a
-      rotation brings in at the corners).
+    x: <float32>[batch, T, in_dim] sequences of [0, 1] pixels, T * in_dim = 784
+      (black = 0 is what a rotation brings in at the corners).
     matrices: <float32>[views, 784, 784] from :func:`view_matrices`.
+
+  Raises:
+    ValueError: ``x`` is not a batch of 784-pixel sequences.
   """
+  if len(x.shape) != 3 or x.shape[1] * x.shape[2] != preprocessing.NUM_PIXELS:
+    raise ValueError(
+      f"x has shape {tuple(x.shape)}: expected sequences [batch, T, in_dim] of"
+      f" {preprocessing.NUM_PIXELS} pixels (preprocessing.to_sequences)"
+    )
   flat = x.reshape(x.shape[0], -1)
   turned = [(flat @ m).reshape(x.shape) for m in matrices]
   return ([x] if with_identity else []) + turned
@@ -88,19 +116,35 @@ def log_probs(models, x: jax.Array, degrees, order: str) -> jax.Array:
 
   Args:
     models: one ``gru_classifier.Params`` or a sequence of them (an ensemble),
-      each reading [0, 1] sequences of ``order``.
-    x: <float32>[batch, T, in_dim] sequences of [0, 1] pixels in ``order``.
+      each reading [0, 1] pixels in ``order``.
+    x: images <float>[batch, 28, 28] or [batch, 784] in [0, 1] (read in
+      ``order``), or their sequences <float>[batch, T, in_dim] in ``order``
+      (``preprocessing.to_sequences``).
     degrees: the views' angles, e.g. ``(0, -3, 3)``; 0 is the batch as it is.
 
   Returns:
     log-softmax of the mean over models and views of their last-step
     log-probabilities (a normalised geometric mean of their probabilities, as
     ``benchmarks/ensembles.py`` averages models).
+
+  Raises:
+    ValueError: no views or an angle that is not finite, an input of another
+      shape, or a model that reads another order than ``order``.
   """
+  degrees = check_degrees(degrees)
+  preprocessing.check_order(order)
   if isinstance(models, gru_classifier.Params):
     models = [models]
+  for model in models:
+    if model.order not in (None, order):
+      raise ValueError(
+        f"a model of order {model.order!r} and order={order!r}: each model must read"
+        " the views in the order they are made for"
+      )
+  if len(x.shape) == 2 or tuple(x.shape[1:]) == preprocessing.IMAGE_SHAPE:
+    x = preprocessing.to_sequences(x, order)  # images (row order: the same array)
   matrices = jnp.asarray(view_matrices(degrees, order))
-  inputs = views(x, matrices, with_identity=any(d == 0 for d in degrees))
+  inputs = views(x, matrices, with_identity=0.0 in degrees)
   answers = [jax.nn.log_softmax(gru_classifier.apply(m, v)[:, -1]) for m in models for v in inputs]
   return jax.nn.log_softmax(jnp.mean(jnp.stack(answers), axis=0))
 
@@ -116,7 +160,24 @@ def evaluate(params, images, labels, degrees, *, order: str, batch_size: int = 1
   Returns:
     ``{"rotations": [...], "accuracy": fraction, "loss": mean cross-entropy in
     nats, "num_examples": N}``.
+
+  Raises:
+    ValueError: bad angles, no images, labels of another length or outside the
+      classes, a batch size below 1, or as :func:`log_probs`.
   """
+  degrees = check_degrees(degrees)
+  images, labels = np.asarray(images), np.asarray(labels)
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f"batch_size={batch_size!r}: expected a positive integer")
+  if len(images) == 0 or labels.shape != (len(images),):
+    raise ValueError(
+      f"images of shape {images.shape} and labels of shape {labels.shape}: expected"
+      " N >= 1 images [N, 28, 28] and N labels"
+    )
+  if labels.min() < 0 or labels.max() >= params.num_classes:
+    raise ValueError(
+      f"labels in [{labels.min()}, {labels.max()}]: expected classes 0..{params.num_classes - 1}"
+    )
   run = jax.jit(lambda p, x: log_probs(p, x, degrees, order))
   answers = np.concatenate(
     [
@@ -124,7 +185,6 @@ def evaluate(params, images, labels, degrees, *, order: str, batch_size: int = 1
       for i in range(0, len(images), batch_size)
     ]
   )
-  labels = np.asarray(labels)
   return {
     "rotations": [float(d) for d in degrees],
     "accuracy": float(np.mean(answers.argmax(axis=1) == labels)),

@@ -169,7 +169,7 @@ def test_a_teacher_that_is_the_model_itself_teaches_nothing(teacher_run):
     ({"distill_from": " , ", "distill_weight": 0.5}, "expected one or more models"),
     ({"distill_from": "pretrained:pixel", "distill_weight": 1.5}, r"distill_weight=1.5"),
     ({"distill_temperature": 0.0}, "distill_temperature=0.0"),
-    ({"distill_temperature": 4.0}, "without distill_from: the temperature is distillation's"),
+    ({"distill_temperature": 4.0}, "with distill_from=None: the temperature is distillation's"),
     (
       {"distill_from": "pretrained:pixel,,pretrained:anytime", "distill_weight": 0.5},
       "element 2 is empty",

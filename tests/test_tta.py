@@ -5,6 +5,7 @@ one in NumPy, the teachers' views, and the flags' refusals."""
 
 import json
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +101,61 @@ def test_the_answer_is_the_mean_over_models_and_turned_images_of_their_log_proba
   np.testing.assert_allclose(alone, answers[0], atol=2e-4)
 
 
+@pytest.mark.parametrize("order", preprocessing.ORDERS)
+def test_the_answer_takes_images_or_their_sequences_in_every_order(order):
+  """Images are read in the model's order: the same answer as their sequences, and as
+  the model run on each turned image (``apply`` reads images in its order itself)."""
+  in_dim = preprocessing.sequence_shape(order)[1]
+  model = gru_classifier.init(jax.random.key(1), num_units=6, in_dim=in_dim, order=order)
+  images = helpers.synthetic_digits(4, 7)[0].astype(np.float32)
+  degrees = (0.0, -5.0, 5.0)
+  from_images = np.asarray(tta.log_probs(model, images, degrees, order))
+  from_sequences = np.asarray(
+    tta.log_probs(model, preprocessing.to_sequences(images, order), degrees, order)
+  )
+  answers = [
+    _log_softmax(
+      np.asarray(gru_classifier.apply(model, preprocessing.rotate_and_scale(images, d, 1.0)))[:, -1]
+    )
+    for d in degrees
+  ]
+  np.testing.assert_allclose(from_images, from_sequences, atol=1e-6)
+  np.testing.assert_allclose(from_images, _log_softmax(np.mean(answers, axis=0)), atol=2e-5)
+
+
+@pytest.mark.parametrize(
+  ("call", "match"),
+  [
+    (lambda m, x: tta.log_probs(m, x, (), "pixel"), "expected at least one view"),
+    (lambda m, x: tta.log_probs(m, x, (0, float("nan")), "pixel"), "nan is not a finite angle"),
+    (lambda m, x: tta.log_probs(m, x, ("three",), "pixel"), "expected numbers"),
+    (lambda m, x: tta.log_probs(m, x[:, :100], (0, 3), "pixel"), r"x has shape \(2, 100, 1\)"),
+    (lambda m, x: tta.log_probs(m, x, (0, 3), "permuted"), "a model of order 'pixel'"),
+    (lambda m, x: tta.rotation_matrix(float("inf"), "pixel"), "inf is not a finite angle"),
+  ],
+)
+def test_the_library_refuses_bad_views_inputs_and_orders_naming_them(call, match):
+  model = gru_classifier.init(jax.random.key(0), num_units=2, order="pixel")
+  x = preprocessing.to_sequences(np.zeros((2, 28, 28), np.float32), "pixel")
+  with pytest.raises(ValueError, match=match):
+    call(model, x)
+
+
+@pytest.mark.parametrize(
+  ("images", "labels", "batch_size", "match"),
+  [
+    (np.zeros((3, 28, 28)), np.zeros(3, int), 0, "batch_size=0: expected a positive integer"),
+    (np.zeros((0, 28, 28)), np.zeros(0, int), 10, "expected N >= 1 images"),
+    (np.zeros((3, 28, 28)), np.zeros(2, int), 10, r"labels of shape \(2,\)"),
+    (np.zeros((3, 28, 28)), np.array([0, 1, 12]), 10, r"labels in \[0, 12\]: expected classes"),
+  ],
+)
+def test_evaluate_refuses_bad_splits_naming_them(images, labels, batch_size, match):
+  model = gru_classifier.init(jax.random.key(0), num_units=2, order="pixel")
+  with pytest.raises(ValueError, match=match):
+    tta.evaluate(model, images, labels, (0.0, 3.0), order="pixel", batch_size=batch_size)
+
+
 def test_the_evaluate_flag_scores_the_views_and_refuses_bad_angles_before_loading(
   monkeypatch, capsys, caplog
 ):
@@ -179,7 +235,7 @@ def test_teachers_with_rotations_answer_as_the_views_of_their_ensemble(tmp_path,
 
 
 def test_distill_rotations_without_teachers_or_with_a_bad_angle_is_refused(capsys):
-  with pytest.raises(ValueError, match="without distill_from: the rotations are the teachers"):
+  with pytest.raises(ValueError, match="with distill_from=None: the rotations are the teachers"):
     config_lib.Config(**{**SMALL, "distill_rotations": "3"})
   with pytest.raises(ValueError, match=r"--distill-rotations '0': element 1 \(0\)"):
     config_lib.Config(
@@ -192,25 +248,30 @@ def test_distill_rotations_without_teachers_or_with_a_bad_angle_is_refused(capsy
     )
   assert cli.main(["train", "--workdir", "nowhere", "--distill-rotations", "3"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and "--distill-from" in err[0]
+  assert len(err) == 1 and re.search(r"--distill-rotations '?3'? with --distill-from None", err[0])
 
 
-def test_predict_answers_by_the_views_and_refuses_early_exit_with_them(capsys, tmp_path):
+@pytest.mark.parametrize("name", ["pixel", "permuted"])
+def test_predict_answers_by_the_views_and_refuses_early_exit_with_them(name, capsys, tmp_path):
   images, labels = helpers.synthetic_digits(3, 6)
   for i, image in enumerate(images):
     np.save(tmp_path / f"{i}.npy", image)
   inputs = [str(tmp_path / f"{i}.npy") for i in range(3)]
-  argv = ["predict", "--checkpoint", "pretrained:pixel", "--tta-rotations", "3"]
+  argv = ["predict", "--checkpoint", f"pretrained:{name}", "--tta-rotations", "3"]
   assert cli.main([*argv, "--json", *inputs]) == 0
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   from pixelrnn_jax import images as images_lib
 
   pixels = np.stack([images_lib.prepare(image, invert="auto").pixels for image in images])
-  want = np.exp(
-    np.asarray(
-      tta.log_probs(gru_classifier.load("pretrained:pixel"), pixels, (0.0, -3.0, 3.0), "pixel")
+  model = gru_classifier.load(f"pretrained:{name}")
+  # The reference: the model on each turned image (it reads images in its own order).
+  turned = [
+    _log_softmax(
+      np.asarray(gru_classifier.apply(model, preprocessing.rotate_and_scale(pixels, d, 1.0)))[:, -1]
     )
-  )
+    for d in (0.0, -3.0, 3.0)
+  ]
+  want = np.exp(_log_softmax(np.mean(turned, axis=0)))
   for row, p in zip(rows, want, strict=True):
     assert row["label"] == int(p.argmax()) and row["probability"] == pytest.approx(
       p.max(), rel=1e-5
@@ -218,7 +279,7 @@ def test_predict_answers_by_the_views_and_refuses_early_exit_with_them(capsys, t
     assert row["tta_rotations"] == [0.0, -3.0, 3.0] and row["pixels_read"] == 784
     assert row["calibrated"] is False
   assert cli.main([*argv, inputs[0]]) == 0
-  assert "after 784/784 pixels of 3 turned views" in capsys.readouterr().out
+  assert "after 784/784 pixels in each of 3 views" in capsys.readouterr().out
   for extra in (["--early"], ["--confidence", "0.9"]):
     assert cli.main([*argv, *extra, inputs[0]]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -312,14 +312,15 @@ class Config:
       _check_teacher_list(self.distill_from)
     if self.distill_from is None and self.distill_temperature != DISTILL_TEMPERATURE:
       raise ValueError(
-        f"distill_temperature={self.distill_temperature!r} without distill_from: the"
+        f"distill_temperature={self.distill_temperature!r} with distill_from=None: the"
         " temperature is distillation's; add --distill-from and --distill-weight, or drop it"
       )
     if self.distill_rotations is not None:
       if self.distill_from is None:
         raise ValueError(
-          f"distill_rotations={self.distill_rotations!r} without distill_from: the rotations"
-          " are the teachers' views; add --distill-from and --distill-weight, or drop it"
+          f"distill_rotations={self.distill_rotations!r} with distill_from=None: the"
+          " rotations are the teachers' views; add --distill-from and --distill-weight, or"
+          " drop it"
         )
       rotation_views(self.distill_rotations, flag="--distill-rotations")
     if None not in (self.num_processes, self.process_id) and not (
