@@ -224,15 +224,12 @@ def parse_thresholds(text: str) -> tuple[float, ...]:
     ValueError: naming the flag's text and the first element that is empty, not a
       number, or not a probability in (0, 1].
   """
+  from pixelrnn_jax.training import config as config_lib  # noqa: PLC0415
+
   values = []
-  for position, part in enumerate(text.split(","), start=1):
-    try:
-      value = float(part)
-    except ValueError:
-      what = "is empty" if not part.strip() else f"{part.strip()!r} is not a number"
-      raise ValueError(
-        f"--early-exit {text!r}: element {position} {what}; expected numbers like 0.9,0.99"
-      ) from None
+  for position, part, value in config_lib.number_list(
+    text, "--early-exit", "numbers like 0.9,0.99"
+  ):
     if not 0 < value <= 1:
       raise ValueError(
         f"--early-exit {text!r}: element {position} ({part.strip()}) must be a probability"

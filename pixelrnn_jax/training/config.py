@@ -547,6 +547,23 @@ RECIPES = {
 MAX_VIEW_DEGREES = 45.0
 
 
+def number_list(text: str, flag: str, expected: str) -> list[tuple[int, str, float]]:
+  """A flag's comma-separated numbers: ``(position from 1, the text, the value)`` each.
+
+  Raises:
+    ValueError: naming ``flag``, its text and the first element that is empty or
+      not a number, then what is ``expected`` (e.g. "numbers like 0.9,0.99").
+  """
+  numbers = []
+  for position, part in enumerate(text.split(","), start=1):
+    try:
+      numbers.append((position, part.strip(), float(part)))
+    except ValueError:
+      what = "is empty" if not part.strip() else f"{part.strip()!r} is not a number"
+      raise ValueError(f"{flag} {text!r}: element {position} {what}; expected {expected}") from None
+  return numbers
+
+
 def rotation_views(text: str, *, flag: str = "--tta-rotations") -> tuple[float, ...]:
   """``"3,6"`` -> ``(0.0, -3.0, 3.0, -6.0, 6.0)``: the unturned view, then -d and +d
   for each comma-separated angle d in degrees (test-time augmentation, ``tta.py``).
@@ -556,14 +573,7 @@ def rotation_views(text: str, *, flag: str = "--tta-rotations") -> tuple[float, 
       a number, not in (0, 45], or repeated.
   """
   views = [0.0]
-  for position, part in enumerate(text.split(","), start=1):
-    try:
-      value = float(part)
-    except ValueError:
-      what = "is empty" if not part.strip() else f"{part.strip()!r} is not a number"
-      raise ValueError(
-        f"{flag} {text!r}: element {position} {what}; expected angles in degrees like 3 or 3,6"
-      ) from None
+  for position, part, value in number_list(text, flag, "angles in degrees like 3 or 3,6"):
     if not 0 < value <= MAX_VIEW_DEGREES:
       raise ValueError(
         f"{flag} {text!r}: element {position} ({part.strip()}) must be an angle in"
