@@ -5,7 +5,8 @@
 
 The documented API is ``__all__``: the model (``gru_classifier``, its cell
 ``gru_cell`` and one step ``gru_step``), the data (``data``, ``load_mnist``,
-``preprocessing``), inference (``inference``: ``evaluate``, ``predict``), a
+``preprocessing``), inference (``inference``: ``evaluate``, ``predict``; ``tta``: answers over
+turned copies of each digit), a
 user's digit images (``images``), saved models (``model_io``), the trainer
 (``training``) and the pictures (``plots``). Submodules are imported when first
 used, so ``pixelrnn-jax --help`` and the command's Ctrl-C handling do not wait
@@ -29,6 +30,7 @@ _MODULES = (
   "model_io",
   "plots",
   "diagnostics",
+  "tta",
   "training",
 )
 _NAMES = {  # name -> (module, attribute)
