@@ -59,7 +59,8 @@ def loss_label(run_dir: Path) -> tuple[str, float | None]:
   where the run's config.json has ``per_step_loss`` W > 0 (both terms at chance
   are ln 10, the per-step weights summing to 1: ``(1 + W) ln 10``). A distilled
   run (``distill_weight`` w > 0) logs ``(1 - w) x that + w x`` the distillation
-  term, whose value at chance depends on its teachers: chance is None.
+  term, whose value at chance depends on its teachers: chance is None; with
+  ``distill_rotations`` the label names the teachers' views.
   """
   try:
     config = json.loads((Path(run_dir) / run_dir_lib.CONFIG).read_text())
@@ -75,6 +76,8 @@ def loss_label(run_dir: Path) -> tuple[str, float | None]:
   if distill:
     temperature = config.get("distill_temperature", 1.0)
     label = f"{1 - distill:g} x ({label}) + {distill:g} x T^2 KL at T={temperature:g}"
+    if config.get("distill_rotations"):
+      label += f", teachers over views turned by +-{config['distill_rotations']} degrees"
     chance = None
   return label, chance
 

@@ -406,6 +406,10 @@ def test_the_loss_plot_names_the_objective_the_run_trained(tmp_path):
   config = config_lib.Config(distill_from="pretrained:pixel", distill_weight=0.7)
   (tmp_path / "config.json").write_text(config.to_json())
   assert plots.loss_label(tmp_path) == ("0.3 x (last step) + 0.7 x T^2 KL at T=2", None)
+  (tmp_path / "config.json").write_text(config.replace(distill_rotations="3,6").to_json())
+  assert plots.loss_label(tmp_path)[0] == (
+    "0.3 x (last step) + 0.7 x T^2 KL at T=2, teachers over views turned by +-3,6 degrees"
+  )
 
 
 _OUTPUT_FLAGS = {  # each command's output directory flag, after arguments that pass
