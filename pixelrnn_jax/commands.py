@@ -172,8 +172,14 @@ def evaluate(args: argparse.Namespace) -> int:
     if not config.max_rotation:
       logging.getLogger(__name__).warning(tta.UNTRAINED_WARNING, args.checkpoint)
 
+    # --order may read the model in another order than its own (it warned above).
     result["tta"] = tta.evaluate(
-      params, images, labels, rotations, order=order, batch_size=args.batch_size
+      params.replace(order=order),
+      images,
+      labels,
+      rotations,
+      order=order,
+      batch_size=args.batch_size,
     )
   if args.json:
     print(json.dumps(result))

@@ -183,6 +183,9 @@ def test_the_evaluate_flag_scores_the_views_and_refuses_bad_angles_before_loadin
   assert result["accuracy"] == pytest.approx(np.mean(answers.argmax(1) == labels))
   assert result["loss"] == pytest.approx(-answers[np.arange(12), labels].mean(), rel=1e-4)
 
+  # --order reads the model in another order: the views are made for that order.
+  assert cli.main([*argv, "--order", "permuted", "--tta-rotations", "5"]) == 0
+  assert json.loads(capsys.readouterr().out)["tta"]["num_examples"] == 12
   # A model trained without rotations is warned about; one trained with them is not.
   assert "trained without --max-rotation" not in caplog.text
   with caplog.at_level(logging.WARNING):
