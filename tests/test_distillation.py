@@ -245,6 +245,18 @@ def test_a_distilled_run_records_its_teachers_resumes_bit_exact_and_refuses_chan
   # The student's card names its teachers.
   card = export_lib.export(tmp_path / "straight", tmp_path / "student.msgpack", early_exit=False)
   assert card["source"]["distill_from"] == record["teachers"]
+  # The same relative teacher path given from another directory names another file:
+  # the resume is refused as a changed --distill-from (both paths shown), not a missing file.
+  elsewhere = tmp_path / "elsewhere"
+  elsewhere.mkdir()
+  monkeypatch.chdir(elsewhere)
+  with pytest.raises(ValueError, match="different config .*--distill-from: .*elsewhere"):
+    loop.train_and_evaluate(
+      config.replace(steps=10, distill_from="teacher.msgpack"),
+      tmp_path / "resumed",
+      progress=False,
+    )
+  monkeypatch.chdir(tmp_path)
   # The teacher's weights change under the run: its resume is refused, nothing lost.
   other = tmp_path / "other"
   loop.train_and_evaluate(config_lib.Config(**{**SMALL, "seed": 9}), other, progress=False)

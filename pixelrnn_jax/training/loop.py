@@ -204,18 +204,21 @@ def train_and_evaluate(
         model_io.absolute(s) for s in config_lib.teacher_sources(config.distill_from)
       )
     )
-  teachers = teachers_lib.read(config)  # read at every start; a resume needs the same ones
   # What this process can check alone comes before joining the others: a bad
   # path or missing data is one line at once, not a wait for the peers.
   absolute = Path(workdir).absolute()
   made = [path for path in (absolute, *absolute.parents) if not path.exists()]  # deepest first
   workdir = run_dir.check_workdir(workdir)
+  # A resume with other settings is named as such before they are used: e.g. a
+  # relative teacher path given from another directory is a changed --distill-from,
+  # not a missing file.
   run_dir.check_resumable(workdir, config, early=True)  # before minutes of data loading
-  if teachers is not None and run_dir.latest_step(workdir) is not None:
-    teachers_lib.check_same(teachers, run_dir.metrics_records(workdir), str(workdir))
   try:
+    teachers = teachers_lib.read(config)  # read at every start; a resume needs the same ones
+    if teachers is not None and run_dir.latest_step(workdir) is not None:
+      teachers_lib.check_same(teachers, run_dir.metrics_records(workdir), str(workdir))
     splits = {split: _load_split(config, split) for split in ("train", "valid")}
-  except BaseException:  # bad data: no empty directories of ours left behind
+  except BaseException:  # bad teachers or data: no empty directories of ours left behind
     for path in made:
       if path.is_dir() and not any(path.iterdir()):
         path.rmdir()
