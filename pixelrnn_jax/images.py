@@ -40,8 +40,11 @@ Not handled: graph paper, hard-edged shadows, several digits in one image.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 import re
+import unicodedata
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -797,6 +800,68 @@ def load_image(path: str | Path, *, invert: str = "auto") -> np.ndarray:
     raise ImageError(message if message.startswith(str(path)) else f"{path}: {message}") from error
 
 
+CAPTION_FONT = "DejaVuSans.ttf"  # wide Unicode coverage (accented names, dashes, Greek, Cyrillic)
+MISSING_GLYPH = "?"  # drawn for a character the caption's font has no glyph for
+
+
+@functools.cache
+def caption_font(size: int = 12):
+  """The font of ``--show`` captions: DejaVu Sans at ``size`` px.
+
+  Searched by Pillow in the system's font directories, then as the copy that
+  matplotlib ships (``mpl-data/fonts/ttf``); without either, Pillow's default
+  font, which covers little beyond ASCII (``caption_text`` replaces the rest).
+  """
+  from PIL import ImageFont  # noqa: PLC0415 (Pillow loads on first use)
+
+  candidates = [CAPTION_FONT]
+  spec = importlib.util.find_spec("matplotlib")  # found, not imported
+  if spec is not None and spec.submodule_search_locations:
+    for root in spec.submodule_search_locations:
+      candidates.append(str(Path(root) / "mpl-data" / "fonts" / "ttf" / CAPTION_FONT))
+  for candidate in candidates:
+    try:
+      return ImageFont.truetype(candidate, size)
+    except OSError:
+      continue
+  return ImageFont.load_default(size=size)
+
+
+def _mask(font, character: str) -> tuple:
+  mask = font.getmask(character)
+  return mask.size, bytes(mask)
+
+
+def has_glyph(font, character: str) -> bool:
+  """Whether ``font`` draws ``character`` as itself, not as its missing-glyph box.
+
+  Pillow has no glyph lookup, so the drawing is compared with that of a
+  private-use code point that no font assigns (U+10FFFD).
+  """
+  return _mask(font, character) != _mask(font, "\U0010fffd")
+
+
+def caption_text(line: str, font) -> str:
+  """``line`` as ``font`` can draw it, never with a missing-glyph box.
+
+  Spaces become spaces; other control, format and unassigned characters are
+  dropped; a character without a glyph becomes its base letter (é -> e) when
+  the font has that, else ``MISSING_GLYPH``.
+  """
+  out = []
+  for character in line:
+    if character.isspace():
+      out.append(" ")
+    elif unicodedata.category(character) in ("Cc", "Cf", "Cs", "Co", "Cn"):
+      continue
+    elif has_glyph(font, character):
+      out.append(character)
+    else:
+      base = unicodedata.normalize("NFKD", character)[:1]
+      out.append(base if base != character and has_glyph(font, base) else MISSING_GLYPH)
+  return "".join(out)
+
+
 def _fit(line: str, font, width: int) -> str:
   """``line``, shortened in the middle with an ellipsis until it is at most ``width`` px."""
   if font.getlength(line) <= width:
@@ -820,7 +885,6 @@ def save_side_by_side(
   """
   from PIL import Image  # noqa: PLC0415 (Pillow loads on first use)
   from PIL import ImageDraw  # noqa: PLC0415
-  from PIL import ImageFont  # noqa: PLC0415
 
   path = Path(path)
 
@@ -834,8 +898,11 @@ def save_side_by_side(
   right = grey(digit).resize((height, height), Image.Resampling.NEAREST)
   gap = 8
   width = left.width + gap + right.width
-  font = ImageFont.load_default(size=12)
-  lines = [_fit(line, font, width - 8) for line in (caption.splitlines() if caption else [])]
+  font = caption_font(12)
+  lines = [
+    _fit(caption_text(line, font), font, width - 8)
+    for line in (caption.splitlines() if caption else [])
+  ]
   line_height = 16
   band = line_height * len(lines) + (6 if lines else 0)
   canvas = Image.new("L", (width, height + band), 128)

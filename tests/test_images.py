@@ -281,6 +281,57 @@ def test_a_caption_line_is_shortened_in_the_middle_to_fit_its_width(line, width)
     assert line.endswith(tail)
 
 
+def _fonts():
+  from PIL import ImageFont
+
+  return {"caption": images.caption_font(12), "default": ImageFont.load_default(size=12)}
+
+
+def test_has_glyph_tells_a_drawn_character_from_the_missing_glyph_box():
+  for name, font in _fonts().items():
+    assert images.has_glyph(font, "A") and images.has_glyph(font, "7"), name
+    assert not images.has_glyph(font, "\u0378"), name  # unassigned in Unicode
+  # Pillow's default font has no em dash or accented letters; DejaVu Sans has.
+  assert not images.has_glyph(_fonts()["default"], "\u2014")
+  assert not images.has_glyph(_fonts()["default"], "\u00e9")
+
+
+def test_captions_are_drawn_in_dejavu_sans_found_on_the_system_or_in_matplotlib(monkeypatch):
+  from PIL import ImageFont
+
+  assert Path(images.caption_font(12).path).name == "DejaVuSans.ttf"
+  truetype = ImageFont.truetype
+
+  def no_system_fonts(font, *args, **kwargs):  # a bare name is a system-wide search
+    if "/" not in str(font):
+      raise OSError("cannot open resource")
+    return truetype(font, *args, **kwargs)
+
+  monkeypatch.setattr(ImageFont, "truetype", no_system_fonts)
+  found = images.caption_font.__wrapped__(12)
+  assert "matplotlib" in found.path and found.path.endswith("DejaVuSans.ttf")
+
+
+@settings(max_examples=60, deadline=None)
+@given(line=st.text(max_size=40))
+def test_a_caption_never_draws_a_missing_glyph_box(line):
+  for name, font in _fonts().items():
+    drawn = images.caption_text(line, font)
+    assert all(c == " " or images.has_glyph(font, c) for c in drawn), (name, drawn)
+    assert len(drawn) <= len(line)
+
+
+@settings(max_examples=40, deadline=None)
+@given(line=st.text(st.characters(codec="latin-1", categories=("L", "N", "P", "Zs")), max_size=40))
+def test_a_latin_1_file_name_keeps_its_accents_and_dashes_in_the_caption(line):
+  font = images.caption_font(12)
+  line = f"{line} \u2014 \u2013"
+  assert images.caption_text(line, font) == line.replace("\u00a0", " ")
+  # Without DejaVu Sans, the accented letters lose their accents, not their place.
+  fallback = images.caption_text("Zo\u00eb f\u00fcr \u2014 7", _fonts()["default"])
+  assert fallback == "Zoe fur ? 7"
+
+
 # ---------------------------------------------------------------------------- properties
 
 
