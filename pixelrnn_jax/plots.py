@@ -155,15 +155,49 @@ def threshold_labels(rows: list[dict]) -> dict[tuple[float, float], str]:
   }
 
 
+# Where a point's label may go, in points from it: right-below first (under the
+# rising curve), then right-above, left-above, left-below, further below, further above.
+LABEL_OFFSETS = ((4, -10), (4, 4), (-4, 4), (-4, -10), (4, -20), (4, 14))
+
+
+def place_labels(
+  ax, labels: dict[tuple[float, float], str], fontsize: int = 8, avoid: tuple = ()
+) -> int:
+  """Annotates each (x, y) point of ``ax`` with its label at the first of
+  ``LABEL_OFFSETS`` where the text lies inside the axes and overlaps neither a
+  label already placed nor the artists in ``avoid``; a label with no such place
+  is left out. Returns how many were."""
+  renderer = ax.figure.canvas.get_renderer()
+  frame = ax.get_window_extent(renderer)
+  placed = [artist.get_window_extent(renderer) for artist in avoid]
+  for (x, y), text in labels.items():
+    for dx, dy in LABEL_OFFSETS:
+      label = ax.annotate(
+        text,
+        (x, y),
+        textcoords="offset points",
+        xytext=(dx, dy),
+        fontsize=fontsize,
+        ha="left" if dx >= 0 else "right",
+      )
+      box = label.get_window_extent(renderer)
+      inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0
+      if inside and box.y1 <= frame.y1 and not any(box.overlaps(other) for other in placed):
+        placed.append(box)
+        break
+      label.remove()
+  return len(labels) - (len(placed) - len(avoid))
+
+
 def early_exit_tradeoff(
   rows: list[dict], total: int, out: Path, title: str, unit: str = "pixels"
 ) -> Path:
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7, 4))
   ax.plot([r["mean_steps"] for r in rows], [r["accuracy"] for r in rows], "o-")
-  for (x, y), thresholds in threshold_labels(rows).items():
-    ax.annotate(thresholds, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=8)
-  ax.text(
+  ax.set(xlabel=f"mean {unit} read (of {total})", ylabel="valid accuracy", title=title)
+  fig.tight_layout()  # the axes' final place, before the labels are fitted into it
+  note = ax.text(
     0.99,
     0.02,
     "at each point: the exit threshold p",
@@ -172,7 +206,9 @@ def early_exit_tradeoff(
     fontsize=8,
     color="0.4",
   )
-  ax.set(xlabel=f"mean {unit} read (of {total})", ylabel="valid accuracy", title=title)
+  unlabelled = place_labels(ax, threshold_labels(rows), avoid=[note])
+  if unlabelled:
+    note.set_text(f"{note.get_text()} ({unlabelled} not labelled: no room beside the others)")
   ax.grid(alpha=0.3)
   return _save(fig, out / "early_exit.png")
 

@@ -362,3 +362,51 @@ def test_thresholds_that_land_on_one_point_share_one_label(points):
   for (x, y), label in labels.items():
     here = [r["threshold"] for r in rows if (r["mean_steps"], r["accuracy"]) == (x, y)]
     assert label == (f"{here[0]:g}" if len(here) == 1 else f"{min(here):g}-{max(here):g}")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+  st.lists(
+    st.tuples(st.floats(1.0, 784.0), st.floats(0.0, 1.0)), min_size=1, max_size=12, unique=True
+  )
+)
+def test_threshold_labels_never_overlap_each_other_or_leave_the_axes(points):
+  """Thresholds whose points lie close together (e.g. 0.99, 0.991, 0.992) used to
+  print their labels over each other."""
+  plt = plots._pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ax.plot(*zip(*points, strict=True), "o-")
+  fig.tight_layout()
+  note = ax.text(0.99, 0.02, "at each point: the exit threshold p", transform=ax.transAxes)
+  labels = {point: f"0.{n:03d}" for n, point in enumerate(points)}
+  left_out = plots.place_labels(ax, labels, avoid=[note])
+  renderer = fig.canvas.get_renderer()
+  frame = ax.get_window_extent(renderer)
+  drawn = [t for t in ax.texts if t is not note]
+  assert left_out == len(labels) - len(drawn) >= 0
+  assert {t.get_text() for t in drawn} <= set(labels.values())
+  boxes = [t.get_window_extent(renderer) for t in [*drawn, note]]
+  for i, box in enumerate(boxes[:-1]):
+    assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 <= box.y1 <= frame.y1
+    assert not any(box.overlaps(other) for other in boxes[i + 1 :]), drawn[i].get_text()
+  if len(points) == 1:
+    assert left_out == 0  # a lone point always has room
+  plt.close(fig)
+
+
+def test_the_default_thresholds_of_a_spread_curve_are_all_labelled(tmp_path):
+  points = [(220, 0.65), (275, 0.8), (306, 0.86), (360, 0.92), (403, 0.956), (487, 0.978)]
+  points += [(604, 0.978), (784, 0.978)]
+  rows = [
+    {"threshold": t, "mean_steps": x, "accuracy": y}
+    for t, (x, y) in zip([0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 1.0], points, strict=True)
+  ]
+  plt = plots._pyplot()
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ax.plot(*zip(*points, strict=True), "o-")
+  fig.tight_layout()
+  assert plots.place_labels(ax, plots.threshold_labels(rows)) == 0
+  assert sorted(t.get_text() for t in ax.texts) == sorted(f"{r['threshold']:g}" for r in rows)
+  plt.close(fig)
+  path = plots.early_exit_tradeoff(rows, 784, tmp_path, "spread")
+  assert path.exists()
