@@ -191,6 +191,33 @@ def test_models_health_page_and_openapi(client):
   assert client.get("/redoc").status_code == 404  # ReDoc only comes from a CDN: not offered
 
 
+def test_each_documented_error_example_is_what_the_server_answers(client):
+  """/docs showed one example message ("unknown model 'x'") for every error status."""
+  responses = client.get("/openapi.json").json()["paths"]["/api/predict"]["post"]["responses"]
+  examples = {
+    status: answer["content"]["application/json"]["example"]["error"]
+    for status, answer in responses.items()
+    if status != "200"
+  }
+  assert set(examples) == {"400", "413", "415", "422", "503"}
+  assert len(set(examples.values())) == len(examples)  # one message each
+  limit = int(app_lib.MAX_UPLOAD_MB * 2**20)
+  sent = {
+    "400": lambda: upload(client, SEVEN.read_bytes(), "seven.png", model="seven"),
+    "413": lambda: client.post(
+      "/api/predict", content=b"0" * (2 * limit), headers={"content-type": "image/png"}
+    ),
+    "415": lambda: client.post(
+      "/api/predict", content=b"seven", headers={"content-type": "text/plain"}
+    ),
+    "422": lambda: client.post("/api/predict", json={"pixels": [0.0] * 784}),
+  }
+  for status, send in sent.items():
+    answer = send()
+    assert (answer.status_code, answer.json()["error"]) == (int(status), examples[status])
+  assert examples["503"] == app_lib._stopping().message  # a stopping server: tested below
+
+
 def test_an_early_exit_threshold_on_the_card_stops_reading(served):
   import dataclasses
 

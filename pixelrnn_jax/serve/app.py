@@ -94,10 +94,7 @@ class WorkerError(Exception):
 
 # ---------------------------------------------------------------------------- OpenAPI
 
-_ERROR_SCHEMA = {
-  "type": "object",
-  "properties": {"error": {"type": "string", "example": "unknown model 'x'; loaded: pixel"}},
-}
+_ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "string"}}}
 _PIXELS_SCHEMA = {
   "type": "array",
   "minItems": SIZE,
@@ -112,11 +109,53 @@ _PIXELS_SCHEMA = {
 }
 
 
-def _predict_docs(names: list[str]) -> dict:
+def error_examples(names: list[str], limit: int) -> dict[str, tuple[str, str]]:
+  """status -> (when, an example answer's ``error``) for ``POST /api/predict``, each
+  example the very message this server gives (``names`` loaded, ``limit`` bytes)."""
+
+  def message(check, *args) -> str:
+    try:
+      check(*args)
+    except RequestError as error:
+      return error.message
+    raise AssertionError(f"{check.__name__}{args} passed")  # pragma: no cover
+
+  return {
+    "400": (
+      "an empty body, not an image, malformed JSON, an unknown model",
+      _unknown_model("seven", names).message,
+    ),
+    "413": (
+      "a body over the upload limit, or an image with too many pixels",
+      _too_large(2 * limit, limit),
+    ),
+    "415": (
+      "neither multipart/form-data nor application/json",
+      _unsupported_type("text/plain").message,
+    ),
+    "422": (
+      "pixels of the wrong shape or values, or an image with no digit",
+      message(check_pixels, [0.0] * SIZE * SIZE),
+    ),
+    "503": ("the server is stopping, or a worker process died", _stopping().message),
+  }
+
+
+def _predict_docs(names: list[str], limit: int) -> dict:
   """``POST /api/predict``'s request and answers in OpenAPI, its ``model`` field an
   enum of the loaded ``names`` with the first (the default) as its default, so that
-  /docs's "Try it out" sends a real name (it sent the placeholder "string")."""
+  /docs's "Try it out" sends a real name (it sent the placeholder "string"); each
+  error status with its own example (``error_examples``)."""
   docs = copy.deepcopy(_PREDICT_DOCS)
+  docs["responses"].update(
+    {
+      status: {
+        "description": when,
+        "content": {"application/json": {"schema": _ERROR_SCHEMA, "example": {"error": example}}},
+      }
+      for status, (when, example) in error_examples(names, limit).items()
+    }
+  )
   for content in docs["requestBody"]["content"].values():
     content["schema"]["properties"]["model"] = {
       "type": "string",
@@ -192,15 +231,6 @@ _PREDICT_DOCS = {
           }
         }
       },
-    },
-    **{
-      status: {"description": why, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
-      for status, why in (
-        ("400", "an empty body, not an image, malformed JSON, an unknown model"),
-        ("413", "a body over the upload limit, or an image with too many pixels"),
-        ("415", "neither multipart/form-data nor application/json"),
-        ("422", "pixels of the wrong shape or values, or an image with no digit"),
-      )
     },
   },
 }
@@ -327,7 +357,7 @@ def make_app(
   @app.post(
     "/api/predict",
     summary="classify one digit: an image file (multipart field `file`) or JSON pixels",
-    openapi_extra=_predict_docs([model.name for model in served]),
+    openapi_extra=_predict_docs([model.name for model in served], limit),
     response_class=Response,
   )
   async def predict(request: Request) -> Response:
@@ -341,11 +371,7 @@ def make_app(
     elif kind == "application/json" or kind.endswith("+json"):
       job = (_read_json, (body, request.query_params.get("model")))
     else:
-      raise RequestError(
-        415,
-        f"content type {kind or '(none)'}: send an image as multipart/form-data (field 'file')"
-        ' or JSON {"pixels": [[...28 rows of 28 values in [0, 1]...]]}',
-      )
+      raise _unsupported_type(kind)
     return Response(await app.state.batches.submit(job), media_type="application/json")
 
   return app
@@ -382,6 +408,18 @@ async def _read_body(request: Request, limit: int) -> bytes:
       ' {"pixels": [[...28 rows of 28 values in [0, 1]...]]}',
     )
   return b"".join(chunks)
+
+
+def _unsupported_type(kind: str) -> RequestError:
+  return RequestError(
+    415,
+    f"content type {kind or '(none)'}: send an image as multipart/form-data (field 'file')"
+    ' or JSON {"pixels": [[...28 rows of 28 values in [0, 1]...]]}',
+  )
+
+
+def _unknown_model(name: str, loaded) -> RequestError:
+  return RequestError(400, f"unknown model {name!r}; loaded: {', '.join(loaded)}")
 
 
 def _too_large(size: int, limit: int, *, at_least: bool = False) -> str:
@@ -430,7 +468,7 @@ def _choose(
   if name is None or name == "":
     return served[0]
   if name not in by_name:
-    raise RequestError(400, f"unknown model {name!r}; loaded: {', '.join(by_name)}")
+    raise _unknown_model(name, by_name)
   return by_name[name]
 
 
