@@ -15,21 +15,25 @@ The steps of :func:`prepare`, in order:
 
 1. **Size**: an image longer than 512 pixels is reduced to 512 on its long
    side by area averaging (a phone photo's sensor noise averages out).
-2. **Polarity**: with ``invert="auto"`` the image is inverted when its ink
+2. **Sheet**: in a photo of a sheet lying on a darker surface (a desk), only
+   the sheet is kept: the largest bright region, when the image's border is
+   mostly darker than Otsu's threshold and the region is convex, four-sided
+   and holds dark ink (see ``_crop_to_sheet``). Not with ``invert="no"``.
+3. **Polarity**: with ``invert="auto"`` the image is inverted when its ink
    (of its 0.05th and 99.95th percentiles, the one farther from the paper,
    the median of a border ring) is darker than the paper, so that ink is
    light on dark whatever the paper's shade.
-3. **Already MNIST**: a 28x28 image whose background is now black (border
+4. **Already MNIST**: a 28x28 image whose background is now black (border
    median at most 0.05), with ink reaching 0.9 and a 20-pixel box, is
    returned as it is.
-4. **Paper**: uneven lighting is subtracted (the paper level, from a copy
+5. **Paper**: uneven lighting is subtracted (the paper level, from a copy
    area-averaged to 16 cells across and minimum-filtered); everything at or
    below the border's median plus 6 noise standard deviations (from its
    median absolute deviation) becomes 0 and the ink range is stretched to
    [0, 1], so grey or noisy paper is black and faint noise is not ink; thin
    lines across 90% of the image (ruled paper, margins; at most 3% of the
    image thick) are cleared.
-5. **Size and place**: the bounding box of the ink (pixels above 0.1) is
+6. **Size and place**: the bounding box of the ink (pixels above 0.1) is
    scaled (Pillow Lanczos, anti-aliased) so its longer side is 20 pixels, and
    pasted into the 28x28 field with its centre of mass at (14, 14), the mean
    centre of mass of MNIST's digits (row, column index; measured on the
@@ -82,6 +86,14 @@ LINE_ASPECT = 6.0  # ... and this many times wider than thick
 EDGE_SPAN = 0.3  # the paper's edge: a component along the border for this much of a side
 EDGE_MARGIN = 0.04  # ... within this much of the border
 FRAME_THICK = 0.06  # a form's box: its sides at most this thick (of the image)
+SHEET_MIN_PHOTO = 64  # pixels: a photo of a sheet is at least this on its shorter side
+SHEET_MIN_AREA = 0.1  # a photographed sheet: a bright region this much of the image ...
+SHEET_MIN_SOLIDITY = 0.9  # ... this convex (its area over its convex hull's) ...
+SHEET_CORNERS = (4, 6)  # ... outlined by 4 straight sides (5-6 where the photo cuts it) ...
+SHEET_FIT = 0.1  # ... whose polygon's area is within this share of the region's ...
+SHEET_CORNER_TURN = 20.0  # degrees: a vertex where the outline turns less is no corner
+SHEET_INK = (0.001, 0.5)  # ... holding dark ink over this share of its area
+SHEET_MARGIN = 0.04  # the sheet's edge band (of its size) is dropped: shadows, curl
 MIN_SIDE = 8  # pixels: a smaller image cannot hold a digit
 MIN_SPAN = 0.1  # some ink component must span this much of the image's shorter side ...
 SMALL_DIGIT_SPAN = 8  # ... or, a small digit on a big page, this many pixels while
@@ -425,6 +437,68 @@ def _remove_lighting(grey: np.ndarray) -> np.ndarray:
   return np.clip(grey - (level - level.min()), 0.0, 1.0)
 
 
+def _crop_to_sheet(grey: np.ndarray) -> np.ndarray:
+  """A photo of a sheet lying on a darker surface, as the sheet alone; any other
+  image as it is.
+
+  The sheet is the largest bright region (above Otsu's threshold, holes filled)
+  when the image's border is mostly darker than that threshold and the region
+  looks like paper with writing: ``SHEET_MIN_AREA`` of the image, convex
+  (``SHEET_MIN_SOLIDITY``), a polygon of 4 sides, or up to 6 where the photo
+  cuts it (the Douglas-Peucker outline of its contour, tolerance 2% of its
+  perimeter), of the region's area within ``SHEET_FIT``, and dark ink within
+  ``SHEET_INK`` of its area. Images under ``SHEET_MIN_PHOTO`` px are left alone. The result is its bounding box,
+  shrunk by ``SHEET_MARGIN``; what lies outside the sheet there (the surface
+  beside a tilted sheet) takes the paper's median shade. Without this, the
+  sheet is the brightest thing on a dark border: it was read as the ink.
+  """
+  from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
+  from skimage import filters  # noqa: PLC0415 (scikit-image loads on first use)
+  from skimage import measure  # noqa: PLC0415
+
+  if min(grey.shape) < SHEET_MIN_PHOTO or float(grey.max() - grey.min()) < MIN_CONTRAST:
+    return grey
+  level = float(filters.threshold_otsu(grey))
+  if float(np.median(_border(grey))) >= level:  # paper reaches the border
+    return grey
+  labels, count = ndimage.label(ndimage.binary_fill_holes(grey > level))
+  if count == 0:
+    return grey
+  sizes = np.bincount(labels.ravel())[1:]
+  sheet = labels == 1 + int(np.argmax(sizes))
+  area = int(sheet.sum())
+  if area < SHEET_MIN_AREA * grey.size:
+    return grey
+  (region,) = measure.regionprops(sheet.astype(np.uint8))
+  ink = int((sheet & (grey <= level)).sum())
+  if region.solidity < SHEET_MIN_SOLIDITY or not SHEET_INK[0] <= ink / area <= SHEET_INK[1]:
+    return grey
+  contour = max(measure.find_contours(np.pad(sheet, 1).astype(np.float64), 0.5), key=len)
+  outline = measure.approximate_polygon(contour, tolerance=0.02 * region.perimeter)[:-1]
+  edges = np.roll(outline, -1, axis=0) - outline
+  headings = np.arctan2(edges[:, 0], edges[:, 1])
+  turns = np.angle(np.exp(1j * (np.roll(headings, -1) - headings)))  # in (-pi, pi]
+  sides = int((np.abs(turns) > np.radians(SHEET_CORNER_TURN)).sum())
+  cut = sheet[0].any() or sheet[-1].any() or sheet[:, 0].any() or sheet[:, -1].any()
+  if not SHEET_CORNERS[0] <= sides <= SHEET_CORNERS[1 if cut else 0]:
+    return grey  # a sheet inside the photo has 4 sides; one the photo cuts, up to 6
+  rows, cols = outline[:, 0], outline[:, 1]
+  polygon_area = 0.5 * abs(float(np.dot(rows, np.roll(cols, 1)) - np.dot(cols, np.roll(rows, 1))))
+  if abs(polygon_area - area) > SHEET_FIT * area:  # e.g. a bold round 0: no quadrilateral
+    return grey
+  margin = max(
+    1, round(SHEET_MARGIN * min(region.bbox[2] - region.bbox[0], region.bbox[3] - region.bbox[1]))
+  )
+  inner = ndimage.binary_erosion(sheet, iterations=margin)
+  if not inner.any():
+    return grey
+  rows, cols = np.nonzero(inner.any(1))[0], np.nonzero(inner.any(0))[0]
+  box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+  crop = grey[box].copy()
+  crop[~inner[box]] = float(np.median(grey[inner & (grey > level)]))
+  return crop
+
+
 def _place_by_centre_of_mass(patch: np.ndarray) -> np.ndarray:
   rows, cols = np.arange(patch.shape[0]), np.arange(patch.shape[1])
   mass = patch.sum()
@@ -502,14 +576,25 @@ def _components(mask: np.ndarray) -> list[dict]:
   return found if count else []
 
 
-def _is_frame(part: dict, others: list[dict]) -> bool:
+def _is_frame(part: dict, others: list[dict], labels: np.ndarray) -> bool:
   """A hollow component whose box holds every other component's box (a form's box),
-  one of them a digit in it (FRAME_CONTENT of the box's shorter side across): a
-  stroke with only specks inside its box (JPEG ringing around a 7, noise inside a 0)
-  is the digit, not a frame."""
+  one of them a digit enclosed by it (FRAME_CONTENT of the box's shorter side
+  across, lying in the component's filled-in hole): a stroke with only specks
+  inside its box (JPEG ringing around a 7, noise inside a 0), or with a stroke
+  beside its loop (a 4 and a speck right of its triangle), is the digit, not a
+  frame. ``labels``: the image's 8-connected component labels."""
+  from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
+
   fill = part["pixels"] / (part["height"] * part["width"])
   content = FRAME_CONTENT * min(part["height"], part["width"])
-  if not any(max(o["height"], o["width"]) >= content for o in others):
+  inner = labels[part["box"]]
+  hole = ndimage.binary_fill_holes(inner == part["label"]) & (inner != part["label"])
+
+  def enclosed(other: dict) -> bool:
+    pixels = inner == other["label"]
+    return pixels.sum() == other["pixels"] and (pixels & ~hole).sum() <= 0.1 * other["pixels"]
+
+  if not any(max(o["height"], o["width"]) >= content and enclosed(o) for o in others):
     return False
   inside = all(
     part["box"][0].start <= o["box"][0].start
@@ -626,7 +711,11 @@ def _remove_frames_and_lines(grey: np.ndarray) -> np.ndarray:
     kept = [p for p in parts if p is not part and p not in removed]
     if not kept:
       break
-    if _is_frame(part, kept) or _is_line(part, grey.shape) or _touches_edge_along(part, grey.shape):
+    if (
+      _is_frame(part, kept, labels)
+      or _is_line(part, grey.shape)
+      or _touches_edge_along(part, grey.shape)
+    ):
       removed.append(part)
   if not removed:
     return grey
@@ -717,6 +806,8 @@ def prepare(image, *, invert: str = "auto") -> Digit:
   grey = _as_grey(image, "image")
   reduced = max(grey.shape) > MAX_SIDE
   grey = np.asarray(_shrink(grey), np.float64)
+  if invert != "no":  # dark ink on a sheet photographed on a darker surface
+    grey = _crop_to_sheet(grey)
   if invert == "auto":
     # The ink is the extreme farther from the paper: dark ink on paper of any
     # shade (dim photos, coloured paper) is inverted, light ink on dark is not.
