@@ -16,9 +16,10 @@ The steps of :func:`prepare`, in order:
 1. **Size**: an image longer than 512 pixels is reduced to 512 on its long
    side by area averaging (a phone photo's sensor noise averages out).
 2. **Sheet**: in a photo of a sheet lying on a darker surface (a desk), only
-   the sheet is kept: the largest bright region, when the image's border is
-   mostly darker than Otsu's threshold and the region is convex, four-sided
-   and holds dark ink (see ``_crop_to_sheet``). Not with ``invert="no"``.
+   the sheet is kept: the largest bright region, when 15% of the image's
+   border is darker than Otsu's threshold and the region is convex,
+   four-sided and holds dark ink (see ``_crop_to_sheet``). Not with
+   ``invert="no"``.
 3. **Polarity**: with ``invert="auto"`` the image is inverted when its ink
    (of its 0.05th and 99.95th percentiles, the one farther from the paper,
    the median of a border ring) is darker than the paper, so that ink is
@@ -87,7 +88,9 @@ EDGE_SPAN = 0.3  # the paper's edge: a component along the border for this much 
 EDGE_MARGIN = 0.04  # ... within this much of the border
 FRAME_THICK = 0.06  # a form's box: its sides at most this thick (of the image)
 SHEET_MIN_PHOTO = 64  # pixels: a photo of a sheet is at least this on its shorter side
-SHEET_MIN_AREA = 0.1  # a photographed sheet: a bright region this much of the image ...
+SHEET_MIN_SURROUND = 0.15  # a photographed sheet: a darker surface this much of the border ...
+SHEET_MIN_STEP = 0.25  # ... darker than the bright part by this (not light falling off) ...
+SHEET_MIN_AREA = 0.1  # ... and a bright region this much of the image ...
 SHEET_MIN_SOLIDITY = 0.9  # ... this convex (its area over its convex hull's) ...
 SHEET_CORNERS = (4, 6)  # ... outlined by 4 straight sides (5-6 where the photo cuts it) ...
 SHEET_FIT = 0.1  # ... whose polygon's area is within this share of the region's ...
@@ -442,7 +445,9 @@ def _crop_to_sheet(grey: np.ndarray) -> np.ndarray:
   image as it is.
 
   The sheet is the largest bright region (above Otsu's threshold, holes filled)
-  when the image's border is mostly darker than that threshold and the region
+  when ``SHEET_MIN_SURROUND`` of the image's border is darker than that
+  threshold (the surface shows along some side), ``SHEET_MIN_STEP`` darker than
+  the image's bright part (median against median), and the region
   looks like paper with writing: ``SHEET_MIN_AREA`` of the image, convex
   (``SHEET_MIN_SOLIDITY``), a polygon of 4 sides, or up to 6 where the photo
   cuts it (the Douglas-Peucker outline of its contour, tolerance 2% of its
@@ -459,8 +464,11 @@ def _crop_to_sheet(grey: np.ndarray) -> np.ndarray:
   if min(grey.shape) < SHEET_MIN_PHOTO or float(grey.max() - grey.min()) < MIN_CONTRAST:
     return grey
   level = float(filters.threshold_otsu(grey))
-  if float(np.median(_border(grey))) >= level:  # paper reaches the border
+  border = _border(grey)
+  if float(np.mean(border < level)) < SHEET_MIN_SURROUND:  # no surface around a sheet
     return grey
+  if float(np.median(grey[grey > level]) - np.median(border[border < level])) < SHEET_MIN_STEP:
+    return grey  # one sheet's light falling off, not a sheet on a darker surface
   labels, count = ndimage.label(ndimage.binary_fill_holes(grey > level))
   if count == 0:
     return grey
