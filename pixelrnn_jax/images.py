@@ -943,15 +943,18 @@ def has_glyph(font, character: str) -> bool:
 def caption_text(line: str, font) -> str:
   """``line`` as ``font`` can draw it, never with a missing-glyph box.
 
-  Spaces become spaces; other control, format and unassigned characters are
-  dropped; a character without a glyph becomes its base letter (é -> e) when
-  the font has that, else ``MISSING_GLYPH``.
+  The line is composed first (NFC: e + U+0301 -> é). Spaces become spaces;
+  other control, format and unassigned characters, and the combining marks
+  left (Devanagari vowel signs, a keycap's U+20E3: drawn alone they pass the
+  glyph test, after a letter they draw as a box), are dropped; a character
+  without a glyph becomes its base letter (é -> e) when the font has that,
+  else ``MISSING_GLYPH``.
   """
   out = []
-  for character in line:
+  for character in unicodedata.normalize("NFC", line):
     if character.isspace():
       out.append(" ")
-    elif unicodedata.category(character) in ("Cc", "Cf", "Cs", "Co", "Cn"):
+    elif unicodedata.category(character) in ("Cc", "Cf", "Cs", "Co", "Cn", "Mn", "Mc", "Me"):
       continue
     elif has_glyph(font, character):
       out.append(character)

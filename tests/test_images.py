@@ -4,6 +4,7 @@ import functools
 import json
 import re
 import tracemalloc
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -315,12 +316,26 @@ def test_captions_are_drawn_in_dejavu_sans_found_on_the_system_or_in_matplotlib(
 
 
 @settings(max_examples=60, deadline=None)
-@given(line=st.text(max_size=40))
+@given(
+  line=st.text(
+    st.one_of(st.characters(), st.characters(categories=("Mn", "Mc", "Me"))), max_size=40
+  )
+)
 def test_a_caption_never_draws_a_missing_glyph_box(line):
   for name, font in _fonts().items():
     drawn = images.caption_text(line, font)
     assert all(c == " " or images.has_glyph(font, c) for c in drawn), (name, drawn)
+    # A combining mark passes the glyph test alone but draws as a box after a
+    # letter (Devanagari vowel signs, a keycap's U+20E3): none is left.
+    assert not any(unicodedata.category(c).startswith("M") for c in drawn), (name, drawn)
     assert len(drawn) <= len(line)
+
+
+def test_scripts_the_font_lacks_become_question_marks_and_marks_compose_or_go():
+  font = images.caption_font(12)
+  assert images.caption_text("\u0939\u093f\u0928\u094d\u0926\u0940.png", font) == "???.png"
+  assert images.caption_text("keycap1\ufe0f\u20e3", font) == "keycap1"
+  assert images.caption_text("Zoe\u0301 \u2014 7", font) == "Zo\u00e9 \u2014 7"  # composed
 
 
 @settings(max_examples=40, deadline=None)
