@@ -90,12 +90,13 @@ FRAME_THICK = 0.06  # a form's box: its sides at most this thick (of the image)
 SHEET_MIN_PHOTO = 64  # pixels: a photo of a sheet is at least this on its shorter side
 SHEET_MIN_SURROUND = 0.15  # a photographed sheet: a darker surface this much of the border ...
 SHEET_MIN_STEP = 0.25  # ... darker than the bright part by this (not light falling off) ...
-SHEET_MIN_AREA = 0.1  # ... and a bright region this much of the image ...
+SHEET_MIN_AREA = 0.02  # ... and a bright region this much of the image ...
 SHEET_MIN_SOLIDITY = 0.9  # ... this convex (its area over its convex hull's) ...
 SHEET_CORNERS = (4, 6)  # ... outlined by 4 straight sides (5-6 where the photo cuts it) ...
 SHEET_FIT = 0.1  # ... whose polygon's area is within this share of the region's ...
 SHEET_CORNER_TURN = 20.0  # degrees: a vertex where the outline turns less is no corner
-SHEET_INK = (0.001, 0.5)  # ... holding dark ink over this share of its area
+SHEET_INK = (0.001, 0.5)  # ... holding dark ink over this share of its area ...
+SHEET_MAX_STROKE = 0.25  # ... in strokes: stroke width / the ink's extent at most this
 SHEET_MARGIN = 0.04  # the sheet's edge band (of its size) is dropped: shadows, curl
 MIN_SIDE = 8  # pixels: a smaller image cannot hold a digit
 MIN_SPAN = 0.1  # some ink component must span this much of the image's shorter side ...
@@ -440,6 +441,29 @@ def _remove_lighting(grey: np.ndarray) -> np.ndarray:
   return np.clip(grey - (level - level.min()), 0.0, 1.0)
 
 
+def _quadrilateral_sides(mask: np.ndarray) -> int | None:
+  """The number of sides of the filled region ``mask`` (one 8-connected region)
+  when it is a polygon: the Douglas-Peucker outline of its contour (tolerance 2%
+  of its perimeter), corners where it turns by over ``SHEET_CORNER_TURN``, and
+  the polygon's area within ``SHEET_FIT`` of the region's; None for a round or
+  ragged region (a bold 0, a blot)."""
+  from skimage import measure  # noqa: PLC0415 (scikit-image loads on first use)
+
+  (region,) = measure.regionprops(mask.astype(np.uint8))
+  contour = max(measure.find_contours(np.pad(mask, 1).astype(np.float64), 0.5), key=len)
+  outline = measure.approximate_polygon(contour, tolerance=0.02 * region.perimeter)[:-1]
+  if len(outline) < 3:
+    return None
+  edges = np.roll(outline, -1, axis=0) - outline
+  headings = np.arctan2(edges[:, 0], edges[:, 1])
+  turns = np.angle(np.exp(1j * (np.roll(headings, -1) - headings)))  # in (-pi, pi]
+  rows, cols = outline[:, 0], outline[:, 1]
+  polygon_area = 0.5 * abs(float(np.dot(rows, np.roll(cols, 1)) - np.dot(cols, np.roll(rows, 1))))
+  if abs(polygon_area - region.area) > SHEET_FIT * region.area:
+    return None
+  return int((np.abs(turns) > np.radians(SHEET_CORNER_TURN)).sum())
+
+
 def _crop_to_sheet(grey: np.ndarray) -> np.ndarray:
   """A photo of a sheet lying on a darker surface, as the sheet alone; any other
   image as it is.
@@ -447,19 +471,21 @@ def _crop_to_sheet(grey: np.ndarray) -> np.ndarray:
   The sheet is the largest bright region (above Otsu's threshold, holes filled)
   when ``SHEET_MIN_SURROUND`` of the image's border is darker than that
   threshold (the surface shows along some side), ``SHEET_MIN_STEP`` darker than
-  the image's bright part (median against median), and the region
-  looks like paper with writing: ``SHEET_MIN_AREA`` of the image, convex
+  the image's bright part (median against median), and the region looks like
+  paper with writing: ``SHEET_MIN_AREA`` of the image, convex
   (``SHEET_MIN_SOLIDITY``), a polygon of 4 sides, or up to 6 where the photo
-  cuts it (the Douglas-Peucker outline of its contour, tolerance 2% of its
-  perimeter), of the region's area within ``SHEET_FIT``, and dark ink within
-  ``SHEET_INK`` of its area. Images under ``SHEET_MIN_PHOTO`` px are left alone. The result is its bounding box,
-  shrunk by ``SHEET_MARGIN``; what lies outside the sheet there (the surface
-  beside a tilted sheet) takes the paper's median shade. Without this, the
-  sheet is the brightest thing on a dark border: it was read as the ink.
+  cuts it (``_quadrilateral_sides``), holding dark ink over ``SHEET_INK`` of
+  its area in strokes (``_stroke_width`` at most ``SHEET_MAX_STROKE`` of the
+  ink's extent; digits on sheets: at most 0.18; a blocky white 8's holes: 0.38). Images under ``SHEET_MIN_PHOTO`` px are left alone. The result is
+  the sheet's bounding box, shrunk by ``SHEET_MARGIN``; what lies outside the
+  sheet there (the surface beside a tilted sheet) takes the paper's median
+  shade. Without this, the sheet is the brightest thing on a dark border: it
+  was read as the ink.
   """
   from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
   from skimage import filters  # noqa: PLC0415 (scikit-image loads on first use)
   from skimage import measure  # noqa: PLC0415
+  from skimage.morphology import skeletonize  # noqa: PLC0415
 
   if min(grey.shape) < SHEET_MIN_PHOTO or float(grey.max() - grey.min()) < MIN_CONTRAST:
     return grey
@@ -472,32 +498,25 @@ def _crop_to_sheet(grey: np.ndarray) -> np.ndarray:
   labels, count = ndimage.label(ndimage.binary_fill_holes(grey > level))
   if count == 0:
     return grey
-  sizes = np.bincount(labels.ravel())[1:]
-  sheet = labels == 1 + int(np.argmax(sizes))
+  sheet = labels == 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
   area = int(sheet.sum())
   if area < SHEET_MIN_AREA * grey.size:
     return grey
   (region,) = measure.regionprops(sheet.astype(np.uint8))
-  ink = int((sheet & (grey <= level)).sum())
-  if region.solidity < SHEET_MIN_SOLIDITY or not SHEET_INK[0] <= ink / area <= SHEET_INK[1]:
+  ink = sheet & (grey <= level)
+  if region.solidity < SHEET_MIN_SOLIDITY or not SHEET_INK[0] <= ink.sum() / area <= SHEET_INK[1]:
     return grey
-  contour = max(measure.find_contours(np.pad(sheet, 1).astype(np.float64), 0.5), key=len)
-  outline = measure.approximate_polygon(contour, tolerance=0.02 * region.perimeter)[:-1]
-  edges = np.roll(outline, -1, axis=0) - outline
-  headings = np.arctan2(edges[:, 0], edges[:, 1])
-  turns = np.angle(np.exp(1j * (np.roll(headings, -1) - headings)))  # in (-pi, pi]
-  sides = int((np.abs(turns) > np.radians(SHEET_CORNER_TURN)).sum())
+  rows, cols = np.nonzero(ink.any(1))[0], np.nonzero(ink.any(0))[0]
+  extent = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
+  skeleton = skeletonize(ink)
+  if not skeleton.any() or _stroke_width(ink, skeleton) > SHEET_MAX_STROKE * extent:
+    return grey  # blobs, not strokes: the holes of a blocky white 8
+  sides = _quadrilateral_sides(sheet)
   cut = sheet[0].any() or sheet[-1].any() or sheet[:, 0].any() or sheet[:, -1].any()
-  if not SHEET_CORNERS[0] <= sides <= SHEET_CORNERS[1 if cut else 0]:
+  if sides is None or not SHEET_CORNERS[0] <= sides <= SHEET_CORNERS[1 if cut else 0]:
     return grey  # a sheet inside the photo has 4 sides; one the photo cuts, up to 6
-  rows, cols = outline[:, 0], outline[:, 1]
-  polygon_area = 0.5 * abs(float(np.dot(rows, np.roll(cols, 1)) - np.dot(cols, np.roll(rows, 1))))
-  if abs(polygon_area - area) > SHEET_FIT * area:  # e.g. a bold round 0: no quadrilateral
-    return grey
-  margin = max(
-    1, round(SHEET_MARGIN * min(region.bbox[2] - region.bbox[0], region.bbox[3] - region.bbox[1]))
-  )
-  inner = ndimage.binary_erosion(sheet, iterations=margin)
+  height, width = region.bbox[2] - region.bbox[0], region.bbox[3] - region.bbox[1]
+  inner = ndimage.binary_erosion(sheet, iterations=max(1, round(SHEET_MARGIN * min(height, width))))
   if not inner.any():
     return grey
   rows, cols = np.nonzero(inner.any(1))[0], np.nonzero(inner.any(0))[0]
@@ -586,8 +605,9 @@ def _components(mask: np.ndarray) -> list[dict]:
 
 def _is_frame(part: dict, others: list[dict], labels: np.ndarray) -> bool:
   """A hollow component whose box holds every other component's box (a form's box),
-  one of them a digit enclosed by it (FRAME_CONTENT of the box's shorter side
-  across, lying in the component's filled-in hole): a stroke with only specks
+  four-sided (``_quadrilateral_sides`` of it filled in), one of them a digit
+  enclosed by it (FRAME_CONTENT of the box's shorter side across, lying in the
+  component's filled-in hole): a 0 with a slash inside it, a stroke with only specks
   inside its box (JPEG ringing around a 7, noise inside a 0), or with a stroke
   beside its loop (a 4 and a speck right of its triangle), is the digit, not a
   frame. ``labels``: the image's 8-connected component labels."""
@@ -596,7 +616,10 @@ def _is_frame(part: dict, others: list[dict], labels: np.ndarray) -> bool:
   fill = part["pixels"] / (part["height"] * part["width"])
   content = FRAME_CONTENT * min(part["height"], part["width"])
   inner = labels[part["box"]]
-  hole = ndimage.binary_fill_holes(inner == part["label"]) & (inner != part["label"])
+  filled = ndimage.binary_fill_holes(inner == part["label"])
+  if fill >= FRAME_FILL or _quadrilateral_sides(filled) != 4:  # a box, not a 0 round a slash
+    return False
+  hole = filled & (inner != part["label"])
 
   def enclosed(other: dict) -> bool:
     pixels = inner == other["label"]
@@ -763,6 +786,13 @@ def _check_digit_like(ink_mask: np.ndarray) -> None:
     )
 
 
+def _stroke_width(mask: np.ndarray, skeleton: np.ndarray) -> float:
+  """Pixels: twice the median distance transform of ``mask`` on its ``skeleton``, less 1."""
+  from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
+
+  return 2.0 * float(np.median(ndimage.distance_transform_edt(mask)[skeleton])) - 1.0
+
+
 def _normalise_stroke(patch: np.ndarray) -> np.ndarray:
   """Redraws a digit whose stroke is far thinner or bolder than MNIST's.
 
@@ -782,7 +812,7 @@ def _normalise_stroke(patch: np.ndarray) -> np.ndarray:
   skeleton = skeletonize(mask)
   if not skeleton.any():
     return patch
-  width = 2.0 * float(np.median(ndimage.distance_transform_edt(mask)[skeleton])) - 1.0
+  width = _stroke_width(mask, skeleton)
   low, high = STROKE_RANGE
   if low * longer <= width <= high * longer:
     return patch

@@ -511,6 +511,31 @@ def test_a_sheet_the_photo_cuts_with_the_desk_along_its_sides_is_read(mnist_dir,
     assert read.inverted and np.abs(read.pixels - reference).mean() < 0.1
 
 
+def test_a_small_sheet_on_a_desk_is_read(mnist_dir):
+  """A sheet of 5% of the photo (under the first rule's 10%) was read as a 0 or an 8."""
+  rng = np.random.default_rng(3)
+  for digit in _valid_digits(mnist_dir)[:6]:
+    photo = np.full((480, 640), 0.15) + rng.normal(0, 0.02, (480, 640))
+    photo[200:320, 300:420] = 0.9  # 120x120: 4.7% of the photo
+    ink = np.asarray(Image.fromarray(np.uint8(digit * 255)).resize((70, 70))) / 255
+    photo[225:295, 325:395] *= 1 - 0.8 * ink
+    read = images.prepare(np.clip(photo, 0, 1))
+    assert np.abs(read.pixels - images.to_mnist(np.pad(digit, 20))).mean() < 0.1
+
+
+def test_a_slashed_zero_is_not_taken_for_a_box_round_its_slash():
+  """A 0 with a slash inside it that does not touch it read as 1: the 0 was cleared
+  as a form's box. A box is four-sided; the 0 is round."""
+  yy, xx = np.mgrid[:200, :160]
+  ring = np.abs(np.hypot((yy - 100) / 80, (xx - 80) / 55) - 1) < 0.06
+  slash = (np.abs((yy - 100) + 1.6 * (xx - 80)) < 5) & (
+    np.hypot((yy - 100) / 80, (xx - 80) / 55) < 0.8
+  )
+  read = images.to_mnist(np.where(ring | slash, 0.0, 1.0))
+  ring_only = images.to_mnist(np.where(ring, 0.0, 1.0))
+  assert (read[ring_only > 0.5] > 0.3).mean() > 0.8  # the 0 is still there
+
+
 def test_a_hollow_digit_with_a_speck_in_its_box_is_not_taken_for_a_form_box(mnist_dir):
   """Valid digit 53, a 4 with a 4-pixel speck right of its triangle, padded on a
   page: the 4 was cleared as a form's box around the speck ("no digit-like ink")."""
@@ -543,6 +568,16 @@ def test_images_without_a_sheet_on_a_desk_are_not_cropped(mnist_dir):
     page = 0.7 + fall_off * np.linspace(-1, 1, 300)[None, :] * np.ones((200, 1))
     page[60:140, 140:150] *= 0.2
     assert images._crop_to_sheet(page).shape == page.shape, fall_off
+  # Blocky white digits on black: a rectangle with rectangular holes is no sheet
+  # with writing (they read 3 and 1 for a while: the holes were taken for the ink).
+  block8 = np.zeros((300, 300))
+  block8[30:270, 70:230] = 1
+  block8[68:131, 108:192] = block8[169:232, 108:192] = 0
+  block0 = np.zeros((300, 300))
+  block0[30:270, 70:230] = 1
+  block0[75:225, 115:185] = 0
+  for block in (block8, block0):
+    assert images._crop_to_sheet(block).shape == block.shape
   page = np.full((200, 150), 0.9)  # a sheet that fills the photo: nothing to crop
   page[50:150, 70:80] = 0.1
   assert images._crop_to_sheet(page).shape == page.shape
