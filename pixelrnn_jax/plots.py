@@ -155,21 +155,33 @@ def threshold_labels(rows: list[dict]) -> dict[tuple[float, float], str]:
   }
 
 
-# Where a point's label may go, in points from it: right-below first (under the
-# rising curve), then right-above, left-above, left-below, further below, further above.
-LABEL_OFFSETS = ((4, -10), (4, 4), (-4, 4), (-4, -10), (4, -20), (4, 14))
+# Where a point's label may go, in points from it (the text's near corner): right-below
+# first (under the rising curve), then right-above, left-above, left-below, further
+# below, further above.
+LABEL_OFFSETS = ((5, -5), (5, 5), (-5, 5), (-5, -5), (5, -15), (5, 15))
+
+
+LABEL_GAP = 2.0  # pixels kept clear around each label and each marker
+MARKER_RADIUS = 4.0  # pixels: a point's marker, which no label may cover
 
 
 def place_labels(
   ax, labels: dict[tuple[float, float], str], fontsize: int = 8, avoid: tuple = ()
-) -> int:
+) -> list[str]:
   """Annotates each (x, y) point of ``ax`` with its label at the first of
-  ``LABEL_OFFSETS`` where the text lies inside the axes and overlaps neither a
-  label already placed nor the artists in ``avoid``; a label with no such place
-  is left out. Returns how many were."""
+  ``LABEL_OFFSETS`` where the text lies inside the axes, ``LABEL_GAP`` pixels
+  clear of every label already placed, of every point's marker and of the
+  artists in ``avoid``; a label with no such place is left out. Returns the
+  labels left out."""
+  from matplotlib.transforms import Bbox  # noqa: PLC0415 (matplotlib loads on first use)
+
   renderer = ax.figure.canvas.get_renderer()
   frame = ax.get_window_extent(renderer)
-  placed = [artist.get_window_extent(renderer) for artist in avoid]
+  taken = [artist.get_window_extent(renderer) for artist in avoid]
+  for px, py in ax.transData.transform(list(labels)) if labels else ():
+    r = MARKER_RADIUS
+    taken.append(Bbox.from_extents(px - r, py - r, px + r, py + r))
+  left_out = []
   for (x, y), text in labels.items():
     for dx, dy in LABEL_OFFSETS:
       label = ax.annotate(
@@ -179,14 +191,18 @@ def place_labels(
         xytext=(dx, dy),
         fontsize=fontsize,
         ha="left" if dx >= 0 else "right",
+        va="top" if dy < 0 else "bottom",
       )
       box = label.get_window_extent(renderer)
       inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0
-      if inside and box.y1 <= frame.y1 and not any(box.overlaps(other) for other in placed):
-        placed.append(box)
+      clear = not any(box.padded(LABEL_GAP).overlaps(other) for other in taken)
+      if inside and box.y1 <= frame.y1 and clear:
+        taken.append(box)
         break
       label.remove()
-  return len(labels) - (len(placed) - len(avoid))
+    else:
+      left_out.append(text)
+  return left_out
 
 
 def early_exit_tradeoff(
@@ -208,7 +224,10 @@ def early_exit_tradeoff(
   )
   unlabelled = place_labels(ax, threshold_labels(rows), avoid=[note])
   if unlabelled:
-    note.set_text(f"{note.get_text()} ({unlabelled} not labelled: no room beside the others)")
+    named = ", ".join(unlabelled[:3]) + (
+      f" and {len(unlabelled) - 3} more" if len(unlabelled) > 3 else ""
+    )
+    note.set_text(f"{note.get_text()} ({named} not labelled: no room)")
   ax.grid(alpha=0.3)
   return _save(fig, out / "early_exit.png")
 
