@@ -16,6 +16,8 @@ For valid digits 0..count-1 and every ``--checkpoint`` (anything
 - the *ensemble*: the mean of the models' last-step log-probabilities
   (renormalised: a normalised geometric mean of their probabilities), which
   costs one model per member at inference;
+- with ``--tta-rotations D[,D]``: the ensemble over the models *and* the digit
+  turned by 0 and +-each D degrees (``pixelrnn_jax.tta``; models of one order);
 - how many digits every model gets wrong, and how many at least one gets
   right (an upper bound for any selection among them); ``--missed PNG``
   draws the digits every model gets wrong, each with its label and the
@@ -36,6 +38,8 @@ from pixelrnn_jax import data
 from pixelrnn_jax import gru_classifier
 from pixelrnn_jax import inference
 from pixelrnn_jax import plots
+from pixelrnn_jax import tta
+from pixelrnn_jax.training import config as config_lib
 
 
 def weight_average(models: list[gru_classifier.Params]) -> gru_classifier.Params:
@@ -94,9 +98,14 @@ def main(argv: list[str] | None = None) -> dict:
   )
   parser.add_argument("--devices", type=cli.number(1), default=1)
   parser.add_argument("--missed", default=None, metavar="PNG", help="draw the digits all miss")
+  cli.add_tta_flag(parser, "also score the ensemble by")
   args = parser.parse_args(argv)
   if len(args.checkpoint) < 2:
     parser.error("--checkpoint: give two or more models")
+  try:
+    views = None if args.tta_rotations is None else config_lib.rotation_views(args.tta_rotations)
+  except ValueError as error:
+    parser.error(str(error))
   if args.missed:
     parser.check_output_file("--missed", args.missed, ".png")
   commands.use_cpu_devices(args.devices)  # host CPU devices, before JAX starts
@@ -137,6 +146,24 @@ def main(argv: list[str] | None = None) -> dict:
   print(
     f"every model wrong: {table['all wrong']} digits; at least one right: {table['some right']:.2%}"
   )
+  if views is not None:
+    orders = sorted({model.order for model in models})
+    if len(orders) > 1:
+      print(f"ensemble over turned views: skipped (models of orders {', '.join(orders)})")
+    else:
+      turned = np.concatenate(
+        [
+          np.asarray(tta.log_probs(models, digits[i : i + 1000], views, orders[0]))
+          for i in range(0, len(digits), 1000)
+        ]
+      )
+      name = f"ensemble over views {', '.join(f'{v:+g}' for v in views)}"
+      table["ensemble over views"] = {
+        "accuracy": float((turned.argmax(-1) == labels).mean()),
+        "loss": float(-turned[np.arange(len(labels)), labels].mean()),
+      }
+      result = table["ensemble over views"]
+      print(f"{name}: {result['accuracy']:.2%}  loss {result['loss']:.4f}", flush=True)
   if args.missed:
     missed = np.flatnonzero(~right.any(axis=0))
     draw_missed(digits, labels, ensemble.argmax(-1), missed, args.missed)

@@ -313,7 +313,9 @@ def _did_you_mean(word: str, choices) -> str:
 _NUMBER = re.compile(r"-\d+(\.\d*)?([eE][-+]?\d+)?|-\.\d+|-inf|-nan", re.IGNORECASE)
 
 
-def _add_tta_flag(parser: argparse.ArgumentParser, what: str) -> None:
+def add_tta_flag(parser: argparse.ArgumentParser, what: str) -> None:
+  """Adds ``--tta-rotations DEGREES`` (parsed by ``config.rotation_views``) to ``parser``;
+  ``what`` begins its help (evaluate, predict, benchmarks/ensembles.py)."""
   parser.add_argument(
     "--tta-rotations",
     default=None,
@@ -389,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     action="store_true",
     help="ignore the card's per-step temperature: confidences as trained",
   )
-  _add_tta_flag(evaluate, "also score the test-time augmentation by rotation:")
+  add_tta_flag(evaluate, "also score the test-time augmentation by rotation:")
 
   predict = add_command("predict", help="classify images, optionally stopping early once confident")
   predict.add_argument(
@@ -450,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     metavar="DIR",
     help="write DIR/<input>_seen.png: each input beside the 28x28 the model read",
   )
-  _add_tta_flag(
+  add_tta_flag(
     predict,
     "answer by test-time augmentation (reads every pixel of every view; not with"
     " --early or --confidence; probabilities uncalibrated):",

@@ -9,6 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pixelrnn_jax import data
+from pixelrnn_jax import gru_classifier
+from pixelrnn_jax import tta
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "throughput.py"
 
@@ -102,11 +106,26 @@ def test_ensembles_of_one_model_twice_score_as_the_model_and_skip_mixed_orders(
   assert table["ensemble"]["accuracy"] == alone["accuracy"]
   assert table["ensemble"]["loss"] == pytest.approx(alone["loss"], rel=1e-4)
   assert table["all wrong"] == round((1 - alone["accuracy"]) * 40)
+  # Over turned views, a model twice is the model read over those views (tta.evaluate).
+  turned = module.main(common + ["--checkpoint", "pretrained:pixel"] * 2 + ["--tta-rotations", "6"])
+  digits, labels = data.load_mnist("valid", data_dir=mnist_dir)
+  model = gru_classifier.load("pretrained:pixel")
+  views = tta.evaluate(model, digits[:40], labels[:40], (0.0, -6.0, 6.0), order=model.order)
+  assert turned["ensemble over views"]["accuracy"] == pytest.approx(views["accuracy"])
+  assert turned["ensemble over views"]["loss"] == pytest.approx(views["loss"], rel=1e-4)
+  capsys.readouterr()
   mixed = module.main(
-    common + ["--checkpoint", "pretrained:pixel", "--checkpoint", "pretrained:permuted"]
+    common
+    + ["--checkpoint", "pretrained:pixel", "--checkpoint", "pretrained:permuted"]
+    + ["--tta-rotations", "3"]
   )
-  assert "weight average" not in mixed
-  assert "weight average: skipped (the models differ" in capsys.readouterr().out
+  assert "weight average" not in mixed and "ensemble over views" not in mixed
+  out = capsys.readouterr().out
+  assert "weight average: skipped (the models differ" in out
+  assert "ensemble over turned views: skipped (models of orders permuted, pixel)" in out
+  with pytest.raises(SystemExit):
+    module.main(common + ["--checkpoint", "pretrained:pixel"] * 2 + ["--tta-rotations", "90"])
+  assert "--tta-rotations" in capsys.readouterr().err
   assert mixed["some right"] >= max(
     mixed["pretrained:pixel"]["accuracy"], mixed["pretrained:permuted"]["accuracy"]
   )
