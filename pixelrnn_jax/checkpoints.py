@@ -61,14 +61,17 @@ class CheckpointWriteError(OSError):
   during it still prints its line.)"""
 
 
-_CLOSED_LOOP = "RuntimeError: Event loop is closed"
+_CLOSED_MESSAGE = "Event loop is closed"
 # The pieces of those tracebacks. Several threads print them at once, and their writes
 # interleave even within a line, so the pieces go one by one, not as lines or blocks.
+# The last line's type and message are separate writes too: another thread's text
+# may land between "RuntimeError" and ": Event loop is closed".
 _CLOSED_LOOP_PIECES = re.compile(
   r'File "[^"\n]*asyncio[/\\]base_events\.py", line \d+, in (?:call_soon_threadsafe|_check_closed)'
   r"|self\._check_closed\(\)"
   r"|raise RuntimeError\('Event loop is closed'\)"
-  r"|RuntimeError: Event loop is closed"
+  r"|(?:RuntimeError)?: Event loop is closed"
+  r"|RuntimeError(?![:(])"  # a bare type name, its message gone elsewhere
 )
 _TRACEBACK = "Traceback (most recent call last):"
 
@@ -80,8 +83,8 @@ def drop_closed_loop_tracebacks(text: str) -> str:
   blank ones; a "Traceback" header cannot say whose it is, so the first as many as
   there are closed-loop errors go (a traceback of another kind printed before them,
   in the same few milliseconds, would lose its header)."""
-  closed = text.count(_CLOSED_LOOP)
-  if not closed:
+  closed = text.count(_CLOSED_MESSAGE) - text.count(f"('{_CLOSED_MESSAGE}')")
+  if closed <= 0:
     return text
   text = _CLOSED_LOOP_PIECES.sub("", text).replace(_TRACEBACK, "", closed)
   return "".join(line for line in text.splitlines(keepends=True) if line.strip())
