@@ -67,6 +67,14 @@ def last_step_log_probs(model: gru_classifier.Params, images: np.ndarray, batch:
   )
 
 
+def score(log_probs: np.ndarray, labels: np.ndarray) -> dict:
+  """Accuracy and mean cross-entropy (nats) of normalised <float>[N, classes] log-probabilities."""
+  return {
+    "accuracy": float((log_probs.argmax(-1) == labels).mean()),
+    "loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
+  }
+
+
 def draw_missed(digits, labels, answers, indices, out: str) -> None:
   """A grid of ``digits[indices]``, each titled with its index, label and the answer."""
   plt = plots._pyplot()  # noqa: SLF001 (the package's headless matplotlib)
@@ -133,10 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
   log_probs = np.stack([last_step_log_probs(model, digits) for model in models])
   ensemble = np.asarray(jax.nn.log_softmax(log_probs.mean(axis=0)))  # normalised
   right = log_probs.argmax(-1) == labels  # [models, N]
-  table["ensemble"] = {
-    "accuracy": float((ensemble.argmax(-1) == labels).mean()),
-    "loss": float(-ensemble[np.arange(len(labels)), labels].mean()),
-  }
+  table["ensemble"] = score(ensemble, labels)
   table["all wrong"] = int((~right.any(axis=0)).sum())
   table["some right"] = float(right.any(axis=0).mean())
   print(
@@ -158,11 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
         ]
       )
       name = f"ensemble over views {', '.join(f'{v:+g}' for v in views)}"
-      table["ensemble over views"] = {
-        "accuracy": float((turned.argmax(-1) == labels).mean()),
-        "loss": float(-turned[np.arange(len(labels)), labels].mean()),
-      }
-      result = table["ensemble over views"]
+      result = table["ensemble over views"] = score(turned, labels)
       print(f"{name}: {result['accuracy']:.2%}  loss {result['loss']:.4f}", flush=True)
   if args.missed:
     missed = np.flatnonzero(~right.any(axis=0))

@@ -476,8 +476,9 @@ def _crop_to_sheet(grey: np.ndarray) -> np.ndarray:
   (``SHEET_MIN_SOLIDITY``), a polygon of 4 sides, or up to 6 where the photo
   cuts it (``_quadrilateral_sides``), holding dark ink over ``SHEET_INK`` of
   its area in strokes (``_stroke_width`` at most ``SHEET_MAX_STROKE`` of the
-  ink's extent; digits on sheets: at most 0.18; a blocky white 8's holes: 0.38). Images under ``SHEET_MIN_PHOTO`` px are left alone. The result is
-  the sheet's bounding box, shrunk by ``SHEET_MARGIN``; what lies outside the
+  ink's extent; digits on sheets: at most 0.18; a blocky white 8's holes: 0.38).
+  Images under ``SHEET_MIN_PHOTO`` px are left alone. The result is the sheet's
+  bounding box, shrunk by ``SHEET_MARGIN``; what lies outside the
   sheet there (the surface beside a tilted sheet) takes the paper's median
   shade. Without this, the sheet is the brightest thing on a dark border: it
   was read as the ink.
@@ -634,7 +635,7 @@ def _is_frame(part: dict, others: list[dict], labels: np.ndarray) -> bool:
     and o["box"][1].stop <= part["box"][1].stop
     for o in others
   )
-  return bool(others) and inside and fill < FRAME_FILL
+  return bool(others) and inside
 
 
 def _is_line(part: dict, shape: tuple[int, int]) -> bool:
