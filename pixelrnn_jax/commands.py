@@ -13,6 +13,7 @@ import logging
 import re
 import signal
 import sys
+import unicodedata
 from pathlib import Path
 
 from pixelrnn_jax import outputs
@@ -391,8 +392,26 @@ def predict(args: argparse.Namespace) -> int:
   return 1 if len(usable) < len(prepared) or unshown else 0
 
 
+# Bytes of a --show picture's stem: the file name also gets "_<n>_seen.png" and
+# most file systems allow 255 bytes per name.
+MAX_STEM_BYTES = 200
+
+
 def _safe_stem(name: str) -> str:
-  return re.sub(r"[^A-Za-z0-9_.-]+", "_", name.rsplit("/", 1)[-1].rsplit(".", 1)[0]) or "input"
+  """The stem of an input's ``--show`` picture: its file name without the extension.
+
+  Letters and digits of any script are kept (NFC-composed, with their combining
+  marks), so "ナナ.png" gives "ナナ", not "_"; runs of anything else a file
+  name should not hold (separators, spaces, punctuation, control characters) become
+  one "_"; leading dots go (no hidden files); the result is cut to
+  ``MAX_STEM_BYTES`` of UTF-8 at a character boundary; "input" if nothing is left.
+  """
+  stem = unicodedata.normalize("NFC", Path(name).name.rsplit(".", 1)[0])
+  kept = "".join(c if c in "_.-" or unicodedata.category(c)[0] in "LNM" else " " for c in stem)
+  stem = re.sub(" +", "_", kept).lstrip(".")
+  while len(stem.encode()) > MAX_STEM_BYTES:
+    stem = stem[:-1]
+  return stem or "input"
 
 
 def plot(args: argparse.Namespace) -> int:

@@ -11,16 +11,15 @@ jax.config.update("jax_enable_x64", True)
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
+from tests.helpers import mnist_dir_from  # noqa: E402
+
 # No per-example deadline: the examples run JAX and build parsers, whose time is
 # the machine's load, not the code's (one took 258 ms beside a training run and
 # failed the default 200 ms). A test that sets its own settings keeps them.
 settings.register_profile("pixelrnn_jax", deadline=None)
 settings.load_profile("pixelrnn_jax")
 
-MNIST_DIR = os.environ.get(
-  "PIXELRNN_JAX_TEST_MNIST",
-  os.path.join(os.path.dirname(__file__), "..", "..", "shared", "mnist"),
-)
+MNIST_DIR = mnist_dir_from(os.environ)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,7 +39,10 @@ def _free_compiled_programs():
 def mnist_dir():
   """The real MNIST IDX files (../shared/mnist); skips the test when absent."""
   if not os.path.exists(os.path.join(MNIST_DIR, "train-labels-idx1-ubyte.gz")):
-    pytest.skip(f"real MNIST files not found in {MNIST_DIR}")
+    pytest.skip(
+      f"real MNIST files not found in {MNIST_DIR}: set $PIXELRNN_JAX_TEST_MNIST (or"
+      " $PIXELRNN_JAX_MNIST_DIR) to a directory of the IDX files"
+    )
   return os.path.abspath(MNIST_DIR)
 
 

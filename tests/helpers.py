@@ -2,6 +2,7 @@
 
 import gzip
 import io
+import os
 import struct
 import zlib
 
@@ -25,6 +26,20 @@ SMALL = dict(
   checkpoint_every=2,
   eval_batch_size=64,
 )
+
+
+def mnist_dir_from(environ) -> str:
+  """Where the suite looks for the real MNIST IDX files.
+
+  ``$PIXELRNN_JAX_TEST_MNIST``, else the runtime's own ``$PIXELRNN_JAX_MNIST_DIR``
+  (a user who set that one for ``train`` gets the same files here), else
+  ``../shared/mnist`` beside the checkout. An empty variable counts as unset.
+  """
+  return (
+    environ.get("PIXELRNN_JAX_TEST_MNIST")
+    or environ.get("PIXELRNN_JAX_MNIST_DIR")
+    or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "mnist")
+  )
 
 
 def synthetic_digits(n, seed):

@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import io
+import os
 import subprocess
 import sys
 import tarfile
@@ -554,3 +555,14 @@ def test_processes_writing_the_same_cache_at_once_each_rename_a_whole_file(tmp_p
   with np.load(cache_file) as loaded:
     np.testing.assert_array_equal(loaded["labels"], labels)
   assert sorted(p.name for p in tmp_path.iterdir()) == ["mnist-train.npz"]
+
+
+def test_the_suite_finds_mnist_by_either_variable():
+  """A user who set only the runtime's $PIXELRNN_JAX_MNIST_DIR gets real-data tests too."""
+  from tests.helpers import mnist_dir_from
+
+  assert mnist_dir_from({"PIXELRNN_JAX_MNIST_DIR": "/a"}) == "/a"
+  assert mnist_dir_from({"PIXELRNN_JAX_TEST_MNIST": "/t", "PIXELRNN_JAX_MNIST_DIR": "/a"}) == "/t"
+  assert mnist_dir_from({"PIXELRNN_JAX_TEST_MNIST": "", "PIXELRNN_JAX_MNIST_DIR": "/a"}) == "/a"
+  default = mnist_dir_from({})
+  assert os.path.normpath(default).endswith(os.path.join("shared", "mnist"))

@@ -764,3 +764,60 @@ def test_the_progress_bar_is_drawn_only_on_a_terminal_with_a_width(monkeypatch, 
 
   monkeypatch.setattr(loop.os, "get_terminal_size", lambda fd: os.terminal_size((columns, 24)))
   assert loop._draws_a_bar(Stream()) is bar
+
+
+@given(st.text(min_size=1, max_size=300))
+@settings(max_examples=300)
+def test_a_show_picture_name_is_a_writable_file_name_that_keeps_every_script(name):
+  """--show's picture names: any input name gives one file name that the file system
+  takes (no separator, NUL or hidden dot; at most 255 bytes with the longest suffix), and
+  letters and digits of any script are kept, so distinct non-Latin names do not all
+  become "__seen.png" (they did: only ASCII was kept)."""
+  import unicodedata
+
+  from pixelrnn_jax import commands
+
+  stem = commands._safe_stem(name)
+  assert stem and "/" not in stem and "\0" not in stem and not stem.startswith(".")
+  assert len(f"{stem}_99_seen.png".encode()) <= 255
+  base = unicodedata.normalize("NFC", Path(name).name.rsplit(".", 1)[0])
+  if 0 < len(base.encode()) <= commands.MAX_STEM_BYTES and not base.startswith("."):
+    word = all(c in "_.-" or unicodedata.category(c)[0] in "LNM" for c in base)
+    assert (stem == base) == word
+
+
+def test_show_names_each_non_latin_input_after_it(tmp_path, capsys):
+  """Inputs named in other scripts get their own pictures, named after them."""
+  names = ["ナナ.png", "七.png", "सात.png"]
+  for name in names:
+    (tmp_path / name).write_bytes((ROOT / "examples" / "seven.png").read_bytes())
+  show = tmp_path / "seen"
+  argv = ["predict", "--checkpoint", "pretrained:pixel", "--json", "--show", str(show)]
+  assert cli.main([*argv, *(str(tmp_path / name) for name in names)]) == 0
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert [Path(row["shown"]).name for row in rows] == [
+    "ナナ_seen.png",
+    "七_seen.png",
+    "सात_seen.png",
+  ]
+  assert all(Path(row["shown"]).is_file() for row in rows)
+
+
+@pytest.mark.parametrize(
+  "name, stem",
+  [
+    ("photos/ナナ.png", "ナナ"),
+    ("數字七.jpg", "數字七"),
+    ("सात.png", "सात"),
+    ("café 7.png", "café_7"),
+    ("cafe\u0301.png", "café"),
+    ("my digit (2).png", "my_digit_2_"),
+    (".hidden.png", "hidden"),
+    ("..png", "input"),
+    ("x" * 300 + ".png", "x" * 200),
+  ],
+)
+def test_show_picture_names_by_example(name, stem):
+  from pixelrnn_jax import commands
+
+  assert commands._safe_stem(name) == stem
