@@ -58,6 +58,7 @@ import numpy as np
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
 INVERT = ("auto", "yes", "no")
+SIXTEEN_BIT_DEPTHS = (8, 10, 12, 14, 16)  # bits a 16-bit file's data may use (cameras: 10-14)
 BOX = 20  # MNIST: the digit's bounding box fits 20x20
 FIELD = 28  # MNIST: the image is 28x28
 CENTRE = 14.0  # MNIST digits' mean centre of mass (row and column index) on valid
@@ -80,6 +81,11 @@ BOX_THRESHOLD = 0.1  # the ink's bounding box: pixels above this (after stretchi
 MNIST_STROKE = 0.114  # stroke width / the box's longer side: median over MNIST's valid digits
 STROKE_RANGE = (0.06, 0.22)  # a stroke outside this (relative width) is redrawn at MNIST_STROKE
 STROKE_MIN_BOX = 2 * BOX  # pixels: a smaller digit box (an MNIST-sized image) is never redrawn
+RULED_COVERAGE = 0.8  # a ruled line: above the paper across this share of a row ...
+RULED_FAINT = 0.02  # ... by this (of the ink's level), with its more inked neighbour ...
+RULED_THICK = 0.03  # ... in a band at most this thick (of the image)
+RULED_MAX_TILT = 5.0  # degrees: lines tilted up to this are found (a photo of a page)
+RULED_TILT_STEP = 0.1  # degrees: ... at this resolution
 FRAME_FILL = 0.3  # a frame: a component filling less than this of its box, around the rest
 FRAME_CONTENT = 0.25  # ... one of which spans this much of the frame's shorter side
 LINE_SPAN = 0.4  # a line: a horizontal component at least this wide (of the image) ...
@@ -98,6 +104,9 @@ SHEET_CORNER_TURN = 20.0  # degrees: a vertex where the outline turns less is no
 SHEET_INK = (0.001, 0.5)  # ... holding dark ink over this share of its area ...
 SHEET_MAX_STROKE = 0.25  # ... in strokes: stroke width / the ink's extent at most this
 SHEET_MARGIN = 0.04  # the sheet's edge band (of its size) is dropped: shadows, curl
+STRAY_SHARE = 0.25  # ink components this share of the largest's pixels are the digit ...
+STRAY_NEAR = 0.25  # ... and smaller ones farther than this (of its box's longer side)
+# outside the box are stray marks (dust, a caption), cleared
 MIN_SIDE = 8  # pixels: a smaller image cannot hold a digit
 MIN_SPAN = 0.1  # some ink component must span this much of the image's shorter side ...
 SMALL_DIGIT_SPAN = 8  # ... or, a small digit on a big page, this many pixels while
@@ -154,10 +163,13 @@ def _composite(rgba: np.ndarray) -> np.ndarray:
 
 
 def _integer_scale(array: np.ndarray, mode: str) -> float:
-  """16-bit files by their range, 0..65535; 32-bit ("I") by 255 or their maximum."""
-  if mode.startswith("I;16"):
-    return 65535.0
+  """16-bit files by the range of the bits their data uses: the smallest of
+  SIXTEEN_BIT_DEPTHS that holds their maximum (a camera's 12-bit data in a 16-bit
+  PNG, 0..4095, read as 0..1/16 of 65535, was refused as blank); 32-bit ("I")
+  by 255 or their maximum."""
   top = float(array.max()) if array.size else 0.0
+  if mode.startswith("I;16"):
+    return float(next(2**bits - 1 for bits in SIXTEEN_BIT_DEPTHS if top <= 2**bits - 1))
   return 255.0 if top <= 255 else top
 
 
@@ -565,22 +577,93 @@ def _is_mnist_sized(grey: np.ndarray) -> bool:
   return max(abs(c - CENTRE) for c in centre) <= CENTRE_SLACK
 
 
+def _ruled_rows(grey: np.ndarray) -> np.ndarray:
+  """<bool>[rows]: the rows of ``grey`` (paper 0, as :func:`prepare` has it by then)
+  that carry a ruled line across the image, or lie beside one.
+
+  A row is a line's when it, plus the more inked of its two neighbours, is above
+  the paper (by RULED_FAINT) across RULED_COVERAGE of its width: a thin line
+  reduced to a fractional row width lands half in each of two rows, and a pale
+  or noisy line reaches the ink's threshold (BOX_THRESHOLD) only in dashes,
+  which would still be ink.
+  """
+  padded = np.pad(grey, ((1, 1), (0, 0)))
+  inked = grey + np.maximum(padded[:-2], padded[2:]) > RULED_FAINT
+  return inked.mean(axis=1) >= RULED_COVERAGE
+
+
+def _shear(grey: np.ndarray, degrees: float) -> tuple[np.ndarray, np.ndarray]:
+  """``grey`` with column j moved up by round(j * tan(degrees)) rows (zero-padded), so a
+  line along row = row0 + column * tan(degrees) (falling to the right as displayed,
+  for positive degrees) lies along one row; and where each pixel went, for
+  :func:`_unshear`. Integer moves: no pixel is resampled."""
+  offsets = np.round(np.arange(grey.shape[1]) * np.tan(np.radians(degrees))).astype(int)
+  offsets -= offsets.min()
+  sheared = np.zeros((grey.shape[0] + offsets.max(), grey.shape[1]), grey.dtype)
+  rows = np.arange(grey.shape[0])[:, None] + offsets.max() - offsets[None, :]
+  sheared[rows, np.arange(grey.shape[1])[None, :]] = grey
+  return sheared, rows
+
+
+def _unshear(sheared: np.ndarray, rows: np.ndarray) -> np.ndarray:
+  return sheared[rows, np.arange(sheared.shape[1])[None, :]]
+
+
+def _ruled_tilt(grey: np.ndarray) -> float:
+  """Degrees (as :func:`_shear` takes them) of the page's ruled lines, within
+  RULED_MAX_TILT of horizontal in steps of RULED_TILT_STEP: the shear under which
+  the image's row profile has the most energy (the sum of its squared row sums;
+  lines along rows concentrate it), the smallest angle on ties. A page without
+  lines gets some angle, harmless: :func:`_remove_ruled_lines` then finds no line."""
+  steps = round(RULED_MAX_TILT / RULED_TILT_STEP)
+  angles = sorted(np.arange(-steps, steps + 1) * RULED_TILT_STEP, key=abs)
+  rows, columns = np.nonzero(grey)  # the paper (0) adds nothing to any row
+  weights = grey[rows, columns]
+  energy = []
+  for angle in angles:  # the row sums of _shear(grey, angle), without moving pixels
+    offsets = np.round(columns * np.tan(np.radians(angle))).astype(int)
+    sums = np.bincount(rows - offsets + grey.shape[1], weights=weights)
+    energy.append(float(np.square(sums).sum()))
+  return float(angles[int(np.argmax(energy))])
+
+
 def _remove_ruled_lines(grey: np.ndarray) -> np.ndarray:
-  """Clears the lines of ruled or graph paper and margins: rows (then columns)
-  with ink across at least 90% of the image, in runs at most 3% of the image
-  thick. A digit's own strokes are thicker than that even in a tight crop."""
-  for axis in (1, 0):  # rows, then columns
-    full = np.concatenate([[False], (grey > BOX_THRESHOLD).mean(axis=axis) >= 0.9, [False]])
-    edges = np.flatnonzero(np.diff(full.astype(np.int8)))
-    thin = 0.03 * grey.shape[1 - axis]
-    lines = [(start, end) for start, end in zip(edges[::2], edges[1::2]) if end - start <= thin]
-    if lines:
-      grey = grey.copy()
-      for start, end in lines:
-        if axis == 1:
-          grey[start:end] = 0.0
-        else:
-          grey[:, start:end] = 0.0
+  """Clears the lines of ruled or graph paper and margins, level or tilted by up to
+  RULED_MAX_TILT (a photo of a page is seldom square to it): under the shear of
+  :func:`_ruled_tilt`, runs of rows (then, turned, of columns) that
+  :func:`_ruled_rows` finds, at most RULED_THICK of the image thick. A digit's
+  own strokes are thicker than that even in a tight crop.
+
+  A cleared band takes the ink of the rows just outside it where the row on the
+  other side has ink within twice the band's height (a maximum filter): paper
+  where the line ran over paper, and the stroke where a stroke crossed the line,
+  upright or slantwise (so a digit written on ruled paper is not cut into pieces
+  at every line, and a crossing line is not widened).
+  """
+  from scipy.ndimage import maximum_filter1d  # noqa: PLC0415 (SciPy loads on first use)
+
+  tilt = _ruled_tilt(grey)
+  for transposed, degrees in ((False, tilt), (True, -tilt)):  # rows, then columns
+    lines, rows = _shear(grey.T if transposed else grey, degrees)
+    found = _ruled_rows(lines)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], found, [0]]).astype(np.int8)))
+    thin = RULED_THICK * rows.shape[0]
+    bands = [(start, end) for start, end in zip(edges[::2], edges[1::2]) if end - start <= thin]
+    if not bands:
+      continue
+    outside = np.zeros(lines.shape[1])
+    for start, end in bands:
+      above = lines[start - 1] if start > 0 else outside
+      below = lines[end] if end < lines.shape[0] else outside
+      # A stroke crossing the band slantwise is up to twice its height along on the
+      # other side: each side's ink is kept where the other side has ink that near.
+      reach = 2 * (2 * (end - start)) + 1
+      lines[start:end] = np.maximum(
+        np.minimum(maximum_filter1d(above, reach), below),
+        np.minimum(above, maximum_filter1d(below, reach)),
+      )
+    grey = _unshear(lines, rows)
+    grey = grey.T if transposed else grey
   return grey
 
 
@@ -759,6 +842,47 @@ def _remove_frames_and_lines(grey: np.ndarray) -> np.ndarray:
   return grey
 
 
+def _drop_stray_marks(grey: np.ndarray) -> np.ndarray:
+  """Clears small marks away from the digit: dust, specks, a pen's dots, a caption.
+
+  The digit is the box around the largest ink component (pixels above
+  BOX_THRESHOLD) and every component of at least STRAY_SHARE of its pixels (a
+  5's separate bar, a second digit: large ink is never dropped, so what the
+  model reads is not narrowed to a part of it). A smaller component lying more
+  than STRAY_NEAR of that box's longer side outside it is cleared; one nearer is
+  kept (a broken stroke's pieces). One pass, so a trail of specks cannot lead the
+  box away from the digit. Before this, two 3-pixel specks in a page's corners
+  stretched the digit's box to the page and shrank the digit to a third of the field.
+  """
+  from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
+
+  parts = _components(grey > BOX_THRESHOLD)
+  if len(parts) < 2:
+    return grey
+  largest = max(p["pixels"] for p in parts)
+  big = [p for p in parts if p["pixels"] >= STRAY_SHARE * largest]
+  top, bottom = min(p["box"][0].start for p in big), max(p["box"][0].stop for p in big)
+  left, right = min(p["box"][1].start for p in big), max(p["box"][1].stop for p in big)
+  near = STRAY_NEAR * max(bottom - top, right - left)
+
+  def far(part) -> bool:
+    (t, b), (l, r) = (
+      (part["box"][0].start, part["box"][0].stop),
+      (part["box"][1].start, part["box"][1].stop),
+    )
+    return max(t - bottom, top - b, l - right, left - r) > near
+
+  stray = [p["label"] for p in parts if p["pixels"] < STRAY_SHARE * largest and far(p)]
+  if not stray:
+    return grey
+  labels, _ = ndimage.label(grey > BOX_THRESHOLD, structure=np.ones((3, 3)))
+  # The marks and their faint edges (anti-aliasing), but no other component's pixel.
+  gone = ndimage.binary_dilation(np.isin(labels, stray), iterations=1)
+  grey = grey.copy()
+  grey[gone & ((labels == 0) | np.isin(labels, stray))] = 0.0
+  return grey
+
+
 def _check_digit_like(ink_mask: np.ndarray) -> None:
   """Refuses ink that cannot be a digit: too small an image, or specks (noise).
 
@@ -901,6 +1025,8 @@ def prepare(image, *, invert: str = "auto") -> Digit:
   if not ink_mask.any():
     raise ImageError("no ink left once the ruled lines were removed")
   _check_digit_like(ink_mask)
+  grey = _drop_stray_marks(grey)
+  ink_mask = grey > BOX_THRESHOLD
   rows, cols = np.nonzero(ink_mask.any(1))[0], np.nonzero(ink_mask.any(0))[0]
   patch = _normalise_stroke(grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
   scale = BOX / max(patch.shape)
