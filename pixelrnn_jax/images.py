@@ -80,10 +80,14 @@ NOISE_SIGMAS = 6.0
 BOX_THRESHOLD = 0.1  # the ink's bounding box: pixels above this (after stretching)
 MNIST_STROKE = 0.114  # stroke width / the box's longer side: median over MNIST's valid digits
 STROKE_RANGE = (0.06, 0.22)  # a stroke outside this (relative width) is redrawn at MNIST_STROKE
+STROKE_INK_PERCENTILE = 50  # the ink's level where its stroke is measured: this percentile
 STROKE_MIN_BOX = 2 * BOX  # pixels: a smaller digit box (an MNIST-sized image) is never redrawn
 RULED_COVERAGE = 0.8  # a ruled line: above the paper across this share of a row ...
 RULED_FAINT = 0.02  # ... by this (of the ink's level), with its more inked neighbour ...
-RULED_THICK = 0.03  # ... in a band at most this thick (of the image)
+RULED_THICK = 0.03  # ... in a band at most this thick (of the image) ...
+RULED_MIN_LINES = 2  # ... and at least this many such lines (one more: a margin)
+RULED_END = 0.1  # ... with ink within this share of the image of both ends (a page turned
+# in the photo leaves corner wedges; a digit's own bar in a tight crop stops short)
 RULED_MAX_TILT = 5.0  # degrees: lines tilted up to this are found (a photo of a page)
 RULED_TILT_STEP = 0.1  # degrees: ... at this resolution
 FRAME_FILL = 0.3  # a frame: a component filling less than this of its box, around the rest
@@ -627,12 +631,24 @@ def _ruled_tilt(grey: np.ndarray) -> float:
   return float(angles[int(np.argmax(energy))])
 
 
+def _end_to_end(band: np.ndarray) -> bool:
+  """Whether a band of rows is inked (above RULED_FAINT) to within RULED_END of both ends."""
+  inked = np.flatnonzero((band > RULED_FAINT).any(axis=0))
+  width = band.shape[1]
+  return (
+    inked.size > 0 and inked[0] < RULED_END * width and width - 1 - inked[-1] < RULED_END * width
+  )
+
+
 def _remove_ruled_lines(grey: np.ndarray) -> np.ndarray:
   """Clears the lines of ruled or graph paper and margins, level or tilted by up to
   RULED_MAX_TILT (a photo of a page is seldom square to it): under the shear of
   :func:`_ruled_tilt`, runs of rows (then, turned, of columns) that
-  :func:`_ruled_rows` finds, at most RULED_THICK of the image thick. A digit's
-  own strokes are thicker than that even in a tight crop.
+  :func:`_ruled_rows` finds, at most RULED_THICK of the image thick and inked to
+  within RULED_END of both ends, when there are RULED_MIN_LINES of them (then
+  one line the other way, a margin, is cleared too). A digit's own strokes are
+  thicker than that even in a tight crop, stop short of an end, or are one bar
+  (a 2's base in a tight crop, which a single-line rule took for a line).
 
   A cleared band takes the ink of the rows just outside it where the row on the
   other side has ink within twice the band's height (a maximum filter): paper
@@ -643,14 +659,20 @@ def _remove_ruled_lines(grey: np.ndarray) -> np.ndarray:
   from scipy.ndimage import maximum_filter1d  # noqa: PLC0415 (SciPy loads on first use)
 
   tilt = _ruled_tilt(grey)
+  ruled = False  # the page has RULED_MIN_LINES lines one way (then one line is a margin)
   for transposed, degrees in ((False, tilt), (True, -tilt)):  # rows, then columns
     lines, rows = _shear(grey.T if transposed else grey, degrees)
     found = _ruled_rows(lines)
     edges = np.flatnonzero(np.diff(np.concatenate([[0], found, [0]]).astype(np.int8)))
     thin = RULED_THICK * rows.shape[0]
-    bands = [(start, end) for start, end in zip(edges[::2], edges[1::2]) if end - start <= thin]
-    if not bands:
+    bands = [
+      (start, end)
+      for start, end in zip(edges[::2], edges[1::2])
+      if end - start <= thin and _end_to_end(lines[start:end])
+    ]
+    if len(bands) < (1 if ruled else RULED_MIN_LINES):  # a lone bar is the digit's (a 2's base)
       continue
+    ruled = True
     outside = np.zeros(lines.shape[1])
     for start, end in bands:
       above = lines[start - 1] if start > 0 else outside
@@ -930,7 +952,11 @@ def _normalise_stroke(patch: np.ndarray) -> np.ndarray:
   from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
   from skimage.morphology import skeletonize  # noqa: PLC0415 (scikit-image loads on first use)
 
-  mask = patch > 0.5
+  # Half the ink's level: its median, about 1 for a stroke drawn solid; a thin pen
+  # reduced from a big scan is faint where it runs along the pixel grid (0.25) and
+  # full only where strokes cross (at half the maximum, a 4 kept only its slant).
+  inked = patch[patch > BOX_THRESHOLD]
+  mask = patch > 0.5 * (np.percentile(inked, STROKE_INK_PERCENTILE) if inked.size else 1.0)
   longer = max(patch.shape)
   if mask.sum() < 2 or longer < STROKE_MIN_BOX:  # too small to measure a stroke in
     return patch
