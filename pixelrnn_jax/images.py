@@ -874,7 +874,7 @@ def _drop_stray_marks(grey: np.ndarray) -> np.ndarray:
   than STRAY_NEAR of that box's longer side outside it is cleared; one nearer is
   kept (a broken stroke's pieces). One pass, so a trail of specks cannot lead the
   box away from the digit. Before this, two 3-pixel specks in a page's corners
-  stretched the digit's box to the page and shrank the digit to a third of the field.
+  stretched the digit's box to the page and shrank the digit in the field.
   """
   from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
 

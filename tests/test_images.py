@@ -1039,7 +1039,7 @@ def test_dust_specks_and_a_caption_away_from_the_digit_are_not_read(
 ):
   """Small marks away from the digit (dust, a pen's dots, a caption in a corner) are
   cleared before the digit is boxed. Before, two 3-pixel specks in a page's corners
-  stretched the box to the page: the digit shrank to a third of the field and was
+  stretched the box to the page: the digit shrank in the field and was
   read wrong with p > 0.95."""
   digit = _valid_digits(mnist_dir)[index]
   rng = np.random.default_rng(seed)
