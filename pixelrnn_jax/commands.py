@@ -346,6 +346,11 @@ def predict(args: argparse.Namespace) -> int:
     }
     if rotations is not None:
       row["tta_rotations"] = list(rotations)
+    if digit.pieces > 1:
+      row["warning"] = (
+        f"{digit.pieces} digit-sized pieces side by side (a number?): the answer reads them"
+        " as one digit; crop each digit into its own image"
+      )
     i += 1
     if label is not None:
       row["true_label"] = label
@@ -388,7 +393,10 @@ def predict(args: argparse.Namespace) -> int:
         f" {out['steps'][i - 1]}/{total} {unit}"
         + (f" in each of {len(rotations)} views" if rotations is not None else "")
         + (f"; {', '.join(done)}" if done else "")
+        + (f"; shown in {row['shown']}" if "shown" in row else "")
       )
+      if "warning" in row:
+        print(f"{name}: warning: {row['warning']}", file=sys.stderr)
   return 1 if len(usable) < len(prepared) or unshown else 0
 
 

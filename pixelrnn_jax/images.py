@@ -110,6 +110,8 @@ SHEET_MAX_STROKE = 0.25  # ... in strokes: stroke width / the ink's extent at mo
 SHEET_MARGIN = 0.04  # the sheet's edge band (of its size) is dropped: shadows, curl
 STRAY_SHARE = 0.25  # ink components this share of the largest's pixels are the digit ...
 STRAY_NEAR = 0.25  # ... and smaller ones farther than this (of its box's longer side)
+SIDE_BY_SIDE_HEIGHT = 0.5  # a digit-sized piece: its ink spans this share of the ink's height ...
+SIDE_BY_SIDE_GAP = 0.05  # ... with blank columns this share of that height before the next
 # outside the box are stray marks (dust, a caption), cleared
 MIN_SIDE = 8  # pixels: a smaller image cannot hold a digit
 MIN_SPAN = 0.1  # some ink component must span this much of the image's shorter side ...
@@ -138,6 +140,7 @@ class Digit(NamedTuple):
   pixels: np.ndarray  # <float32>[28, 28] in [0, 1], white digit on black
   inverted: bool  # the image was inverted (light background)
   resized: bool  # the ink's box was scaled to 20x20 and centred (False: passed as it is)
+  pieces: int = 1  # digit-sized pieces side by side in the ink: 2+ is a number, read as one
 
 
 # ----------------------------------------------------------------------------
@@ -905,6 +908,38 @@ def _drop_stray_marks(grey: np.ndarray) -> np.ndarray:
   return grey
 
 
+def _side_by_side(grey: np.ndarray) -> int:
+  """How many digit-sized pieces of ink stand side by side: 1 for a digit, 2+ for a number.
+
+  The ink is the components of at least STRAY_SHARE of the largest's pixels
+  (pixels above BOX_THRESHOLD; dots and specks do not count). Its columns split
+  into runs wherever SIDE_BY_SIDE_GAP of the ink's height or more of them are
+  blank; a run counts when its ink spans SIDE_BY_SIDE_HEIGHT of that height.
+  Digits that touch or overlap in columns count as one. On MNIST's 5,000 valid
+  digits (at 112 px) one is split; two valid digits 1-5 px apart at 28 px are
+  split in about 3 pairs of 4 (``tests/test_images.py``).
+  """
+  from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
+
+  parts = _components(grey > BOX_THRESHOLD)
+  if len(parts) < 2:
+    return 1
+  largest = max(p["pixels"] for p in parts)
+  labels, _ = ndimage.label(grey > BOX_THRESHOLD, structure=np.ones((3, 3)))
+  ink = np.isin(labels, [p["label"] for p in parts if p["pixels"] >= STRAY_SHARE * largest])
+  rows = np.nonzero(ink.any(1))[0]
+  height = rows[-1] - rows[0] + 1
+  inked = np.nonzero(ink.any(0))[0]
+  breaks = np.nonzero(np.diff(inked) - 1 >= SIDE_BY_SIDE_GAP * height)[0]
+  starts = np.concatenate([[inked[0]], inked[breaks + 1]])
+  stops = np.concatenate([inked[breaks], [inked[-1]]]) + 1
+  count = 0
+  for start, stop in zip(starts, stops, strict=True):
+    spanned = np.nonzero(ink[:, start:stop].any(1))[0]
+    count += spanned[-1] - spanned[0] + 1 >= SIDE_BY_SIDE_HEIGHT * height
+  return max(1, int(count))
+
+
 def _check_digit_like(ink_mask: np.ndarray) -> None:
   """Refuses ink that cannot be a digit: too small an image, or specks (noise).
 
@@ -984,7 +1019,9 @@ def prepare(image, *, invert: str = "auto") -> Digit:
     invert: ``"auto"`` (invert when the border is light), ``"yes"`` or ``"no"``.
 
   Returns:
-    A :class:`Digit`: <float32>[28, 28] in [0, 1], white on black.
+    A :class:`Digit`: <float32>[28, 28] in [0, 1], white on black; its
+    ``pieces`` is 2 or more when the ink stands in that many digit-sized pieces
+    side by side (a number), which are read as one digit all the same.
 
   Raises:
     ImageError: a bad array, or no ink (a blank or contrast-less image).
@@ -1052,6 +1089,7 @@ def prepare(image, *, invert: str = "auto") -> Digit:
     raise ImageError("no ink left once the ruled lines were removed")
   _check_digit_like(ink_mask)
   grey = _drop_stray_marks(grey)
+  pieces = _side_by_side(grey)
   ink_mask = grey > BOX_THRESHOLD
   rows, cols = np.nonzero(ink_mask.any(1))[0], np.nonzero(ink_mask.any(0))[0]
   patch = _normalise_stroke(grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
@@ -1061,7 +1099,7 @@ def prepare(image, *, invert: str = "auto") -> Digit:
   patch = _resize(patch, height, width)
   if patch.sum() <= 0:
     raise ImageError("no ink left after scaling the digit to 20x20")
-  return Digit(_place_by_centre_of_mass(patch), inverted, True)
+  return Digit(_place_by_centre_of_mass(patch), inverted, True, pieces)
 
 
 def to_mnist(image, *, invert: str = "auto") -> np.ndarray:

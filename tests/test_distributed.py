@@ -29,6 +29,10 @@ from tests.helpers import synthetic_digits as _synthetic
 from tests.helpers import write_fake_idx as _write_fake_idx
 
 TIMEOUT_S = 120  # per run; a hang fails the test
+# --distributed-timeout of the tests that wait for the watchdog: it must exceed the run's
+# start (loading, joining, the first step's compilation), which took over 10 s on 2
+# busy cores beside a training.
+SLOW_START_TIMEOUT = 20
 FLAGS = [
   "--no-verify-data",
   "--order",
@@ -290,13 +294,14 @@ def test_a_peer_that_dies_ends_the_others_and_the_run_resumes(tmp_path):
     processes=2,
     devices=1,
     steps=100_000,
-    extra=["--distributed-timeout", "10", "--checkpoint-every", "5"],
+    extra=["--distributed-timeout", str(SLOW_START_TIMEOUT), "--checkpoint-every", "5"],
   )
   _wait_for_metrics(workdir, procs, lines=2)
   procs[1].kill()
   killed_at = time.monotonic()
   (code, _), (stderr, _) = _finish(procs, timeout=60)
-  assert time.monotonic() - killed_at < 20  # the gloo error at once, or the watchdog at 10 s
+  # The gloo error at once, or the watchdog at SLOW_START_TIMEOUT s.
+  assert time.monotonic() - killed_at < SLOW_START_TIMEOUT + 10
   assert code == peers.PEER_FAILURE_EXIT, stderr[-2000:]
   assert re.search("a peer process (has stopped|that died)", stderr), stderr[-2000:]
   assert "Traceback" not in stderr and "Check failure stack trace" not in stderr
@@ -395,7 +400,7 @@ def test_a_stopped_peer_ends_the_others_after_the_timeout(tmp_path):
     processes=2,
     devices=1,
     steps=100_000,
-    extra=["--distributed-timeout", "10", "--checkpoint-every", "5"],
+    extra=["--distributed-timeout", str(SLOW_START_TIMEOUT), "--checkpoint-every", "5"],
   )
   _wait_for_metrics(workdir, procs, lines=2)
   procs[1].send_signal(signal.SIGSTOP)  # alive, but silent
@@ -407,8 +412,9 @@ def test_a_stopped_peer_ends_the_others_after_the_timeout(tmp_path):
     procs[1].communicate()
   assert procs[0].returncode == peers.PEER_FAILURE_EXIT, stderr[-2000:]
   # The watchdog counts from process 0's last finished step, which may come a little
-  # before the SIGSTOP (measured: 9.98 s); and it fires before JAX's own check at 20 s.
-  assert 9 <= time.monotonic() - stopped_at < 19
+  # before the SIGSTOP (measured: 9.98 s at a timeout of 10 s); and it fires before
+  # JAX's own check at twice the timeout.
+  assert SLOW_START_TIMEOUT - 1 <= time.monotonic() - stopped_at < 2 * SLOW_START_TIMEOUT - 1
   assert "made no progress for" in stderr and "Check failure stack trace" not in stderr
   assert re.search(r"The last complete checkpoint is \S+/checkpoints/\d+;", stderr)
 
@@ -643,3 +649,82 @@ def test_the_watchdog_hears_of_a_failed_peer_without_asking_jax_for_a_backend(mo
   assert capsys.readouterr().err.splitlines()[-1] == (
     "pixelrnn-jax train: error: process 0 of 2 stops because process 1 failed: interrupted (SIGINT)"
   )
+
+
+# A process of a two-process run that only joins, runs its watchdog and exits; argv:
+# process id, port, what process 1 does before it exits.
+_EXIT_PROGRAM = """
+import sys, time
+import jax
+from pixelrnn_jax.training import config as config_lib, distributed, peers
+
+pid, port, scenario = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+distributed.initialize(config_lib.Config(
+  num_processes=2, process_id=pid, coordinator_address=f"localhost:{port}",
+  distributed_timeout=20))
+real = peers._failed_peer
+def busy():  # the watchdog's thread is inside a call to the coordinator nearly all the time
+  for _ in range(999):
+    real()
+  return real()
+peers._failed_peer = busy
+with peers.Watchdog(4 if pid == 0 else 20, lambda: "no checkpoint"):
+  jax.numpy.ones(3).block_until_ready()
+  time.sleep(1.5)  # the run: the watchdog's thread starts polling after a second
+if pid == 1 and scenario == "fails":
+  time.sleep(1)
+  peers.announce_failure("bad data")
+  peers.leave(1)
+if pid == 1 and scenario == "stalls":
+  time.sleep(60)
+"""
+
+
+def _exit_run(tmp_path, scenario):
+  port = _free_port()
+  procs = [
+    subprocess.Popen(
+      [sys.executable, "-c", _EXIT_PROGRAM, str(rank), str(port), scenario],
+      env=_env(tmp_path),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for rank in (0, 1)
+  ]
+  if scenario == "stalls":  # process 0 alone is waited for; the stalled one is killed
+    try:
+      _, error = procs[0].communicate(timeout=TIMEOUT_S)
+    finally:
+      procs[1].kill()
+      procs[1].communicate()
+    return [procs[0].returncode], [error]
+  return _finish(procs)
+
+
+def test_a_run_exits_cleanly_while_its_watchdog_is_inside_a_call_to_the_coordinator(tmp_path):
+  """A daemon thread inside a coordination-service call when the interpreter finalizes
+  aborted the process ("FATAL: exception not rethrown", exit -6) after a run that
+  succeeded: 3 of 4 such runs before the watchdog was stopped at exit."""
+  for _ in range(2):
+    codes, errors = _exit_run(tmp_path, "clean")
+    assert codes == [0, 0], "\n".join(e[-2000:] for e in errors)
+    assert not any("FATAL" in e or "terminate called" in e for e in errors)
+
+
+def test_a_peer_that_fails_after_the_other_finished_ends_it_with_one_line(tmp_path):
+  codes, errors = _exit_run(tmp_path, "fails")
+  assert codes == [1, 1], "\n".join(e[-2000:] for e in errors)
+  assert errors[0].strip().splitlines()[-1] == (
+    "pixelrnn-jax train: error: process 0 of 2 stops because process 1 failed: bad data"
+  )
+
+
+def test_a_peer_that_never_comes_to_the_end_ends_the_finished_one_after_the_timeout(tmp_path):
+  started = time.monotonic()
+  codes, errors = _exit_run(tmp_path, "stalls")
+  assert codes == [1], errors[0][-2000:]
+  last = errors[0].strip().splitlines()[-1]
+  assert "process 0 of 2 finished, but the other processes did not come" in last
+  assert "within 4 s (--distributed-timeout)" in last
+  assert time.monotonic() - started < 40

@@ -803,6 +803,31 @@ def test_show_names_each_non_latin_input_after_it(tmp_path, capsys):
   assert all(Path(row["shown"]).is_file() for row in rows)
 
 
+def test_show_text_lines_name_each_input_s_picture(tmp_path, capsys):
+  """Without --json, each input's line says which picture is its own (same-named
+  inputs from two folders get two pictures)."""
+  seven = (ROOT / "examples" / "seven.png").read_bytes()
+  inputs = []
+  for folder in ("a", "b"):
+    (tmp_path / folder).mkdir()
+    inputs.append(tmp_path / folder / "digit.png")
+    inputs[-1].write_bytes(seven)
+  show = tmp_path / "seen"
+  assert (
+    cli.main(
+      ["predict", "--checkpoint", "pretrained:pixel", "--show", str(show)]
+      + [str(path) for path in inputs]
+    )
+    == 0
+  )
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 2
+  pictures = [Path(line.rsplit("; shown in ", 1)[1]) for line in lines]
+  assert [p.name for p in pictures] == ["digit_seen.png", "digit_2_seen.png"]
+  assert all(line.startswith(f"{path}: 7 ") for line, path in zip(lines, inputs, strict=True))
+  assert all(p.is_file() for p in pictures)
+
+
 @pytest.mark.parametrize(
   "name, stem",
   [

@@ -1146,3 +1146,63 @@ def test_a_thin_pen_on_a_big_scan_keeps_every_stroke(tmp_path, size):
     return images.load_image(path)
 
   assert np.abs(read(2) - read(round(0.1 * height))).mean() < 0.1
+
+
+def _one_piece_digits(mnist_dir):
+  """Indices of valid digits in one ink component, at least 14 px tall (of 28)."""
+  digits = _valid_digits(mnist_dir)[:400]
+  return [
+    i
+    for i, digit in enumerate(digits)
+    if len(images._components(digit > images.BOX_THRESHOLD)) == 1
+    and np.ptp(np.nonzero((digit > images.BOX_THRESHOLD).any(1))[0]) >= 13
+  ]
+
+
+@settings(
+  max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+  picks=st.lists(st.integers(0, 10_000), min_size=1, max_size=3),
+  gap=st.integers(2, 8),
+  factor=st.integers(2, 5),
+  paper=st.floats(0.6, 1.0),
+)
+def test_digits_side_by_side_are_counted_as_pieces(mnist_dir, picks, gap, factor, paper):
+  """A number ("17") is several digit-sized pieces side by side: ``prepare`` says how
+  many, so that ``predict`` can warn that it reads them as one digit; a digit alone is 1."""
+  pool = _one_piece_digits(mnist_dir)
+  strips = []
+  for pick in picks:
+    digit = _valid_digits(mnist_dir)[pool[pick % len(pool)]]
+    cols = np.nonzero((digit > images.BOX_THRESHOLD).any(0))[0]
+    strips += [digit[:, cols[0] : cols[-1] + 1], np.zeros((28, gap))]
+  row = np.concatenate([np.zeros((28, 6)), *strips[:-1], np.zeros((28, 6))], axis=1)
+  page = paper * (1 - np.kron(row, np.ones((factor, factor))))  # dark ink on paper
+  assert images.prepare(page).pieces == len(picks)
+
+
+def test_valid_digits_alone_are_one_piece_but_one(mnist_dir):
+  """Of the 5,000 valid digits at 112 px, only 1875 is split: a 9 with a separate bar
+  beside it, as a "91" would be."""
+  digits = _valid_digits(mnist_dir)
+  split = [i for i, d in enumerate(digits) if images._side_by_side(np.kron(d, np.ones((4, 4)))) > 1]
+  assert split == [1875]
+
+
+def test_predict_warns_of_a_number_and_still_answers(tmp_path, capsys):
+  """Two sevens side by side: one answer, with a warning (text: on stderr; JSON: a key)."""
+  seven_png = Path(__file__).resolve().parents[1] / "examples" / "seven.png"
+  seven = np.asarray(Image.open(seven_png).convert("L"))
+  Image.fromarray(np.concatenate([seven, seven], axis=1)).save(tmp_path / "77.png")
+  argv = ["predict", "--checkpoint", "pretrained:pixel"]
+  assert cli.main([*argv, str(tmp_path / "77.png")]) == 0
+  out, err = capsys.readouterr()
+  assert len(out.splitlines()) == 1 and out.startswith(f"{tmp_path / '77.png'}: ")
+  assert err == (
+    f"{tmp_path / '77.png'}: warning: 2 digit-sized pieces side by side (a number?): the answer"
+    " reads them as one digit; crop each digit into its own image\n"
+  )
+  assert cli.main([*argv, "--json", str(tmp_path / "77.png"), str(seven_png)]) == 0
+  rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  assert "2 digit-sized pieces" in rows[0]["warning"] and "warning" not in rows[1]

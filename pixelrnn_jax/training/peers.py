@@ -12,7 +12,11 @@ and the one way a process of such a run leaves.
   stops answering without dying, leaves them without progress: the
   :class:`Watchdog` ends a process that has made no progress for
   ``distributed_timeout`` seconds with one line, before JAX's own heartbeat
-  check (at twice that) would abort it with a C++ stack trace.
+  check (at twice that) would abort it with a C++ stack trace;
+- a process that has finished waits at exit until every other one has
+  finished too (:func:`meet_at_exit`), so that JAX's shutdown barrier is only
+  entered once all are there; a peer that fails or stalls meanwhile ends it
+  with one line.
 
 Every such end goes through :func:`abort`: one line on stderr, then
 ``os._exit`` (a normal exit would wait at JAX's shutdown barrier for peers
@@ -21,6 +25,7 @@ that may be gone, then abort).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -150,6 +155,42 @@ def announce_failure(message: str) -> None:
     time.sleep(2.5)
 
 
+_EXITING = "pixelrnn_jax/exiting/"
+
+
+def meet_at_exit(timeout: float) -> None:
+  """Waits until every process of the run has come to its exit, listening for a failed
+  peer meanwhile, so that JAX's shutdown barrier (which aborts with a C++ stack trace
+  when a peer is gone) is only entered once all are there.
+
+  Ends this process with one line when a peer announces its failure, or when the
+  others have not come within ``timeout`` seconds.
+  """
+  state = jax_internals.coordination_state()
+  if state.client is None or (state.num_processes or 1) < 2:
+    return
+  try:
+    state.client.key_value_set(f"{_EXITING}{state.process_id or 0}", "1")
+  except Exception:  # noqa: BLE001 (the service is gone: there is no one to meet)
+    return
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    failed = _failed_peer()
+    if failed is not None:
+      _stop_for(failed)
+    try:
+      if len(state.client.key_value_dir_get(_EXITING)) >= state.num_processes:
+        return
+    except Exception:  # noqa: BLE001 (the service is gone: JAX's own shutdown follows)
+      return
+    time.sleep(0.05)
+  abort(
+    f"{_me()} finished, but the other processes did not come to the end of the run"
+    f" within {timeout:.0f} s (--distributed-timeout): a peer died, was stopped or"
+    " lost its connection after the last checkpoint"
+  )
+
+
 def _stop_for(failed: tuple[int, str]) -> None:
   abort(f"{_me()} stops because process {failed[0]} failed: {failed[1]}")
 
@@ -202,14 +243,14 @@ class Watchdog:
     self._where_to_resume = where_to_resume  # () -> str: the last complete checkpoint
     self._last = time.monotonic()
     self._done = threading.Event()
+    self._closing = threading.Event()  # set at interpreter exit: the thread ends
     self._thread = threading.Thread(target=self._watch, name="pixelrnn_jax-watchdog", daemon=True)
 
   def progress(self) -> None:
     self._last = time.monotonic()
 
   def _watch(self) -> None:
-    while True:
-      time.sleep(1.0)
+    while not self._closing.wait(1.0):
       failed = _failed_peer()
       if failed is not None:
         _stop_for(failed)
@@ -228,10 +269,24 @@ class Watchdog:
   def __enter__(self):
     if self.enabled:
       self._thread.start()
+      # Registered after JAX's own exit handler, so it runs before JAX shuts down.
+      atexit.register(self._close_at_exit)
     return self
 
   def __exit__(self, *exc):
-    # The progress checks end; the thread (a daemon) goes on listening for a peer's
-    # failure until this process exits, through the final evaluation and JAX's
-    # shutdown barrier, where a peer that leaves abruptly would make JAX abort.
+    # The progress checks end; the thread goes on listening for a peer's failure
+    # through the final evaluation, until this process exits.
     self._done.set()
+
+  def _close_at_exit(self) -> None:
+    """Stops the thread, then meets the other processes (:func:`meet_at_exit`).
+
+    A daemon thread still inside a call to the coordination service when the
+    interpreter finalizes is unwound through C++ frames that do not allow it,
+    and the process aborts ("FATAL: exception not rethrown", exit -6) after a
+    run that succeeded. So the thread ends here, before the interpreter and
+    JAX shut down, and the main thread listens for a failed peer from then on.
+    """
+    self._closing.set()
+    self._thread.join()
+    meet_at_exit(self.timeout)
