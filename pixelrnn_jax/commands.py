@@ -346,11 +346,8 @@ def predict(args: argparse.Namespace) -> int:
     }
     if rotations is not None:
       row["tta_rotations"] = list(rotations)
-    if digit.pieces > 1:
-      row["warning"] = (
-        f"{digit.pieces} digit-sized pieces side by side (a number?): the answer reads them"
-        " as one digit; crop each digit into its own image"
-      )
+    if images.number_warning(digit):
+      row["warning"] = images.number_warning(digit)
     i += 1
     if label is not None:
       row["true_label"] = label

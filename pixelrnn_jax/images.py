@@ -31,16 +31,19 @@ The steps of :func:`prepare`, in order:
    area-averaged to 16 cells across and minimum-filtered); everything at or
    below the border's median plus 6 noise standard deviations (from its
    median absolute deviation) becomes 0 and the ink range is stretched to
-   [0, 1], so grey or noisy paper is black and faint noise is not ink; thin
-   lines across 90% of the image (ruled paper, margins; at most 3% of the
-   image thick) are cleared.
+   [0, 1], so grey or noisy paper is black and faint noise is not ink; the
+   lines of ruled or graph paper (found at their tilt, at most 3% of the image
+   thick, across 80% of it), a form's box and dust or captions away from the
+   digit are cleared.
 6. **Size and place**: the bounding box of the ink (pixels above 0.1) is
    scaled (Pillow Lanczos, anti-aliased) so its longer side is 20 pixels, and
    pasted into the 28x28 field with its centre of mass at (14, 14), the mean
    centre of mass of MNIST's digits (row, column index; measured on the
    valid split).
 
-Not handled: graph paper, hard-edged shadows, several digits in one image.
+Not handled: hard-edged shadows. Several digits in one image (a number) are read
+as one digit; :func:`prepare` counts them side by side (``Digit.pieces``) so
+that the caller can warn.
 """
 
 from __future__ import annotations
@@ -938,6 +941,17 @@ def _side_by_side(grey: np.ndarray) -> int:
     spanned = np.nonzero(ink[:, start:stop].any(1))[0]
     count += spanned[-1] - spanned[0] + 1 >= SIDE_BY_SIDE_HEIGHT * height
   return max(1, int(count))
+
+
+def number_warning(digit: Digit) -> str | None:
+  """The warning for an image whose ink stands in several digit-sized pieces side by
+  side (``Digit.pieces``; a number such as "17"), read as one digit; None for a digit."""
+  if digit.pieces < 2:
+    return None
+  return (
+    f"{digit.pieces} digit-sized pieces side by side (a number?): the answer reads them"
+    " as one digit; crop each digit into its own image"
+  )
 
 
 def _check_digit_like(ink_mask: np.ndarray) -> None:

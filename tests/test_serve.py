@@ -132,6 +132,19 @@ def test_the_upload_is_read_as_the_predict_command_reads_the_file(client, served
   np.testing.assert_allclose(np.array(body["pixels"]), expected, atol=1e-4)
 
 
+def test_an_upload_of_a_number_answers_with_predict_s_warning(client):
+  """Two drawn digits side by side: one answer, and the warning ``predict`` prints."""
+  from pixelrnn_jax import images
+
+  pair = np.concatenate([np.asarray(Image.open(io.BytesIO(drawn_png(d)))) for d in (1, 7)], axis=1)
+  out = io.BytesIO()
+  Image.fromarray(pair).save(out, "PNG")
+  body = upload(client, out.getvalue(), "17.png").json()
+  digit = images.prepare(pair)
+  assert digit.pieces == 2 and body["warning"] == images.number_warning(digit)
+  assert "warning" not in upload(client, drawn_png(7), "7.png").json()
+
+
 @pytest.mark.parametrize("digit", sorted(STROKES))
 def test_drawn_digits_are_read_as_their_labels_by_both_models(client, digit):
   for model in ("pixel", "permuted"):
@@ -980,6 +993,38 @@ def test_the_page_reads_a_digit_drawn_with_the_mouse(server):
       page.wait_for_selector("#answer:not([data-label])", timeout=5_000)
       assert page.get_attribute("#chart", "data-drawn") == "false"
       assert failed == []
+    finally:
+      browser.close()
+
+
+def test_the_page_warns_of_a_number_and_the_warning_goes_with_it(server, tmp_path):
+  """Two strokes side by side ("11") answer with predict's warning of a number; undoing
+  one stroke leaves a digit, and the warning goes."""
+  sync_playwright = _playwright()
+  with sync_playwright() as playwright:
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    try:
+      page = browser.new_page(viewport={"width": 1200, "height": 900})
+      page.goto(server + "/")
+      page.wait_for_selector("body[data-ready='true']", timeout=20_000)
+      box = page.locator("#canvas").bounding_box()
+      scale = box["width"] / 280
+      for x in (80, 200):
+        page.mouse.move(box["x"] + x * scale, box["y"] + 40 * scale)
+        page.mouse.down()
+        page.mouse.move(box["x"] + x * scale, box["y"] + 240 * scale, steps=12)
+        page.mouse.up()
+        page.wait_for_function("document.body.dataset.busy === 'false'", timeout=20_000)
+      page.wait_for_selector("#warning:not([hidden])", timeout=20_000)
+      assert page.locator("#warning").text_content() == (
+        "Warning: 2 digit-sized pieces side by side (a number?): the answer reads them as"
+        " one digit; crop each digit into its own image."
+      )
+      page.screenshot(path=str(tmp_path / "number.png"))
+      page.click("#undo")
+      page.wait_for_selector("#answer[data-label='1']", timeout=20_000)
+      page.wait_for_function("document.body.dataset.busy === 'false'")
+      assert page.is_hidden("#warning")
     finally:
       browser.close()
 

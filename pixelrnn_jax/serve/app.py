@@ -227,6 +227,11 @@ _PREDICT_DOCS = {
                 "description": "the 784 row-major pixel indices in the order read",
               },
               "model": {"type": "string"},
+              "warning": {
+                "type": "string",
+                "description": "an upload that looks like several digits side by side"
+                " (a number), read as one digit; absent otherwise",
+              },
             },
           }
         }
@@ -726,27 +731,35 @@ def _answer_jobs(served, jobs: list) -> list[bytes | Exception]:
   by_model: dict[str, tuple[models_lib.ServedModel, list[tuple[int, np.ndarray]]]] = {}
   for index, (read, args) in enumerate(jobs):
     try:
-      model, pixels = read(served, *args)
+      model, pixels, *notes = read(served, *args)  # an upload adds its notes (a warning)
     except RequestError as error:
       results[index] = error
     except Exception as error:
       log.error("reading a request failed", exc_info=error)
       results[index] = WorkerError(type(error).__name__)
     else:
-      by_model.setdefault(model.name, (model, []))[1].append((index, pixels))
+      by_model.setdefault(model.name, (model, []))[1].append((index, pixels, *notes))
   for model, items in by_model.values():
-    answers = model.answer_batch(np.stack([pixels for _, pixels in items]))
-    for (index, _), answer in zip(items, answers, strict=True):
-      results[index] = _encode(answer)
+    answers = model.answer_batch(np.stack([item[1] for item in items]))
+    for (index, _, *notes), answer in zip(items, answers, strict=True):
+      results[index] = _encode(answer | (notes[0] if notes else {}))
   return results
 
 
 def _read_upload(served, name: str, data: bytes, filename: str, kind: str):
-  """An uploaded image through ``pixelrnn-jax predict``'s reader: (model ``name``, pixels)."""
-  return _model(served, name), image_pixels(data, filename, kind)
+  """An uploaded image through ``pixelrnn-jax predict``'s reader: (model ``name``, pixels,
+  notes), the notes holding ``predict``'s warning of a number, if any."""
+  digit = image_digit(data, filename, kind)
+  warning = images.number_warning(digit)
+  return _model(served, name), digit.pixels, {"warning": warning} if warning else {}
 
 
 def image_pixels(data: bytes, filename: str = "", content_type: str = "") -> np.ndarray:
+  """<float32>[28, 28] in [0, 1]: :func:`image_digit`'s pixels."""
+  return image_digit(data, filename, content_type).pixels
+
+
+def image_digit(data: bytes, filename: str = "", content_type: str = "") -> images.Digit:
   """An uploaded image's bytes as the model sees them, as ``pixelrnn-jax predict`` reads files.
 
   The bytes go through ``images.read_image`` (which takes a path: a temporary
@@ -758,7 +771,8 @@ def image_pixels(data: bytes, filename: str = "", content_type: str = "") -> np.
     content_type: the upload's type, for a suffix when the name has none.
 
   Returns:
-    <float32>[28, 28] in [0, 1], white digit on black.
+    An ``images.Digit``: pixels <float32>[28, 28] in [0, 1], white digit on black,
+    and ``pieces`` (2+: a number).
 
   Raises:
     RequestError: empty (400), not an image (400), too many pixels (413), no digit (422).
@@ -780,7 +794,7 @@ def image_pixels(data: bytes, filename: str = "", content_type: str = "") -> np.
       status = 413 if isinstance(error, images.ImageTooLarge) else 400
       raise RequestError(status, str(error).replace(path, name)) from error
   try:
-    return images.prepare(grey).pixels
+    return images.prepare(grey)
   except images.ImageError as error:  # read, but no digit in it (no ink, specks)
     raise RequestError(422, f"{name}: {error}") from error
 

@@ -285,6 +285,10 @@ function show(result) {
     top3.append(item);
   }
 
+  const warning = $("warning");
+  warning.textContent = result.warning ? `Warning: ${result.warning}.` : "";
+  warning.hidden = !result.warning;
+
   const model = state.models[result.model] || {};
   const early = $("early-exit");
   if (model.early_exit_threshold != null) {
