@@ -76,6 +76,14 @@ DITHER_MIN_SIDE = 40  # ... unless it is smaller than this (an MNIST-sized 1-bit
 LIGHTING_GRID = 16  # the paper's lighting is estimated on a grid this many cells wide
 LIGHTING_MIN_CELLS = 5  # ... and, where a bold stroke survives 3 cells, over this many
 LIGHTING_INK_STEP = 0.25  # a rise of the paper level by more than this is ink, not light
+# A border whose 10th and 90th percentiles lie this far apart is in a shadow: light
+# falling off across a phone photo (0.56-0.88 in tests/test_images.py) stays under it,
+# a shadow at 0.6 of the light or darker is over it.
+SHADOW_BORDER_SPREAD = 0.35
+SHADOW_BORDER_PERCENTILES = (10, 90)  # (a shadow may cover 80% of the border)
+SHADOW_SIDE = 128  # its light is estimated on a copy this long ...
+SHADOW_WINDOW = 1 / 6  # ... by a median filter this share of that side wide
+SHADOW_INK = 0.1  # ink: more of the image's residue beyond this below its light than above
 # Paper noise: 6 standard deviations (estimated from the border's median absolute
 # deviation, which ink touching the border does not move) is above the
 # brightest of ~10^8 Gaussian noise pixels.
@@ -425,6 +433,57 @@ def _shrink(grey: np.ndarray) -> np.ndarray:
   return _resize(
     grey, max(1, round(grey.shape[0] * scale)), max(1, round(grey.shape[1] * scale)), method="BOX"
   )
+
+
+def _flatten_shadow(grey: np.ndarray, invert: str) -> np.ndarray:
+  """Evens out strong uneven light (half a page in shadow) before the polarity is judged.
+
+  Only where the border's SHADOW_BORDER_PERCENTILES, in the image and in its
+  light, lie more than SHADOW_BORDER_SPREAD apart: an evenly lit page (noisy,
+  ruled or specked) is left as it is. On a copy SHADOW_SIDE px long, the light
+  is a median filter SHADOW_WINDOW of the image wide (strokes narrower than
+  half the window fall out, and a shadow's edge stays sharp, where a mean
+  would smear it into ink). The ink is dark when more of the image minus its
+  light lies beyond SHADOW_INK below it than above it (or ``invert="yes"``).
+  The paper alone is then a closing of the copy (an opening, for light ink),
+  which removes strokes narrower than the window whole, scaled back up; dark
+  ink is divided by it (a flat field: ink in the shadow keeps the contrast it
+  has in the light), and light ink has it subtracted; what lies within
+  SHADOW_INK of the paper is paper.
+
+  Before this, a digit with the left half of its page in shadow (paper at
+  0.45) read 3 times in 10: the border's median was the shadow's, the lit
+  paper looked like light ink, and the polarity was wrong.
+  """
+  from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
+
+  low, high = np.percentile(_border(grey), SHADOW_BORDER_PERCENTILES)
+  if high - low <= SHADOW_BORDER_SPREAD or min(grey.shape) < MIN_SIDE:
+    return grey
+  scale = SHADOW_SIDE / max(grey.shape)
+  small = _resize(
+    grey, max(3, round(grey.shape[0] * scale)), max(3, round(grey.shape[1] * scale)), method="BOX"
+  )
+  window = max(3, round(SHADOW_WINDOW * max(small.shape))) | 1
+  light = ndimage.median_filter(small, size=window, mode="nearest")
+  low, high = np.percentile(_border(light), SHADOW_BORDER_PERCENTILES)
+  if high - low <= SHADOW_BORDER_SPREAD:  # the spread was noise, not light
+    return grey
+  residue = grey - _resize(light, *grey.shape, method="BILINEAR")
+  beyond = np.maximum(np.abs(residue) - SHADOW_INK, 0.0)
+  dark = invert == "yes" or beyond[residue < 0].sum() > beyond[residue > 0].sum()
+  # The paper alone: a closing (opening, for light ink) removes every stroke narrower
+  # than the window whole, where the median hollows a bold stroke's core.
+  paper_only = (ndimage.grey_closing if dark else ndimage.grey_opening)(
+    small, size=window, mode="nearest"
+  )
+  paper_only = _resize(paper_only, *grey.shape, method="BILINEAR")
+  # Within SHADOW_INK of the paper is paper: the estimate's seams (where the light
+  # bends) would otherwise be faint lines that the stretch to [0, 1] makes ink.
+  if dark:  # flat-field: ink on paper in shadow keeps the contrast it has in the light
+    ratio = grey / np.maximum(paper_only, MIN_CONTRAST)
+    return np.clip(ratio / (1.0 - SHADOW_INK), 0.0, 1.0)
+  return np.clip((grey - paper_only - SHADOW_INK) / (1.0 - SHADOW_INK), 0.0, 1.0)
 
 
 def _remove_lighting(grey: np.ndarray) -> np.ndarray:
@@ -1047,7 +1106,7 @@ def prepare(image, *, invert: str = "auto") -> Digit:
   reduced = max(grey.shape) > MAX_SIDE
   grey = np.asarray(_shrink(grey), np.float64)
   if invert != "no":  # dark ink on a sheet photographed on a darker surface
-    grey = _crop_to_sheet(grey)
+    grey = _flatten_shadow(_crop_to_sheet(grey), invert)
   if invert == "auto":
     # The ink is the extreme farther from the paper: dark ink on paper of any
     # shade (dim photos, coloured paper) is inverted, light ink on dark is not.
