@@ -1129,6 +1129,12 @@ def prepare(image, *, invert: str = "auto") -> Digit:
       f"--invert {invert} leaves light paper (median {paper:.2f} at the border):"
       f" {ink} ink on {'dark' if ink == 'light' else 'light'} paper needs --invert auto"
       f" or {other}"
+      + (
+        "; if the ink is dark, much of the border is in shadow or off the paper: crop"
+        " the image to the lit paper around the digit"
+        if invert == "yes"
+        else ""
+      )
     )
   if grey.shape == (FIELD, FIELD) and paper <= BACKGROUND_MAX and _is_mnist_sized(grey):
     return Digit(grey.astype(np.float32), inverted, False)

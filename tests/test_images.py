@@ -1010,7 +1010,10 @@ def test_a_forced_polarity_that_is_wrong_names_the_fix(index, size):
     / 255
   )
   with pytest.raises(
-    images.ImageError, match=r"light ink on dark paper needs --invert auto or no$"
+    images.ImageError,
+    match=r"light ink on dark paper needs --invert auto or no; if the ink is dark, much of"
+    r" the border is in shadow or off the paper: crop the image to the lit paper around"
+    r" the digit$",
   ):
     images.prepare(light_on_dark, invert="yes")
   with pytest.raises(
@@ -1206,6 +1209,13 @@ def test_predict_warns_of_a_number_and_still_answers(tmp_path, capsys):
   assert cli.main([*argv, "--json", str(tmp_path / "77.png"), str(seven_png)]) == 0
   rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   assert "2 digit-sized pieces" in rows[0]["warning"] and "warning" not in rows[1]
+  # --show: the warned picture's caption has one more line (16 px) than the other's.
+  show = tmp_path / "seen"
+  argv += ["--json", "--show", str(show), str(tmp_path / "77.png"), str(seven_png)]
+  assert cli.main(argv) == 0
+  shown = [json.loads(line)["shown"] for line in capsys.readouterr().out.splitlines()]
+  heights = [Image.open(path).height for path in shown]
+  assert heights[0] == heights[1] + 16
 
 
 def _shadowed(digit, *, side, shadow, share, ramp, size):
