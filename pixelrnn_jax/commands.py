@@ -346,8 +346,8 @@ def predict(args: argparse.Namespace) -> int:
     }
     if rotations is not None:
       row["tta_rotations"] = list(rotations)
-    if images.number_warning(digit):
-      row["warning"] = images.number_warning(digit)
+    if warning := images.number_warning(digit):
+      row["warning"] = warning
     i += 1
     if label is not None:
       row["true_label"] = label
