@@ -654,11 +654,11 @@ def test_the_watchdog_hears_of_a_failed_peer_without_asking_jax_for_a_backend(mo
 # A process of a two-process run that only joins, runs its watchdog and exits; argv:
 # process id, port, what process 1 does before it exits.
 _EXIT_PROGRAM = """
-import sys, time
+import atexit, pathlib, sys, time
 import jax
 from pixelrnn_jax.training import config as config_lib, distributed, peers
 
-pid, port, scenario = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+pid, port, scenario, marks = int(sys.argv[1]), sys.argv[2], sys.argv[3], pathlib.Path(sys.argv[4])
 distributed.initialize(config_lib.Config(
   num_processes=2, process_id=pid, coordinator_address=f"localhost:{port}",
   distributed_timeout=20))
@@ -667,24 +667,32 @@ def busy():  # the watchdog's thread is inside a call to the coordinator nearly 
   for _ in range(999):
     real()
   return real()
-peers._failed_peer = busy
-with peers.Watchdog(4 if pid == 0 else 20, lambda: "no checkpoint"):
+if scenario == "clean":
+  peers._failed_peer = busy
+def mark(name, linger=0):  # an exit handler that tells the test where this process is
+  (marks / f"{name}{pid}").touch()
+  time.sleep(linger)
+atexit.register(mark, "met", 2)  # runs after the watchdog's own: every process has met
+with peers.Watchdog(4 if pid == 0 and scenario == "stalls" else 20, lambda: "no checkpoint"):
   jax.numpy.ones(3).block_until_ready()
   time.sleep(1.5)  # the run: the watchdog's thread starts polling after a second
+atexit.register(mark, "exiting")  # runs before the watchdog's: about to meet the others
 if pid == 1 and scenario == "fails":
   time.sleep(1)
   peers.announce_failure("bad data")
   peers.leave(1)
-if pid == 1 and scenario == "stalls":
+if pid == 1 and scenario in ("stalls", "interrupted"):
   time.sleep(60)
 """
 
 
-def _exit_run(tmp_path, scenario):
+def _exit_run(tmp_path, scenario, signal_at=None):
+  """Runs _EXIT_PROGRAM's two processes; ``signal_at`` ("exiting" or "met", rank):
+  a SIGINT to that process once its exit handler of that name has run."""
   port = _free_port()
   procs = [
     subprocess.Popen(
-      [sys.executable, "-c", _EXIT_PROGRAM, str(rank), str(port), scenario],
+      [sys.executable, "-c", _EXIT_PROGRAM, str(rank), str(port), scenario, str(tmp_path)],
       env=_env(tmp_path),
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
@@ -692,6 +700,13 @@ def _exit_run(tmp_path, scenario):
     )
     for rank in (0, 1)
   ]
+  if signal_at is not None:
+    name, rank = signal_at
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (tmp_path / f"{name}{rank}").exists() and time.monotonic() < deadline:
+      time.sleep(0.05)
+    time.sleep(0.5)  # in the wait for the other process, or in its exit handler
+    procs[rank].send_signal(signal.SIGINT)
   if scenario == "stalls":  # process 0 alone is waited for; the stalled one is killed
     try:
       _, error = procs[0].communicate(timeout=TIMEOUT_S)
@@ -728,3 +743,25 @@ def test_a_peer_that_never_comes_to_the_end_ends_the_finished_one_after_the_time
   assert "process 0 of 2 finished, but the other processes did not come" in last
   assert "within 4 s (--distributed-timeout)" in last
   assert time.monotonic() - started < 40
+
+
+def test_a_ctrl_c_while_waiting_for_the_others_at_exit_ends_with_one_line_and_tells_them(
+  tmp_path,
+):
+  """Process 0 finished and waits at exit for process 1, which is still busy."""
+  started = time.monotonic()
+  codes, errors = _exit_run(tmp_path, "interrupted", signal_at=("exiting", 0))
+  assert codes == [130, 1], "\n".join(e[-2000:] for e in errors)
+  assert errors[0].strip().splitlines()[-1] == "pixelrnn-jax train: interrupted (SIGINT)"
+  assert errors[1].strip().splitlines()[-1] == (
+    "pixelrnn-jax train: error: process 1 of 2 stops because process 0 failed: interrupted (SIGINT)"
+  )
+  assert time.monotonic() - started < 40  # not process 1's 60 s
+
+
+def test_a_ctrl_c_after_every_process_came_to_its_exit_leaves_the_exit_code_alone(tmp_path):
+  """Once all processes met at exit, Python's finalizing put SIGINT back to its default
+  action: a late second Ctrl-C killed a run stopped by the first (-2, no line; CI)."""
+  codes, errors = _exit_run(tmp_path, "clean", signal_at=("met", 1))
+  assert codes == [0, 0], "\n".join(e[-2000:] for e in errors)
+  assert not any("Traceback" in e or "KeyboardInterrupt" in e for e in errors), errors[1]

@@ -16,7 +16,9 @@ and the one way a process of such a run leaves.
 - a process that has finished waits at exit until every other one has
   finished too (:func:`meet_at_exit`), so that JAX's shutdown barrier is only
   entered once all are there; a peer that fails or stalls meanwhile ends it
-  with one line.
+  with one line, and so does a Ctrl-C or SIGTERM (telling the others). Once
+  all are there, these signals are ignored: the run has ended and its exit
+  code stands.
 
 Every such end goes through :func:`abort`: one line on stderr, then
 ``os._exit`` (a normal exit would wait at JAX's shutdown barrier for peers
@@ -28,6 +30,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -279,7 +282,8 @@ class Watchdog:
     self._done.set()
 
   def _close_at_exit(self) -> None:
-    """Stops the thread, then meets the other processes (:func:`meet_at_exit`).
+    """Stops the thread, then meets the other processes (:func:`meet_at_exit`); a
+    Ctrl-C or SIGTERM meanwhile ends this one with one line, and is ignored after.
 
     A daemon thread still inside a call to the coordination service when the
     interpreter finalizes is unwound through C++ frames that do not allow it,
@@ -289,4 +293,31 @@ class Watchdog:
     """
     self._closing.set()
     self._thread.join()
+    _set_exit_handlers(_leave_on_signal)
     meet_at_exit(self.timeout)
+    # Every process has come to its exit; what is left is local teardown. Python puts
+    # its signal handlers back to the default action as it finalizes, so a late
+    # Ctrl-C would kill the process without a line or its own exit code (-2 where a
+    # first Ctrl-C had already stopped the run with 130). Ignored, the exit code stands.
+    _set_exit_handlers(signal.SIG_IGN)
+
+
+def _set_exit_handlers(handler) -> None:
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    try:
+      signal.signal(signum, handler)
+    except ValueError:  # not the main thread: exit handlers normally run there
+      return
+
+
+def _leave_on_signal(signum, frame) -> None:
+  """A Ctrl-C or SIGTERM while this finished process waits for the others at exit:
+  one line (as the command prints for a signal), the others told, exit 128 + signum."""
+  del frame
+  what = "interrupted" if signum == signal.SIGINT else "terminated"
+  message = f"{what} ({signal.Signals(signum).name})"
+  sys.stdout.flush()
+  print(f"{COMMAND}: {message}", file=sys.stderr, flush=True)
+  announce_failure(message)
+  logging.shutdown()
+  os._exit(128 + signum)
