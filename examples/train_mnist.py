@@ -13,4 +13,4 @@ import sys
 from pixelrnn_jax import cli
 
 if __name__ == "__main__":
-  sys.exit(cli.main(["train", *sys.argv[1:]]))
+  cli.run(["train", *sys.argv[1:]])

@@ -1,7 +1,5 @@
 """``python -m pixelrnn_jax`` is the ``pixelrnn-jax`` command."""
 
-import sys
+from pixelrnn_jax.cli import run
 
-from pixelrnn_jax.cli import main
-
-sys.exit(main())
+run()

@@ -647,6 +647,24 @@ def main(argv: list[str] | None = None) -> int:
       signal.signal(signum, handler)
 
 
+def run(argv: list[str] | None = None) -> typing.NoReturn:
+  """The ``pixelrnn-jax`` program: :func:`main`, then exit with its code.
+
+  Once the command has returned, what it made is written, and SIGINT / SIGTERM
+  are ignored: as Python finalizes, it puts their handlers back to the default
+  action, and a late second Ctrl-C would kill the finished process (exit -2,
+  no line) instead of letting it end with its own code. A process of a
+  multi-process run still answers them while it waits for its peers at exit
+  (``training/peers.py``).
+  """
+  try:
+    code = main(argv)
+  finally:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+      signal.signal(signum, signal.SIG_IGN)
+  sys.exit(code)
+
+
 def _out_of_memory(command: str, error: Exception) -> int:
   """XLA could not allocate what the flags ask for: one line naming the flags that shrink it
   (exit 1, whatever exception type carried it)."""
@@ -686,4 +704,4 @@ def _one_line(error: Exception) -> str:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  run()

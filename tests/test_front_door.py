@@ -194,6 +194,39 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     assert lines == ["pixelrnn-jax train: interrupted (SIGINT)"], stderr
 
 
+_LATE_SIGNAL_PROGRAM = """
+import atexit, pathlib, runpy, sys, time
+def linger(marker):  # runs last at exit: after the command returned and JAX shut down
+  marker.touch()
+  time.sleep(3)
+atexit.register(linger, pathlib.Path(sys.argv[1]))
+sys.argv = ["pixelrnn_jax", *sys.argv[2:]]
+runpy.run_module("pixelrnn_jax", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_as_a_finished_command_exits_leaves_its_exit_code(tmp_path, signum):
+  """Python puts signal handlers back to their default action as it finalizes: a
+  second Ctrl-C that came late killed a run the first had stopped (exit -2, no line)."""
+  marker = tmp_path / "exiting"
+  argv = ["evaluate", "--checkpoint", str(tmp_path / "no-such-run")]  # one line, exit 2
+  process = subprocess.Popen(
+    [sys.executable, "-c", _LATE_SIGNAL_PROGRAM, str(marker), *argv],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  deadline = time.monotonic() + 60
+  while not marker.exists() and time.monotonic() < deadline and process.poll() is None:
+    time.sleep(0.05)
+  process.send_signal(signum)
+  _, stderr = process.communicate(timeout=60)
+  assert process.returncode == 2, stderr
+  assert stderr.strip().splitlines()[-1].startswith("pixelrnn-jax evaluate: error: "), stderr
+  assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+
+
 def test_a_signal_after_the_last_step_ends_the_run_normally_and_says_so(
   tmp_path, toy_data, monkeypatch, caplog
 ):
