@@ -181,10 +181,7 @@ def meet_at_exit(timeout: float) -> None:
     failed = _failed_peer()
     if failed is not None:
       _stop_for(failed)
-    try:
-      if len(state.client.key_value_dir_get(_EXITING)) >= state.num_processes:
-        return
-    except Exception:  # noqa: BLE001 (the service is gone: JAX's own shutdown follows)
+    if _everyone_at_exit() is not False:  # all there, or the service is gone
       return
     time.sleep(0.05)
   abort(
@@ -192,6 +189,16 @@ def meet_at_exit(timeout: float) -> None:
     f" within {timeout:.0f} s (--distributed-timeout): a peer died, was stopped or"
     " lost its connection after the last checkpoint"
   )
+
+
+def _everyone_at_exit() -> bool | None:
+  """Whether every process has come to its exit (None: the service is gone, and JAX's
+  own shutdown follows)."""
+  state = jax_internals.coordination_state()
+  try:
+    return len(state.client.key_value_dir_get(_EXITING)) >= (state.num_processes or 1)
+  except Exception:  # noqa: BLE001
+    return None
 
 
 def _stop_for(failed: tuple[int, str]) -> None:
@@ -312,8 +319,14 @@ def _set_exit_handlers(handler) -> None:
 
 def _leave_on_signal(signum, frame) -> None:
   """A Ctrl-C or SIGTERM while this finished process waits for the others at exit:
-  one line (as the command prints for a signal), the others told, exit 128 + signum."""
+  one line (as the command prints for a signal), the others told, exit 128 + signum.
+
+  Ignored when every process has come to its exit meanwhile: the others may already
+  be in JAX's shutdown barrier, where a peer that left would make them abort.
+  """
   del frame
+  if _everyone_at_exit() is not False:
+    return
   what = "interrupted" if signum == signal.SIGINT else "terminated"
   message = f"{what} ({signal.Signals(signum).name})"
   sys.stdout.flush()
