@@ -5,10 +5,12 @@ import contextlib
 import io
 import json
 import logging
+import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -192,6 +194,34 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
   if "SIGINT received" not in stderr:  # (a slow machine: the loop had started, also fine)
     lines = [line for line in stderr.splitlines() if "INFO" not in line]
     assert lines == ["pixelrnn-jax train: interrupted (SIGINT)"], stderr
+
+
+def test_two_ctrl_cs_while_the_first_step_compiles_abort_without_saving(tmp_path):
+  """CPython runs a handler once for signals that came while the main thread was in
+  one C call: the second press was lost, and the run saved and stopped 6 s later."""
+  _write_fake_idx(tmp_path)
+  workdir = tmp_path / "run"
+  flags = ["--data-dir", str(tmp_path), "--no-verify-data", "--units", "8", "--batch-size", "16"]
+  process = subprocess.Popen(
+    [sys.executable, "-m", "pixelrnn_jax", "train", "--workdir", str(workdir), *flags],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  seen = []
+  for line in process.stderr:  # seconds at 784 steps
+    seen.append(line)
+    if "compiling the train step" in line:
+      break
+  process.send_signal(signal.SIGINT)
+  time.sleep(0.2)
+  process.send_signal(signal.SIGINT)
+  _, rest = process.communicate(timeout=120)
+  stderr = "".join(seen) + rest
+  assert process.returncode == 130, stderr
+  assert stderr.strip().splitlines()[-1] == "pixelrnn-jax train: interrupted (SIGINT)", stderr
+  assert "Traceback" not in stderr
+  assert not any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*")), stderr
 
 
 _LATE_SIGNAL_PROGRAM = """
@@ -746,6 +776,32 @@ def test_a_second_ctrl_c_goes_to_the_handler_that_was_there_before_the_loop():
       assert stop.requested == "SIGINT" and calls == []
       signal.raise_signal(signal.SIGINT)  # the second: the earlier handler
       assert calls == [signal.SIGINT]
+  finally:
+    signal.signal(signal.SIGINT, earlier)
+
+
+def test_two_ctrl_cs_during_one_c_call_are_a_first_and_a_second_press():
+  """While the main thread is inside one C call (XLA compiling the first step), CPython
+  only marks SIGINT as pending, and runs the handler once for both presses. Here the
+  main thread blocks SIGINT and waits in C while another thread presses twice."""
+  calls = []
+  earlier = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+  try:
+    with loop._StopOnSignal() as stop:
+
+      def press_twice():
+        for _ in range(2):
+          os.kill(os.getpid(), signal.SIGINT)  # delivered to this thread: the main blocks it
+
+      presser = threading.Thread(target=press_twice)
+      signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+      try:
+        presser.start()
+        presser.join()  # the main thread waits in C: the handler runs after, once
+      finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+      time.sleep(0.01)  # the pending handler runs
+      assert calls == [signal.SIGINT] and stop.requested is None
   finally:
     signal.signal(signal.SIGINT, earlier)
 

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from pixelrnn_jax import checkpoints
 from pixelrnn_jax import data
@@ -54,15 +56,39 @@ class _StopOnSignal:
 
   ``signum`` (0 until a signal) goes into the next train step, whose ``pmax``
   tells every process of the run, so they all stop after the same step.
+
+  Two Ctrl-Cs that come while the main thread is inside one call into XLA (the
+  first step's compilation takes seconds) run the handler once: CPython only
+  marks a signal as pending. Each delivery is also written to a wakeup socket
+  (``signal.set_wakeup_fd``), so the handler counts the presses and takes two
+  as the second.
   """
 
   def __init__(self):
     self.requested = None
     self.signum = 0
     self._previous = {}
+    self._wakeup = None  # (reader, writer, the wakeup fd that was there before)
+
+  def _presses(self) -> int:
+    """SIGINTs delivered since the last call (read from the wakeup socket)."""
+    received = b""
+    with contextlib.suppress(BlockingIOError, OSError):
+      while chunk := self._wakeup[0].recv(4096):
+        received += chunk
+    return received.count(signal.SIGINT)
 
   def _handle(self, signum, frame):
-    del frame
+    # The second Ctrl-C: the handler that was there before the loop. The command's
+    # ends the process at once with one line (telling the other processes); Python's
+    # default (a library caller's) raises KeyboardInterrupt, which code running at that
+    # moment (a gc callback in JAX) can swallow.
+    previous = self._previous.get(signal.SIGINT)
+    abort = previous if callable(previous) else signal.default_int_handler
+    signal.signal(signal.SIGINT, abort)
+    if signum == signal.SIGINT and self._wakeup and self._presses() >= 2:
+      abort(signum, frame)  # both came while XLA held the main thread
+      return
     self.requested = signal.Signals(signum).name
     self.signum = int(signum)
     log.warning(
@@ -71,24 +97,29 @@ class _StopOnSignal:
       self.requested,
       " (press Ctrl-C again to abort without saving)" if signum == signal.SIGINT else "",
     )
-    # The second Ctrl-C: the handler that was there before the loop. The command's
-    # ends the process at once with one line (telling the other processes); Python's
-    # default (a library caller's) raises KeyboardInterrupt, which code running at that
-    # moment (a gc callback in JAX) can swallow.
-    previous = self._previous.get(signal.SIGINT)
-    signal.signal(signal.SIGINT, previous if callable(previous) else signal.default_int_handler)
 
   def __enter__(self):
     for signum in (signal.SIGINT, signal.SIGTERM):
       try:
         self._previous[signum] = signal.signal(signum, self._handle)
       except ValueError:  # not the main thread: signals cannot be caught here
-        pass
+        return self
+    reader, writer = socket.socketpair()
+    reader.setblocking(False)
+    writer.setblocking(False)
+    before = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    self._wakeup = (reader, writer, before)
     return self
 
   def __exit__(self, *exc):
     for signum, handler in self._previous.items():
       signal.signal(signum, handler)
+    if self._wakeup:
+      reader, writer, before = self._wakeup
+      signal.set_wakeup_fd(before)
+      reader.close()
+      writer.close()
+      self._wakeup = None
 
 
 def _check_devices(config) -> None:
@@ -345,7 +376,9 @@ def _train(
     dynamic_ncols=True,
   )
   watchdog.progress()  # loading, restoring and the first barrier are behind us
-  with _StopOnSignal() as stop, bar:
+  with _StopOnSignal() as stop, bar, logging_redirect_tqdm():  # log lines above the bar
+    if step < config.steps:
+      log.info("compiling the train step (the first step takes longer)")
     while step < config.steps:
       x, y = next(batches)
       step_start = time.perf_counter()
