@@ -14,7 +14,9 @@ ratio" with anti-aliasing. MNIST digits are white (1) on black (0).
 The steps of :func:`prepare`, in order:
 
 1. **Size**: an image longer than 512 pixels is reduced to 512 on its long
-   side by area averaging (a phone photo's sensor noise averages out).
+   side by area averaging (a phone photo's sensor noise averages out), but
+   not its short side under 64 pixels (a long strip keeps its digit's height)
+   unless it has over 512 squared pixels.
 2. **Sheet**: in a photo of a sheet lying on a darker surface (a desk), only
    the sheet is kept: the largest bright region, when 15% of the image's
    border is darker than Otsu's threshold and the region is convex,
@@ -71,6 +73,10 @@ CENTRE_SLACK = 0.75  # ... and its centre of mass is within this of (14, 14) (MN
 MIN_CONTRAST = 0.1  # ink less than this above the paper is no ink
 MAX_SIDE = 512  # larger images are first reduced to this (area averaging)
 READ_SIDE = 2 * MAX_SIDE  # files longer than this are reduced while read (see read_image)
+# ... but no reduction takes the shorter side under this, so that a long strip keeps
+# the height of its digit (a 3000x40 strip went to 512x7 and was refused as too small),
+# unless the image has more than the side squared in pixels.
+SHORT_SIDE_FLOOR = 64
 DITHER_WINDOW = 64  # a 1-bit image is averaged over windows 1/64 of its shorter side
 DITHER_MIN_SIDE = 40  # ... unless it is smaller than this (an MNIST-sized 1-bit digit)
 LIGHTING_GRID = 16  # the paper's lighting is estimated on a grid this many cells wide
@@ -203,8 +209,10 @@ def read_image(path: str | Path) -> np.ndarray:
   is read by its bytes (.npy's magic, else whatever Pillow identifies).
 
   An image longer than READ_SIDE (1,024) pixels is reduced while it is read, by
-  the smallest integer factor k that brings its longer side to READ_SIDE or less:
-  each output pixel is the mean of a k x k block (Pillow's ``reduce``; a JPEG is
+  the smallest integer factor k that brings its longer side to READ_SIDE or less
+  (at most the one that keeps the shorter side at SHORT_SIDE_FLOOR, 64, unless the
+  image has over READ_SIDE squared pixels): each output pixel is the mean of a k x k
+  block (Pillow's ``reduce``; a JPEG is
   first decoded at 1/2, 1/4 or 1/8 scale where that stays at READ_SIDE or more).
   :func:`prepare` keeps MAX_SIDE (512) of it anyway, and a 48-megapixel photo
   read whole would cost gigabytes as floats. The MAX_PIXELS limit applies to
@@ -244,7 +252,11 @@ def read_image(path: str | Path) -> np.ndarray:
       image = Image.open(path)
     with image:
       width, height = image.size
-      factor = max(image.size) // READ_SIDE
+      longer, shorter = max(image.size), min(image.size)
+      factor = max(
+        min(longer // READ_SIDE, shorter // SHORT_SIDE_FLOOR),
+        math.isqrt(longer * shorter) // READ_SIDE,
+      )
       if image.format == "JPEG" and factor >= 2:  # decode at 1/2..1/8 scale, >= READ_SIDE
         image.draft(image.mode, (image.width // factor, image.height // factor))
       if image.width * image.height > MAX_PIXELS:  # from the header, before decoding
@@ -301,11 +313,17 @@ def read_image(path: str | Path) -> np.ndarray:
 def _reduce(image):
   """A Pillow image longer than READ_SIDE, box-averaged by the smallest integer
   factor that brings its longer side to READ_SIDE or less (an edge block that
-  is cut short is averaged over what it holds); other images as they are.
+  is cut short is averaged over what it holds), but not its shorter side under
+  SHORT_SIDE_FLOOR unless it has over READ_SIDE squared pixels; other images as
+  they are.
   Palette-with-alpha and 1-bit images are first converted to RGBA and L, 16-bit
   ones to 32-bit I: averaging needs values, not palette indices (read_image has
   already converted plain palette images to RGB or RGBA)."""
-  factor = -(-max(image.size) // READ_SIDE)
+  longer, shorter = max(image.size), min(image.size)
+  factor = max(
+    min(-(-longer // READ_SIDE), shorter // SHORT_SIDE_FLOOR),
+    -(-math.isqrt(longer * shorter) // READ_SIDE),
+  )
   if factor < 2:
     return image
   if image.mode in ("1", "PA") or image.mode.startswith("I;16"):
@@ -426,8 +444,14 @@ def _resize(patch: np.ndarray, height: int, width: int, *, method: str = "LANCZO
 
 
 def _shrink(grey: np.ndarray) -> np.ndarray:
-  """Area-averages an image longer than MAX_SIDE down to MAX_SIDE on its long side."""
-  scale = MAX_SIDE / max(grey.shape)
+  """Area-averages an image longer than MAX_SIDE down to MAX_SIDE on its long side,
+  but not its short side under SHORT_SIDE_FLOOR unless it has over MAX_SIDE squared
+  pixels."""
+  longer, shorter = max(grey.shape), min(grey.shape)
+  reduction = max(
+    min(longer / MAX_SIDE, shorter / SHORT_SIDE_FLOOR), math.sqrt(grey.size) / MAX_SIDE
+  )
+  scale = 1 / max(reduction, 1.0)
   if scale >= 1:
     return grey
   return _resize(
@@ -1014,8 +1038,9 @@ def number_warning(digit: Digit) -> str | None:
   )
 
 
-def _check_digit_like(ink_mask: np.ndarray) -> None:
-  """Refuses ink that cannot be a digit: too small an image, or specks (noise).
+def _check_digit_like(ink_mask: np.ndarray, given: tuple[int, int]) -> None:
+  """Refuses ink that cannot be a digit: too small an image (``given``: its (H, W) as
+  given, which the message names), or specks (noise).
 
   Raises:
     ImageError: naming what was found.
@@ -1023,7 +1048,7 @@ def _check_digit_like(ink_mask: np.ndarray) -> None:
   height, width = ink_mask.shape
   if min(height, width) < MIN_SIDE:
     raise ImageError(
-      f"the image is {width}x{height} pixels: too small to hold a digit (at least"
+      f"the image is {given[1]}x{given[0]} pixels: too small to hold a digit (at least"
       f" {MIN_SIDE} pixels on each side)"
     )
   parts = _components(ink_mask)
@@ -1104,8 +1129,9 @@ def prepare(image, *, invert: str = "auto") -> Digit:
   if invert not in INVERT:
     raise ValueError(f"invert={invert!r}: expected one of {INVERT}")
   grey = _as_grey(image, "image")
-  reduced = max(grey.shape) > MAX_SIDE
+  given = grey.shape
   grey = np.asarray(_shrink(grey), np.float64)
+  reduced = grey.shape != given
   if invert != "no":  # dark ink on a sheet photographed on a darker surface
     grey = _flatten_shadow(_crop_to_sheet(grey), invert)
   if invert == "auto":
@@ -1167,7 +1193,7 @@ def prepare(image, *, invert: str = "auto") -> Digit:
   ink_mask = grey > BOX_THRESHOLD
   if not ink_mask.any():
     raise ImageError("no ink left once the ruled lines were removed")
-  _check_digit_like(ink_mask)
+  _check_digit_like(ink_mask, given)
   grey = _drop_stray_marks(grey)
   pieces = _side_by_side(grey)
   ink_mask = grey > BOX_THRESHOLD

@@ -6,6 +6,7 @@ import json
 import jax
 import numpy as np
 import pytest
+import scipy.special
 from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -206,6 +207,31 @@ def test_predict_early_needs_a_recorded_rule(tmp_path, toy_data, capsys):
     ["predict", "--checkpoint", str(workdir), "--early", "--confidence", "0.9", str(image)]
   )
   assert code == 2 and "give --early or --confidence" in capsys.readouterr().err
+
+
+def test_the_fit_stops_once_converged_at_the_optimum_of_each_step(monkeypatch):
+  """With one knot per step, each step's temperature is an independent 1-D problem:
+  the NLL's minimum over a fine grid of temperatures is the reference. An untrained
+  model's export spent minutes in line searches after convergence."""
+  logits, labels, _ = _miscalibrated(n=2000, steps=6)
+  calls = []
+  real = calibration._lbfgs_update
+
+  def counted(solver):
+    update = real(solver)
+    return lambda *args: (calls.append(1), update(*args))[1]
+
+  monkeypatch.setattr(calibration, "_lbfgs_update", counted)
+  steps = logits.shape[1]
+  fitted = calibration.fit(logits, labels, knots=tuple(range(steps)), iterations=100)
+  assert len(calls) < 100
+  grid = np.exp(np.linspace(-2, 2, 801))  # temperatures 0.14 .. 7.4
+  best = []
+  for t in range(steps):
+    scaled = logits[:, t, None, :].astype(np.float64) / grid[None, :, None]
+    logp = scaled - scipy.special.logsumexp(scaled, axis=-1, keepdims=True)
+    best.append(grid[(-logp[np.arange(len(labels)), :, labels]).mean(axis=0).argmin()])
+  np.testing.assert_allclose(fitted.temperatures(steps), best, rtol=0.01)
 
 
 def test_a_rule_or_calibration_that_does_not_fit_is_a_value_error():

@@ -2,6 +2,7 @@
 names, read back by every loader; a failed export leaves existing files alone."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -22,9 +23,13 @@ def run(tmp_path, toy_data):
   return workdir
 
 
-def test_export_writes_weights_and_card_that_load_as_the_run(run, tmp_path, mnist_dir, capsys):
+def test_export_writes_weights_and_card_that_load_as_the_run(
+  run, tmp_path, mnist_dir, capsys, caplog
+):
   out = tmp_path / "models" / "toy.msgpack"
-  assert cli.main(["export", str(run), "--out", str(out), "--data-dir", mnist_dir]) == 0
+  with caplog.at_level(logging.INFO, logger="pixelrnn_jax.training.export"):
+    assert cli.main(["export", str(run), "--out", str(out), "--data-dir", mnist_dir]) == 0
+  assert "fitting the per-step temperature and the early-exit rule on 4000" in caplog.text
   assert str(out) in capsys.readouterr().out
   card = json.loads(out.with_suffix(".json").read_text())
   assert card["source"]["step"] == model_io.read(run).step

@@ -849,16 +849,61 @@ def test_a_large_image_is_read_as_the_block_mean_of_its_pixels(tmp_path, mode):
     np.testing.assert_allclose(read, _block_mean(expected, k), atol=1.01 / 255)
 
 
-@pytest.mark.parametrize("shape", [(images.READ_SIDE + 1, 5), (3, 4 * images.READ_SIDE + 7)])
-def test_a_large_image_is_reduced_to_at_most_read_side(tmp_path, shape):
-  """Cut-short edge blocks included: the longer side ends in (READ_SIDE / 2, READ_SIDE]."""
+@pytest.mark.parametrize(
+  "shape, k",
+  [
+    ((images.READ_SIDE + 1, 200), 2),  # edge blocks cut short
+    ((100, 4 * images.READ_SIDE + 7), 1),  # 2 would take the short side under 64
+    ((300, 4 * images.READ_SIDE + 7), 4),
+    ((3, 4 * images.READ_SIDE + 7), 1),  # a strip keeps its height
+    ((2000, 2000), 2),
+  ],
+)
+def test_a_large_image_is_reduced_by_the_longer_side_unless_the_shorter_gets_too_short(
+  tmp_path, shape, k
+):
+  """k = ceil(longer / READ_SIDE), but not below SHORT_SIDE_FLOOR on the shorter side."""
   path = tmp_path / "long.png"
   Image.fromarray(np.full(shape, 200, np.uint8)).save(path)
   read = images.read_image(path)
-  k = -(-max(shape) // images.READ_SIDE)
   assert read.shape == tuple(-(-side // k) for side in shape)
-  assert images.READ_SIDE / 2 < max(read.shape) <= images.READ_SIDE
   np.testing.assert_allclose(read, 200 / 255, atol=1e-6)
+
+
+@settings(
+  max_examples=12,
+  deadline=None,
+  derandomize=True,
+  suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+  index=st.integers(0, 99),
+  length=st.integers(600, 4000),
+  height=st.integers(24, 90),
+  where=st.floats(0.05, 0.95),
+  suffix=st.sampled_from([".png", ".jpg"]),
+)
+def test_a_digit_in_a_long_strip_reads_as_the_digit_alone(
+  tmp_path_factory, mnist_dir, index, length, height, where, suffix
+):
+  """A 3000x40 strip with a 36-px digit was reduced to 512x7 and refused as too small."""
+  digit = _valid_digits(mnist_dir)[index]
+  side = int(height * 0.9)
+  glyph = np.asarray(Image.fromarray(_u8(digit)).resize((side, side), Image.Resampling.BILINEAR))
+  strip = np.zeros((height, length), np.uint8)
+  left = int(where * (length - side))
+  top = (height - side) // 2
+  strip[top : top + side, left : left + side] = glyph
+  path = tmp_path_factory.mktemp("strip") / f"strip{suffix}"
+  Image.fromarray(255 - strip).save(path)  # dark ink on white paper
+  read = images.prepare(images.read_image(path))
+  alone = images.prepare(255 - np.pad(glyph, side // 2))
+  shifts = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)]  # centring rounds
+  best = max(
+    np.corrcoef(np.roll(read.pixels, shift, (0, 1)).ravel(), alone.pixels.ravel())[0, 1]
+    for shift in shifts
+  )
+  assert best > 0.9
 
 
 def test_a_large_jpeg_is_decoded_at_a_reduced_scale_to_the_same_digit(tmp_path, monkeypatch):
