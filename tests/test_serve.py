@@ -122,6 +122,11 @@ def test_an_uploaded_seven_is_read_as_seven_with_every_step(client):
   assert 1 <= body["pixels_read"] <= 784
   assert probabilities[body["pixels_read"] - 1].argmax() == 7
   assert body["order"] == list(range(784))
+  # docs/serve.md shows this answer: its numbers are this one's (they had drifted).
+  shown = (ROOT / "docs" / "serve.md").read_text().split("/api/predict | head", 1)[1]
+  assert f'"pixels_read": {body["pixels_read"]},' in shown
+  for top in body["top3"]:
+    assert f'{{"label": {top["label"]}, "probability": {str(top["probability"])[:7]}...}}' in shown
 
 
 def test_the_upload_is_read_as_the_predict_command_reads_the_file(client, served):
