@@ -120,9 +120,10 @@ def init(
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"dtype={dtype!r}: expected a floating dtype such as float32")
   if order is not None and preprocessing.sequence_shape(order)[1] != in_dim:
+    feeds = preprocessing.sequence_shape(order)[1]
     raise ValueError(
-      f"order={order!r} feeds {preprocessing.sequence_shape(order)[1]}"
-      f" values per step but in_dim={in_dim}"
+      f"order={order!r} feeds {feeds} value{'s' if feeds != 1 else ''} per step but"
+      f" in_dim={in_dim}; pass in_dim={feeds}"
     )
   cell_key, output_key = jax.random.split(_check_key(key))
   cell_params = gru_cell.init_cell(

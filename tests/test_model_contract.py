@@ -372,3 +372,12 @@ def test_a_plain_dict_of_weights_is_a_clear_error():
     gru_classifier.apply(rebuilt, np.zeros((1, 28, 28), np.float32)),
     gru_classifier.apply(params, np.zeros((1, 28, 28), np.float32)),
   )
+
+
+@pytest.mark.parametrize("order, feeds", [("pixel", 1), ("row", 28)])
+def test_an_order_that_feeds_another_width_names_the_in_dim_to_pass(order, feeds):
+  values = "value" if feeds == 1 else "values"
+  with pytest.raises(
+    ValueError, match=rf"feeds {feeds} {values} per step but in_dim=5; pass in_dim={feeds}$"
+  ):
+    gru_classifier.init(jax.random.key(0), in_dim=5, order=order)

@@ -1121,3 +1121,13 @@ def test_a_served_run_shows_the_valid_accuracy_its_run_recorded(tmp_path, toy_da
   # Weights with a card keep the card's figure.
   loose = models_lib.load("pretrained:pixel", warm_up=False)
   assert loose.describe()["valid_accuracy"] == loose.card["valid_accuracy"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(size=st.integers(1, 10**13))
+def test_an_upload_size_is_written_as_people_write_megabytes(size):
+  """It read "body of 9.54e+04 MB"."""
+  line = app_lib._too_large(size, 10 * 2**20)
+  written = line.split("body of ", 1)[1].split(" MB", 1)[0]
+  assert "e" not in written, line
+  assert float(written.replace(",", "")) == pytest.approx(size / 2**20, rel=0.05, abs=0.005)

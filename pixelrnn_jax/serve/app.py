@@ -427,10 +427,18 @@ def _unknown_model(name: str, loaded) -> RequestError:
   return RequestError(400, f"unknown model {name!r}; loaded: {', '.join(loaded)}")
 
 
+def _megabytes(size: int) -> str:
+  """A byte count in MB as people write it: 0.0098, 2.5, 95,367 (never 9.54e+04)."""
+  mb = size / 2**20
+  if mb >= 100:
+    return f"{mb:,.0f}"
+  return f"{mb:.3g}" if mb >= 1 else f"{mb:.4f}".rstrip("0").rstrip(".")
+
+
 def _too_large(size: int, limit: int, *, at_least: bool = False) -> str:
   more = "at least " if at_least else ""
   return (
-    f"body of {more}{size / 2**20:.3g} MB is over the {limit / 2**20:.3g} MB upload limit"
+    f"body of {more}{_megabytes(size)} MB is over the {_megabytes(limit)} MB upload limit"
     " (--max-upload-mb); a digit needs far less: scale the image down"
   )
 
