@@ -224,10 +224,18 @@ def read_image(path: str | Path) -> np.ndarray:
       .npy), refused before decoding.
     ImageError: naming the file: missing, unreadable, or unusable values.
   """
+  if str(path) in ("", "-"):  # Path("") is ".", a directory; "-" is no stdin here
+    raise ImageError(
+      f"{str(path)!r}: not a file name; give the path of an image file (standard input is not read)"
+    )
   path = Path(path)
   suffix = path.suffix.lower()
   if path.is_dir():
     raise ImageError(f"{path}: is a directory, expected an image file")
+  if path.exists() and not path.is_file():
+    raise ImageError(
+      f"{path}: not a regular file (a pipe or a device); save the image to a file first"
+    )
   if not path.is_file():
     raise ImageError(f"{path}: no such file")
   if path.stat().st_size == 0:

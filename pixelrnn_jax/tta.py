@@ -19,6 +19,7 @@ view turns the *image* whatever order the model reads it in.
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -52,10 +53,11 @@ def check_degrees(degrees) -> tuple[float, ...]:
   Raises:
     ValueError: no angle, or one that is not a finite number, naming it.
   """
-  try:
-    angles = tuple(float(d) for d in np.atleast_1d(np.asarray(degrees, dtype=object)))
-  except (TypeError, ValueError):
-    raise ValueError(f"degrees={degrees!r}: expected numbers, e.g. (0, -3, 3)") from None
+  items = np.atleast_1d(np.asarray(degrees, dtype=object)).ravel()
+  # Not text: float("66") would read the string "66" as one view of 66 degrees.
+  if not all(isinstance(d, numbers.Real) and not isinstance(d, bool) for d in items):
+    raise ValueError(f"degrees={degrees!r}: expected numbers, e.g. (0, -3, 3)")
+  angles = tuple(float(d) for d in items)
   if not angles:
     raise ValueError(f"degrees={degrees!r}: expected at least one view, e.g. (0, -3, 3)")
   bad = [d for d in angles if not np.isfinite(d)]

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import os
 import re
 import tracemalloc
 import unicodedata
@@ -249,6 +250,28 @@ def test_blank_image_is_a_per_file_error_and_others_are_answered(tmp_path, capsy
   assert code == 1
   assert "no ink" in rows[0]["error"] and rows[0]["input"].endswith("blank.png")
   assert rows[1]["label"] == 1
+
+
+@pytest.mark.parametrize(
+  "kind, message",
+  [
+    ("empty name", "'': not a file name; give the path of an image file"),
+    ("dash", "'-': not a file name; give the path of an image file (standard input"),
+    ("fifo", "not a regular file (a pipe or a device); save the image to a file first"),
+  ],
+)
+def test_a_name_that_is_no_image_file_says_what_it_is(tmp_path, capsys, kind, message):
+  """They said ".: is a directory" and "no such file" (a pipe that exists)."""
+  name = {"empty name": "", "dash": "-", "fifo": str(tmp_path / "pipe")}[kind]
+  if kind == "fifo":
+    os.mkfifo(name)
+  with pytest.raises(images.ImageError, match=re.escape(message)):
+    images.read_image(name)
+  digit = np.zeros((28, 28), np.uint8)
+  digit[5:23, 13:15] = 255
+  Image.fromarray(digit).save(tmp_path / "one.png")
+  code, rows = _predict_json([name, tmp_path / "one.png"], capsys)
+  assert code == 1 and message in rows[0]["error"] and rows[1]["label"] == 1
 
 
 def test_show_writes_the_input_beside_what_the_model_read(tmp_path, capsys):
