@@ -806,6 +806,19 @@ def test_two_ctrl_cs_during_one_c_call_are_a_first_and_a_second_press():
     signal.signal(signal.SIGINT, earlier)
 
 
+@pytest.mark.parametrize("lr, warned", [(1e9, True), (1e-3, False)])
+def test_a_diverging_run_is_warned_of_once(tmp_path, toy_data, caplog, lr, warned):
+  """--lr 1e9 ended with a loss of 1.3e10 and 9.8% valid accuracy, and no word of it."""
+  config = config_lib.Config(**{**SMALL, "steps": 8, "learning_rate": lr})
+  with caplog.at_level(logging.WARNING, logger="pixelrnn_jax.training.loop"):
+    loop.train_and_evaluate(config, tmp_path, progress=False)
+  losses = [r["loss"] for r in _records(tmp_path / "metrics.jsonl") if "loss" in r]
+  diverging = [m for m in caplog.messages if "the run is diverging" in m]
+  assert (max(losses) > loop.DIVERGING_LOSS) == warned and len(diverging) == int(warned)
+  if warned:
+    assert f"lower --lr (now {lr:g}), or set --clip-norm 1.0" in diverging[0]
+
+
 def test_a_model_too_big_for_memory_is_one_line_and_a_smaller_one_then_trains(
   tmp_path, toy_data, capsys
 ):

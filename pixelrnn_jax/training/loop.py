@@ -164,6 +164,22 @@ def _check_finite(step: int, metrics: dict, workdir: Path) -> None:
   )
 
 
+# A mean training loss above this (nats) is a run that diverged: chance is ln 10 = 2.30,
+# and a distillation term adds little to it. Finite, so _check_finite lets it run.
+DIVERGING_LOSS = 50.0
+
+
+def _diverging(record: dict, config) -> str:
+  """The warning for a training loss far above chance's (``--lr 1e9`` ended with a loss of
+  1.3e10 and 9.8% valid accuracy, with no word of it)."""
+  clip = "" if config.clip_norm else ", or set --clip-norm 1.0"
+  return (
+    f"training loss {record['loss']:.3g} at step {record['step']}, far above chance's 2.30:"
+    f" the run is diverging; stop it (Ctrl-C) and lower --lr (now"
+    f" {config.learning_rate:g}){clip}"
+  )
+
+
 def _draws_a_bar(stream) -> bool:
   """Whether a progress bar shows on ``stream``: a terminal that reports a width. One
   that reports 0 columns (``script`` without a size) shows no bar: log lines instead."""
@@ -377,6 +393,7 @@ def _train(
   )
   watchdog.progress()  # loading, restoring and the first barrier are behind us
   with _StopOnSignal() as stop, bar, logging_redirect_tqdm():  # log lines above the bar
+    warned_diverging = False
     if step < config.steps:
       log.info("compiling the train step (the first step takes longer)")
     while step < config.steps:
@@ -412,6 +429,9 @@ def _train(
             record["accuracy"],
             record["steps_per_s"],
           )
+        if record["loss"] > DIVERGING_LOSS and not warned_diverging:
+          warned_diverging = True
+          log.warning(_diverging(record, config))
         window, window_start = [], time.perf_counter()
       bar.update(1)
       if step % config.eval_every == 0 or step == config.steps:
