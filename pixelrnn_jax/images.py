@@ -44,7 +44,7 @@ The steps of :func:`prepare`, in order:
    valid split).
 
 Not handled: a shadow over less than half of a page (its lit part can pass for a
-sheet on a desk), or one whose edge is a step. Several digits in one image (a number) are read
+sheet on a desk). Several digits in one image (a number) are read
 as one digit; :func:`prepare` counts them side by side (``Digit.pieces``) so
 that the caller can warn.
 """
@@ -478,8 +478,8 @@ def _flatten_shadow(grey: np.ndarray, invert: str) -> np.ndarray:
   half the window fall out, and a shadow's edge stays sharp, where a mean
   would smear it into ink). The ink is dark when more of the image minus its
   light lies beyond SHADOW_INK below it than above it (or ``invert="yes"``).
-  The paper alone is then a closing of the copy (an opening, for light ink),
-  which removes strokes narrower than the window whole, scaled back up; dark
+  The paper alone is then a closing of the image (an opening, for light ink)
+  as wide as that window, which removes strokes narrower than it whole; dark
   ink is divided by it (a flat field: ink in the shadow keeps the contrast it
   has in the light), and light ink has it subtracted; what lies within
   SHADOW_INK of the paper is paper.
@@ -507,10 +507,12 @@ def _flatten_shadow(grey: np.ndarray, invert: str) -> np.ndarray:
   dark = invert == "yes" or beyond[residue < 0].sum() > beyond[residue > 0].sum()
   # The paper alone: a closing (opening, for light ink) removes every stroke narrower
   # than the window whole, where the median hollows a bold stroke's core.
+  # At full size: scaled up from the copy, a hard shadow's edge would blur into a
+  # seam that the division turns into a stroke.
+  full_window = max(3, round(SHADOW_WINDOW * max(grey.shape))) | 1
   paper_only = (ndimage.grey_closing if dark else ndimage.grey_opening)(
-    small, size=window, mode="nearest"
+    grey, size=full_window, mode="nearest"
   )
-  paper_only = _resize(paper_only, *grey.shape, method="BILINEAR")
   # Within SHADOW_INK of the paper is paper: the estimate's seams (where the light
   # bends) would otherwise be faint lines that the stretch to [0, 1] makes ink.
   if dark:  # flat-field: ink on paper in shadow keeps the contrast it has in the light

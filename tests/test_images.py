@@ -1312,7 +1312,7 @@ def _shadowed(digit, *, side, shadow, share, ramp, size):
   side=st.sampled_from(["left", "right", "top", "bottom"]),
   shadow=st.floats(0.3, 0.75),  # 0.75: the border's paper 0.24 apart (a helper's photos)
   share=st.floats(0.5, 0.8),  # less: the lit part can pass for a sheet on a desk (a limit)
-  ramp=st.sampled_from([0.03, 0.1, 0.2, 0.3]),  # 0.03: 6-18 px (a step: docs/design.md)
+  ramp=st.sampled_from([0.0, 0.02, 0.1, 0.2, 0.3]),  # 0: a hard edge
   size=st.integers(200, 600),
   invert=st.sampled_from(["auto", "yes"]),
 )
