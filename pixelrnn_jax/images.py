@@ -43,8 +43,7 @@ The steps of :func:`prepare`, in order:
    centre of mass of MNIST's digits (row, column index; measured on the
    valid split).
 
-Not handled: a shadow over less than half of a page (its lit part can pass for a
-sheet on a desk). Several digits in one image (a number) are read
+Not handled: hard-edged shadows. Several digits in one image (a number) are read
 as one digit; :func:`prepare` counts them side by side (``Digit.pieces``) so
 that the caller can warn.
 """
@@ -86,7 +85,7 @@ LIGHTING_INK_STEP = 0.25  # a rise of the paper level by more than this is ink, 
 # A border whose 10th and 90th percentiles lie this far apart is in a shadow: light
 # falling off across a phone photo (0.56-0.88 in tests/test_images.py) stays under it,
 # a shadow at 0.6 of the light or darker is over it.
-SHADOW_BORDER_SPREAD = 0.2  # (0.35 left photos with paper at 0.40 and 0.65 unread)
+SHADOW_BORDER_SPREAD = 0.35
 SHADOW_BORDER_PERCENTILES = (10, 90)  # (a shadow may cover 80% of the border)
 SHADOW_SIDE = 128  # its light is estimated on a copy this long ...
 SHADOW_WINDOW = 1 / 6  # ... by a median filter this share of that side wide
@@ -478,8 +477,8 @@ def _flatten_shadow(grey: np.ndarray, invert: str) -> np.ndarray:
   half the window fall out, and a shadow's edge stays sharp, where a mean
   would smear it into ink). The ink is dark when more of the image minus its
   light lies beyond SHADOW_INK below it than above it (or ``invert="yes"``).
-  The paper alone is then a closing of the image (an opening, for light ink)
-  as wide as that window, which removes strokes narrower than it whole; dark
+  The paper alone is then a closing of the copy (an opening, for light ink),
+  which removes strokes narrower than the window whole, scaled back up; dark
   ink is divided by it (a flat field: ink in the shadow keeps the contrast it
   has in the light), and light ink has it subtracted; what lies within
   SHADOW_INK of the paper is paper.
@@ -507,12 +506,10 @@ def _flatten_shadow(grey: np.ndarray, invert: str) -> np.ndarray:
   dark = invert == "yes" or beyond[residue < 0].sum() > beyond[residue > 0].sum()
   # The paper alone: a closing (opening, for light ink) removes every stroke narrower
   # than the window whole, where the median hollows a bold stroke's core.
-  # At full size: scaled up from the copy, a hard shadow's edge would blur into a
-  # seam that the division turns into a stroke.
-  full_window = max(3, round(SHADOW_WINDOW * max(grey.shape))) | 1
   paper_only = (ndimage.grey_closing if dark else ndimage.grey_opening)(
-    grey, size=full_window, mode="nearest"
+    small, size=window, mode="nearest"
   )
+  paper_only = _resize(paper_only, *grey.shape, method="BILINEAR")
   # Within SHADOW_INK of the paper is paper: the estimate's seams (where the light
   # bends) would otherwise be faint lines that the stretch to [0, 1] makes ink.
   if dark:  # flat-field: ink on paper in shadow keeps the contrast it has in the light
