@@ -226,7 +226,8 @@ def read_image(path: str | Path) -> np.ndarray:
   """
   if str(path) in ("", "-"):  # Path("") is ".", a directory; "-" is no stdin here
     raise ImageError(
-      f"{str(path)!r}: not a file name; give the path of an image file (standard input is not read)"
+      f"{str(path)!r}: not a file name; give the path of an image file (standard input is"
+      " not read; a file named - is ./-)"
     )
   path = Path(path)
   suffix = path.suffix.lower()
