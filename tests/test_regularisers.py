@@ -1,11 +1,12 @@
 """Regularisers of the trainer, each against its definition: recurrent dropout,
-decoupled weight decay (AdamW), label smoothing, shift-then-permute, and the
+decoupled weight decay (AdamW), SAM, label smoothing, shift-then-permute, and the
 weights' EMA."""
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import skimage.transform
 from hypothesis import given
@@ -384,6 +385,71 @@ def test_a_run_with_an_ema_evaluates_and_loads_the_ema(tmp_path, toy_data):
   assert summary["best_valid_accuracy"] == meta["best_valid_accuracy"]
 
 
+# ---------------------------------------------------------------- SAM
+
+
+def test_sam_takes_adams_step_with_the_gradient_at_the_ascended_weights_as_in_numpy():
+  """Foret et al. 2021, eq. 2-3, on f(w) = sum(a w^2) / 2: g = a w, e = rho g / |g|_2,
+  and Adam's first step (m_hat = g_sam, v_hat = g_sam^2) uses g_sam = a (w + e)."""
+  rho, lr = 0.3, 1e-2
+  optimizer = step_lib.make_optimizer(config_lib.Config(learning_rate=lr, sam_rho=rho))
+  a = np.array([1.0, 4.0, 0.5], np.float32)
+  w = np.array([1.0, -2.0, 3.0], np.float32)
+
+  def update(params):
+    grads = jax.tree.map(lambda p: a * p, params)
+    grad_fn = lambda p, _: jax.tree.map(lambda q: a * q, p)  # noqa: E731
+    return optimizer.update(grads, optimizer.init(params), params, grad_fn=grad_fn)
+
+  updates, state = jax.pmap(update, axis_name=step_lib.AXIS)({"w": w[None]})
+  g = a * w
+  g_sam = a * (w + rho * g / np.linalg.norm(g))
+  np.testing.assert_allclose(updates["w"][0], -lr * g_sam / (np.abs(g_sam) + 1e-8), rtol=1e-6)
+  np.testing.assert_allclose(
+    optax.tree_utils.tree_get(state, "mu")["w"][0], 0.1 * g_sam, rtol=1e-6
+  )
+  assert not np.allclose(g_sam, g)
+
+
+def test_the_sam_train_step_ascends_along_the_gradient_of_the_whole_batch_over_devices():
+  """The train step with SAM on two devices: Adam's first moment after one step is
+  (1 - b1) g_sam, where g_sam is the gradient of the whole batch's loss at
+  w + rho g / |g|_2 and g the whole batch's gradient at w (computed here in float64)."""
+  config = config_lib.Config(order="row", num_units=4, batch_size=8, sam_rho=0.5)
+  optimizer = step_lib.make_optimizer(config)
+  state = step_lib.init_train_state(config, jax.random.key(0), optimizer)
+  rng = np.random.default_rng(0)
+  x = rng.uniform(size=(8, 28, 28)).astype(np.float32)
+  y = rng.integers(0, 10, 8).astype(np.int32)
+  train_step = step_lib.make_train_step(optimizer, impl="scan", sam=True)
+  new, metrics = train_step(step_lib.replicate(state, 2), x.reshape(2, 4, 28, 28), y.reshape(2, 4))
+
+  with jax.enable_x64(True):
+    w = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), state.params)
+    batch_loss = lambda p: gru_classifier.cross_entropy(  # noqa: E731
+      gru_classifier.apply(p, jnp.asarray(x, jnp.float64), impl="scan"), y
+    )
+    g = jax.grad(batch_loss)(w)
+    norm = np.sqrt(sum(float(jnp.sum(leaf**2)) for leaf in jax.tree.leaves(g)))
+    g_sam = jax.grad(batch_loss)(jax.tree.map(lambda p, d: p + 0.5 * d / norm, w, g))
+    loss = float(batch_loss(w))
+  mu = optax.tree_utils.tree_get(step_lib.unreplicate(new).opt_state, "mu")
+  chex.assert_trees_all_close(mu, jax.tree.map(lambda d: 0.1 * d, g_sam), rtol=2e-4, atol=1e-7)
+  np.testing.assert_allclose(metrics["loss"][0], loss, rtol=1e-5)  # of the weights before
+  np.testing.assert_allclose(metrics["grad_norm"][0], norm, rtol=1e-4)
+  assert np.linalg.norm(np.asarray(g_sam.output.kernel - g.output.kernel)) > 1e-3
+
+
+def test_sam_at_rho_0_is_the_plain_optimizer():
+  plain = step_lib.make_optimizer(config_lib.Config())
+  params = {"w": jnp.array([1.0, -2.0])}
+  chex.assert_trees_all_equal_structs(
+    step_lib.make_optimizer(config_lib.Config(sam_rho=0.0)).init(params), plain.init(params)
+  )
+  with_sam = step_lib.make_optimizer(config_lib.Config(sam_rho=0.1)).init(params)
+  assert jax.tree.structure(with_sam) != jax.tree.structure(plain.init(params))
+
+
 # ---------------------------------------------------------------- label smoothing
 
 
@@ -463,7 +529,8 @@ def test_every_regulariser_is_off_in_the_notebook_recipe():
     notebook.elastic_alpha,
     notebook.label_smoothing,
     notebook.ema_decay,
-  ) == (0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0, None)
+    notebook.sam_rho,
+  ) == (0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0, None, 0.0)
 
 
 def test_resume_is_bit_exact_with_every_regulariser_on(tmp_path, toy_data):
@@ -481,6 +548,7 @@ def test_resume_is_bit_exact_with_every_regulariser_on(tmp_path, toy_data):
       "elastic_alpha": 8.0,
       "label_smoothing": 0.1,
       "ema_decay": 0.9,
+      "sam_rho": 0.05,
     }
   )
   straight = loop.train_and_evaluate(config, tmp_path / "straight", progress=False)

@@ -173,6 +173,13 @@ class Config:
   weight_decay: float = knob(
     0.0, "decoupled weight decay (AdamW) on every weight; 0 = plain Adam (the notebook)", low=0
   )
+  sam_rho: float = knob(
+    0.0,
+    "sharpness-aware minimisation (SAM, Foret et al. 2021): take each step's gradient at"
+    " the weights moved by this radius rho along the normalised gradient (e.g. 0.05; two"
+    " gradients a step); 0 = off (the notebook)",
+    low=0,
+  )
   label_smoothing: float = knob(
     0.0,
     "train towards (1 - a) one-hot + a / 10 instead of the label alone (Szegedy"

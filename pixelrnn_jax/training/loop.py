@@ -330,6 +330,7 @@ def _train(
     teachers=teachers,
     distill_weight=config.distill_weight,
     distill_temperature=config.distill_temperature,
+    sam=bool(config.sam_rho),
     devices=distributed.training_devices(config.devices) if multi_process else None,
   )
   replicated = step_lib.replicate(state, config.devices)

@@ -8,6 +8,7 @@ averaged with ``lax.pmean`` (the pattern of Flax's ImageNet example).
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 from typing import NamedTuple
 
@@ -87,7 +88,14 @@ def make_schedule(config: Config) -> optax.Schedule:
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:
-  """Adam (the notebook's), optionally with a schedule and global-norm clipping."""
+  """Adam (the notebook's), optionally with a schedule and global-norm clipping.
+
+  With ``config.sam_rho`` > 0 it is wrapped in SAM (Foret et al. 2021,
+  ``optax.contrib.sam`` in opaque mode): each update first moves the weights to
+  ``w + rho * g / ||g||_2`` (g: the gradient it is given, averaged over devices),
+  then passes the gradient there, averaged over the ``AXIS`` devices, to Adam.
+  Its ``update`` needs ``grad_fn=`` and runs inside the pmap (``make_train_step``).
+  """
   parts = []
   if config.clip_norm is not None:
     parts.append(optax.clip_by_global_norm(config.clip_norm))
@@ -95,7 +103,13 @@ def make_optimizer(config: Config) -> optax.GradientTransformation:
     parts.append(optax.adamw(make_schedule(config), weight_decay=config.weight_decay))
   else:
     parts.append(optax.adam(make_schedule(config)))
-  return optax.chain(*parts)
+  optimizer = optax.chain(*parts)
+  if config.sam_rho:
+    ascent = optax.chain(optax.contrib.normalize(), optax.sgd(config.sam_rho))
+    optimizer = optax.contrib.sam(
+      optimizer, ascent, sync_period=2, opaque_mode=True, batch_axis_name=AXIS
+    )
+  return optimizer
 
 
 def init_params(config: Config, key: jax.Array) -> gru_classifier.Params:
@@ -178,6 +192,7 @@ def make_train_step(
   teachers: teachers_lib.Teachers | None = None,
   distill_weight: float = 0.0,
   distill_temperature: float = 1.0,
+  sam: bool = False,
 ):
   """Returns the pmapped train step ``(state, x, labels[, stop]) -> (state, metrics)``.
 
@@ -201,6 +216,9 @@ def make_train_step(
     teachers, distill_weight, distill_temperature: knowledge distillation
       (``loss_fn``): the teachers' ensemble answers each device's batch as the
       model reads it; the metrics' loss is the mixed loss.
+    sam: ``optimizer`` is ``make_optimizer``'s SAM (``Config.sam_rho`` > 0); its
+      second gradient is of the same loss on the same batch. The metrics are of
+      the weights before the step, as without it.
   """
   if distill_weight and teachers is None:
     raise ValueError(f"distill_weight={distill_weight!r} needs teachers (teachers.read)")
@@ -212,11 +230,10 @@ def make_train_step(
         jax.random.fold_in(dropout_key(seed), state.step), jax.lax.axis_index(AXIS)
       )
     teacher_logits = teachers.ensemble_logits(x) if distill_weight else None
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, logits), grads = grad_fn(
-      state.params,
-      x,
-      labels,
+    batch_loss = functools.partial(
+      loss_fn,
+      x=x,
+      labels=labels,
       per_step_loss=per_step_loss,
       per_step_weighting=per_step_weighting,
       impl=impl,
@@ -227,8 +244,12 @@ def make_train_step(
       distill_weight=distill_weight,
       distill_temperature=distill_temperature,
     )
+    (loss, logits), grads = jax.value_and_grad(batch_loss, has_aux=True)(state.params)
     grads = jax.lax.pmean(grads, AXIS)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    extra = {}
+    if sam:  # the same batch, masks and teachers' answer at the moved weights
+      extra["grad_fn"] = lambda params, _: jax.grad(batch_loss, has_aux=True)(params)[0]
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params, **extra)
     params = optax.apply_updates(state.params, updates)
     ema_params = None
     if ema_decay is not None:
