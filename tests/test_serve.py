@@ -536,6 +536,47 @@ def test_bad_input_is_a_4xx_naming_the_problem(client, request_kwargs, status, t
   assert "Traceback" not in response.text
 
 
+def _multipart(png: bytes, boundary: bytes = b"b0undary") -> bytes:
+  """A whole multipart/form-data body: a 'model' field, then the file 'seven.png'."""
+  return (
+    b"--" + boundary + b'\r\nContent-Disposition: form-data; name="model"\r\n\r\npixel\r\n'
+    b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="seven.png"'
+    b"\r\nContent-Type: image/png\r\n\r\n" + png + b"\r\n--" + boundary + b"--\r\n"
+  )
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(fraction=st.floats(0.0, 1.0, exclude_max=True))
+def test_a_multipart_body_cut_short_is_named_as_cut_short(client, fraction):
+  """A body cut anywhere before the end of its closing delimiter (a dropped upload)
+  is answered with the digit when the file part came whole, else with a 400 that
+  says the body was cut short; never 'without a file (fields: none)'."""
+  whole = _multipart(SEVEN.read_bytes())
+  closing = whole.rindex(b"--b0undary--") + len(b"--b0undary--")
+  body = whole[: max(1, int(fraction * closing))]
+  response = client.post(
+    "/api/predict",
+    content=body,
+    headers={"content-type": "multipart/form-data; boundary=b0undary"},
+  )
+  if response.status_code == 200:
+    assert response.json()["digit"] == 7 and len(body) > closing - 20
+  else:
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert "cut short" in error and f"{len(body):,} bytes" in error, error
+    assert "'--b0undary--'" in error
+
+
+def test_a_whole_multipart_body_without_a_file_still_names_its_fields(client):
+  body = _multipart(b"").replace(b'name="file"; filename="seven.png"', b'name="picture"')
+  response = client.post(
+    "/api/predict", content=body, headers={"content-type": "multipart/form-data; boundary=b0undary"}
+  )
+  assert response.status_code == 400
+  assert "without a file in field 'file' (fields: model, picture)" in response.json()["error"]
+
+
 JSON_VALUES = st.recursive(
   st.none()
   | st.booleans()

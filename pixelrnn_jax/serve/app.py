@@ -41,6 +41,7 @@ from typing import Any
 import fastapi_swagger
 import numpy as np
 import orjson
+import python_multipart.multipart
 from fastapi import FastAPI
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
@@ -466,11 +467,26 @@ async def _read_form(request: Request, body: bytes) -> tuple[UploadFile, str | N
       " (curl -F file=@seven.png)",
     )
   if not isinstance(upload, UploadFile):
+    closing = _closing_delimiter(request.headers.get("content-type", ""))
+    if closing and closing not in body:  # a part is only kept once the next delimiter comes
+      raise RequestError(
+        400,
+        f"multipart body of {len(body):,} bytes ends before its closing delimiter"
+        f" {closing.decode('latin-1')!r}: it was cut short (a dropped connection or a"
+        " Content-Length smaller than the body?); send the whole file again",
+      )
     fields = ", ".join(sorted(form.keys())) or "none"
     raise RequestError(400, f"multipart body without a file in field 'file' (fields: {fields})")
   if model_name is not None and not isinstance(model_name, str):
     raise RequestError(400, "multipart field 'model' must be text, a loaded model's name")
   return upload, model_name
+
+
+def _closing_delimiter(content_type: str) -> bytes | None:
+  """``--BOUNDARY--``, the line that ends a multipart body (RFC 2046, 5.1.1), or None."""
+  _, options = python_multipart.multipart.parse_options_header(content_type)
+  boundary = options.get(b"boundary")
+  return b"--" + boundary + b"--" if boundary else None
 
 
 def _choose(
