@@ -398,16 +398,14 @@ def test_sam_takes_adams_step_with_the_gradient_at_the_ascended_weights_as_in_nu
 
   def update(params):
     grads = jax.tree.map(lambda p: a * p, params)
-    grad_fn = lambda p, _: jax.tree.map(lambda q: a * q, p)  # noqa: E731
+    grad_fn = lambda p, _: jax.tree.map(lambda q: a * q, p)
     return optimizer.update(grads, optimizer.init(params), params, grad_fn=grad_fn)
 
   updates, state = jax.pmap(update, axis_name=step_lib.AXIS)({"w": w[None]})
   g = a * w
   g_sam = a * (w + rho * g / np.linalg.norm(g))
   np.testing.assert_allclose(updates["w"][0], -lr * g_sam / (np.abs(g_sam) + 1e-8), rtol=1e-6)
-  np.testing.assert_allclose(
-    optax.tree_utils.tree_get(state, "mu")["w"][0], 0.1 * g_sam, rtol=1e-6
-  )
+  np.testing.assert_allclose(optax.tree_utils.tree_get(state, "mu")["w"][0], 0.1 * g_sam, rtol=1e-6)
   assert not np.allclose(g_sam, g)
 
 
@@ -426,7 +424,7 @@ def test_the_sam_train_step_ascends_along_the_gradient_of_the_whole_batch_over_d
 
   with jax.enable_x64(True):
     w = jax.tree.map(lambda p: jnp.asarray(p, jnp.float64), state.params)
-    batch_loss = lambda p: gru_classifier.cross_entropy(  # noqa: E731
+    batch_loss = lambda p: gru_classifier.cross_entropy(
       gru_classifier.apply(p, jnp.asarray(x, jnp.float64), impl="scan"), y
     )
     g = jax.grad(batch_loss)(w)
