@@ -1020,6 +1020,7 @@ def test_the_page_reads_a_digit_drawn_with_the_mouse(server):
       page.wait_for_timeout(1_000)
       assert page.locator("#step").text_content().startswith("392 of 784 pixels read")
       assert page.evaluate("document.body.dataset.busy") == "false"
+      _check_the_scrubber_runs_under_the_charts_axis(page)
       if os.environ.get("PIXELRNN_JAX_SCREENSHOT"):  # mid-reading: the cursor shows in both
         page.locator("#scrub").fill("300")
         page.screenshot(path=str(ROOT / os.environ["PIXELRNN_JAX_SCREENSHOT"]), full_page=True)
@@ -1041,6 +1042,40 @@ def test_the_page_reads_a_digit_drawn_with_the_mouse(server):
       assert failed == []
     finally:
       browser.close()
+
+
+def _check_the_scrubber_runs_under_the_charts_axis(page):
+  """A click on the scrubber under the chart's x for v moves the cursor to v (within
+  2 of 784), and the thumb drawn there is centred on the chart's red cursor line."""
+  chart = page.locator("#chart").bounding_box()
+  scrub = page.locator("#scrub").bounding_box()
+  for pixels in (100, 700, 784, 1, 392):
+    x = chart["x"] + page.evaluate(f"chartGeometry().x({pixels})")
+    page.mouse.click(x, scrub["y"] + scrub["height"] / 2)
+    value = int(page.locator("#scrub").input_value())
+    assert abs(value - pixels) <= 2, (pixels, value)
+    assert page.locator("#step").text_content().startswith(f"{value} of 784 pixels read")
+    shot = np.asarray(
+      Image.open(
+        io.BytesIO(
+          page.screenshot(
+            clip={
+              "x": chart["x"],
+              "y": chart["y"],
+              "width": chart["width"],
+              "height": scrub["y"] + scrub["height"] - chart["y"],
+            }
+          )
+        )
+      ).convert("RGB"),
+      dtype=int,
+    )
+    red = (shot[..., 0] > 200) & (shot[..., 1] < 110) & (shot[..., 2] < 110)  # #ff3b30
+    top = int(round(scrub["y"] - chart["y"]))
+    thumb = np.flatnonzero(red[top:].any(axis=0))
+    line = np.flatnonzero(red[10 : int(chart["height"]) - 40].sum(axis=0) > 50)
+    assert thumb.size and line.size, (pixels, thumb, line)
+    assert abs((thumb.min() + thumb.max()) / 2 - line.mean()) <= 2.0, (pixels, thumb, line)
 
 
 def test_the_page_warns_of_a_number_and_the_warning_goes_with_it(server, tmp_path):

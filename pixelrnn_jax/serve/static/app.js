@@ -350,7 +350,14 @@ function drawSeen() {
 
 // ---------------------------------------------------------------- the chart
 
-const MARGIN = { left: 44, right: 14, top: 12, bottom: 30 };
+// The plot's margins in CSS px; left and right are style.css's, which the scrubber follows.
+const chartStyle = getComputedStyle(chart);
+const MARGIN = {
+  left: parseFloat(chartStyle.getPropertyValue("--chart-left")) || 44,
+  right: parseFloat(chartStyle.getPropertyValue("--chart-right")) || 14,
+  top: 12,
+  bottom: 30,
+};
 
 function chartGeometry() {
   const dpr = window.devicePixelRatio || 1;
