@@ -1,8 +1,14 @@
 """Every recipe option sets what it claims."""
 
+import dataclasses
+import typing
+
 import jax
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
 
 from pixelrnn_jax import gru_classifier
 from pixelrnn_jax.training import config as config_lib
@@ -72,12 +78,34 @@ def test_config_passes_options_and_sequence_length():
     (dict(max_shift=14), r"max_shift=14: expected an integer in \[0, 13\]"),
     (dict(max_shift=-1), r"max_shift=-1"),
     (dict(seed=-1), r"seed=-1: expected >= 0"),
+    (dict(sam_rho=2.0), r"sam_rho=2.0: expected a number in \[0, 1\]"),
+    (dict(learning_rate=1e300), r"learning_rate=1e\+300: beyond float32's range"),
     (dict(per_step_weighting="quadratic"), r"per_step_weighting='quadratic'"),
   ],
 )
 def test_bad_options(kwargs, match):
   with pytest.raises(ValueError, match=match):
     config_lib.Config(**kwargs)
+
+
+FLOAT_FIELDS = [
+  field.name
+  for field in dataclasses.fields(config_lib.Config)
+  if config_lib.base_type(typing.get_type_hints(config_lib.Config)[field.name]) is float
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+  name=st.sampled_from(FLOAT_FIELDS),
+  value=st.floats(min_value=float(np.finfo(np.float32).max), exclude_min=True),
+  sign=st.sampled_from([1.0, -1.0]),
+)
+def test_every_float_field_refuses_what_float32_cannot_hold(name, value, sign):
+  """A float knob is applied in float32 (--lr 1e300 overflowed to a NaN step): beyond
+  float32's range it is refused by name, whatever the field's own bounds."""
+  with pytest.raises(ValueError, match=rf"^{name}="):
+    config_lib.Config(**{name: sign * value})
 
 
 def test_recipes_are_valid_and_the_notebook_one_is_the_default():

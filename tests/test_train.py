@@ -321,6 +321,17 @@ def test_non_finite_loss_stops_keeping_the_last_good_checkpoint(tmp_path, monkey
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state["params"]))
 
 
+@pytest.mark.parametrize("sam_rho", [0.0, 0.5])
+def test_the_nan_stop_and_the_divergence_warning_name_the_knobs_to_lower(tmp_path, sam_rho):
+  config = config_lib.Config(learning_rate=3e-3, sam_rho=sam_rho)
+  with pytest.raises(loop.NonFiniteLossError) as error:
+    loop._check_finite(7, {"loss": float("nan"), "grad_norm": 1.0}, tmp_path, config)
+  warning = loop._diverging({"loss": 1e4, "step": 7}, config)
+  for text in (str(error.value), warning):
+    assert "lower --lr (now 0.003)" in text
+    assert ("--sam-rho (now 0.5)" in text) == bool(sam_rho), text
+
+
 def test_resume_with_a_different_config_is_refused(tmp_path, toy_data):
   loop.train_and_evaluate(config_lib.Config(**SMALL), tmp_path, progress=False)
   with pytest.raises(ValueError, match=r"different config \(--num-units: 8 -> 16\)"):

@@ -28,6 +28,7 @@ Impl = Literal["fused", "scan"]
 Order = Literal["pixel", "permuted", "row"]
 LrSchedule = Literal["constant", "warmup_cosine", "warmup_step"]
 StepWeighting = Literal["uniform", "linear"]
+FLOAT32_MAX = 3.4028234663852886e38  # numpy.finfo(numpy.float32).max (a leaf: no numpy here)
 DISTILL_TEMPERATURE = 2.0  # Hinton et al. 2015 used 1-20; 2 measured as well as 4 here
 
 
@@ -176,9 +177,10 @@ class Config:
   sam_rho: float = knob(
     0.0,
     "sharpness-aware minimisation (SAM, Foret et al. 2021): take each step's gradient at"
-    " the weights moved by this radius rho along the normalised gradient (e.g. 0.05; two"
-    " gradients a step); 0 = off (the notebook)",
+    " the weights moved by this radius rho along the normalised gradient (0 to 1, e.g."
+    " 0.05; Foret et al. searched 0.01-0.5; two gradients a step); 0 = off (the notebook)",
     low=0,
+    high=1,
   )
   label_smoothing: float = knob(
     0.0,
@@ -441,6 +443,11 @@ def _check_field(field: dataclasses.Field, kind, value) -> None:
     too_high = high is not None and (value >= high if meta["high_open"] else value > high)
     if too_low or too_high or (expected is float and not math.isfinite(value)):
       raise ValueError(f"{field.name}={value!r}: expected {_range_text(meta, expected)}")
+    if expected is float and abs(value) > FLOAT32_MAX:  # the step computes in float32
+      raise ValueError(
+        f"{field.name}={value!r}: beyond float32's range (|x| <= {FLOAT32_MAX:.3g}), in"
+        f" which the run computes; expected {_range_text(meta, expected)} within it"
+      )
 
 
 def _range_text(meta, expected) -> str:

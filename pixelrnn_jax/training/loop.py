@@ -152,7 +152,7 @@ def _load_split(config, split):
   return images, gru_classifier.check_labels(labels)
 
 
-def _check_finite(step: int, metrics: dict, workdir: Path) -> None:
+def _check_finite(step: int, metrics: dict, workdir: Path, config) -> None:
   """Stops the run, naming the last good checkpoint, when the loss or gradient is NaN/inf."""
   if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
     return
@@ -160,8 +160,13 @@ def _check_finite(step: int, metrics: dict, workdir: Path) -> None:
     f"step {step}: loss {metrics['loss']}, gradient norm"
     f" {metrics['grad_norm']}; stopped without saving this state. The last"
     f" good checkpoint is {run_dir.last_checkpoint(workdir)}."
-    " Try a lower --lr or --clip-norm 1.0, and check the input for NaNs."
+    f" Try a lower --lr (now {config.learning_rate:g}){_lower_sam(config)} or --clip-norm"
+    " 1.0, and check the input for NaNs."
   )
+
+
+def _lower_sam(config) -> str:
+  return f", a lower --sam-rho (now {config.sam_rho:g})" if config.sam_rho else ""
 
 
 # A mean training loss above this (nats) is a run that diverged: chance is ln 10 = 2.30,
@@ -176,7 +181,7 @@ def _diverging(record: dict, config) -> str:
   return (
     f"training loss {record['loss']:.3g} at step {record['step']}, far above chance's 2.30:"
     f" the run is diverging; stop it (Ctrl-C) and lower --lr (now"
-    f" {config.learning_rate:g}){clip}"
+    f" {config.learning_rate:g}){_lower_sam(config)}{clip}"
   )
 
 
@@ -411,7 +416,7 @@ def _train(
         window_start = time.perf_counter()
       else:
         window.append(metrics)
-      _check_finite(step, metrics, workdir)
+      _check_finite(step, metrics, workdir, config)
       if window and (step % config.log_every == 0 or step == config.steps):
         record = _window_record(step, window, time.perf_counter() - window_start, config.batch_size)
         if primary:
