@@ -1031,14 +1031,19 @@ def test_the_page_reads_a_digit_drawn_with_the_mouse(server):
         timeout=20_000,
       )
       assert page.get_attribute("#answer", "data-label") == "7"
-      # The permuted model stops near the end: its early-exit label goes left of the
-      # line, inside the chart (it ran off the right edge).
+      # The early-exit line is drawn where the model stopped, with its label right of
+      # it, or left of it near the end (it ran off the right edge); no line where the
+      # model was never that sure and read all 784 pixels.
       read = int(page.get_attribute("#chart", "data-read"))
       side = page.get_attribute("#chart", "data-exit-label")
-      assert side == ("left" if read > 700 else "right"), (read, side)
+      assert side == ("none" if read == 784 else "left" if read > 700 else "right"), (read, side)
+      for stopped, expected in ((300, "right"), (760, "left"), (784, "none")):
+        page.evaluate(f"state.result.pixels_read = {stopped}; drawChart();")
+        assert page.get_attribute("#chart", "data-exit-label") == expected, stopped
       page.click("#undo")
       page.wait_for_selector("#answer:not([data-label])", timeout=5_000)
       assert page.get_attribute("#chart", "data-drawn") == "false"
+      assert page.locator("#scrub").input_value() == "784"  # not left where it was
       assert failed == []
     finally:
       browser.close()
@@ -1054,7 +1059,19 @@ def _check_the_scrubber_runs_under_the_charts_axis(page):
     page.mouse.click(x, scrub["y"] + scrub["height"] / 2)
     value = int(page.locator("#scrub").input_value())
     assert abs(value - pixels) <= 2, (pixels, value)
-    assert page.locator("#step").text_content().startswith(f"{value} of 784 pixels read")
+    step_text = page.locator("#step").text_content()
+    assert step_text.startswith(f"{value} of 784 pixels read")
+    # "leading D at X%" only when no other digit shows X% too, else "N digits level at X%"
+    row = page.evaluate(f"state.result.probabilities[{value - 1}]")
+    shown = [f"{100 * p:.1f}%" for p in row]
+    top = max(row)
+    level = shown.count(f"{100 * top:.1f}%")
+    expected = (
+      f"leading {row.index(top)} at {100 * top:.1f}%"
+      if level == 1
+      else f"{level} digits level at {100 * top:.1f}%"
+    )
+    assert step_text.endswith(expected), (step_text, row)
     shot = np.asarray(
       Image.open(
         io.BytesIO(

@@ -243,6 +243,7 @@ function showNothing() {
   $("order-info").innerHTML = "&nbsp;";
   $("step").innerHTML = "&nbsp;";
   $("play").disabled = $("scrub").disabled = true;
+  $("scrub").value = state.cursor = PIXELS;  // the next answer starts at its end
   stopPlaying();
   drawSeen();
   drawChart();
@@ -405,7 +406,8 @@ function drawChart() {
     return;
   }
   const early = (state.models[result.model] || {}).early_exit_threshold;
-  if (early != null) { // where early exit stops
+  chart.dataset.exitLabel = "none";  // (for the tests)
+  if (early != null && result.pixels_read < PIXELS) { // where early exit stopped, if it did
     ctx.save();
     ctx.setLineDash([5, 4]);
     ctx.strokeStyle = "#444";
@@ -466,8 +468,12 @@ function moveCursor(pixels) {
   const row = result.probabilities[state.cursor - 1];
   let leader = 0;
   for (let c = 1; c < 10; c++) if (row[c] > row[leader]) leader = c;
+  // Classes level with the leader as shown (to 0.1%): at first all ten are at 10.0%.
+  const level = row.filter((p) => percent(p) === percent(row[leader])).length;
+  const leading = level > 1 ? `${level} digits level at ${percent(row[leader])}`
+    : `leading ${leader} at ${percent(row[leader])}`;
   $("step").textContent = `${state.cursor} of ${PIXELS} pixels read (now row ` +
-    `${Math.floor(pixel / SIZE)}, column ${pixel % SIZE}): leading ${leader} at ${percent(row[leader])}`;
+    `${Math.floor(pixel / SIZE)}, column ${pixel % SIZE}): ${leading}`;
   drawSeen();
   drawChart();
 }
