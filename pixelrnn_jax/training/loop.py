@@ -196,15 +196,18 @@ def _draws_a_bar(stream) -> bool:
     return False
 
 
-def _window_record(step: int, window: list[dict], seconds: float, batch_size: int) -> dict:
-  """One metrics.jsonl line: the means over the steps since the last log line."""
+def _window_record(
+  step: int, window: list[dict], seconds: float, batch_size: int, timed: int
+) -> dict:
+  """One metrics.jsonl line: the means over the steps since the last log line, and the
+  rate of the ``timed`` steps of them that ``seconds`` measured."""
   return {
     "step": step,
     "loss": float(np.mean([m["loss"] for m in window])),
     "accuracy": float(np.mean([m["accuracy"] for m in window])),
     "grad_norm": float(np.mean([m["grad_norm"] for m in window])),
-    "steps_per_s": len(window) / seconds,
-    "samples_per_s": len(window) * batch_size / seconds,
+    "steps_per_s": timed / seconds,
+    "samples_per_s": timed * batch_size / seconds,
   }
 
 
@@ -412,13 +415,17 @@ def _train(
       watchdog.progress()
       step += 1
       if step == start_step + 1:
-        log.info("first step (compilation included) took %.1f s", time.perf_counter() - step_start)
+        first_seconds = time.perf_counter() - step_start
+        log.info("first step (compilation included) took %.1f s", first_seconds)
         window_start = time.perf_counter()
-      else:
-        window.append(metrics)
+      window.append(metrics)
       _check_finite(step, metrics, workdir, config)
-      if window and (step % config.log_every == 0 or step == config.steps):
-        record = _window_record(step, window, time.perf_counter() - window_start, config.batch_size)
+      if step % config.log_every == 0 or step == config.steps:
+        # The first step of each start compiles: the rate is of the steps after it, or
+        # of that step alone (compilation included) when its line has no other.
+        timed = len(window) - (step - len(window) == start_step)
+        seconds = time.perf_counter() - window_start if timed else first_seconds
+        record = _window_record(step, window, seconds, config.batch_size, timed or 1)
         if primary:
           run_dir.append_metrics(workdir, record)
         bar.set_postfix(
