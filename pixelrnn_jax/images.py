@@ -99,6 +99,11 @@ MNIST_STROKE = 0.114  # stroke width / the box's longer side: median over MNIST'
 STROKE_RANGE = (0.06, 0.22)  # a stroke outside this (relative width) is redrawn at MNIST_STROKE
 STROKE_INK_PERCENTILE = 50  # the ink's level where its stroke is measured: this percentile
 STROKE_MIN_BOX = 2 * BOX  # pixels: a smaller digit box (an MNIST-sized image) is never redrawn
+# A round blob (a dot, a click on the canvas), not strokes: the widest circle inside its
+# ink is this much of its box's longer side or more. On 20,000 MNIST training digits
+# (boxes under STROKE_MIN_BOX measured at a multiple of their size) the most is 0.60,
+# an 8 drawn as a blot (the 99.9th percentile 0.51); a disc measures 0.83-0.98.
+BLOB_CIRCLE = 0.8
 RULED_COVERAGE = 0.8  # a ruled line: above the paper across this share of a row ...
 RULED_FAINT = 0.02  # ... by this (of the ink's level), with its more inked neighbour ...
 RULED_THICK = 0.03  # ... in a band at most this thick (of the image) ...
@@ -1083,6 +1088,35 @@ def _stroke_width(mask: np.ndarray, skeleton: np.ndarray) -> float:
   return 2.0 * float(np.median(ndimage.distance_transform_edt(mask)[skeleton])) - 1.0
 
 
+def _check_strokes(patch: np.ndarray) -> None:
+  """Refuses a round blob (BLOB_CIRCLE): a dot was read as a confident 0.
+
+  ``patch``: the ink's box, ink bright; a box under STROKE_MIN_BOX is measured at the
+  smallest whole multiple of its size that reaches it (bilinear), as MNIST's were.
+
+  Raises:
+    ImageError: naming the blob's size and its widest inscribed circle.
+  """
+  from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
+
+  height, width = patch.shape
+  factor = -(-STROKE_MIN_BOX // max(height, width))  # ceil
+  if factor > 1:
+    patch = _resize(patch, height * factor, width * factor, method="BILINEAR")
+  inked = patch[patch > BOX_THRESHOLD]
+  if inked.size < 2:
+    return
+  mask = patch > 0.5 * np.percentile(inked, STROKE_INK_PERCENTILE)
+  # Padded: the ink touches its box's edges, beyond which is paper.
+  circle = 2.0 * float(ndimage.distance_transform_edt(np.pad(mask, 1)).max()) / max(patch.shape)
+  if circle >= BLOB_CIRCLE:
+    raise ImageError(
+      f"no digit-like ink: a filled round blob {width}x{height} pixels as read (the widest"
+      f" circle inside its ink spans {circle:.0%} of it; inside a digit's strokes, under"
+      f" {BLOB_CIRCLE:.0%}); is it a dot or a smudge? Write the digit in lines."
+    )
+
+
 def _normalise_stroke(patch: np.ndarray) -> np.ndarray:
   """Redraws a digit whose stroke is far thinner or bolder than MNIST's.
 
@@ -1207,7 +1241,9 @@ def prepare(image, *, invert: str = "auto") -> Digit:
   pieces = _side_by_side(grey)
   ink_mask = grey > BOX_THRESHOLD
   rows, cols = np.nonzero(ink_mask.any(1))[0], np.nonzero(ink_mask.any(0))[0]
-  patch = _normalise_stroke(grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1])
+  patch = grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+  _check_strokes(patch)
+  patch = _normalise_stroke(patch)
   scale = BOX / max(patch.shape)
   height = max(1, round(patch.shape[0] * scale))
   width = max(1, round(patch.shape[1] * scale))

@@ -389,6 +389,7 @@ def test_any_drawn_digit_becomes_an_mnist_digit(height, width, stroke, light_pap
   image = np.zeros((height, width))
   top, left = rng.integers(0, max(1, height // 3)), rng.integers(0, max(1, width // 3))
   length = max(2, min(height - top, width - left) // 2)
+  stroke = max(1, min(stroke, length // 2))  # a bar, not a square dot (refused as a blob)
   image[top : top + length, left : left + stroke] = 1.0  # a "1" somewhere in the frame
   image = (image * 0.9 + rng.normal(0, noise, image.shape)).clip(0, 1)
   if light_paper:
@@ -405,6 +406,58 @@ def test_any_drawn_digit_becomes_an_mnist_digit(height, width, stroke, light_pap
       [(pixels.sum(1) * np.arange(28)).sum(), (pixels.sum(0) * np.arange(28)).sum()]
     )
     np.testing.assert_allclose(centre / pixels.sum(), 14.0, atol=1.0)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+  diameter=st.integers(10, 300),
+  aspect=st.floats(0.95, 1.0),
+  room=st.floats(0.5, 4.0),
+  light_paper=st.booleans(),
+  form=st.sampled_from(["PNG", "JPEG"]),
+)
+def test_a_filled_round_blob_is_refused_not_read_as_a_digit(
+  tmp_path_factory, diameter, aspect, room, light_paper, form
+):
+  """A dot (one click on the serve page's canvas; a 20-px disc was read as 0 at
+  p = 0.97): a filled disc of any size, at most half its page's side, is refused.
+  (A disc that fills most of the page is taken for the paper, with ink in the corners.)"""
+  margin = round(room * diameter)
+  size = diameter + 2 * margin
+  paper, ink = (255, 0) if light_paper else (0, 255)
+  image = Image.new("L", (size, size), paper)
+  box = [margin, margin, margin + round(aspect * diameter) - 1, margin + diameter - 1]
+  ImageDraw.Draw(image).ellipse(box, fill=ink)
+  path = tmp_path_factory.mktemp("blob") / f"dot.{form.lower()}"
+  image.save(path, form)
+  with pytest.raises(images.ImageError, match=r"^no digit-like ink"):
+    images.prepare(images.read_image(path))
+
+
+def test_digits_of_every_size_and_weight_are_not_taken_for_blobs(mnist_dir):
+  """Valid digits enlarged 1.5-8x (so that they are prepared, not taken as MNIST's),
+  on paper of either shade, with strokes made bolder or thinner, are never refused;
+  the blob rule's bound (0.8) is above MNIST's most (0.60, an 8 drawn as a blot)."""
+  from scipy import ndimage
+
+  digits = _valid_digits(mnist_dir)
+  # MNIST's blottiest digits, 0.60 each (of the "train" split, 55,000 images)
+  blots = np.asarray(data.load_mnist("train", data_dir=mnist_dir)[0][[46576, 5281, 35386]])
+  rng = np.random.default_rng(7)
+  for digit in [*blots, *digits[rng.choice(len(digits), 150, replace=False)]]:
+    weight = rng.choice(["as drawn", "bolder", "thinner"])
+    if weight == "bolder":
+      digit = ndimage.grey_dilation(digit, size=(2, 2))
+    elif weight == "thinner":
+      digit = np.where(ndimage.grey_erosion(digit, size=(2, 2)) > 0.2, digit, 0.0)
+    side = round(28 * rng.uniform(1.5, 8.0))
+    big = np.asarray(Image.fromarray(digit.astype(np.float32)).resize((side, side)), np.float32)
+    page = np.pad(big.clip(0, 1), int(rng.integers(0, 40)))
+    if rng.random() < 0.5:
+      page = 1.0 - page
+    if page.max() - page.min() < 0.5:  # thinned away
+      continue
+    images.prepare(page)  # raises ImageError if refused
 
 
 def test_show_names_stay_apart_and_errors_keep_input_order(tmp_path, capsys):

@@ -447,6 +447,8 @@ def json_body(pixels: np.ndarray, model: str | None = None) -> bytes:
 # ---------------------------------------------------------------------------- bad input
 
 WHITE = Image.new("L", (60, 60), 255)
+CLICK = Image.new("L", (280, 280), 0)  # one click on the page's canvas: a dot of its pen
+ImageDraw.Draw(CLICK).ellipse([130, 130, 149, 149], fill=255)
 
 
 def _png(image) -> bytes:
@@ -463,6 +465,7 @@ def _png(image) -> bytes:
     (dict(files={"file": ("a.png", b"%PDF-1.4 hello", "image/png")}), 400, "not a readable image"),
     (dict(files={"file": ("a.txt", b"hello", "text/plain")}), 400, "unsupported file type .txt"),
     (dict(files={"file": ("a.png", _png(WHITE), "image/png")}), 422, "a.png: no ink"),
+    (dict(files={"file": ("canvas.png", _png(CLICK), "image/png")}), 422, "filled round blob"),
     (dict(files={"b.png": ("b.png", b"x", "image/png")}), 400, "without a file in field 'file'"),
     (
       dict(content=b"hello", headers={"content-type": "text/plain"}),
