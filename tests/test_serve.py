@@ -466,6 +466,16 @@ def _png(image) -> bytes:
     (dict(files={"file": ("a.txt", b"hello", "text/plain")}), 400, "unsupported file type .txt"),
     (dict(files={"file": ("a.png", _png(WHITE), "image/png")}), 422, "a.png: no ink"),
     (dict(files={"file": ("canvas.png", _png(CLICK), "image/png")}), 422, "filled round blob"),
+    (
+      dict(files=[("file", ("a.png", b"x", "image/png")), ("file", ("b.png", b"y", "image/png"))]),
+      400,
+      "multipart body with more than one file: send one image, in field 'file'",
+    ),
+    (
+      dict(content=b"--x\r\n", headers={"content-type": "multipart/form-data"}),
+      400,
+      "multipart/form-data without its boundary=... in Content-Type: let the HTTP client",
+    ),
     (dict(files={"b.png": ("b.png", b"x", "image/png")}), 400, "without a file in field 'file'"),
     (
       dict(content=b"hello", headers={"content-type": "text/plain"}),
@@ -631,6 +641,7 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(served):
     large = SEVEN.read_bytes() + b"\0" * 20_000
     response = upload(client, large, "seven.png")
     assert response.status_code == 413 and "0.01 MB upload limit" in response.json()["error"]
+    assert response.json()["error"].endswith("a digit needs far less: scale the image down")
 
     def chunks():  # no Content-Length: the limit holds on the stream itself
       for _ in range(20):
@@ -640,6 +651,8 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(served):
       "/api/predict", content=chunks(), headers={"content-type": "application/json"}
     )
     assert response.status_code == 413 and "at least" in response.json()["error"]
+    assert response.json()["error"].endswith("28 rows of 28 pixels take about 5 KB of JSON")
+    assert len(json_body(GRID_FOUR)) < 5 * 1024 * 1.2  # as said
     assert client.get("/healthz").status_code == 200
 
 
@@ -653,7 +666,14 @@ def test_an_unexpected_failure_is_a_json_500_without_traceback(served):
     assert response.status_code == 500
     assert set(response.json()) == {"error"} and "internal server error" in response.text
     assert "Traceback" not in response.text and "File " not in response.text
-    assert client.get("/nowhere").json() == {"error": "Not Found"}
+    assert client.get("/nowhere").json() == {
+      "error": "GET /nowhere: no such page; the page is /, the API /api/predict (see /docs)"
+    }
+    wrong = client.get("/api/predict")
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.json() == {
+      "error": "GET /api/predict: method not allowed; use POST (the API: /docs)"
+    }
 
 
 def test_default_models_and_duplicate_names():

@@ -318,8 +318,14 @@ def make_app(
 
   @app.exception_handler(HTTPException)
   async def http_error(request: Request, error: HTTPException) -> JSONResponse:
-    del request
-    return JSONResponse({"error": str(error.detail)}, status_code=error.status_code)
+    where = f"{request.method} {request.url.path}"
+    message = str(error.detail)
+    if error.status_code == 405:
+      allowed = (error.headers or {}).get("Allow", "another method")
+      message = f"{where}: method not allowed; use {allowed} (the API: /docs)"
+    elif error.status_code == 404:
+      message = f"{where}: no such page; the page is /, the API /api/predict (see /docs)"
+    return JSONResponse({"error": message}, status_code=error.status_code, headers=error.headers)
 
   @app.exception_handler(WorkerError)
   async def worker_error(request: Request, error: WorkerError) -> JSONResponse:
@@ -396,14 +402,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
   """The whole body, refused (413) as soon as it passes ``limit`` bytes, so a large or
   endless upload is never held in memory; refused (400) when empty."""
   declared = request.headers.get("content-length", "")
+  kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
   if declared.isdigit() and int(declared) > limit:
-    raise RequestError(413, _too_large(int(declared), limit))
+    raise RequestError(413, _too_large(int(declared), limit, kind=kind))
   chunks, size = [], 0
   try:
     async for chunk in request.stream():
       size += len(chunk)
       if size > limit:
-        raise RequestError(413, _too_large(size, limit, at_least=True))
+        raise RequestError(413, _too_large(size, limit, at_least=True, kind=kind))
       chunks.append(chunk)
   except ClientDisconnect as error:  # nobody to answer: no log, no traceback
     raise RequestError(400, "the client disconnected before sending its whole body") from error
@@ -436,11 +443,16 @@ def _megabytes(size: int) -> str:
   return f"{mb:.3g}" if mb >= 1 else f"{mb:.4f}".rstrip("0").rstrip(".")
 
 
-def _too_large(size: int, limit: int, *, at_least: bool = False) -> str:
+def _too_large(size: int, limit: int, *, at_least: bool = False, kind: str = "") -> str:
   more = "at least " if at_least else ""
+  advice = (
+    "28 rows of 28 pixels take about 5 KB of JSON"
+    if kind == "application/json"
+    else "scale the image down"
+  )
   return (
     f"body of {more}{_megabytes(size)} MB is over the {_megabytes(limit)} MB upload limit"
-    " (--max-upload-mb); a digit needs far less: scale the image down"
+    f" (--max-upload-mb); a digit needs far less: {advice}"
   )
 
 
@@ -457,8 +469,8 @@ async def _read_form(request: Request, body: bytes) -> tuple[UploadFile, str | N
 
   try:
     form = await Request(request.scope, receive).form(max_files=1, max_fields=4)
-  except HTTPException as error:  # Starlette's text for a malformed multipart body
-    raise RequestError(400, f"malformed multipart body: {error.detail}") from error
+  except HTTPException as error:  # Starlette's text for a multipart body it refuses
+    raise RequestError(400, _multipart_refused(str(error.detail))) from error
   upload, model_name = form.get("file"), form.get("model")
   if isinstance(upload, str):  # e.g. curl -F 'file=<seven.png': the bytes as a text field
     raise RequestError(
@@ -480,6 +492,18 @@ async def _read_form(request: Request, body: bytes) -> tuple[UploadFile, str | N
   if model_name is not None and not isinstance(model_name, str):
     raise RequestError(400, "multipart field 'model' must be text, a loaded model's name")
   return upload, model_name
+
+
+def _multipart_refused(detail: str) -> str:
+  """Starlette's reason for refusing a multipart body, with what to send instead."""
+  build = "let the HTTP client build the body (curl -F file=@digit.png)"
+  if detail.startswith("Too many files"):
+    return "multipart body with more than one file: send one image, in field 'file'"
+  if detail.startswith("Too many fields"):
+    return "multipart body with too many fields: send field 'file' and, if need be, 'model'"
+  if "boundary" in detail.lower():
+    return f"multipart/form-data without its boundary=... in Content-Type: {build}"
+  return f"malformed multipart body ({detail.rstrip('.')}): {build}"
 
 
 def _closing_delimiter(content_type: str) -> bytes | None:
