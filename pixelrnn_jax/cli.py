@@ -303,7 +303,13 @@ def _did_you_mean(word: str, choices) -> str:
   """'; did you mean X or Y?': the choices that ``word`` begins (--raw: --raw-confidence)
   first, then the closest spellings; --help only when it is the closest."""
   starts = [c for c in choices if c.startswith(word) and len(word) > 2]
-  close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
+
+  def likeness(choice: str) -> float:  # without the dashes every flag shares
+    return difflib.SequenceMatcher(None, word.lstrip("-"), choice.lstrip("-")).ratio()
+
+  close = sorted((c for c in choices if likeness(c) >= 0.6), key=likeness, reverse=True)
+  # Only those nearly as close as the closest: --orde named --workdir and --lr too.
+  close = [c for c in close if likeness(c) >= likeness(close[0]) - 0.15][:3] if close else []
   if close and close[0] != "--help":
     close = [c for c in close if c not in ("-h", "--help")]
   named = list(dict.fromkeys(starts + close))[:3]

@@ -619,7 +619,8 @@ def test_a_misspelt_flag_is_named_with_the_closest_real_one(command, draw):
       ["predict", "-checkpoint", "pretrained:pixel", "x.png"],
       "-checkpoint; did you mean --checkpoint?",
     ),
-    (["train", "--setps", "5"], "--setps; did you mean --steps or --seed?"),
+    (["train", "--setps", "5"], "--setps; did you mean --steps?"),
+    (["train", "--orde", "row"], "--orde; did you mean --order?"),
   ],
 )
 def test_single_dash_typos_are_named_and_help_is_no_suggestion(argv, named):
@@ -644,7 +645,7 @@ def test_single_dash_typos_are_named_and_help_is_no_suggestion(argv, named):
       "evaluate: error: unknown flag --check; did you mean --checkpoint",
     ),
     (["predict", "--raw"], "predict: error: unknown flag --raw; did you mean --raw-confidence?"),
-    (["train", "--keep", "3"], "unknown flag --keep; did you mean --keep-checkpoints or "),
+    (["train", "--keep", "3"], "unknown flag --keep; did you mean --keep-checkpoints?"),
     (
       ["trian", "--steps", "3"],
       "pixelrnn-jax: error: unknown command 'trian'; did you mean train?",
