@@ -1349,6 +1349,9 @@ def _fit(line: str, font, width: int) -> str:
   return "\u2026"
 
 
+SHOW_MAX_WIDTH = 480  # pixels: a --show picture widens to this for its caption, no further
+
+
 def save_side_by_side(
   original, digit: np.ndarray, path: str | Path, *, height: int = 112, caption: str | None = None
 ) -> Path:
@@ -1371,17 +1374,18 @@ def save_side_by_side(
   )
   right = grey(digit).resize((height, height), Image.Resampling.NEAREST)
   gap = 8
-  width = left.width + gap + right.width
   font = caption_font(12)
-  lines = [
-    _fit(caption_text(line, font), font, width - 8)
-    for line in (caption.splitlines() if caption else [])
-  ]
+  texts = [caption_text(line, font) for line in (caption.splitlines() if caption else [])]
+  # Wide enough for the caption (a tall, narrow input left too little room for its
+  # lines), up to SHOW_MAX_WIDTH; a longer line (a long file name) is shortened.
+  wanted = max((round(font.getlength(text)) + 8 for text in texts), default=0)
+  width = max(left.width + gap + right.width, min(wanted, SHOW_MAX_WIDTH))
+  lines = [_fit(text, font, width - 8) for text in texts]
   line_height = 16
   band = line_height * len(lines) + (6 if lines else 0)
   canvas = Image.new("L", (width, height + band), 128)
   canvas.paste(left, (0, 0))
-  canvas.paste(right, (left.width + gap, 0))
+  canvas.paste(right, (width - right.width, 0))  # at the right edge, however wide
   if lines:
     draw = ImageDraw.Draw(canvas)
     draw.rectangle((0, height, width, height + band), fill=255)

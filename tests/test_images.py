@@ -460,6 +460,24 @@ def test_digits_of_every_size_and_weight_are_not_taken_for_blobs(mnist_dir):
     images.prepare(page)  # raises ImageError if refused
 
 
+@pytest.mark.parametrize("height, width", [(300, 20), (300, 120), (40, 40), (100, 2000)])
+def test_a_show_picture_is_wide_enough_for_its_caption(tmp_path, height, width):
+  """A tall, narrow input left the caption too little room ("right: the 28…8 digit read");
+  the picture widens for its caption, up to SHOW_MAX_WIDTH, beyond which a long name
+  is shortened in the middle."""
+  font = images.caption_font(12)
+  name = "left: " + "a-rather-long-file-name-" * 3 + ".png"
+  caption = f"{name}\nright: the 28x28 digit read\nanswer 1 (99.2%)"
+  out = images.save_side_by_side(
+    np.ones((height, width)), np.zeros((28, 28)), tmp_path / "seen.png", caption=caption
+  )
+  shown = Image.open(out).size[0]
+  images_width = round(width * 112 / height) + 8 + 112
+  assert shown == max(images_width, images.SHOW_MAX_WIDTH)  # the name is wider than the cap
+  for line in caption.splitlines()[1:]:
+    assert font.getlength(line) + 8 <= shown
+
+
 def test_show_names_stay_apart_and_errors_keep_input_order(tmp_path, capsys):
   digit = np.zeros((40, 40), np.uint8)
   digit[8:32, 18:22] = 255
