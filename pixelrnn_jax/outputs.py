@@ -9,6 +9,7 @@ be one (a file in the way, a read-only or virtual file system such as
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -58,8 +59,10 @@ def make_dir(path: str | os.PathLike, named: str, purpose: str) -> Path:
     with tempfile.NamedTemporaryFile(dir=path, prefix=".pixelrnn_jax-probe-"):
       pass
   except OSError as error:
+    reason = error.strerror or str(error)
+    if error.errno == errno.ENOENT and path.is_dir():  # /proc, /sys: "no such file" misleads
+      reason = "it takes no new files: a virtual file system such as /proc or /sys"
     raise ValueError(
-      f"{named}: cannot write in the directory {path} ({error.strerror or error}); choose one"
-      " you can write to"
+      f"{named}: cannot write in the directory {path} ({reason}); choose one you can write to"
     ) from error
   return path

@@ -501,7 +501,10 @@ _OUTPUT_FLAGS = {  # each command's output directory flag, after arguments that 
 _UNUSABLE_DIRS = {  # where -> (the path given, what the error says)
   "below a file": ("{tmp}/afile/sub", "is a file, so no directory can be made in it"),
   "new, in /proc": ("/proc/pixelrnn_jax_out", "cannot create the directory"),
-  "/proc itself": ("/proc", "cannot write in the directory"),  # root passes os.access here
+  "/proc itself": (
+    "/proc",
+    "(it takes no new files: a virtual file system",
+  ),  # root passes os.access
   "empty": ("", "is empty: name"),
 }
 
