@@ -75,6 +75,7 @@ _OPTIONAL = {
   "uvicorn": "serve",
   "orjson": "serve",
   "fastapi_swagger": "serve",
+  "python_multipart": "serve",
 }
 
 
