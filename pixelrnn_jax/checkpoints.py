@@ -240,6 +240,19 @@ def _rank(metrics: dict) -> tuple[float, int]:
   return metrics[METRIC], -metrics["step"]
 
 
+def shorten(text: str, limit: int) -> str:
+  """``text`` on one line, at most about ``limit`` characters: its head and its tail
+  (where orbax and tensorstore give the cause) cut at spaces, joined by an ellipsis;
+  a single word longer than that is cut inside."""
+  text = " ".join(text.split())
+  if len(text) <= limit:
+    return text
+  head, tail = text[: 2 * limit // 3], text[len(text) - limit // 3 :]
+  head = head.rsplit(" ", 1)[0] if " " in head else head
+  tail = tail.split(" ", 1)[1] if " " in tail else tail
+  return f"{head} \u2026 {tail}"
+
+
 class RunCheckpoints:
   """The checkpoints of one run directory (see the module docstring).
 
@@ -325,7 +338,7 @@ class RunCheckpoints:
       reason = reason.rsplit(": ", 1)[-1] if ": " in reason else reason
       kept = [s for s in self.steps() if s != step]
       raise CheckpointWriteError(
-        f"could not write checkpoint step {step} in {self.directory} ({reason[:160]}): free"
+        f"could not write checkpoint step {step} in {self.directory} ({shorten(reason, 160)}): free"
         " disk space or choose another --workdir; the last complete checkpoint is "
         + (str(self.path(kept[-1])) if kept else "none (nothing saved yet)")
       ) from error
@@ -344,7 +357,8 @@ class RunCheckpoints:
           args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()),
         )
     except Exception as error:  # orbax/tensorstore raise many kinds
-      message = " ".join(str(error).split())[:300]
+      # tensorstore appends its whole JSON spec after the cause: dropped
+      message = shorten(str(error).split(" [tensorstore_spec=")[0], 300)
       raise CheckpointError(
         f"{self.path(step)}: unreadable checkpoint ({type(error).__name__}: {message})"
       ) from error

@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import settings
 from hypothesis import strategies as st
 
+from pixelrnn_jax import checkpoints
 from pixelrnn_jax import gru_cell
 from pixelrnn_jax import gru_classifier
 from pixelrnn_jax import inference
@@ -221,3 +222,22 @@ def test_any_file_that_is_not_weights_is_refused_naming_what_to_give(blob, tmp_p
   with pytest.raises(checkpoints.CheckpointError, match="not a pixelrnn_jax weights file") as error:
     checkpoints.load(path)
   assert "pretrained:NAME" in str(error.value) and "pixelrnn-jax export" in str(error.value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+  words=st.lists(st.text(st.characters(exclude_categories=("Z", "C")), min_size=1, max_size=12)),
+  limit=st.integers(40, 400),
+)
+def test_a_long_error_is_shortened_at_word_boundaries_keeping_its_head_and_tail(words, limit):
+  """A corrupt checkpoint's cause was cut mid-word ("... Requested byte ra)"): the
+  message keeps whole words from its start and its end (where the cause is)."""
+  message = " ".join(words)
+  shown = checkpoints.shorten(message, limit)
+  if len(message) <= limit:
+    assert shown == message
+    return
+  assert len(shown) <= limit + 3 and shown.count("\u2026") >= 1
+  tokens = shown.split(" ")
+  assert tokens[0] == words[0] and tokens[-1] == words[-1]
+  assert set(tokens) - {"\u2026"} <= set(words)
