@@ -1112,7 +1112,7 @@ def _check_strokes(patch: np.ndarray) -> None:
   if circle >= BLOB_CIRCLE:
     raise ImageError(
       f"no digit-like ink: a filled round blob {width}x{height} pixels as read (the widest"
-      f" circle inside its ink spans {circle:.0%} of it; inside a digit's strokes, under"
+      f" circle inside its ink spans {min(circle, 1.0):.0%} of it; inside a digit's strokes, under"
       f" {BLOB_CIRCLE:.0%}); is it a dot or a smudge? Write the digit in lines."
     )
 
