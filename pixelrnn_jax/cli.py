@@ -301,8 +301,11 @@ def number(minimum: float | None = None, maximum: float | None = None, *, kind=i
 
 def _did_you_mean(word: str, choices) -> str:
   """'; did you mean X or Y?': the choices that ``word`` begins (--raw: --raw-confidence)
-  first, then the closest spellings; --help only when it is the closest."""
-  starts = [c for c in choices if c.startswith(word) and len(word) > 2]
+  if any (--ord: --order, not --workdir too), else the closest spellings; --help only
+  when it is the closest."""
+  starts = [c for c in choices if c.startswith(word) and len(word.lstrip("-")) > 2]
+  if starts:
+    return f"; did you mean {' or '.join(starts[:3])}?"
 
   def likeness(choice: str) -> float:  # without the dashes every flag shares
     return difflib.SequenceMatcher(None, word.lstrip("-"), choice.lstrip("-")).ratio()
@@ -312,8 +315,7 @@ def _did_you_mean(word: str, choices) -> str:
   close = [c for c in close if likeness(c) >= likeness(close[0]) - 0.15][:3] if close else []
   if close and close[0] != "--help":
     close = [c for c in close if c not in ("-h", "--help")]
-  named = list(dict.fromkeys(starts + close))[:3]
-  return f"; did you mean {' or '.join(named)}?" if named else ""
+  return f"; did you mean {' or '.join(close)}?" if close else ""
 
 
 _NUMBER = re.compile(r"-\d+(\.\d*)?([eE][-+]?\d+)?|-\.\d+|-inf|-nan", re.IGNORECASE)

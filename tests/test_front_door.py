@@ -625,6 +625,7 @@ def test_a_misspelt_flag_is_named_with_the_closest_real_one(command, draw):
     ),
     (["train", "--setps", "5"], "--setps; did you mean --steps?"),
     (["train", "--orde", "row"], "--orde; did you mean --order?"),
+    (["train", "--ord", "row"], "--ord; did you mean --order?"),  # not --workdir too
   ],
 )
 def test_single_dash_typos_are_named_and_help_is_no_suggestion(argv, named):
