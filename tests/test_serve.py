@@ -10,6 +10,7 @@ Needs the ``serve`` extra (skipped without it); the browser test also needs
 import concurrent.futures
 import io
 import json
+import logging
 import os
 import re
 import signal
@@ -579,6 +580,28 @@ def test_a_multipart_body_cut_short_is_named_as_cut_short(client, fraction):
     error = response.json()["error"]
     assert "cut short" in error and f"{len(body):,} bytes" in error, error
     assert "'--b0undary--'" in error
+
+
+@pytest.mark.parametrize(
+  "body",
+  [
+    b"--b0undary garbage\r\n",  # no CR after the boundary
+    b"--b0undary\r\nNoColonHeader\r\n\r\nabc\r\n--b0undary--\r\n",  # a header without ':'
+    b"hello\r\n--b0undary\r\n",  # a preamble (python-multipart refuses it)
+  ],
+)
+def test_a_malformed_multipart_body_is_one_400_and_no_console_warning(client, body, caplog):
+  """The client is told; the server's console does not repeat python-multipart's parse
+  warning for every malformed body it meets."""
+  with caplog.at_level(logging.DEBUG):
+    response = client.post(
+      "/api/predict",
+      content=body,
+      headers={"content-type": "multipart/form-data; boundary=b0undary"},
+    )
+  assert response.status_code == 400
+  assert "malformed multipart body" in response.json()["error"], response.text
+  assert not [r for r in caplog.records if r.name.startswith("python_multipart")], caplog.text
 
 
 def test_a_whole_multipart_body_without_a_file_still_names_its_fields(client):

@@ -270,6 +270,9 @@ def make_app(
   """
   if not served:
     raise ValueError("serve needs at least one model")
+  # python-multipart logs each malformed body it meets ("Did not find CR at end of
+  # boundary") as a WARNING on the server's console; the client gets the 400 already.
+  logging.getLogger("python_multipart").setLevel(logging.ERROR)
   for flag, value in (("--workers", workers), ("--max-batch", max_batch)):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"{flag} {value!r}: expected a whole number >= 1")
