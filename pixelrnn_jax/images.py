@@ -135,6 +135,10 @@ STRAY_NEAR = 0.25  # ... and smaller ones farther than this (of its box's longer
 SIDE_BY_SIDE_HEIGHT = 0.5  # a digit-sized piece: its ink spans this share of the ink's height ...
 SIDE_BY_SIDE_GAP = 0.05  # ... with blank columns this share of that height before the next
 # outside the box are stray marks (dust, a caption), cleared
+CLIPPED_PAPER = (0.25, 0.8)  # paper pixels exactly at the paper's level: clipped noise
+SPECKLE_SHARE = 0.002  # paper with more specks than this share of its border band is denoised
+DESPECKLE_SIZES = (3, 3, 3, 5)  # ... by medians this wide while it stays so: of its specks,
+DESPECKLE_SPECKS_ONLY = 2  # ... in this many passes (lines kept), then of every pixel
 MIN_SIDE = 8  # pixels: a smaller image cannot hold a digit
 MIN_SPAN = 0.1  # some ink component must span this much of the image's shorter side ...
 SMALL_DIGIT_SPAN = 8  # ... or, a small digit on a big page, this many pixels while
@@ -471,6 +475,35 @@ def _shrink(grey: np.ndarray) -> np.ndarray:
   return _resize(
     grey, max(1, round(grey.shape[0] * scale)), max(1, round(grey.shape[1] * scale)), method="BOX"
   )
+
+
+def _despeckle(grey: np.ndarray) -> np.ndarray:
+  """The image's 3x3 median when its paper is speckled, else the image.
+
+  Sensor noise or salt-and-pepper specks on the paper would otherwise pass the
+  noise floor and fill the digit's box (a noisy white page read as a square: a
+  confident 0). Speckled: over SPECKLE_SHARE of the border band's pixels differ
+  by more than MIN_CONTRAST from the median of their row neighbours and from
+  that of their column neighbours (a ruled or squared page's lines match their
+  neighbours along them; clean paper, JPEG's ringing and a digit's edges have
+  none or a few). Images under SHORT_SIDE_FLOOR on a side are left alone: there
+  a pixel may be a stroke.
+  """
+  if min(grey.shape) < SHORT_SIDE_FLOOR:
+    return grey
+  from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
+
+  for done, size in enumerate(DESPECKLE_SIZES):
+    smooth = ndimage.median_filter(grey, size=size, mode="nearest")
+    # A speck differs from the median of its row neighbours and from that of its
+    # column neighbours; a line's pixels match their neighbours along it.
+    specks = np.abs(grey - smooth) > MIN_CONTRAST
+    for line in ((1, size), (size, 1)) if done < DESPECKLE_SPECKS_ONLY else ():
+      specks &= np.abs(grey - ndimage.median_filter(grey, size=line, mode="nearest")) > MIN_CONTRAST
+    if _border(specks).mean() <= SPECKLE_SHARE:
+      break
+    grey = np.where(specks, smooth, grey) if done < DESPECKLE_SPECKS_ONLY else smooth
+  return grey
 
 
 def _flatten_shadow(grey: np.ndarray, invert: str) -> np.ndarray:
@@ -1173,7 +1206,7 @@ def prepare(image, *, invert: str = "auto") -> Digit:
     raise ValueError(f"invert={invert!r}: expected one of {INVERT}")
   grey = _as_grey(image, "image")
   given = grey.shape
-  grey = np.asarray(_shrink(grey), np.float64)
+  grey = _despeckle(np.asarray(_shrink(grey), np.float64))
   reduced = grey.shape != given
   if invert != "no":  # dark ink on a sheet photographed on a darker surface
     grey = _flatten_shadow(_crop_to_sheet(grey), invert)
@@ -1211,7 +1244,12 @@ def prepare(image, *, invert: str = "auto") -> Digit:
   grey = _remove_lighting(grey)
   border = _paper(grey)
   paper = float(np.median(border))
-  noise = 1.4826 * float(np.median(np.abs(border - paper)))  # robust std (MAD)
+  deviation = np.abs(border - paper)
+  if CLIPPED_PAPER[0] < np.mean(deviation == 0) < CLIPPED_PAPER[1]:
+    # Noise on white paper clipped at 255 leaves about half the paper exactly white,
+    # and the MAD at 0: measure the noise on the other half (half-normal: the same MAD).
+    deviation = deviation[deviation > 0]
+  noise = 1.4826 * float(np.median(deviation))  # robust std (MAD)
   ink = float(grey.max())
   # Above the paper's noise, but never above half-way to the ink.
   floor = min(paper + NOISE_SIGMAS * noise, paper + 0.5 * (ink - paper))

@@ -604,6 +604,54 @@ def test_a_malformed_multipart_body_is_one_400_and_no_console_warning(client, bo
   assert not [r for r in caplog.records if r.name.startswith("python_multipart")], caplog.text
 
 
+@pytest.mark.parametrize(
+  "fields, text",
+  [
+    (
+      {"mdoel": "permuted"},
+      "multipart field 'mdoel' is not one the API takes: did you mean 'model'?",
+    ),
+    ({"model": ""}, "model is empty: give a loaded model's name (pixel, permuted) or leave it out"),
+    ({"model": ["permuted", "pixel"]}, "multipart field 'model' is given more than once"),
+  ],
+)
+def test_a_misspelt_empty_or_repeated_model_field_is_refused_not_ignored(client, fields, text):
+  """Before: each was answered by the default model, 200, the slip seen only in the
+  answer's 'model'."""
+  response = upload(client, SEVEN.read_bytes(), "seven.png", **fields)
+  assert response.status_code == 400 and text in response.json()["error"], response.text[:200]
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(key=st.text(min_size=1, max_size=12).filter(lambda k: k not in ("pixels", "model")))
+def test_a_json_key_the_api_does_not_take_is_refused(client, key):
+  response = client.post("/api/predict", json={"pixels": GRID_FOUR.tolist(), key: "permuted"})
+  assert response.status_code == 400, response.text[:200]
+  error = response.json()["error"]
+  assert error.startswith(f"JSON key {repr(key)[:37]}") and "is not one the API takes" in error
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(
+  field=st.from_regex(r"[a-z_]{1,10}", fullmatch=True).filter(lambda f: f not in ("file", "model"))
+)
+def test_a_multipart_field_the_api_does_not_take_is_refused(client, field):
+  response = upload(client, SEVEN.read_bytes(), "seven.png", **{field: "permuted"})
+  assert response.status_code == 400, response.text[:200]
+  assert f"multipart field {field!r} is not one the API takes" in response.json()["error"]
+
+
+def test_a_misspelt_json_key_and_an_empty_query_model_name_the_fix(client):
+  pixels = GRID_FOUR.tolist()
+  response = client.post("/api/predict", json={"pixels": pixels, "modle": "permuted"})
+  assert "did you mean 'model'? (it takes pixels, model)" in response.json()["error"]
+  response = client.post("/api/predict?model=", json={"pixels": pixels})
+  assert response.status_code == 400 and "model is empty" in response.json()["error"]
+  assert (
+    client.post("/api/predict", json={"pixels": pixels, "model": "permuted"}).status_code == 200
+  )
+
+
 def test_a_whole_multipart_body_without_a_file_still_names_its_fields(client):
   body = _multipart(b"").replace(b'name="file"; filename="seven.png"', b'name="picture"')
   response = client.post(
@@ -1169,6 +1217,55 @@ def test_the_page_warns_of_a_number_and_the_warning_goes_with_it(server, tmp_pat
       page.wait_for_selector("#answer[data-label='1']", timeout=20_000)
       page.wait_for_function("document.body.dataset.busy === 'false'")
       assert page.is_hidden("#warning")
+    finally:
+      browser.close()
+
+
+def test_strokes_over_a_chosen_image_are_its_ink_and_undo_removes_the_image(server, tmp_path):
+  """A black 1 on a wide white page, chosen as a file: the canvas shows it on white
+  (not in black bars), a stroke drawn over it is black, ink that adds to the digit
+  (a bar to the left of its top: a 7), not white that erases it. Undo takes the
+  stroke back (the 1 again), then the image, and its answer with it."""
+  one = np.full((280, 420), 255, np.uint8)
+  one[50:230, 200:222] = 0
+  Image.fromarray(one).save(tmp_path / "one.png")
+  sync_playwright = _playwright()
+  with sync_playwright() as playwright:
+    browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    try:
+      page = browser.new_page(viewport={"width": 1200, "height": 900})
+      page.goto(server + "/")
+      page.wait_for_selector("body[data-ready='true']", timeout=20_000)
+      page.set_input_files("#file", str(tmp_path / "one.png"))
+      page.wait_for_selector("#answer[data-label='1']", timeout=20_000)
+      box = page.locator("#canvas").bounding_box()
+      scale = (
+        box["width"] / 280
+      )  # the page is shown 280/420 of its size, 47 px bars above and below
+      top = 47 + 50 * 280 / 420 + 6
+      page.mouse.move(box["x"] + 70 * scale, box["y"] + top * scale)
+      page.mouse.down()
+      page.mouse.move(box["x"] + 145 * scale, box["y"] + top * scale, steps=12)
+      page.mouse.up()
+      page.wait_for_selector("#answer[data-label='7']", timeout=20_000)
+      page.wait_for_function("document.body.dataset.busy === 'false'")
+      shade = page.evaluate(
+        """([x, y]) => document.getElementById('canvas').getContext('2d')
+          .getImageData(x, y, 1, 1).data[0]""",
+        [100, round(top)],
+      )
+      corner = page.evaluate(
+        "() => document.getElementById('canvas').getContext('2d').getImageData(2, 2, 1, 1).data[0]"
+      )
+      assert shade < 64 and corner > 200, (shade, corner)  # black ink, white paper around
+      page.click("#undo")
+      page.wait_for_selector("#answer[data-label='1']", timeout=20_000)
+      page.click("#undo")
+      page.wait_for_selector("#answer:not([data-label])", timeout=20_000)
+      corner = page.evaluate(
+        "() => document.getElementById('canvas').getContext('2d').getImageData(2, 2, 1, 1).data[0]"
+      )
+      assert corner == 0  # a blank canvas again, black for white strokes
     finally:
       browser.close()
 

@@ -26,6 +26,7 @@ import collections
 import concurrent.futures
 import contextlib
 import copy
+import difflib
 import io
 import json
 import logging
@@ -380,7 +381,9 @@ def make_app(
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
       upload, model_name = await _read_form(request, body)
-      model = _choose(by_name, model_name or request.query_params.get("model"), served)
+      if model_name is None:
+        model_name = request.query_params.get("model")
+      model = _choose(by_name, model_name, served)
       data = await upload.read()
       job = (_read_upload, (model.name, data, upload.filename or "", upload.content_type or ""))
     elif kind == "application/json" or kind.endswith("+json"):
@@ -494,7 +497,26 @@ async def _read_form(request: Request, body: bytes) -> tuple[UploadFile, str | N
     raise RequestError(400, f"multipart body without a file in field 'file' (fields: {fields})")
   if model_name is not None and not isinstance(model_name, str):
     raise RequestError(400, "multipart field 'model' must be text, a loaded model's name")
+  _check_keys("multipart field", list(form.keys()), FORM_FIELDS)
+  if len(form.getlist("model")) > 1:
+    raise RequestError(400, "multipart field 'model' is given more than once: give it once")
   return upload, model_name
+
+
+FORM_FIELDS = ("file", "model")  # what a multipart body may hold
+JSON_KEYS = ("pixels", "model")  # what a JSON body may hold
+
+
+def _check_keys(what: str, keys: list[str], known: tuple[str, ...]) -> None:
+  """Refuses (400) a field or key the API does not take (a misspelt 'model' would
+  otherwise be ignored, and the default model answer), naming the closest known one."""
+  for key in keys:
+    if key not in known:
+      close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+      hint = f"did you mean {close[0]!r}? " if close else ""
+      raise RequestError(
+        400, f"{what} {_short(key)} is not one the API takes: {hint}(it takes {', '.join(known)})"
+      )
 
 
 def _multipart_refused(detail: str) -> str:
@@ -521,8 +543,12 @@ def _choose(
   name: str | None,
   served: list[models_lib.ServedModel],
 ) -> models_lib.ServedModel:
-  if name is None or name == "":
+  if name is None:
     return served[0]
+  if name == "":
+    raise RequestError(
+      400, f"model is empty: give a loaded model's name ({', '.join(by_name)}) or leave it out"
+    )
   if name not in by_name:
     raise _unknown_model(name, by_name)
   return by_name[name]
@@ -858,6 +884,7 @@ def _read_json(served, body: bytes, query_model: str | None):
     raise RequestError(400, f"body is not valid JSON ({error})") from error
   if not isinstance(payload, dict):
     raise RequestError(422, f'JSON body is {_a(payload)}; expected an object {{"pixels": [[...]]}}')
+  _check_keys("JSON key", list(payload), JSON_KEYS)
   name = payload.get("model", query_model)
   if name is not None and not isinstance(name, str):
     raise RequestError(422, f"model must be a string, a loaded model's name (got {_short(name)})")

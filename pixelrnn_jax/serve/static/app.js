@@ -23,6 +23,8 @@ const state = {
   strokes: [],       // each a list of [x, y] canvas points, for undo
   stroke: null,      // the stroke being drawn
   background: null,  // a chosen image (ImageBitmap), drawn under the strokes
+  paper: "#000",     // the chosen image's paper colour (fills around it), else black
+  ink: "#fff",       // strokes: white on the black canvas, the image's ink over an image
   file: null,        // the chosen file itself: sent as it is until a stroke is added
   result: null,      // the last answer of /api/predict
   rank: null,        // rank[pixel index] = its position in the reading order
@@ -66,7 +68,7 @@ function describeModel() {
 // ---------------------------------------------------------------- drawing
 
 function redraw() {
-  pen.fillStyle = "#000";
+  pen.fillStyle = state.paper;
   pen.fillRect(0, 0, canvas.width, canvas.height);
   if (state.background) {
     const image = state.background;
@@ -79,8 +81,8 @@ function redraw() {
 }
 
 function drawStroke(points) {
-  pen.strokeStyle = "#fff";
-  pen.fillStyle = "#fff";
+  pen.strokeStyle = state.ink;
+  pen.fillStyle = state.ink;
   pen.lineWidth = STROKE;
   pen.lineCap = "round";
   pen.lineJoin = "round";
@@ -138,8 +140,8 @@ document.addEventListener("keydown", (event) => {
 });
 
 function undo() {
-  if (state.strokes.length) state.strokes.pop();
-  else state.background = null;
+  if (!state.strokes.length) { clear(); return; } // the chosen image goes, answer and all
+  state.strokes.pop();
   if (!state.strokes.length && state.background) state.file = state.chosen;
   redraw();
   sendSoon();
@@ -149,8 +151,36 @@ function clear() {
   state.strokes = [];
   state.background = null;
   state.file = null;
+  state.paper = "#000";
+  state.ink = "#fff";
   redraw();
   sendSoon();
+}
+
+// The paper's colour of an image: the median of its border's pixels, channel by
+// channel (on a 32x32 copy), transparent ones over the background the server puts
+// under them (white under dark strokes, black under light: images._composite).
+// Strokes over the image take the ink's shade, black on light paper and white on
+// dark, so that they add to the digit instead of erasing it.
+function paperOf(image) {
+  const side = 32;
+  const small = new OffscreenCanvas(side, side).getContext("2d");
+  small.drawImage(image, 0, 0, side, side);
+  const data = small.getImageData(0, 0, side, side).data;
+  const grey = (i) => 0.299 * data[i] + 0.587 * data[i + 1] + 0.114 * data[i + 2];
+  let inked = 0, opacity = 0;
+  for (let i = 0; i < data.length; i += 4) { inked += grey(i) * data[i + 3]; opacity += data[i + 3]; }
+  const under = opacity && inked / opacity < 127.5 ? 255 : 0;
+  const channels = [[], [], []];
+  for (let i = 0; i < side * side; i++) {
+    const x = i % side, y = Math.floor(i / side);
+    if (x > 0 && y > 0 && x < side - 1 && y < side - 1) continue;
+    const alpha = data[4 * i + 3] / 255;
+    for (let c = 0; c < 3; c++) channels[c].push(data[4 * i + c] * alpha + under * (1 - alpha));
+  }
+  const [r, g, b] = channels.map((v) => v.sort((p, q) => p - q)[v.length >> 1]);
+  const light = 0.299 * r + 0.587 * g + 0.114 * b > 127.5;
+  return { paper: `rgb(${r}, ${g}, ${b})`, ink: light ? "#000" : "#fff" };
 }
 
 // ---------------------------------------------------------------- image files
@@ -162,8 +192,10 @@ async function useFile(file) {
   state.chosen = file;
   try {
     state.background = await createImageBitmap(file);
+    Object.assign(state, paperOf(state.background));
   } catch {
     state.background = null; // e.g. a .npy array: the server reads it, the browser cannot
+    Object.assign(state, { paper: "#000", ink: "#fff" });
   }
   redraw();
   send();
@@ -420,7 +452,9 @@ function drawChart() {
     const right = ctx.measureText(label).width <= room;
     chart.dataset.exitLabel = right ? "right" : "left";  // of the line (for the tests)
     ctx.textAlign = right ? "left" : "right";
-    ctx.fillText(label, g.x(result.pixels_read) + (right ? 4 : -4), g.y(1));
+    // Half-way up: past the exit the curves keep to 1 (the answer) and 0 (the rest).
+    ctx.textBaseline = "middle";
+    ctx.fillText(label, g.x(result.pixels_read) + (right ? 4 : -4), g.y(0.5));
     ctx.restore();
   }
   // One line per class; the answer's on top and thicker.
