@@ -16,7 +16,11 @@ The steps of :func:`prepare`, in order:
 1. **Size**: an image longer than 512 pixels is reduced to 512 on its long
    side by area averaging (a phone photo's sensor noise averages out), but
    not its short side under 64 pixels (a long strip keeps its digit's height)
-   unless it has over 512 squared pixels.
+   unless it has over 512 squared pixels. **Specks**: on paper whose border
+   band is speckled (sensor noise, salt and pepper: over 0.2% of its pixels
+   stand out from their row and column neighbours by 0.1), the specks are
+   replaced by their 3x3 median (twice; lines of ruled paper are kept), then,
+   while it stays speckled, every pixel by its 3x3 and 5x5 median.
 2. **Sheet**: in a photo of a sheet lying on a darker surface (a desk), only
    the sheet is kept: the largest bright region, when 15% of the image's
    border is darker than Otsu's threshold and the region is convex,
@@ -32,7 +36,8 @@ The steps of :func:`prepare`, in order:
 5. **Paper**: uneven lighting is subtracted (the paper level, from a copy
    area-averaged to 16 cells across and minimum-filtered); everything at or
    below the border's median plus 6 noise standard deviations (from its
-   median absolute deviation) becomes 0 and the ink range is stretched to
+   median absolute deviation; where noise was clipped at the paper's white,
+   leaving 25-80% of the border exactly at it, from the other pixels) becomes 0 and the ink range is stretched to
    [0, 1], so grey or noisy paper is black and faint noise is not ink; the
    lines of ruled or graph paper (found at their tilt, at most 3% of the image
    thick, across 80% of it), a form's box and dust or captions away from the
