@@ -169,6 +169,25 @@ def test_json_pixels_are_used_as_given_and_the_permuted_model_returns_its_order(
   np.testing.assert_allclose(body["probabilities"], direct["probabilities"], atol=1e-5)
 
 
+@pytest.mark.parametrize(
+  "path, status, kind",
+  [
+    ("/", 200, "text/html"),
+    ("/healthz", 200, "application/json"),
+    ("/api/models", 200, "application/json"),
+    ("/static/app.js", 200, "javascript"),
+    ("/nope", 404, "application/json"),
+  ],
+)
+def test_head_is_answered_as_get_without_the_body(client, path, status, kind):
+  """Health and link checkers send HEAD (before: 405 on every page but /static)."""
+  response = client.head(path)
+  get = client.get(path)
+  assert (response.status_code, get.status_code) == (status, status)
+  assert kind in response.headers["content-type"] and response.content == b""
+  assert response.headers.get("content-length") == get.headers.get("content-length")
+
+
 def test_models_health_page_and_openapi(client):
   assert client.get("/healthz").json() == {"status": "ok"}
   listing = client.get("/api/models").json()

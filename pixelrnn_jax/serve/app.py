@@ -313,6 +313,7 @@ def make_app(
     redoc_url=None,  # ReDoc has no offline bundle here
   )
   app.state.models = by_name
+  app.add_middleware(HeadAsGet)
 
   # Errors: always {"error": "..."}, never a traceback in the body.
   @app.exception_handler(RequestError)
@@ -393,6 +394,26 @@ def make_app(
     return Response(await app.state.batches.submit(job), media_type="application/json")
 
   return app
+
+
+class HeadAsGet:
+  """ASGI middleware: a HEAD request is answered as its GET, without the body (RFC 9110,
+  9.3.2). Health and link checkers send HEAD; FastAPI's GET routes answer it 405."""
+
+  def __init__(self, app):
+    self.app = app
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http" or scope["method"] != "HEAD":
+      await self.app(scope, receive, send)
+      return
+
+    async def headers_only(message):
+      if message["type"] == "http.response.body":
+        message = {**message, "body": b""}
+      await send(message)
+
+    await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 def _version() -> str:
