@@ -610,6 +610,9 @@ def main(argv: list[str] | None = None) -> int:
   130 / 143 stopped by SIGINT / SIGTERM (one line; training saves first).
   """
   argv = sys.argv[1:] if argv is None else argv
+  if not argv:  # a first try: the commands and what they do, not "required: command"
+    build_parser().print_help()
+    return 0
   named = [word for word in argv if word in COMMANDS]
   command = " ".join(["pixelrnn-jax", *named[:1]])  # for messages before the flags are parsed
   previous = {}

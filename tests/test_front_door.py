@@ -935,3 +935,12 @@ def test_show_picture_names_by_example(name, stem):
   from pixelrnn_jax import commands
 
   assert commands._safe_stem(name) == stem
+
+
+def test_no_arguments_print_the_help_not_an_error(capsys):
+  """Before: `pixelrnn-jax` alone said "error: the following arguments are required"."""
+  assert cli.main([]) == 0
+  out = capsys.readouterr()
+  assert out.out.startswith("usage: pixelrnn-jax") and out.err == ""
+  for command in ("train", "evaluate", "predict", "serve"):
+    assert command in out.out
