@@ -354,6 +354,35 @@ def test_a_traceback_of_its_own_beside_closed_loop_ones_is_kept_whole():
     assert checkpoints.drop_closed_loop_tracebacks("".join(text)) == "".join(own)
 
 
+def test_a_save_the_disk_cannot_hold_is_refused_before_it_starts(tmp_path, monkeypatch):
+  """Before: a full disk failed the save half-way, and tensorstore printed dozens of
+  "Event loop is closed" tracebacks above the one line. Now the free space is checked
+  against the last checkpoint's size (the first: the state's bytes) first."""
+  import collections
+
+  import numpy as np
+
+  manager = checkpoints.RunCheckpoints(tmp_path / "checkpoints", keep=3)
+  state = {"x": np.random.default_rng(0).random(50_000, np.float32)}  # 200,000 bytes
+  manager.save(1, state, {"a": 1})
+  size = checkpoints._bytes_under(manager.path(1))
+  assert 100_000 < size < 200_000 + checkpoints.FREE_SPACE_SLACK  # (compressed a little)
+  usage = collections.namedtuple("usage", "total used free")
+  need = int(size * checkpoints.FREE_SPACE_MARGIN) + checkpoints.FREE_SPACE_SLACK
+  monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: usage(0, 0, need - 1))
+  with pytest.raises(checkpoints.CheckpointWriteError) as error:
+    manager.save(2, state, {"a": 2})
+  assert f"({need - 1:,} bytes free on its disk, a checkpoint takes about {need:,})" in str(
+    error.value
+  )
+  assert str(error.value).endswith(f"the last complete checkpoint is {manager.path(1)}")
+  assert manager.steps() == [1] and not manager.path(2).exists()
+  monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: usage(0, 0, need))
+  manager.save(2, state, {"a": 2})
+  assert manager.steps() == [1, 2]
+  manager.close()
+
+
 def test_a_save_leaves_stderr_to_the_terminal(tmp_path, monkeypatch):
   """A second Ctrl-C during a save ends the process at once with its line on stderr;
   had the save captured fd 2 (as a restore does), that line would be lost."""

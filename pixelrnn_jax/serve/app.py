@@ -528,15 +528,16 @@ FORM_FIELDS = ("file", "model")  # what a multipart body may hold
 JSON_KEYS = ("pixels", "model")  # what a JSON body may hold
 
 
-def _check_keys(what: str, keys: list[str], known: tuple[str, ...]) -> None:
-  """Refuses (400) a field or key the API does not take (a misspelt 'model' would
+def _check_keys(what: str, keys: list[str], known: tuple[str, ...], status: int = 400) -> None:
+  """Refuses (``status``) a field or key the API does not take (a misspelt 'model' would
   otherwise be ignored, and the default model answer), naming the closest known one."""
   for key in keys:
     if key not in known:
       close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
       hint = f"did you mean {close[0]!r}? " if close else ""
       raise RequestError(
-        400, f"{what} {_short(key)} is not one the API takes: {hint}(it takes {', '.join(known)})"
+        status,
+        f"{what} {_short(key)} is not one the API takes: {hint}(it takes {', '.join(known)})",
       )
 
 
@@ -905,13 +906,13 @@ def _read_json(served, body: bytes, query_model: str | None):
     raise RequestError(400, f"body is not valid JSON ({error})") from error
   if not isinstance(payload, dict):
     raise RequestError(422, f'JSON body is {_a(payload)}; expected an object {{"pixels": [[...]]}}')
-  _check_keys("JSON key", list(payload), JSON_KEYS)
   name = payload.get("model", query_model)
   if name is not None and not isinstance(name, str):
     raise RequestError(422, f"model must be a string, a loaded model's name (got {_short(name)})")
   model = _model(served, name)
   if "pixels" not in payload:
     raise RequestError(422, f"JSON body has no 'pixels' (keys: {', '.join(payload) or 'none'})")
+  _check_keys("JSON key", list(payload), JSON_KEYS, status=422)
   return model, check_pixels(payload["pixels"])
 
 
