@@ -314,11 +314,27 @@ def test_non_finite_loss_stops_keeping_the_last_good_checkpoint(tmp_path, monkey
   monkeypatch.setattr(loop, "_load_split", lambda c, s: (images, labels))
   monkeypatch.setattr(batches_lib.Batches, "__next__", next_batch)
   config = config_lib.Config(**SMALL)
-  with pytest.raises(loop.NonFiniteLossError, match=r"step 5: loss nan.*checkpoints/4\."):
+  with pytest.raises(loop.NonFiniteLossError, match=r"step 5: loss nan.*is \S*checkpoints/4; "):
     loop.train_and_evaluate(config, tmp_path, progress=False)
   state, _ = _final_state(tmp_path)
   assert int(state["step"]) == 4
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(state["params"]))
+
+
+def test_the_nan_stop_names_the_last_checkpoint_as_finite_and_the_best_by_accuracy(tmp_path):
+  """Before: "the last good checkpoint", of a run whose loss was 2e31 from step 5 on."""
+  config = config_lib.Config(learning_rate=1e30)
+  with pytest.raises(loop.NonFiniteLossError) as error:
+    loop._check_finite(
+      30,
+      {"loss": 2e31, "grad_norm": float("nan")},
+      tmp_path,
+      config,
+      lambda: "ckpt/20 (15.52% valid)",
+    )
+  message = str(error.value)
+  assert "good" not in message and "The last checkpoint, with finite weights" in message
+  assert "; the best by valid accuracy is ckpt/20 (15.52% valid). Try a lower --lr" in message
 
 
 @pytest.mark.parametrize("sam_rho", [0.0, 0.5])

@@ -152,15 +152,25 @@ def _load_split(config, split):
   return images, gru_classifier.check_labels(labels)
 
 
-def _check_finite(step: int, metrics: dict, workdir: Path, config) -> None:
-  """Stops the run, naming the last good checkpoint, when the loss or gradient is NaN/inf."""
+def _best_saved(manager: checkpoints.RunCheckpoints, accuracy: float) -> str | None:
+  step = manager.best_step()
+  return None if step is None else f"{manager.path(step)} ({accuracy:.2%} valid)"
+
+
+def _check_finite(step: int, metrics: dict, workdir: Path, config, best=lambda: None) -> None:
+  """Stops the run, naming the last checkpoint and the best one (``best()``: its path with
+  its valid accuracy, or None before an evaluation), when the loss or gradient is NaN/inf.
+  The last is only finite: a run that diverged before it went NaN saved diverged weights
+  (``--lr 1e30``: a loss of 2e31 from step 5 on, then NaN at 30)."""
   if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
     return
   raise NonFiniteLossError(
     f"step {step}: loss {metrics['loss']}, gradient norm"
     f" {metrics['grad_norm']}; stopped without saving this state. The last"
-    f" good checkpoint is {run_dir.last_checkpoint(workdir)}."
-    f" Try a lower --lr (now {config.learning_rate:g}){_lower_sam(config)} or --clip-norm"
+    f" checkpoint, with finite weights (its loss in metrics.jsonl says whether it had"
+    f" diverged already), is {run_dir.last_checkpoint(workdir)}"
+    + (f"; the best by valid accuracy is {best()}" if best() else "")
+    + f". Try a lower --lr (now {config.learning_rate:g}){_lower_sam(config)} or --clip-norm"
     " 1.0, and check the input for NaNs."
   )
 
@@ -243,7 +253,7 @@ def train_and_evaluate(
     ValueError: a bad config, or a workdir holding a run with another config, or
       (distillation) a teacher of another order, or whose weights changed since the run began.
     CheckpointError: the run has checkpoints and none of them can be read.
-    NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
+    NonFiniteLossError: the loss became NaN/inf (the checkpoints saved are kept).
     peers.PeerError: another process of the run died or lost its connection.
   """
   config.validate()
@@ -419,7 +429,7 @@ def _train(
         log.info("first step (compilation included) took %.1f s", first_seconds)
         window_start = time.perf_counter()
       window.append(metrics)
-      _check_finite(step, metrics, workdir, config)
+      _check_finite(step, metrics, workdir, config, lambda b=best: _best_saved(manager, b))
       if step % config.log_every == 0 or step == config.steps:
         # The first step of each start compiles: the rate is of the steps after it, or
         # of that step alone (compilation included) when its line has no other.
