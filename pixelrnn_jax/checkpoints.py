@@ -449,6 +449,17 @@ def read_step(path: str | os.PathLike) -> tuple[int, dict, dict]:
   manager = RunCheckpoints(path.parent, read_only=True)
   try:
     state, meta = manager.restore(int(path.name))
+  except CheckpointError as error:  # the fix: the run's other steps
+    others = [step for step in manager.steps() if step != int(path.name)]
+    hint = (
+      f"load another of the run's checkpoints ({', '.join(map(str, others))}), e.g."
+      f" --checkpoint {manager.path(others[-1])}, or"
+      if others
+      else "the run has no other checkpoint:"
+    )
+    raise CheckpointError(
+      f"{error}; {hint} train the run again (train sets unreadable checkpoints aside)"
+    ) from error
   finally:
     manager.close()
   return int(path.name), state, meta

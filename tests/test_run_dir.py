@@ -383,6 +383,38 @@ def test_a_save_the_disk_cannot_hold_is_refused_before_it_starts(tmp_path, monke
   manager.close()
 
 
+def _flip_bytes(step_dir):
+  data = max(
+    (f for f in (step_dir / "state").rglob("*") if f.is_file()), key=lambda f: f.stat().st_size
+  )
+  raw = bytearray(data.read_bytes())
+  raw[len(raw) // 2 : len(raw) // 2 + 2] = bytes(
+    b ^ 0xFF for b in raw[len(raw) // 2 : len(raw) // 2 + 2]
+  )
+  data.write_bytes(bytes(raw))
+
+
+def test_a_corrupt_checkpoint_read_names_the_runs_other_checkpoints(tmp_path):
+  """evaluate/predict/export of a run whose chosen step is corrupt: before, the error
+  named the damage but no way on."""
+  import numpy as np
+
+  manager = checkpoints.RunCheckpoints(tmp_path / "checkpoints", keep=3)
+  for step in (1, 2, 3):
+    manager.save(step, {"x": np.random.default_rng(step).random(1000, np.float32)}, {"a": step})
+  manager.close()
+  _flip_bytes(tmp_path / "checkpoints" / "3")
+  with pytest.raises(checkpoints.CheckpointError) as error:
+    checkpoints.read_step(tmp_path / "checkpoints" / "3")
+  assert str(error.value).startswith(str(tmp_path / "checkpoints" / "3"))
+  assert str(error.value).endswith(
+    f"; load another of the run's checkpoints (1, 2), e.g. --checkpoint"
+    f" {tmp_path / 'checkpoints' / '2'}, or train the run again (train sets unreadable"
+    " checkpoints aside)"
+  )
+  assert checkpoints.read_step(tmp_path / "checkpoints" / "2")[0] == 2  # the others read
+
+
 def test_a_save_leaves_stderr_to_the_terminal(tmp_path, monkeypatch):
   """A second Ctrl-C during a save ends the process at once with its line on stderr;
   had the save captured fd 2 (as a restore does), that line would be lost."""
