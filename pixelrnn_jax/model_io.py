@@ -158,6 +158,24 @@ def resolve(source: str | os.PathLike) -> Path:
   return path
 
 
+def _read_card(card_path: Path, weights: Path) -> dict:
+  """The card beside ``weights``, a JSON object.
+
+  Raises:
+    CheckpointError: naming the card (not the weights) when it is not one.
+  """
+  try:
+    card = json.loads(card_path.read_text())
+  except (ValueError, OSError) as error:  # UnicodeDecodeError is a ValueError
+    raise CheckpointError(
+      f"{card_path}: the card of {weights.name} is not readable JSON ({error}); restore it,"
+      " or move it away to load the weights without their card's checks"
+    ) from error
+  if not isinstance(card, dict):
+    raise CheckpointError(f"{card_path}: the card of {weights.name} is not a JSON object")
+  return card
+
+
 def read(source: str | os.PathLike) -> SavedModel:
   """Reads the params' arrays, training config and card of a saved model.
 
@@ -183,7 +201,7 @@ def read(source: str | os.PathLike) -> SavedModel:
     else:
       card_path = path.with_suffix(".json")
       if card_path.is_file():
-        found_card = json.loads(card_path.read_text())
+        found_card = _read_card(card_path, path)
         if "sha256" in found_card:
           checked_weights(path, found_card["sha256"])
       state_dict = checkpoints.load(path)

@@ -2,6 +2,7 @@
 
 import difflib
 import hashlib
+import json
 import shutil
 
 import jax
@@ -101,6 +102,23 @@ def test_corrupted_pretrained_file_is_refused(tmp_path, monkeypatch):
   monkeypatch.setattr(model_io, "PRETRAINED_DIR", tmp_path)
   with pytest.raises(checkpoints.CheckpointError, match="does not match the recorded"):
     gru_classifier.load_pretrained(name)
+
+
+@settings(max_examples=25, deadline=None)
+@given(card=st.text(max_size=30))
+def test_a_card_that_is_not_a_json_object_is_named_not_its_weights(tmp_path_factory, card):
+  """Before: '{not json' in pixel.json was reported as the .msgpack being 'not a model
+  checkpoint'."""
+  try:
+    assume(not isinstance(json.loads(card), dict))
+  except ValueError:
+    pass
+  folder = tmp_path_factory.mktemp("card")
+  shutil.copy(model_io.PRETRAINED_DIR / "pixel.msgpack", folder / "mine.msgpack")
+  (folder / "mine.json").write_text(card)
+  with pytest.raises(checkpoints.CheckpointError) as error:
+    model_io.read(folder / "mine.msgpack")
+  assert str(error.value).startswith(f"{folder / 'mine.json'}: the card of mine.msgpack is not")
 
 
 def test_unknown_name_lists_what_is_available(capsys):
