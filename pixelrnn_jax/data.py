@@ -255,6 +255,13 @@ def _load_file_pair(file_split, data_dir, cache_dir, verify, sources):
       log.warning("ignoring unreadable cache %s (%s)", cache_file, error)
       tried.append(f"cache {cache_file}: {error}")
 
+  if cache_dir.exists() and not cache_dir.is_dir():  # every fetcher would fail on it alike
+    raise DataNotFoundError(
+      f"the MNIST cache {cache_dir} is a file, not a directory"
+      + (f" (${CACHE_DIR_ENV})" if os.environ.get(CACHE_DIR_ENV) else "")
+      + f": point {CACHE_DIR_ENV} at a directory, or give the IDX files' directory with"
+      f" --data-dir or {DATA_DIR_ENV}"
+    )
   fetchers = {
     "tfds": lambda: _from_tfds(file_split, cache_dir),
     "https": lambda: _download_https(file_split, cache_dir, verify),

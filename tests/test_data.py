@@ -531,6 +531,21 @@ def test_a_damaged_cache_is_ignored_and_fetched_again(tmp_path, monkeypatch):
   assert loaded.shape[1:] == (28, 28)
 
 
+def test_a_cache_path_that_is_a_file_is_named_once_not_blamed_on_each_source(tmp_path, monkeypatch):
+  """Before: 'Tried: tfds: FileExistsError ..., https: FileExistsError ..., npm: ...'."""
+  cache = tmp_path / "afile"
+  cache.write_text("not a directory")
+  monkeypatch.setenv(data.CACHE_DIR_ENV, str(cache))
+  monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+  data._load_file_pair.cache_clear()
+  with pytest.raises(data.DataNotFoundError) as error:
+    data.load_mnist("valid", data_dir=None)
+  assert str(error.value).startswith(
+    f"the MNIST cache {cache} is a file, not a directory (${data.CACHE_DIR_ENV}): point"
+  )
+  assert "FileExistsError" not in str(error.value)
+
+
 def test_processes_writing_the_same_cache_at_once_each_rename_a_whole_file(tmp_path):
   """Two processes of a multi-process run fetch MNIST at the same moment."""
   import threading
