@@ -120,7 +120,9 @@ RULED_TILT_STEP = 0.1  # degrees: ... at this resolution
 FRAME_FILL = 0.3  # a frame: a component filling less than this of its box, around the rest
 FRAME_CONTENT = 0.25  # ... one of which spans this much of the frame's shorter side
 LINE_SPAN = 0.4  # a line: a horizontal component at least this wide (of the image) ...
-LINE_ASPECT = 6.0  # ... and this many times wider than thick
+LINE_ASPECT = 6.0  # ... and this many times wider than thick ...
+LINE_OVERHANG = 0.1  # ... running past the rest of the ink on both sides by this (of its
+LINE_ACROSS = 0.8  # own width: a digit's own bar does not), unless this wide (of the image)
 EDGE_SPAN = 0.3  # the paper's edge: a component along the border for this much of a side
 EDGE_MARGIN = 0.04  # ... within this much of the border
 FRAME_THICK = 0.06  # a form's box: its sides at most this thick (of the image)
@@ -884,10 +886,21 @@ def _is_frame(part: dict, others: list[dict], labels: np.ndarray) -> bool:
   return bool(others) and inside
 
 
-def _is_line(part: dict, shape: tuple[int, int]) -> bool:
-  """A long straight stroke: a horizontal line (a baseline, a ruled line) at least
-  LINE_SPAN of the image wide and LINE_ASPECT times longer than thick."""
-  return part["width"] >= LINE_SPAN * shape[1] and part["width"] >= LINE_ASPECT * part["height"]
+def _is_line(part: dict, shape: tuple[int, int], rest: list[dict]) -> bool:
+  """A long straight stroke that is not the digit's: a horizontal line (a baseline, a
+  ruled line) at least LINE_SPAN of the image wide and LINE_ASPECT times longer than
+  thick, that runs past the ``rest`` of the ink on both sides (by LINE_OVERHANG of its
+  own width) or across LINE_ACROSS of the image. A digit's bar drawn as a stroke of its
+  own (a 7's top, a 2's base) ends where the digit does on one side at least: before,
+  it was cleared as a baseline, and the 7 read as 1."""
+  if part["width"] < LINE_SPAN * shape[1] or part["width"] < LINE_ASPECT * part["height"]:
+    return False
+  if part["width"] >= LINE_ACROSS * shape[1]:
+    return True
+  left = min(p["box"][1].start for p in rest)
+  right = max(p["box"][1].stop for p in rest)
+  overhang = LINE_OVERHANG * part["width"]
+  return part["box"][1].start <= left - overhang and part["box"][1].stop >= right + overhang
 
 
 def _touches_edge_along(part: dict, shape: tuple[int, int]) -> bool:
@@ -991,7 +1004,7 @@ def _remove_frames_and_lines(grey: np.ndarray) -> np.ndarray:
       break
     if (
       _is_frame(part, kept, labels)
-      or _is_line(part, grey.shape)
+      or _is_line(part, grey.shape, kept)
       or _touches_edge_along(part, grey.shape)
     ):
       removed.append(part)

@@ -830,6 +830,46 @@ def test_a_digit_on_noisy_or_speckled_paper_reads_as_on_a_clean_page(
   assert np.abs(noisy - clean).mean() < 0.2
 
 
+def _pen_drawing(side, width, strokes):
+  """Black strokes (lists of (x, y) as shares of ``side``) on a white page; grey in [0, 1]."""
+  page = Image.new("L", (side, side), 255)
+  pen = ImageDraw.Draw(page)
+  for stroke in strokes:
+    pen.line([(x * side, y * side) for x, y in stroke], fill=0, width=width, joint="curve")
+  return np.asarray(page, np.float64) / 255
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(
+  digit=st.sampled_from(["7", "2"]),
+  side=st.integers(120, 400),
+  width=st.integers(2, 12),
+  gap=st.floats(0.02, 0.08),
+)
+def test_a_bar_drawn_apart_from_its_digit_is_kept_and_an_underline_is_not(digit, side, width, gap):
+  """A 7's top or a 2's base drawn as a stroke of its own, a pen's lift away: kept, so
+  the 28x28 is the joined digit's (before: cleared as a baseline, the 7 read as 1 at
+  p = 0.9999). A line under the digit running past it on both sides is cleared."""
+  if digit == "7":
+    bar, rest = [(0.25, 0.2), (0.75, 0.2)], [(0.75, 0.2 + gap), (0.4, 0.85)]
+    joined = [(0.75, 0.2), (0.4, 0.85)]
+  else:
+    bar, rest = [(0.3, 0.8), (0.75, 0.8)], [(0.3, 0.3), (0.5, 0.15), (0.7, 0.3), (0.3, 0.8 - gap)]
+    joined = [(0.3, 0.3), (0.5, 0.15), (0.7, 0.3), (0.3, 0.8)]
+  apart = images.to_mnist(_pen_drawing(side, width, [bar, rest]))
+  together = images.to_mnist(_pen_drawing(side, width, [bar, joined]))
+  # Kept: within 0.09 of the joined digit (the shortened stroke); cleared, the rest
+  # alone is 0.14-0.19 away.
+  assert np.abs(apart - together).mean() < 0.11
+  underline = [(0.1, 0.95), (0.9, 0.95)]
+  without = images.to_mnist(_pen_drawing(side, width, [joined]))
+  if digit == "2":  # (a 7's lines are the bar's own length: under it, they look alike)
+    underlined = images.to_mnist(_pen_drawing(side, width, [bar, joined, underline]))
+    with_bar = images.to_mnist(_pen_drawing(side, width, [bar, joined]))
+    assert np.abs(underlined - with_bar).mean() < 0.02
+  assert without.max() > 0.9
+
+
 def test_ruled_lines_tilted_as_in_a_photo_are_found_at_their_angle():
   """_ruled_tilt against lines drawn at a known angle; the shear moves whole pixels
   and _unshear undoes it exactly."""
