@@ -367,7 +367,7 @@ class RunCheckpoints:
     free = shutil.disk_usage(self.directory).free
     if free < need:
       raise self._write_error(
-        step, f"{free:,} bytes free on its disk, a checkpoint takes about {need:,}"
+        step, f"{free:,} bytes free on its disk, a checkpoint takes about {need:,} bytes"
       )
 
   def restore(self, step: int) -> tuple[dict, dict]:

@@ -372,7 +372,7 @@ def test_a_save_the_disk_cannot_hold_is_refused_before_it_starts(tmp_path, monke
   monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: usage(0, 0, need - 1))
   with pytest.raises(checkpoints.CheckpointWriteError) as error:
     manager.save(2, state, {"a": 2})
-  assert f"({need - 1:,} bytes free on its disk, a checkpoint takes about {need:,})" in str(
+  assert f"({need - 1:,} bytes free on its disk, a checkpoint takes about {need:,} bytes)" in str(
     error.value
   )
   assert str(error.value).endswith(f"the last complete checkpoint is {manager.path(1)}")

@@ -539,7 +539,7 @@ def _png(image) -> bytes:
     (
       dict(json={"pixels": [[0.0] * 28] * 28, "model": "nope"}),
       400,
-      "unknown model 'nope'; loaded: pixel, permuted",
+      "unknown model 'nope' (loaded: pixel, permuted)",
     ),
     (dict(json={"pixels": [[0.0] * 28] * 28, "model": 3}), 422, "model must be a string"),
     (
@@ -663,7 +663,9 @@ def test_a_multipart_field_the_api_does_not_take_is_refused(client, field):
 def test_a_misspelt_json_key_and_an_empty_query_model_name_the_fix(client):
   pixels = GRID_FOUR.tolist()
   response = client.post("/api/predict", json={"pixels": pixels, "modle": "permuted"})
-  assert "did you mean 'model'? (it takes pixels, model)" in response.json()["error"]
+  assert "takes: did you mean 'model'? (it takes pixels, model)" in response.json()["error"]
+  response = client.post("/api/predict", json={"pixels": pixels, "model": "Permuted"})
+  assert "unknown model 'Permuted'; did you mean 'permuted'? (loaded:" in response.json()["error"]
   response = client.post("/api/predict?model=", json={"pixels": pixels})
   assert response.status_code == 400 and "model is empty" in response.json()["error"]
   assert (

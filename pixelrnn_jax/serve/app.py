@@ -459,7 +459,10 @@ def _unsupported_type(kind: str) -> RequestError:
 
 
 def _unknown_model(name: str, loaded) -> RequestError:
-  return RequestError(400, f"unknown model {name!r}; loaded: {', '.join(loaded)}")
+  close = [known for known in loaded if known.lower() == name.lower()]
+  close = close or difflib.get_close_matches(name, list(loaded), n=1, cutoff=0.6)
+  hint = f"; did you mean {close[0]!r}?" if close else ""
+  return RequestError(400, f"unknown model {name!r}{hint} (loaded: {', '.join(loaded)})")
 
 
 def _megabytes(size: int) -> str:
@@ -534,10 +537,10 @@ def _check_keys(what: str, keys: list[str], known: tuple[str, ...], status: int 
   for key in keys:
     if key not in known:
       close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-      hint = f"did you mean {close[0]!r}? " if close else ""
+      hint = f": did you mean {close[0]!r}?" if close else ""
       raise RequestError(
         status,
-        f"{what} {_short(key)} is not one the API takes: {hint}(it takes {', '.join(known)})",
+        f"{what} {_short(key)} is not one the API takes{hint} (it takes {', '.join(known)})",
       )
 
 
