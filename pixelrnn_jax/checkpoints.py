@@ -449,20 +449,31 @@ def read_step(path: str | os.PathLike) -> tuple[int, dict, dict]:
   manager = RunCheckpoints(path.parent, read_only=True)
   try:
     state, meta = manager.restore(int(path.name))
-  except CheckpointError as error:  # the fix: the run's other steps
+  except CheckpointError as error:  # the fix: the newest of the run's other steps that reads
     others = [step for step in manager.steps() if step != int(path.name)]
-    hint = (
-      f"load another of the run's checkpoints ({', '.join(map(str, others))}), e.g."
-      f" --checkpoint {manager.path(others[-1])}, or"
-      if others
-      else "the run has no other checkpoint:"
-    )
+    readable = next((step for step in reversed(others) if _reads(manager, step)), None)
+    if readable is not None:
+      hint = (
+        f"load another of the run's checkpoints, e.g. --checkpoint {manager.path(readable)}, or"
+      )
+    elif others:
+      hint = f"its other checkpoints ({', '.join(map(str, others))}) cannot be read either:"
+    else:
+      hint = "the run has no other checkpoint:"
     raise CheckpointError(
       f"{error}; {hint} train the run again (train sets unreadable checkpoints aside)"
     ) from error
   finally:
     manager.close()
   return int(path.name), state, meta
+
+
+def _reads(manager: RunCheckpoints, step: int) -> bool:
+  try:
+    manager.restore(step)
+  except CheckpointError:
+    return False
+  return True
 
 
 def chosen_step(directory: str | os.PathLike) -> Path | None:

@@ -408,11 +408,20 @@ def test_a_corrupt_checkpoint_read_names_the_runs_other_checkpoints(tmp_path):
     checkpoints.read_step(tmp_path / "checkpoints" / "3")
   assert str(error.value).startswith(str(tmp_path / "checkpoints" / "3"))
   assert str(error.value).endswith(
-    f"; load another of the run's checkpoints (1, 2), e.g. --checkpoint"
+    f"; load another of the run's checkpoints, e.g. --checkpoint"
     f" {tmp_path / 'checkpoints' / '2'}, or train the run again (train sets unreadable"
     " checkpoints aside)"
   )
   assert checkpoints.read_step(tmp_path / "checkpoints" / "2")[0] == 2  # the others read
+  _flip_bytes(tmp_path / "checkpoints" / "2")  # only a readable one is named: 1
+  with pytest.raises(checkpoints.CheckpointError, match=r"--checkpoint \S*checkpoints/1, or"):
+    checkpoints.read_step(tmp_path / "checkpoints" / "3")
+  _flip_bytes(tmp_path / "checkpoints" / "1")  # none reads: no circle of suggestions
+  with pytest.raises(checkpoints.CheckpointError) as error:
+    checkpoints.read_step(tmp_path / "checkpoints" / "2")
+  assert "; its other checkpoints (1, 3) cannot be read either: train the run again" in str(
+    error.value
+  )
 
 
 def test_a_save_leaves_stderr_to_the_terminal(tmp_path, monkeypatch):
