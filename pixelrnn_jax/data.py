@@ -255,9 +255,10 @@ def _load_file_pair(file_split, data_dir, cache_dir, verify, sources):
       log.warning("ignoring unreadable cache %s (%s)", cache_file, error)
       tried.append(f"cache {cache_file}: {error}")
 
-  if cache_dir.exists() and not cache_dir.is_dir():  # every fetcher would fail on it alike
+  blocking = next((p for p in (cache_dir, *cache_dir.parents) if p.exists()), None)
+  if blocking is not None and not blocking.is_dir():  # every fetcher would fail on it alike
     raise DataNotFoundError(
-      f"the MNIST cache {cache_dir} is a file, not a directory"
+      f"the MNIST cache {cache_dir} cannot be a directory: {blocking} is a file"
       + (f" (${CACHE_DIR_ENV})" if os.environ.get(CACHE_DIR_ENV) else "")
       + f": point {CACHE_DIR_ENV} at a directory, or give the IDX files' directory with"
       f" --data-dir or {DATA_DIR_ENV}"

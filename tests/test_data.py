@@ -538,12 +538,16 @@ def test_a_cache_path_that_is_a_file_is_named_once_not_blamed_on_each_source(tmp
   monkeypatch.setenv(data.CACHE_DIR_ENV, str(cache))
   monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
   data._load_file_pair.cache_clear()
-  with pytest.raises(data.DataNotFoundError) as error:
-    data.load_mnist("valid", data_dir=None)
-  assert str(error.value).startswith(
-    f"the MNIST cache {cache} is a file, not a directory (${data.CACHE_DIR_ENV}): point"
-  )
-  assert "FileExistsError" not in str(error.value)
+  for under in (cache, cache / "sub"):  # the file itself, or a folder below it
+    monkeypatch.setenv(data.CACHE_DIR_ENV, str(under))
+    data._load_file_pair.cache_clear()
+    with pytest.raises(data.DataNotFoundError) as error:
+      data.load_mnist("valid", data_dir=None)
+    assert str(error.value).startswith(
+      f"the MNIST cache {under} cannot be a directory: {cache} is a file"
+      f" (${data.CACHE_DIR_ENV}): point"
+    )
+    assert "Error" not in str(error.value)
 
 
 def test_processes_writing_the_same_cache_at_once_each_rename_a_whole_file(tmp_path):
