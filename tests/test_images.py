@@ -434,41 +434,6 @@ def test_a_filled_round_blob_is_refused_not_read_as_a_digit(
     images.prepare(images.read_image(path))
 
 
-@settings(max_examples=30, deadline=None, derandomize=True)
-@given(
-  length=st.integers(24, 400),
-  aspect=st.floats(5.0, 30.0),
-  room=st.floats(0.2, 2.0),
-  tilt=st.floats(-1.5, 1.5),
-)
-def test_a_dash_is_refused_not_read_as_a_digit(length, aspect, room, tilt):
-  """A hyphen (40x10 px on a 300 px page was read as 7 at p = 0.99): a bar 5 or more
-  times wider than tall, level within 1.5 degrees, is refused (its box then at least
-  4 times); MNIST's widest digit is 2.5 times."""
-  thick = max(2, round(length / aspect))
-  side = round(length * (1 + 2 * room))
-  page = Image.new("L", (side, side), 255)
-  top, left = (side - thick) // 2, (side - length) // 2
-  ImageDraw.Draw(page).rectangle([left, top, left + length - 1, top + thick - 1], fill=0)
-  page = page.rotate(tilt, resample=Image.Resampling.BICUBIC, fillcolor=255)
-  with pytest.raises(images.ImageError, match=r"^no digit-like ink: a dash \d+x\d+ pixels"):
-    images.prepare(np.asarray(page, np.float32) / 255)
-
-
-def test_mnists_widest_digits_are_not_taken_for_dashes(mnist_dir):
-  """The training digits whose ink box is widest for its height (2-2.5 times), enlarged
-  as a user's image is, are read (the dash bound, 4, is above them)."""
-  digits = np.asarray(data.load_mnist("train", data_dir=mnist_dir)[0], np.float32)
-  ink = digits > 0.1
-  height = ink.any(2).sum(1)
-  width = ink.any(1).sum(1)
-  widest = np.argsort(width / height)[-8:]
-  assert (width / height)[widest].min() >= 2.0
-  for index in widest:
-    page = 1.0 - _upscaled(digits[index], 6)  # dark on light, 168 px
-    assert images.prepare(np.pad(page, 40, constant_values=1.0)).pixels.max() > 0.5
-
-
 def test_digits_of_every_size_and_weight_are_not_taken_for_blobs(mnist_dir):
   """Valid digits enlarged 1.5-8x (so that they are prepared, not taken as MNIST's),
   on paper of either shade, with strokes made bolder or thinner, are never refused;
