@@ -362,7 +362,8 @@ class RunCheckpoints:
     else the state's bytes (a GRU-64's: 241 KB on disk for 222 KB of arrays), times
     FREE_SPACE_MARGIN, plus FREE_SPACE_SLACK."""
     sizes = [_bytes_under(self.path(s)) for s in self.steps()]
-    arrays = sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(state))
+    leaves = jax.tree.leaves(state)  # .nbytes of device arrays: no copy to the host
+    arrays = sum(getattr(leaf, "nbytes", None) or np.asarray(leaf).nbytes for leaf in leaves)
     need = int(max(sizes, default=arrays) * FREE_SPACE_MARGIN) + FREE_SPACE_SLACK
     free = shutil.disk_usage(self.directory).free
     if free < need:

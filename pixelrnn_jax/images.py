@@ -37,7 +37,8 @@ The steps of :func:`prepare`, in order:
    area-averaged to 16 cells across and minimum-filtered); everything at or
    below the border's median plus 6 noise standard deviations (from its
    median absolute deviation; where noise was clipped at the paper's white,
-   leaving 25-80% of the border exactly at it, from the other pixels) becomes 0 and the ink range is stretched to
+   leaving 25-80% of the border exactly at it, from the other pixels) becomes 0
+   and the ink range is stretched to
    [0, 1], so grey or noisy paper is black and faint noise is not ink; the
    lines of ruled or graph paper (found at their tilt, at most 3% of the image
    thick, across 80% of it), a form's box and dust or captions away from the
@@ -485,7 +486,8 @@ def _shrink(grey: np.ndarray) -> np.ndarray:
 
 
 def _despeckle(grey: np.ndarray) -> np.ndarray:
-  """The image's 3x3 median when its paper is speckled, else the image.
+  """The image with the specks of its paper replaced by their medians; unchanged when
+  its paper is not speckled.
 
   Sensor noise or salt-and-pepper specks on the paper would otherwise pass the
   noise floor and fill the digit's box (a noisy white page read as a square: a
