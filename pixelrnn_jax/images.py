@@ -221,8 +221,8 @@ def read_image(path: str | Path) -> np.ndarray:
   transparent part becomes background, see :func:`_composite`), I;16 and I
   (scaled by the file's value range: 65535 for 16-bit; 32-bit by 255, or by
   its maximum when that is above 255) and F; PNG, JPEG, BMP, GIF, TIFF, WebP; the EXIF orientation of
-  phone photos is applied. ``.npy`` arrays: uint8 (0..255) or float in
-  [0, 1], shape [H, W] (or [784], read as 28x28). A file without an extension
+  phone photos is applied. ``.npy`` arrays: integers in 0..255 (any integer
+  dtype), bool, or float in [0, 1], shape [H, W] (or [784], read as 28x28). A file without an extension
   is read by its bytes (.npy's magic, else whatever Pillow identifies).
 
   An image longer than READ_SIDE (1,024) pixels is reduced while it is read, by
@@ -419,16 +419,27 @@ def _as_grey(array, name: str) -> np.ndarray:
     array = array.reshape(FIELD, FIELD)
   if array.ndim != 2 or min(array.shape) < 1:
     raise ImageError(f"{name}: shape {array.shape}, expected a 2-D grey image [H, W]")
-  if array.dtype == np.uint8:
+  if array.dtype == np.bool_:
+    return array.astype(np.float32)
+  if np.issubdtype(array.dtype, np.integer):  # NumPy's default int64 included
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high > 255:
+      raise ImageError(
+        f"{name}: {array.dtype} values must be in 0..255 (found {low}..{high});"
+        " rescale them to 0..255, or to float in [0, 1]"
+      )
     return array.astype(np.float32) / np.float32(255.0)
   if not np.issubdtype(array.dtype, np.floating):
-    raise ImageError(f"{name}: dtype {array.dtype}, expected uint8 (0..255) or float in [0, 1]")
+    raise ImageError(
+      f"{name}: dtype {array.dtype}, expected integers in 0..255, float in [0, 1] or bool"
+    )
   if not np.all(np.isfinite(array)):
     raise ImageError(f"{name}: float values must be finite and in [0, 1] (found NaN or inf)")
   if array.min() < 0 or array.max() > 1:
+    low, high = float(array.min()), float(array.max())
+    hint = "; for 0..255 values divide by 255" if low >= 0 and high <= 255 else ""
     raise ImageError(
-      f"{name}: float values must be finite and in [0, 1]"
-      f" (found {array.min():.3g}..{array.max():.3g})"
+      f"{name}: float values must be finite and in [0, 1] (found {low:.3g}..{high:.3g}){hint}"
     )
   return array.astype(np.float32)
 

@@ -82,12 +82,20 @@ def loss_label(run_dir: Path) -> tuple[str, float | None]:
   return label, chance
 
 
+SPARSE_POINTS = 30  # a curve of fewer points gets a marker on each (one point is no line)
+
+
+def _style(points: list) -> str:
+  return "o-" if len(points) < SPARSE_POINTS else "-"
+
+
 def learning_curves(run_dir: Path, out: Path) -> Path:
   plt = _pyplot()
   train_lines, valid_lines = run_dir_lib.read_metrics(run_dir)
   fig, (loss_ax, acc_ax, err_ax) = plt.subplots(1, 3, figsize=(16, 4))
   losses = [l["loss"] for l in train_lines]
-  loss_ax.plot([l["step"] for l in train_lines], losses)
+  train_style = _style(train_lines)
+  loss_ax.plot([l["step"] for l in train_lines], losses, train_style, ms=4)
   objective, chance = loss_label(run_dir)
   # A run that starts far below chance (a fine-tune) would be a flat line at 0 on
   # the scale of chance: its losses get a log axis of their own instead.
@@ -104,7 +112,11 @@ def learning_curves(run_dir: Path, out: Path) -> Path:
     title=textwrap.fill(f"loss: {objective}", width=56),
   )
   acc_ax.plot(
-    [l["step"] for l in train_lines], [l["accuracy"] for l in train_lines], label="train (batch)"
+    [l["step"] for l in train_lines],
+    [l["accuracy"] for l in train_lines],
+    train_style,
+    ms=4,
+    label="train (batch)",
   )
   acc_ax.plot(
     [l["step"] for l in valid_lines], [l["accuracy"] for l in valid_lines], "o-", label="valid"
@@ -114,7 +126,12 @@ def learning_curves(run_dir: Path, out: Path) -> Path:
   # Late progress (97.7% -> 98.1%) is invisible on a linear accuracy axis.
   errors = [100 * (1 - l["accuracy"]) for l in train_lines]
   err_ax.semilogy(
-    [l["step"] for l in train_lines], np.maximum(errors, 1e-2), label="train (batch)", alpha=0.6
+    [l["step"] for l in train_lines],
+    np.maximum(errors, 1e-2),
+    train_style,
+    ms=4,
+    label="train (batch)",
+    alpha=0.6,
   )
   title = "error rate"
   if valid_lines:
@@ -130,6 +147,8 @@ def learning_curves(run_dir: Path, out: Path) -> Path:
   err_ax.set(xlabel="step", ylabel="error (%, log scale)", title=textwrap.fill(title, width=56))
   err_ax.grid(alpha=0.3, which="both")
   err_ax.legend()
+  for ax in (loss_ax, acc_ax, err_ax):  # a short run's axis would tick at step 39.5
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
   fig.suptitle(run_dir.name)
   return _save(fig, out / "learning_curves.png")
 

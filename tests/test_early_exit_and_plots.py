@@ -414,3 +414,25 @@ def test_the_default_thresholds_of_a_spread_curve_are_all_labelled(tmp_path):
   plt.close(fig)
   path = plots.early_exit_tradeoff(rows, 784, tmp_path, "spread")
   assert path.exists()
+
+
+@pytest.mark.parametrize("count", [1, 2, 29, 30, 200])
+def test_a_short_run_s_training_curves_have_a_marker_on_each_point(tmp_path, monkeypatch, count):
+  """A 40-step run logs one training line: drawn without markers it was an empty panel.
+  Fewer than SPARSE_POINTS points get a marker each; longer curves stay plain lines."""
+  from pixelrnn_jax import plots
+
+  lines = [{"step": 10 * (s + 1), "loss": 2.3 - s / 1e3, "accuracy": 0.1} for s in range(count)]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+  figures = []
+  monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or path)
+  plots.learning_curves(tmp_path, tmp_path)
+  train = [
+    line
+    for ax in figures[0].axes
+    for line in ax.get_lines()
+    if len(line.get_xdata()) == count and not line.get_label().endswith("(chance)")
+  ]
+  assert len(train) == 3  # loss, accuracy, error rate
+  for line in train:
+    assert (line.get_marker() not in ("None", None, "")) is (count < plots.SPARSE_POINTS)

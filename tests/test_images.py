@@ -1500,3 +1500,46 @@ def test_the_shadow_step_leaves_evenly_lit_and_noisy_pages_alone(mnist_dir):
   falloff = clean * np.linspace(0.55, 1.0, 300)[None, :]  # light falling off: evened out too
   flat = images._flatten_shadow(falloff, "auto")
   assert np.abs(flat - np.clip(clean / 0.95 / 0.9, 0, 1)).mean() < 0.01
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+  dtype=st.sampled_from(["i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8"]),
+  low=st.integers(-300, 300),
+  span=st.integers(0, 70_000),
+  seed=st.integers(0, 2**16),
+)
+def test_integer_arrays_of_any_width_are_read_as_0_to_255(tmp_path_factory, dtype, low, span, seed):
+  """``np.array([[0, 255], ...])`` is int64: any integer dtype whose values lie in
+  0..255 reads as the same uint8 array would (an .npy file and ``prepare`` alike);
+  values outside 0..255 are refused with the range found and the fix."""
+  info = np.iinfo(dtype)
+  low, high = max(low, int(info.min)), min(low + span, int(info.max))
+  if high < low:
+    return
+  values = np.random.default_rng(seed).integers(low, high, (28, 28), endpoint=True)
+  array = values.astype(dtype)
+  path = tmp_path_factory.mktemp("npy") / "digit.npy"
+  np.save(path, array)
+  if 0 <= low and high <= 255:
+    expected = values.astype(np.uint8).astype(np.float32) / 255
+    np.testing.assert_array_equal(images.read_image(path), expected)
+  else:
+    with pytest.raises(images.ImageError) as error:
+      images.read_image(path)
+    assert f"found {array.min()}..{array.max()}" in str(error.value)
+    assert "0..255" in str(error.value) and str(path) in str(error.value)
+
+
+def test_bool_and_0_to_255_float_arrays(tmp_path):
+  """A bool mask reads as 0/1; a float array in 0..255 is refused with the division
+  that fixes it; a float array out of any such range is refused without it."""
+  mask = np.zeros((28, 28), bool)
+  mask[6:22, 12:16] = True
+  np.save(tmp_path / "mask.npy", mask)
+  np.testing.assert_array_equal(images.read_image(tmp_path / "mask.npy"), mask.astype(np.float32))
+  assert images.prepare(mask).pixels.max() > 0.5
+  with pytest.raises(images.ImageError, match=r"found 0\.\.255\); for 0\.\.255 values divide by 255"):
+    images.prepare(mask * 255.0)
+  with pytest.raises(images.ImageError, match=r"found -1\.\.1\)$"):
+    images.prepare(mask * 2.0 - 1.0)
