@@ -1539,7 +1539,9 @@ def test_bool_and_0_to_255_float_arrays(tmp_path):
   np.save(tmp_path / "mask.npy", mask)
   np.testing.assert_array_equal(images.read_image(tmp_path / "mask.npy"), mask.astype(np.float32))
   assert images.prepare(mask).pixels.max() > 0.5
-  with pytest.raises(images.ImageError, match=r"found 0\.\.255\); for 0\.\.255 values divide by 255"):
+  with pytest.raises(
+    images.ImageError, match=r"found 0\.\.255\); for 0\.\.255 values divide by 255"
+  ):
     images.prepare(mask * 255.0)
   with pytest.raises(images.ImageError, match=r"found -1\.\.1\)$"):
     images.prepare(mask * 2.0 - 1.0)
