@@ -177,7 +177,8 @@ def run_dir(tmp_path_factory):
 
 def test_predict_command_answers_good_files_despite_bad_ones(run_dir, tmp_path, capsys):
   workdir, splits = run_dir
-  images, labels = splits["valid"]
+  # Standing up: a toy digit's bright row, read through prepare, is a dash (refused).
+  images = splits["valid"][0].transpose(0, 2, 1)
   np.save(tmp_path / "a.npy", images[0])
   np.save(tmp_path / "b.npy", images[1])
   np.save(tmp_path / "bad.npy", np.zeros((10, 10), np.float32))

@@ -31,6 +31,15 @@ def _u8(x):
   return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
 
 
+def _upscaled_any(image, factor):
+  """Any grey [H, W] in [0, 1], enlarged ``factor`` times (bilinear)."""
+  height, width = image.shape
+  resized = Image.fromarray(_u8(image)).resize(
+    (width * factor, height * factor), Image.Resampling.BILINEAR
+  )
+  return np.asarray(resized, np.float32) / 255
+
+
 def _upscaled(digit, factor):
   image = Image.fromarray(_u8(digit)).resize((28 * factor, 28 * factor), Image.Resampling.BILINEAR)
   return np.asarray(image, np.float32) / 255
@@ -432,6 +441,58 @@ def test_a_filled_round_blob_is_refused_not_read_as_a_digit(
   image.save(path, form)
   with pytest.raises(images.ImageError, match=r"^no digit-like ink"):
     images.prepare(images.read_image(path))
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(
+  length=st.integers(24, 400),
+  aspect=st.floats(5.0, 30.0),
+  room=st.floats(0.2, 2.0),
+  tilt=st.floats(-1.5, 1.5),
+)
+def test_a_dash_is_refused_not_read_as_a_digit(length, aspect, room, tilt):
+  """A hyphen (40x10 px on a 300 px page was read as 7 at p = 0.99): a bar 5 or more
+  times wider than tall, level within 1.5 degrees, is refused (its box then at least
+  4 times); MNIST's widest digit is 2.5 times."""
+  thick = max(2, round(length / aspect))
+  side = round(length * (1 + 2 * room))
+  page = Image.new("L", (side, side), 255)
+  top, left = (side - thick) // 2, (side - length) // 2
+  ImageDraw.Draw(page).rectangle([left, top, left + length - 1, top + thick - 1], fill=0)
+  page = page.rotate(tilt, resample=Image.Resampling.BICUBIC, fillcolor=255)
+  with pytest.raises(images.ImageError, match=r"^no digit-like ink: a dash \d+x\d+ pixels"):
+    images.prepare(np.asarray(page, np.float32) / 255)
+
+
+@settings(
+  max_examples=15,
+  deadline=None,
+  derandomize=True,
+  suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(count=st.integers(4, 8), start=st.integers(0, 4990), gap=st.integers(4, 12))
+def test_a_number_written_in_a_row_is_not_taken_for_a_dash(mnist_dir, count, start, gap):
+  """Four to eight valid digits side by side are as wide for their height as a dash;
+  they are read (with the number warning), not refused as a hyphen."""
+  digits = _valid_digits(mnist_dir)[start : start + count]
+  row = np.concatenate([np.pad(d[:, d.max(0) > 0.1], ((0, 0), (0, gap))) for d in digits], axis=1)
+  page = 1.0 - np.pad(_upscaled_any(row, 4), 40)  # dark on light
+  digit = images.prepare(page)
+  assert digit.pieces >= 2 and images.number_warning(digit)
+
+
+def test_mnists_widest_digits_are_not_taken_for_dashes(mnist_dir):
+  """The training digits whose ink box is widest for its height (2-2.5 times), enlarged
+  as a user's image is, are read (the dash bound, 4, is above them)."""
+  digits = np.asarray(data.load_mnist("train", data_dir=mnist_dir)[0], np.float32)
+  ink = digits > 0.1
+  height = ink.any(2).sum(1)
+  width = ink.any(1).sum(1)
+  widest = np.argsort(width / height)[-8:]
+  assert (width / height)[widest].min() >= 2.0
+  for index in widest:
+    page = 1.0 - _upscaled(digits[index], 6)  # dark on light, 168 px
+    assert images.prepare(np.pad(page, 40, constant_values=1.0)).pixels.max() > 0.5
 
 
 def test_digits_of_every_size_and_weight_are_not_taken_for_blobs(mnist_dir):
@@ -1234,7 +1295,7 @@ def test_a_forced_polarity_that_is_wrong_names_the_fix(index, size):
   """--invert yes on light ink on dark paper (or --invert no on dark on light) hands the
   model light paper: refused, naming the --invert that reads it (it used to say "is the
   image blank?", or read the paper's texture as a digit)."""
-  digit = helpers.synthetic_digits(40, 3)[0][index]
+  digit = helpers.synthetic_digits(40, 3)[0][index].T  # standing: a lying row is a dash
   light_on_dark = (
     np.asarray(Image.fromarray((digit * 255).astype(np.uint8)).resize((size, size)), np.float32)
     / 255
