@@ -120,19 +120,20 @@ def test_read_image_formats_and_errors(tmp_path):
   Image.fromarray(digit).convert("RGB").save(tmp_path / "rgb.png")
   np.save(tmp_path / "u8.npy", digit)
   np.save(tmp_path / "f.npy", digit.astype(np.float32) / 255)
-  for name in ("d.png", "rgb.png", "u8.npy", "f.npy"):
+  np.save(tmp_path / "i64.npy", digit.astype(np.int64))  # np.array([[0, 255], ...])'s dtype
+  for name in ("d.png", "rgb.png", "u8.npy", "f.npy", "i64.npy"):
     np.testing.assert_allclose(
       images_lib.read_image(tmp_path / name), digit / 255.0, atol=1e-6, err_msg=name
     )
   Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "big.png")
-  np.save(tmp_path / "i64.npy", np.zeros((28, 28), np.int64))
+  np.save(tmp_path / "i16.npy", np.full((28, 28), 4095, np.int16))
   np.save(tmp_path / "range.npy", np.full((28, 28), 3.0))
   np.save(tmp_path / "nan.npy", np.full((28, 28), np.nan))
   (tmp_path / "broken.png").write_bytes(b"not a png")
   (tmp_path / "notes.txt").write_text("hi")
   cases = {
     "big.png": "no ink",
-    "i64.npy": "dtype int64",
+    "i16.npy": r"int16 values must be in 0\.\.255 \(found 4095\.\.4095\)",
     "range.npy": r"in \[0, 1\]",
     "nan.npy": "finite",
     "broken.png": "not a readable image",
