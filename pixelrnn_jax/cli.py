@@ -43,6 +43,13 @@ def _config():
   return config
 
 
+def _run_dir():
+  """The run-directory module (loads JAX: only once a run directory is there)."""
+  from pixelrnn_jax.training import run_dir  # noqa: PLC0415
+
+  return run_dir
+
+
 def _parse_optional_float(text: str) -> float | None:
   return None if text.lower() in ("none", "off") else float(text)
 
@@ -146,21 +153,34 @@ def config_from_flags(args: argparse.Namespace):
   start = config_lib.RECIPES[args.recipe or "notebook"]
   workdir = getattr(args, "workdir", None)
   saved = Path(workdir, "config.json") if workdir else None
-  if args.recipe is None and saved is not None and saved.is_file():
+  if args.recipe is None and saved is not None and (saved.is_file() or saved.parent.is_dir()):
+    # config.json, or (missing or unreadable) the newest readable checkpoint's config.
+    found = _run_dir().run_config(saved.parent)
+    values, saved = found if found is not None else (None, saved)
     try:
-      start = config_lib.Config.from_dict(json.loads(saved.read_text()))
-      # Which process this is, is this process's own (process 0 wrote config.json).
-      start = start.replace(process_id=config_lib.Config().process_id)
+      if values is None and saved.is_file():
+        values = json.loads(saved.read_text())
+      if values is not None:
+        start = config_lib.Config.from_dict(values)
+        # Which process this is, is this process's own (process 0 wrote config.json).
+        start = start.replace(process_id=config_lib.Config().process_id)
     except (ValueError, TypeError, AttributeError) as error:
       raise ValueError(
         f"{saved}: not a readable run config ({_one_line(error)}); give --recipe to start"
         " from a named config"
       ) from error
+    if saved.name != "config.json":
+      logging.getLogger(__name__).warning(
+        "%s is missing or unreadable: resuming with the config saved in checkpoint %s",
+        saved.parent.parent / "config.json",
+        saved,
+      )
   try:
     config = start.replace(**given)
   except ValueError as error:
     raise ValueError(flags_named(str(error))) from error
-  if start is not config_lib.RECIPES[args.recipe or "notebook"]:  # said once the flags fit
+  if start is not config_lib.RECIPES[args.recipe or "notebook"] and saved.name == "config.json":
+    # said once the flags fit (a checkpoint's config was said above)
     logging.getLogger(__name__).info("starting from the run's %s (no --recipe given)", saved)
   return config
 

@@ -147,6 +147,8 @@ SIDE_BY_SIDE_HEIGHT = 0.5  # a digit-sized piece: its ink spans this share of th
 SIDE_BY_SIDE_GAP = 0.05  # ... with blank columns this share of that height before the next
 # outside the box are stray marks (dust, a caption), cleared
 CLIPPED_PAPER = (0.25, 0.8)  # paper pixels exactly at the paper's level: clipped noise
+SPECK_LENGTH = 2.0  # a piece of ink no longer than this many stroke widths is a speck ...
+PEPPERED_SPECKS = 3  # ... on a page where this many stray marks were cleared
 SPECKLE_SHARE = 0.002  # paper with more specks than this share of its border band is denoised
 DESPECKLE_SIZES = (3, 3, 3, 5)  # ... by medians this wide while it stays so: of its specks,
 DESPECKLE_SPECKS_ONLY = 2  # ... in this many passes (lines kept), then of every pixel
@@ -225,8 +227,9 @@ def read_image(path: str | Path) -> np.ndarray:
   (scaled by the file's value range: 65535 for 16-bit; 32-bit by 255, or by
   its maximum when that is above 255) and F; PNG, JPEG, BMP, GIF, TIFF, WebP; the EXIF orientation of
   phone photos is applied. ``.npy`` arrays: integers in 0..255 (any integer
-  dtype), bool, or float in [0, 1], shape [H, W] (or [784], read as 28x28). A file without an extension
-  is read by its bytes (.npy's magic, else whatever Pillow identifies).
+  dtype), bool, or float in [0, 1], of shape [H, W], [784] (28x28), [H, W, 1],
+  [1, H, W] or RGB [H, W, 3]. A file without an extension is read by its bytes
+  (.npy's magic, else whatever Pillow identifies).
 
   An image longer than READ_SIDE (1,024) pixels is reduced while it is read, by
   the smallest integer factor k that brings its longer side to READ_SIDE or less
@@ -417,11 +420,32 @@ def _read_npy(path: Path) -> np.ndarray:
 
 
 def _as_grey(array, name: str) -> np.ndarray:
+  """<float32>[H, W] in [0, 1] of an array [H, W], [784] (28x28), [1, ..., H, W] or
+  [H, W, 1] (a batch or a channel of one), or RGB [H, W, 3] (its :func:`_luminance`)."""
   array = np.asarray(array)
-  if array.shape == (784,):
+  shape = array.shape
+  if shape == (784,):
     array = array.reshape(FIELD, FIELD)
-  if array.ndim != 2 or min(array.shape) < 1:
-    raise ImageError(f"{name}: shape {array.shape}, expected a 2-D grey image [H, W]")
+  while array.ndim > 2 and array.shape[0] == 1:
+    array = array[0]
+  if array.ndim == 3 and array.shape[-1] == 1:
+    array = array[..., 0]
+  rgb = array.ndim == 3 and array.shape[-1] == 3
+  if not (array.ndim == 2 or rgb) or min(array.shape) < 1:
+    raise ImageError(
+      f"{name}: shape {shape}, expected a grey image [H, W] or an RGB one [H, W, 3]"
+      + (
+        "; RGBA: save it as PNG (its transparency is then read as paper)"
+        if shape[-1:] == (4,)
+        else ""
+      )
+    )
+  values = _unit_values(array, name)
+  return _luminance(values) if rgb else values
+
+
+def _unit_values(array: np.ndarray, name: str) -> np.ndarray:
+  """``array`` as float32 in [0, 1]: integers 0..255 / 255, bool as 0/1, floats as given."""
   if array.dtype == np.bool_:
     return array.astype(np.float32)
   if np.issubdtype(array.dtype, np.integer):  # NumPy's default int64 included
@@ -1193,14 +1217,19 @@ def _check_strokes(patch: np.ndarray, pieces: int = 1) -> None:
     )
 
 
-def _normalise_stroke(patch: np.ndarray) -> np.ndarray:
+def _normalise_stroke(patch: np.ndarray, *, peppered: bool = False) -> np.ndarray:
   """Redraws a digit whose stroke is far thinner or bolder than MNIST's.
 
   The stroke width is measured as twice the distance transform on the ink's
   skeleton (scikit-image); relative to the box's longer side it is
   MNIST_STROKE on MNIST's valid digits (median; 5-95%: 0.078-0.171). A digit
   outside STROKE_RANGE (a 1-pixel mouse pen, a bold marker) is redrawn along
-  its skeleton with MNIST's width, anti-aliased; any other is left as drawn.
+  its skeleton with MNIST's width, anti-aliased; any other is left as drawn. Before
+  it is redrawn on ``peppered`` paper (PEPPERED_SPECKS or more specks were cleared
+  away from the digit), pieces of ink no longer than SPECK_LENGTH stroke widths or
+  than a pixel of the BOX-pixel box (specks; the largest piece is always kept) are
+  dropped. On clean paper they stay: a thin pen reduced from a big scan breaks into
+  such pieces.
   """
   from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
   from skimage.morphology import skeletonize  # noqa: PLC0415 (scikit-image loads on first use)
@@ -1220,6 +1249,19 @@ def _normalise_stroke(patch: np.ndarray) -> np.ndarray:
   low, high = STROKE_RANGE
   if low * longer <= width <= high * longer:
     return patch
+  if peppered:
+    # Ink no longer than SPECK_LENGTH strokes are wide, or than a pixel of the 20x20
+    # box, is a speck, not a piece of a stroke: redrawn at MNIST's width it would be
+    # a blob (0.2% pepper: a 0 read as 8).
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
+    sizes = np.bincount(labels.ravel())[1:]
+    speck = max(SPECK_LENGTH * width, longer / BOX)
+    strokes = [
+      index + 1
+      for index, box in enumerate(ndimage.find_objects(labels))
+      if max(b.stop - b.start for b in box) > speck or sizes[index] == sizes.max()
+    ]
+    skeleton &= np.isin(labels, strokes)
   radius = 0.5 * MNIST_STROKE * longer
   pad = int(np.ceil(radius)) + 1  # the redrawn stroke may reach past the old box
   distance = ndimage.distance_transform_edt(~np.pad(skeleton, pad))
@@ -1232,7 +1274,8 @@ def prepare(image, *, invert: str = "auto") -> Digit:
   """Normalises one digit image as MNIST did (see the module docstring).
 
   Args:
-    image: grey <float>[H, W] in [0, 1] (or uint8), any size and aspect ratio,
+    image: grey <float>[H, W] in [0, 1] (or integers in 0..255; or [H, W, 3] RGB,
+      see :func:`read_image`'s arrays), any size and aspect ratio,
       either polarity, e.g. from :func:`read_image`.
     invert: ``"auto"`` (invert when the border is light), ``"yes"`` or ``"no"``.
 
@@ -1318,13 +1361,15 @@ def prepare(image, *, invert: str = "auto") -> Digit:
   if not ink_mask.any():
     raise ImageError("no ink left once the ruled lines were removed")
   _check_digit_like(ink_mask, given)
+  marks = len(_components(ink_mask))
   grey = _drop_stray_marks(grey)
+  peppered = marks - len(_components(grey > BOX_THRESHOLD)) >= PEPPERED_SPECKS
   pieces = _side_by_side(grey)
   ink_mask = grey > BOX_THRESHOLD
   rows, cols = np.nonzero(ink_mask.any(1))[0], np.nonzero(ink_mask.any(0))[0]
   patch = grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
   _check_strokes(patch, pieces)
-  patch = _normalise_stroke(patch)
+  patch = _normalise_stroke(patch, peppered=peppered)
   scale = BOX / max(patch.shape)
   height = max(1, round(patch.shape[0] * scale))
   width = max(1, round(patch.shape[1] * scale))

@@ -248,3 +248,20 @@ def test_a_restart_after_an_attempt_killed_before_its_first_checkpoint_records_i
   assert [x["event"] for x in lines if "event" in x] == ["init_from"]
   steps = [(x["step"], x.get("split")) for x in lines if "step" in x]
   assert len(steps) == len(set(steps)), steps
+
+
+def test_a_model_of_the_other_pixel_order_is_taken_with_one_warning(tmp_path, toy_data, caplog):
+  """Pixel and permuted orders read 784 pixels of one value each: a pixel-order model
+  may start a psMNIST run (the README says so), with the warning said once, not once
+  when the trainer checks the model before the data and again when it loads it."""
+  small = {**SMALL, "order": "pixel", "steps": 1, "eval_every": 1}
+  loop.train_and_evaluate(config_lib.Config(**small), tmp_path / "pixel", progress=False)
+  caplog.set_level("WARNING")
+  tuned = config_lib.Config(**{**small, "order": "permuted", "init_from": str(tmp_path / "pixel")})
+  loop.train_and_evaluate(tuned, tmp_path / "permuted", progress=False)
+  said = [
+    r
+    for r in caplog.records
+    if "was trained on pixel order and fine-tunes on permuted" in r.message
+  ]
+  assert len(said) == 1, caplog.text

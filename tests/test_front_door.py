@@ -361,7 +361,7 @@ def test_rerunning_a_finished_run_trains_nothing_and_leaves_its_metrics(tmp_path
   assert again["step"] == first["step"] == 6 and again["valid"] == first["valid"]
 
 
-def test_train_with_only_the_workdir_resumes_the_run_as_it_was(tmp_path, toy_data, capsys):
+def test_train_with_only_the_workdir_resumes_the_run_as_it_was(tmp_path, toy_data, capsys, caplog):
   """Without --recipe, a run directory's own config.json is the starting config: the
   flags not given keep the run's values (not the notebook's), given ones apply, and one
   that changes what is computed is refused as before."""
@@ -383,8 +383,32 @@ def test_train_with_only_the_workdir_resumes_the_run_as_it_was(tmp_path, toy_dat
   (tmp_path / "config.json").write_text(json.dumps(saved))
   args = cli.build_parser().parse_args(workdir)
   assert cli.config_from_flags(args).process_id is None  # each process's own, not process 0's
-  (tmp_path / "config.json").write_text("{")
-  assert cli.main(workdir) == 2
+  # Without a readable config.json (cut short, or deleted), the newest checkpoint's
+  # config: the run goes on as it was, not as the notebook recipe (which died on a
+  # shape error, or on a batch position outside its epoch).
+  fallback = re.compile(
+    r"config\.json is missing or unreadable: resuming with the config saved in checkpoint"
+    r" \S+/checkpoints/(\d+)"
+  )
+  for steps, damage in ((8, "cut short"), (10, "deleted")):
+    if damage == "deleted":
+      (tmp_path / "config.json").unlink()
+    else:
+      (tmp_path / "config.json").write_text("{")
+    caplog.clear()
+    assert cli.main([*workdir, "--steps", str(steps)]) == 0, damage
+    assert int(fallback.search(caplog.text).group(1)) == steps - 2
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["steps"], saved["num_units"], saved["order"]) == (steps, 8, "row")
+    # A named recipe is compared with the checkpoint's config: the differences, named.
+    (tmp_path / "config.json").write_text("{")
+    assert cli.main([*workdir, "--recipe", "notebook", "--steps", "12"]) == 2
+    assert "holds a run with a different config (--" in capsys.readouterr().err
+  # With no checkpoint to fall back on, an unreadable config.json is named.
+  empty = tmp_path / "fresh"
+  empty.mkdir()
+  (empty / "config.json").write_text("{")
+  assert cli.main(["train", "--workdir", str(empty)]) == 2
   assert "config.json: not a readable run config" in capsys.readouterr().err
 
 

@@ -164,7 +164,8 @@ def init_or_restore(
     if workdir is not None:
       _forget_unsaved_attempt(workdir)
     if config.init_from is not None:
-      state, record = warm_start(config, state, optimizer)
+      # The trainer read it before the data (and warned then) when there is a workdir.
+      state, record = warm_start(config, state, optimizer, warn=workdir is None)
       if workdir is not None:
         append_metrics(workdir, record)
     return state, position, data_key, best
@@ -214,8 +215,10 @@ def _model_differences(source: config_lib.Config, other: config_lib.Config) -> l
   return differ
 
 
-def read_init_model(config: config_lib.Config) -> model_io.SavedModel:
+def read_init_model(config: config_lib.Config, *, warn: bool = True) -> model_io.SavedModel:
   """The model ``config.init_from`` names, checked to fit ``config`` (fine-tuning).
+  A model of another pixel order (pixel against permuted: the same input size) is
+  taken, with a warning when ``warn`` (the trainer checks early, then loads: once).
 
   Raises:
     FileNotFoundError, CheckpointError: nothing loadable there, naming ``--init-from``.
@@ -232,7 +235,7 @@ def read_init_model(config: config_lib.Config) -> model_io.SavedModel:
     raise CheckpointError(f"--init-from: {error}") from error
   differ = _model_differences(source, config)
   if not differ:
-    if source.order != config.order:
+    if source.order != config.order and warn:
       log.warning(
         "--init-from %s was trained on %s order and fine-tunes on %s: it starts from"
         " another reading of the image",
@@ -252,7 +255,7 @@ def read_init_model(config: config_lib.Config) -> model_io.SavedModel:
   )
 
 
-def warm_start(config: config_lib.Config, state: step_lib.TrainState, optimizer):
+def warm_start(config: config_lib.Config, state: step_lib.TrainState, optimizer, *, warn=True):
   """``state`` with the weights of the model ``config.init_from`` names (fine-tuning),
   and the ``metrics.jsonl`` record of where they came from:
   ``{"event": "init_from", "source", "source_step", "params_sha256"}``.
@@ -264,7 +267,7 @@ def warm_start(config: config_lib.Config, state: step_lib.TrainState, optimizer)
   Raises:
     as :func:`read_init_model`.
   """
-  saved = read_init_model(config)
+  saved = read_init_model(config, warn=warn)
   params = serialization.from_state_dict(state.params, saved.arrays)
   shapes = jax.tree.map(lambda a, b: (np.shape(a), np.shape(b)), state.params, params)
   wrong = [
@@ -304,6 +307,27 @@ def prepare(workdir: Path, config: config_lib.Config, *, is_primary: bool = True
     tmp.replace(config_path)
 
 
+def run_config(workdir: str | os.PathLike) -> tuple[dict, Path] | None:
+  """The config a run directory's run was started with, and the file it was read from:
+  its config.json; when that is missing or unreadable, the config that the newest
+  checkpoint with a readable one saved beside its weights (every step saves it, in
+  its ``meta`` item: orbax's JSON file ``<step>/meta/metadata``, read as a file so
+  that JAX's backend does not start before ``--devices`` is set). None when neither
+  is there (config.json alone, unreadable, is None too: a run with nothing saved)."""
+  candidates = [Path(workdir, CONFIG)] + [
+    step / "meta" / "metadata" for step in reversed(model_io.step_sources(workdir))
+  ]
+  for index, path in enumerate(candidates):
+    try:
+      values = json.loads(path.read_text())
+      values = values if index == 0 else values.get("config")
+    except (OSError, ValueError, AttributeError):
+      continue
+    if isinstance(values, dict):
+      return values, path if index == 0 else path.parent.parent
+  return None
+
+
 def check_resumable(workdir: Path, config: config_lib.Config, *, early: bool = False) -> None:
   """Nothing when ``workdir`` holds no run or one that ``config`` continues (read-only).
 
@@ -315,7 +339,6 @@ def check_resumable(workdir: Path, config: config_lib.Config, *, early: bool = F
     ValueError: the run is past ``config.steps``, or its config differs in a field
       that changes what is computed (naming each flag, then and now).
   """
-  config_path = workdir / "config.json"
   latest = latest_step(workdir)
   if latest is not None and latest > config.steps:
     raise ValueError(
@@ -323,9 +346,10 @@ def check_resumable(workdir: Path, config: config_lib.Config, *, early: bool = F
       f" is below it: pass --steps {latest} or more to go on, or choose a new"
       " --workdir"
     )
-  if config_path.exists() and latest is not None:
+  saved = run_config(workdir) if latest is not None else None
+  if saved is not None:
     defaults = dataclasses.asdict(config_lib.Config())  # fields added since that run
-    previous = {**defaults, **json.loads(config_path.read_text())}
+    previous = {**defaults, **saved[0]}
     previous["num_processes"] = previous["num_processes"] or 1  # None: one process
     current = dataclasses.asdict(config)
     changed = sorted(
