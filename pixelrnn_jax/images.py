@@ -92,6 +92,7 @@ LIGHTING_INK_STEP = 0.25  # a rise of the paper level by more than this is ink, 
 # falling off across a phone photo (0.56-0.88 in tests/test_images.py) stays under it,
 # a shadow at 0.6 of the light or darker is over it.
 SHADOW_BORDER_SPREAD = 0.35
+VIGNETTE_GAP = 0.1  # ... or the border's median this far from the image's (a falloff)
 SHADOW_BORDER_PERCENTILES = (10, 90)  # (a shadow may cover 80% of the border)
 SHADOW_SIDE = 128  # its light is estimated on a copy this long ...
 SHADOW_WINDOW = 1 / 6  # ... by a median filter this share of that side wide
@@ -553,6 +554,18 @@ def _despeckle(grey: np.ndarray) -> np.ndarray:
   return grey
 
 
+def _unevenly_lit(grey: np.ndarray) -> bool:
+  """The border's SHADOW_BORDER_PERCENTILES lie more than SHADOW_BORDER_SPREAD apart (a
+  shadow over part of the page), or the border's median lies more than VIGNETTE_GAP
+  from the whole image's (a lens's falloff: dark corners and edges, a lit centre; the
+  paper fills most of the image, so on an even page the two medians meet)."""
+  border = _border(grey)
+  low, high = np.percentile(border, SHADOW_BORDER_PERCENTILES)
+  return (
+    high - low > SHADOW_BORDER_SPREAD or abs(np.median(grey) - np.median(border)) > VIGNETTE_GAP
+  )
+
+
 def _flatten_shadow(grey: np.ndarray, invert: str) -> np.ndarray:
   """Evens out strong uneven light (half a page in shadow) before the polarity is judged.
 
@@ -575,8 +588,7 @@ def _flatten_shadow(grey: np.ndarray, invert: str) -> np.ndarray:
   """
   from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
 
-  low, high = np.percentile(_border(grey), SHADOW_BORDER_PERCENTILES)
-  if high - low <= SHADOW_BORDER_SPREAD or min(grey.shape) < MIN_SIDE:
+  if not _unevenly_lit(grey) or min(grey.shape) < MIN_SIDE:
     return grey
   scale = SHADOW_SIDE / max(grey.shape)
   small = _resize(
@@ -584,8 +596,7 @@ def _flatten_shadow(grey: np.ndarray, invert: str) -> np.ndarray:
   )
   window = max(3, round(SHADOW_WINDOW * max(small.shape))) | 1
   light = ndimage.median_filter(small, size=window, mode="nearest")
-  low, high = np.percentile(_border(light), SHADOW_BORDER_PERCENTILES)
-  if high - low <= SHADOW_BORDER_SPREAD:  # the spread was noise, not light
+  if not _unevenly_lit(light):  # the spread was noise, not light
     return grey
   residue = grey - _resize(light, *grey.shape, method="BILINEAR")
   beyond = np.maximum(np.abs(residue) - SHADOW_INK, 0.0)

@@ -1550,6 +1550,40 @@ def test_a_page_half_in_shadow_reads_as_the_evenly_lit_page(
   assert np.abs(seen.pixels - images.to_mnist(clean)).mean() < 0.08
 
 
+@settings(
+  max_examples=20,
+  deadline=None,
+  derandomize=True,
+  suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+  index=st.integers(0, 99),
+  falloff=st.floats(0.35, 0.8),
+  height=st.integers(200, 600),
+  aspect=st.floats(1.0, 1.5),
+  digit_share=st.floats(0.25, 0.5),
+)
+def test_a_photo_with_a_lens_falloff_reads_as_the_evenly_lit_page(
+  mnist_dir, index, falloff, height, aspect, digit_share
+):
+  """Light that falls off from the centre (a phone camera's vignette: corners at 35-80%
+  less) left the border darker than most of the page without a shadow's spread along
+  it: the lit centre was taken for light ink, and 2, 3, 5 and 8 read as 0 at p > 0.93."""
+  width = round(height * aspect)
+  side = round(digit_share * height)
+  ink = np.asarray(
+    Image.fromarray(_u8(_valid_digits(mnist_dir)[index])).resize((side, side)), np.float64
+  )
+  clean = np.full((height, width), 0.9)
+  top, left = (height - side) // 2, (width - side) // 2
+  clean[top : top + side, left : left + side] *= 1 - 0.85 * ink / 255
+  y, x = np.ogrid[-1 : 1 : height * 1j, -1 : 1 : width * 1j]
+  light = 1 - falloff * np.clip((x**2 + y**2) / 2, 0, 1) ** 0.75  # corners at 1 - falloff
+  seen = images.prepare(clean * light)
+  assert seen.inverted
+  assert np.abs(seen.pixels - images.to_mnist(clean)).mean() < 0.08
+
+
 def test_the_shadow_step_leaves_evenly_lit_and_noisy_pages_alone(mnist_dir):
   digit = _valid_digits(mnist_dir)[0]
   page, clean = _shadowed(digit, side="left", shadow=0.4, share=0.6, ramp=0.1, size=300)
