@@ -503,6 +503,13 @@ def _png(image) -> bytes:
       "content type text/plain",
     ),
     (dict(content=b"{nope", headers={"content-type": "application/json"}), 400, "not valid JSON"),
+    (
+      dict(
+        content=b'{"pixels": ' + b"1" * 5000 + b"}", headers={"content-type": "application/json"}
+      ),
+      422,
+      "body holds an integer of more than 4,300 digits; pixel values are numbers in [0, 1]",
+    ),
     (dict(json=[1, 2]), 422, "expected an object"),
     (dict(json={"image": []}), 422, "no 'pixels'"),
     (dict(json={"pixels": [[0.0] * 28] * 27}), 422, "27 rows"),

@@ -35,6 +35,7 @@ import mimetypes
 import multiprocessing
 import os
 import signal
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -906,6 +907,12 @@ def _read_json(served, body: bytes, query_model: str | None):
   try:
     payload = json.loads(body)
   except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
+    if "integer string conversion" in str(error):  # Python's advice is for servers, not clients
+      raise RequestError(
+        422,
+        f"body holds an integer of more than {sys.get_int_max_str_digits():,} digits;"
+        " pixel values are numbers in [0, 1]",
+      ) from error
     raise RequestError(400, f"body is not valid JSON ({error})") from error
   if not isinstance(payload, dict):
     raise RequestError(422, f'JSON body is {_a(payload)}; expected an object {{"pixels": [[...]]}}')
