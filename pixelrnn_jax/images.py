@@ -88,6 +88,7 @@ DITHER_MIN_SIDE = 40  # ... unless it is smaller than this (an MNIST-sized 1-bit
 LIGHTING_GRID = 16  # the paper's lighting is estimated on a grid this many cells wide
 LIGHTING_MIN_CELLS = 5  # ... and, where a bold stroke survives 3 cells, over this many
 LIGHTING_INK_STEP = 0.25  # a rise of the paper level by more than this is ink, not light
+LIGHTING_AS_INK = 0.6  # a "paper level" rising this share of the way to the ink is ink
 # A border whose 10th and 90th percentiles lie this far apart is in a shadow: light
 # falling off across a phone photo (0.56-0.88 in tests/test_images.py) stays under it,
 # a shadow at 0.6 of the light or darker is over it.
@@ -625,6 +626,11 @@ def _remove_lighting(grey: np.ndarray) -> np.ndarray:
   (LIGHTING_MIN_CELLS) minimum, it is a bold marker's stroke, not light, and
   the wider minimum is used there (else the stroke would be hollowed out).
   On an even background it is a constant, which the border step removes anyway.
+  Where the level would rise over LIGHTING_AS_INK of the way from the paper to the
+  ink away from the grid's edge cells, it is a filled shape wider than
+  LIGHTING_MIN_CELLS cells (a disc half the page wide), not light, which comes in
+  from an edge: the image is left as it is (the disc was hollowed into a ring and
+  read as 0 at p = 1.0).
   """
   from PIL import Image  # noqa: PLC0415 (Pillow loads on first use)
   from PIL import ImageFilter  # noqa: PLC0415 (Pillow loads on first use)
@@ -647,6 +653,13 @@ def _remove_lighting(grey: np.ndarray) -> np.ndarray:
     sum(padded[i : i + paper.shape[0], j : j + paper.shape[1]] for i in range(3) for j in range(3))
     / 9
   )
+  # A "paper level" that rises most of the way to the ink away from the image's edges
+  # is a filled shape wider than the cells, not light (a shadow or a falloff comes in
+  # from an edge): kept whole, not hollowed.
+  inked = paper - paper.min() > LIGHTING_AS_INK * (grey.max() - paper.min())
+  edges = np.concatenate([inked[0], inked[-1], inked[:, 0], inked[:, -1]])
+  if inked.any() and not edges.any():
+    return grey
   level = _resize(paper, grey.shape[0], grey.shape[1], method="BILINEAR")
   return np.clip(grey - (level - level.min()), 0.0, 1.0)
 

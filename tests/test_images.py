@@ -421,22 +421,24 @@ def test_any_drawn_digit_becomes_an_mnist_digit(height, width, stroke, light_pap
 @given(
   diameter=st.integers(10, 300),
   aspect=st.floats(0.95, 1.0),
-  room=st.floats(0.5, 4.0),
+  room=st.floats(0.25, 4.0),
   light_paper=st.booleans(),
   form=st.sampled_from(["PNG", "JPEG"]),
+  shape=st.sampled_from(["ellipse", "rectangle"]),
 )
 def test_a_filled_round_blob_is_refused_not_read_as_a_digit(
-  tmp_path_factory, diameter, aspect, room, light_paper, form
+  tmp_path_factory, diameter, aspect, room, light_paper, form, shape
 ):
   """A dot (one click on the serve page's canvas; a 20-px disc was read as 0 at
-  p = 0.97): a filled disc of any size, at most half its page's side, is refused.
-  (A disc that fills most of the page is taken for the paper, with ink in the corners.)"""
+  p = 0.97): a filled disc or square of any size, up to two thirds of its page's
+  side, is refused (one over 44% of the side was hollowed into a ring, read as 0 at
+  p = 1.0). (A disc that fills most of the page is taken for the paper.)"""
   margin = round(room * diameter)
   size = diameter + 2 * margin
   paper, ink = (255, 0) if light_paper else (0, 255)
   image = Image.new("L", (size, size), paper)
   box = [margin, margin, margin + round(aspect * diameter) - 1, margin + diameter - 1]
-  ImageDraw.Draw(image).ellipse(box, fill=ink)
+  getattr(ImageDraw.Draw(image), shape)(box, fill=ink)
   path = tmp_path_factory.mktemp("blob") / f"dot.{form.lower()}"
   image.save(path, form)
   with pytest.raises(images.ImageError, match=r"^no digit-like ink"):
