@@ -367,7 +367,7 @@ def predict(args: argparse.Namespace) -> int:
             show / f"{unique}_seen.png",
             caption=f"left: {name}\nright: the 28x28 digit read\n"
             f"answer {row['label']} ({row['probability']:.1%})"
-            + (f"\nwarning: {digit.pieces} digits side by side?" if "warning" in row else ""),
+            + (f"\nwarning: {images.short_warning(digit)}" if "warning" in row else ""),
           )
         )
       except OSError as error:  # e.g. a directory of that name: this file's, not the run's

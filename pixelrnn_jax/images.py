@@ -50,8 +50,8 @@ The steps of :func:`prepare`, in order:
    valid split).
 
 Not handled: hard-edged shadows. Several digits in one image (a number) are read
-as one digit; :func:`prepare` counts them side by side (``Digit.pieces``) so
-that the caller can warn.
+as one digit; :func:`prepare` counts them side by side (``Digit.pieces``) and one
+above the other (``Digit.stacked``) so that the caller can warn.
 """
 
 from __future__ import annotations
@@ -182,6 +182,7 @@ class Digit(NamedTuple):
   inverted: bool  # the image was inverted (light background)
   resized: bool  # the ink's box was scaled to 20x20 and centred (False: passed as it is)
   pieces: int = 1  # digit-sized pieces side by side in the ink: 2+ is a number, read as one
+  stacked: int = 1  # digit-sized pieces one above the other: 2+ is two digits, read as one
 
 
 # ----------------------------------------------------------------------------
@@ -1158,13 +1159,26 @@ def _side_by_side(grey: np.ndarray) -> int:
 
 def number_warning(digit: Digit) -> str | None:
   """The warning for an image whose ink stands in several digit-sized pieces side by
-  side (``Digit.pieces``; a number such as "17"), read as one digit; None for a digit."""
-  if digit.pieces < 2:
+  side (``Digit.pieces``; a number such as "17") or one above the other
+  (``Digit.stacked``), read as one digit; None for a digit."""
+  if digit.pieces < 2 and digit.stacked < 2:
     return None
-  return (
-    f"{digit.pieces} digit-sized pieces side by side (a number?): the answer reads them"
-    " as one digit; crop each digit into its own image"
+  count, where = (
+    (digit.pieces, "side by side (a number?)")
+    if digit.pieces >= 2
+    else (digit.stacked, "one above the other (several digits?)")
   )
+  return (
+    f"{count} digit-sized pieces {where}: the answer reads them as one digit; crop each"
+    " digit into its own image"
+  )
+
+
+def short_warning(digit: Digit) -> str | None:
+  """:func:`number_warning` in a few words, for a picture's caption."""
+  if digit.pieces >= 2:
+    return f"{digit.pieces} digits side by side?"
+  return f"{digit.stacked} digits stacked?" if digit.stacked >= 2 else None
 
 
 def _check_digit_like(ink_mask: np.ndarray, given: tuple[int, int]) -> None:
@@ -1389,6 +1403,7 @@ def prepare(image, *, invert: str = "auto") -> Digit:
   grey = _drop_stray_marks(grey)
   peppered = marks - len(_components(grey > BOX_THRESHOLD)) >= PEPPERED_SPECKS
   pieces = _side_by_side(grey)
+  stacked = _side_by_side(grey.T)  # the same count along the columns
   ink_mask = grey > BOX_THRESHOLD
   rows, cols = np.nonzero(ink_mask.any(1))[0], np.nonzero(ink_mask.any(0))[0]
   patch = grey[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
@@ -1400,7 +1415,7 @@ def prepare(image, *, invert: str = "auto") -> Digit:
   patch = _resize(patch, height, width)
   if patch.sum() <= 0:
     raise ImageError("no ink left after scaling the digit to 20x20")
-  return Digit(_place_by_centre_of_mass(patch), inverted, True, pieces)
+  return Digit(_place_by_centre_of_mass(patch), inverted, True, pieces, stacked)
 
 
 def to_mnist(image, *, invert: str = "auto") -> np.ndarray:

@@ -1486,6 +1486,49 @@ def test_valid_digits_alone_are_one_piece_but_one(mnist_dir):
   assert split == [1875]
 
 
+@settings(
+  max_examples=20,
+  deadline=None,
+  derandomize=True,
+  suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+  picks=st.lists(st.integers(0, 10_000), min_size=2, max_size=3),
+  gap=st.integers(2, 8),
+  factor=st.integers(2, 5),
+)
+def test_digits_one_above_the_other_are_warned_of(mnist_dir, picks, gap, factor):
+  """Two or three digits stacked (a 5 over a 6 read as 3 at p = 0.997, no warning) are
+  counted as ``Digit.stacked``, and the warning says so; they are not side by side.
+  Each must span half the ink's width, as side by side each spans half its height: a
+  narrow 1 is not counted (a limit)."""
+  pool = [
+    i
+    for i in _one_piece_digits(mnist_dir)
+    if np.ptp(np.nonzero((_valid_digits(mnist_dir)[i] > images.BOX_THRESHOLD).any(0))[0]) >= 13
+  ]
+  strips = []
+  for pick in picks:
+    digit = _valid_digits(mnist_dir)[pool[pick % len(pool)]]
+    rows = np.nonzero((digit > images.BOX_THRESHOLD).any(1))[0]
+    strips += [digit[rows[0] : rows[-1] + 1], np.zeros((gap, 28))]
+  column = np.concatenate([np.zeros((6, 28)), *strips[:-1], np.zeros((6, 28))], axis=0)
+  digit = images.prepare(1 - np.kron(column, np.ones((factor, factor))))
+  assert (digit.stacked, digit.pieces) == (len(picks), 1)
+  assert f"{len(picks)} digit-sized pieces one above the other" in images.number_warning(digit)
+
+
+def test_valid_digits_alone_are_not_stacked_but_two(mnist_dir):
+  """Of the 5,000 valid digits at 112 px, three count as stacked (a warning, the answer
+  still given): 1143, a 2 whose top stroke is drawn apart above it, 1806, a 5 whose
+  bar is, and 2831, a 1 broken in two."""
+  digits = _valid_digits(mnist_dir)
+  split = [
+    i for i, d in enumerate(digits) if images._side_by_side(np.kron(d, np.ones((4, 4))).T) > 1
+  ]
+  assert split == [1143, 1806, 2831]
+
+
 def test_predict_warns_of_a_number_and_still_answers(tmp_path, capsys):
   """Two sevens side by side: one answer, with a warning (text: on stderr; JSON: a key)."""
   seven_png = Path(__file__).resolve().parents[1] / "examples" / "seven.png"
