@@ -1397,7 +1397,10 @@ def prepare(image, *, invert: str = "auto") -> Digit:
   grey = _remove_frames_and_lines(_remove_frame_runs(grey))
   ink_mask = grey > BOX_THRESHOLD
   if not ink_mask.any():
-    raise ImageError("no ink left once the ruled lines were removed")
+    raise ImageError(
+      "no digit-like ink: only ruled lines, a frame or long straight lines, which are"
+      " taken for the paper's; write a digit"
+    )
   _check_digit_like(ink_mask, given)
   marks = len(_components(ink_mask))
   grey = _drop_stray_marks(grey)

@@ -1754,3 +1754,18 @@ def test_an_array_with_a_batch_or_channel_axis_is_read_as_its_image(tmp_path, mn
 def test_an_array_of_several_images_or_channels_is_refused_naming_its_shape(shape):
   with pytest.raises(images.ImageError, match=re.escape(f"shape {shape}, expected a grey image")):
     images.prepare(np.zeros(shape, np.uint8))
+
+
+@pytest.mark.parametrize("shape", ["square", "ruled"])
+def test_a_page_of_lines_or_a_frame_alone_is_refused_as_no_digit(shape):
+  """A drawn square (taken for a form's box) was refused as "no ink left once the
+  ruled lines were removed": the words now say what was taken for the paper's."""
+  page = Image.new("L", (300, 300), 255)
+  pen = ImageDraw.Draw(page)
+  if shape == "square":
+    pen.rectangle([60, 60, 240, 240], outline=0, width=6)
+  else:
+    for y in range(20, 300, 30):
+      pen.line([(0, y), (299, y)], fill=0, width=2)
+  with pytest.raises(images.ImageError, match=r"^no digit-like ink"):
+    images.prepare(np.asarray(page, np.float32) / 255)
