@@ -27,6 +27,17 @@ CASES = Path(__file__).resolve().parents[2] / "shared" / "cases" / "predict"
 NUM_RENDERED = 200
 
 
+def _with_mnist(examples):
+  """Hypothesis settings for a test that takes the ``mnist_dir`` fixture (read-only, so
+  sharing it across examples is safe), derandomised so that CI sees the same cases."""
+  return settings(
+    max_examples=examples,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+  )
+
+
 def _u8(x):
   return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
 
@@ -466,12 +477,7 @@ def test_a_dash_is_refused_not_read_as_a_digit(length, aspect, room, tilt):
     images.prepare(np.asarray(page, np.float32) / 255)
 
 
-@settings(
-  max_examples=15,
-  deadline=None,
-  derandomize=True,
-  suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+@_with_mnist(15)
 @given(count=st.integers(4, 8), start=st.integers(0, 4990), gap=st.integers(4, 12))
 def test_a_number_written_in_a_row_is_not_taken_for_a_dash(mnist_dir, count, start, gap):
   """Four to eight valid digits side by side are as wide for their height as a dash;
@@ -609,12 +615,7 @@ def _sheet_on_a_desk(digit, *, desk, paper, size, aspect, angle, rng):
   return np.clip(photo + rng.normal(0, 0.01, photo.shape), 0, 1)
 
 
-@settings(
-  max_examples=20,
-  deadline=None,
-  derandomize=True,
-  suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+@_with_mnist(20)
 @given(
   index=st.integers(0, 199),
   desk=st.floats(0.0, 0.35),
@@ -1486,12 +1487,7 @@ def test_valid_digits_alone_are_one_piece_but_one(mnist_dir):
   assert split == [1875]
 
 
-@settings(
-  max_examples=20,
-  deadline=None,
-  derandomize=True,
-  suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+@_with_mnist(20)
 @given(
   picks=st.lists(st.integers(0, 10_000), min_size=2, max_size=3),
   gap=st.integers(2, 8),
@@ -1595,12 +1591,7 @@ def test_a_page_half_in_shadow_reads_as_the_evenly_lit_page(
   assert np.abs(seen.pixels - images.to_mnist(clean)).mean() < 0.08
 
 
-@settings(
-  max_examples=20,
-  deadline=None,
-  derandomize=True,
-  suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+@_with_mnist(20)
 @given(
   index=st.integers(0, 99),
   falloff=st.floats(0.35, 0.8),
