@@ -649,11 +649,6 @@ def _remove_lighting(grey: np.ndarray) -> np.ndarray:
 
   paper, wider = minimum(3), minimum(LIGHTING_MIN_CELLS)
   paper = np.where(paper - wider > LIGHTING_INK_STEP, wider, paper)
-  padded = np.pad(paper, 1, mode="edge")  # a 3x3 mean smooths the minimum's steps
-  paper = (
-    sum(padded[i : i + paper.shape[0], j : j + paper.shape[1]] for i in range(3) for j in range(3))
-    / 9
-  )
   # A "paper level" that rises most of the way to the ink away from the image's edges
   # is a filled shape wider than the cells, not light (a shadow or a falloff comes in
   # from an edge): kept whole, not hollowed.
@@ -661,6 +656,11 @@ def _remove_lighting(grey: np.ndarray) -> np.ndarray:
   edges = np.concatenate([inked[0], inked[-1], inked[:, 0], inked[:, -1]])
   if inked.any() and not edges.any():
     return grey
+  padded = np.pad(paper, 1, mode="edge")  # a 3x3 mean smooths the minimum's steps
+  paper = (
+    sum(padded[i : i + paper.shape[0], j : j + paper.shape[1]] for i in range(3) for j in range(3))
+    / 9
+  )
   level = _resize(paper, grey.shape[0], grey.shape[1], method="BILINEAR")
   return np.clip(grey - (level - level.min()), 0.0, 1.0)
 

@@ -390,11 +390,13 @@ def test_train_with_only_the_workdir_resumes_the_run_as_it_was(tmp_path, toy_dat
     r"config\.json is missing or unreadable: resuming with the config saved in checkpoint"
     r" \S+/checkpoints/(\d+)"
   )
-  for steps, damage in ((8, "cut short"), (10, "deleted")):
+  for steps, damage in ((8, "cut short"), (10, "deleted"), (12, "an unknown field")):
     if damage == "deleted":
       (tmp_path / "config.json").unlink()
-    else:
+    elif damage == "cut short":
       (tmp_path / "config.json").write_text("{")
+    else:
+      (tmp_path / "config.json").write_text(json.dumps({**saved, "bogus_key": 1}))
     caplog.clear()
     assert cli.main([*workdir, "--steps", str(steps)]) == 0, damage
     assert int(fallback.search(caplog.text).group(1)) == steps - 2
@@ -402,7 +404,7 @@ def test_train_with_only_the_workdir_resumes_the_run_as_it_was(tmp_path, toy_dat
     assert (saved["steps"], saved["num_units"], saved["order"]) == (steps, 8, "row")
     # A named recipe is compared with the checkpoint's config: the differences, named.
     (tmp_path / "config.json").write_text("{")
-    assert cli.main([*workdir, "--recipe", "notebook", "--steps", "12"]) == 2
+    assert cli.main([*workdir, "--recipe", "notebook", "--steps", "14"]) == 2
     assert "holds a run with a different config (--" in capsys.readouterr().err
   # With no checkpoint to fall back on, an unreadable config.json is named.
   empty = tmp_path / "fresh"

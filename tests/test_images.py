@@ -456,6 +456,18 @@ def test_a_filled_round_blob_is_refused_not_read_as_a_digit(
     images.prepare(images.read_image(path))
 
 
+@pytest.mark.parametrize("side", [150, 300, 600])
+@pytest.mark.parametrize("shape", ["ellipse", "rectangle"])
+def test_a_filled_shape_half_the_page_wide_is_refused(side, shape):
+  """A second tryout's disc half the page wide (on a 300 px page, box 75..225) was
+  still hollowed: the lighting step's smoothed estimate stayed under the ink's level.
+  The ink test reads the estimate before it is smoothed."""
+  page = Image.new("L", (side, side), 255)
+  getattr(ImageDraw.Draw(page), shape)([side // 4, side // 4, 3 * side // 4, 3 * side // 4], fill=0)
+  with pytest.raises(images.ImageError, match=r"^no digit-like ink: a filled round blob"):
+    images.prepare(np.asarray(page, np.float32) / 255)
+
+
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(
   length=st.integers(24, 400),

@@ -309,11 +309,12 @@ def prepare(workdir: Path, config: config_lib.Config, *, is_primary: bool = True
 
 def run_config(workdir: str | os.PathLike) -> tuple[dict, Path] | None:
   """The config a run directory's run was started with, and the file it was read from:
-  its config.json; when that is missing or unreadable, the config that the newest
-  checkpoint with a readable one saved beside its weights (every step saves it, in
-  its ``meta`` item: orbax's JSON file ``<step>/meta/metadata``, read as a file so
-  that JAX's backend does not start before ``--devices`` is set). None when neither
-  is there (config.json alone, unreadable, is None too: a run with nothing saved)."""
+  its config.json; when that is missing, unreadable or not a valid Config (a
+  hand-edited unknown field), the config that the newest checkpoint with a readable
+  one saved beside its weights (every step saves it, in its ``meta`` item: orbax's
+  JSON file ``<step>/meta/metadata``, read as a file so that JAX's backend does not
+  start before ``--devices`` is set). None when neither is there (config.json alone,
+  unreadable, is None too: a run with nothing saved)."""
   candidates = [Path(workdir, CONFIG)] + [
     step / "meta" / "metadata" for step in reversed(model_io.step_sources(workdir))
   ]
@@ -321,7 +322,9 @@ def run_config(workdir: str | os.PathLike) -> tuple[dict, Path] | None:
     try:
       values = json.loads(path.read_text())
       values = values if index == 0 else values.get("config")
-    except (OSError, ValueError, AttributeError):
+      if index == 0:  # a hand-edited config.json: an unknown field or a bad value
+        config_lib.Config.from_dict(values)
+    except (OSError, ValueError, TypeError, AttributeError):
       continue
     if isinstance(values, dict):
       return values, path if index == 0 else path.parent.parent
