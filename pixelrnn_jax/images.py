@@ -1083,8 +1083,9 @@ def _remove_frames_and_lines(grey: np.ndarray) -> np.ndarray:
   return grey
 
 
-def _drop_stray_marks(grey: np.ndarray) -> np.ndarray:
+def _drop_stray_marks(grey: np.ndarray) -> tuple[np.ndarray, int]:
   """Clears small marks away from the digit: dust, specks, a pen's dots, a caption.
+  Returns the image and how many marks were cleared.
 
   The digit is the box around the largest ink component (pixels above
   BOX_THRESHOLD) and every component of at least STRAY_SHARE of its pixels (a
@@ -1099,7 +1100,7 @@ def _drop_stray_marks(grey: np.ndarray) -> np.ndarray:
 
   parts = _components(grey > BOX_THRESHOLD)
   if len(parts) < 2:
-    return grey
+    return grey, 0
   largest = max(p["pixels"] for p in parts)
   big = [p for p in parts if p["pixels"] >= STRAY_SHARE * largest]
   top, bottom = min(p["box"][0].start for p in big), max(p["box"][0].stop for p in big)
@@ -1115,13 +1116,13 @@ def _drop_stray_marks(grey: np.ndarray) -> np.ndarray:
 
   stray = [p["label"] for p in parts if p["pixels"] < STRAY_SHARE * largest and far(p)]
   if not stray:
-    return grey
+    return grey, 0
   labels, _ = ndimage.label(grey > BOX_THRESHOLD, structure=np.ones((3, 3)))
   # The marks and their faint edges (anti-aliasing), but no other component's pixel.
   gone = ndimage.binary_dilation(np.isin(labels, stray), iterations=1)
   grey = grey.copy()
   grey[gone & ((labels == 0) | np.isin(labels, stray))] = 0.0
-  return grey
+  return grey, len(stray)
 
 
 def _side_by_side(grey: np.ndarray) -> int:
@@ -1402,9 +1403,8 @@ def prepare(image, *, invert: str = "auto") -> Digit:
       " taken for the paper's; write a digit"
     )
   _check_digit_like(ink_mask, given)
-  marks = len(_components(ink_mask))
-  grey = _drop_stray_marks(grey)
-  peppered = marks - len(_components(grey > BOX_THRESHOLD)) >= PEPPERED_SPECKS
+  grey, cleared = _drop_stray_marks(grey)
+  peppered = cleared >= PEPPERED_SPECKS
   pieces = _side_by_side(grey)
   stacked = _side_by_side(grey.T)  # the same count along the columns
   ink_mask = grey > BOX_THRESHOLD

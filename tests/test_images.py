@@ -1380,7 +1380,8 @@ def test_large_ink_away_from_the_digit_is_kept():
   page[40:160, 40:52] = 1.0  # a "1"
   page[40:160, 340:352] = 1.0  # another, far away, as large
   page[390:393, 200:203] = 1.0  # a speck 230 px below them: dropped
-  kept = images._drop_stray_marks(page)
+  kept, cleared = images._drop_stray_marks(page)
+  assert cleared == 1
   assert kept[390:393, 200:203].max() == 0.0
   page[390:393, 200:203] = 0.0
   np.testing.assert_array_equal(kept, page)

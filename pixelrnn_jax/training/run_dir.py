@@ -255,7 +255,9 @@ def read_init_model(config: config_lib.Config, *, warn: bool = True) -> model_io
   )
 
 
-def warm_start(config: config_lib.Config, state: step_lib.TrainState, optimizer, *, warn=True):
+def warm_start(
+  config: config_lib.Config, state: step_lib.TrainState, optimizer, *, warn: bool = True
+):
   """``state`` with the weights of the model ``config.init_from`` names (fine-tuning),
   and the ``metrics.jsonl`` record of where they came from:
   ``{"event": "init_from", "source", "source_step", "params_sha256"}``.
