@@ -231,7 +231,8 @@ def read_image(path: str | Path) -> np.ndarray:
   its maximum when that is above 255) and F; PNG, JPEG, BMP, GIF, TIFF, WebP; the EXIF orientation of
   phone photos is applied. ``.npy`` arrays: integers in 0..255 (any integer
   dtype), bool, or float in [0, 1], of shape [H, W], [784] (28x28), [H, W, 1],
-  [1, H, W] or RGB [H, W, 3]. A file without an extension is read by its bytes
+  [1, H, W], RGB [H, W, 3], or grey-alpha [H, W, 2] and RGBA [H, W, 4] (transparent
+  pixels read as paper, as in a PNG). A file without an extension is read by its bytes
   (.npy's magic, else whatever Pillow identifies).
 
   An image longer than READ_SIDE (1,024) pixels is reduced while it is read, by
@@ -424,7 +425,9 @@ def _read_npy(path: Path) -> np.ndarray:
 
 def _as_grey(array, name: str) -> np.ndarray:
   """<float32>[H, W] in [0, 1] of an array [H, W], [784] (28x28), [1, ..., H, W] or
-  [H, W, 1] (a batch or a channel of one), or RGB [H, W, 3] (its :func:`_luminance`)."""
+  [H, W, 1] (a batch or a channel of one), RGB [H, W, 3] (its :func:`_luminance`), or
+  grey-alpha [H, W, 2] and RGBA [H, W, 4] (transparent pixels read as paper, as in a
+  PNG: :func:`_composite`)."""
   array = np.asarray(array)
   shape = array.shape
   if shape == (784,):
@@ -433,18 +436,18 @@ def _as_grey(array, name: str) -> np.ndarray:
     array = array[0]
   if array.ndim == 3 and array.shape[-1] == 1:
     array = array[..., 0]
-  rgb = array.ndim == 3 and array.shape[-1] == 3
-  if not (array.ndim == 2 or rgb) or min(array.shape) < 1:
+  channels = array.shape[-1] if array.ndim == 3 else None
+  if not (array.ndim == 2 or channels in (2, 3, 4)) or min(array.shape) < 1:
     raise ImageError(
-      f"{name}: shape {shape}, expected a grey image [H, W] or an RGB one [H, W, 3]"
-      + (
-        "; RGBA: save it as PNG (its transparency is then read as paper)"
-        if shape[-1:] == (4,)
-        else ""
-      )
+      f"{name}: shape {shape}, expected a grey image [H, W], or [H, W, C] with C = 2"
+      " (grey and alpha), 3 (RGB) or 4 (RGBA)"
     )
   values = _unit_values(array, name)
-  return _luminance(values) if rgb else values
+  if channels == 2:  # grey and alpha: the grey as all three colours
+    values = np.concatenate([np.repeat(values[..., :1], 3, axis=-1), values[..., 1:]], -1)
+  if channels in (2, 4):
+    return _composite(values)
+  return _luminance(values) if channels == 3 else values
 
 
 def _unit_values(array: np.ndarray, name: str) -> np.ndarray:
@@ -1313,8 +1316,8 @@ def prepare(image, *, invert: str = "auto") -> Digit:
   """Normalises one digit image as MNIST did (see the module docstring).
 
   Args:
-    image: grey <float>[H, W] in [0, 1] (or integers in 0..255; or [H, W, 3] RGB,
-      see :func:`read_image`'s arrays), any size and aspect ratio,
+    image: grey <float>[H, W] in [0, 1] (or integers in 0..255; or [H, W, 3] RGB
+      and [H, W, 4] RGBA, see :func:`read_image`'s arrays), any size and aspect ratio,
       either polarity, e.g. from :func:`read_image`.
     invert: ``"auto"`` (invert when the border is light), ``"yes"`` or ``"no"``.
 

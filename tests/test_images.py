@@ -1754,7 +1754,26 @@ def test_an_array_with_a_batch_or_channel_axis_is_read_as_its_image(tmp_path, mn
   np.testing.assert_allclose(images.to_mnist(array), images.to_mnist(from_png), atol=0.02)
 
 
-@pytest.mark.parametrize("shape", [(2, 28, 28), (28, 28, 4), (28, 28, 2), (3, 28, 28)])
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+@pytest.mark.parametrize("ink", ["black", "white"])
+def test_an_array_with_an_alpha_channel_is_read_as_its_png(tmp_path, mnist_dir, mode, ink):
+  """A canvas export as an array (``np.asarray(Image.open(png))``: the strokes in the
+  alpha channel, the colour of every pixel the ink's) was refused by shape while the
+  PNG itself was read: the array now reads as the PNG does, transparent as paper."""
+  digit = (_valid_digits(mnist_dir)[3] * 255).round().astype(np.uint8)
+  colour = np.full_like(digit, 0 if ink == "black" else 255)
+  layers = [colour] * (3 if mode == "RGBA" else 1) + [digit]
+  array = np.stack(layers, axis=-1)
+  np.save(tmp_path / "d.npy", array)
+  Image.fromarray(array, mode).save(tmp_path / "d.png")
+  from_png = images.read_image(tmp_path / "d.png")
+  np.testing.assert_allclose(images.read_image(tmp_path / "d.npy"), from_png, atol=1.01 / 255)
+  expected = digit / 255.0 if ink == "white" else 1 - digit / 255.0  # over black / white
+  np.testing.assert_allclose(from_png, expected, atol=1.01 / 255)
+  np.testing.assert_allclose(images.to_mnist(array), images.to_mnist(digit), atol=0.02)
+
+
+@pytest.mark.parametrize("shape", [(2, 28, 28), (28, 28, 5), (28, 3, 28), (3, 28, 28)])
 def test_an_array_of_several_images_or_channels_is_refused_naming_its_shape(shape):
   with pytest.raises(images.ImageError, match=re.escape(f"shape {shape}, expected a grey image")):
     images.prepare(np.zeros(shape, np.uint8))
