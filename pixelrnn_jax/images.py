@@ -95,6 +95,8 @@ LIGHTING_AS_INK = 0.6  # a "paper level" rising this share of the way to the ink
 SHADOW_BORDER_SPREAD = 0.35
 VIGNETTE_GAP = 0.1  # ... or the border's median this far from the image's (a falloff)
 SHADOW_BORDER_PERCENTILES = (10, 90)  # (a shadow may cover 80% of the border)
+SHADOW_ALONG = 0.3  # a shadow lies along this much of a side at least; a stroke less
+SHADOW_KEEPS_CONTRAST = 0.5  # evening out the light keeps the strongest ink this far from paper
 SHADOW_SIDE = 128  # its light is estimated on a copy this long ...
 SHADOW_WINDOW = 1 / 6  # ... by a median filter this share of that side wide
 SHADOW_INK = 0.1  # ink: more of the image's residue beyond this below its light than above
@@ -131,7 +133,8 @@ LINE_OVERHANG = 0.1  # ... running past the rest of the ink on both sides by thi
 LINE_ACROSS = 0.8  # own width: a digit's own bar does not), unless this wide (of the image)
 EDGE_SPAN = 0.3  # the paper's edge: a component along the border for this much of a side
 EDGE_MARGIN = 0.04  # ... within this much of the border
-FRAME_THICK = 0.06  # a form's box: its sides at most this thick (of the image)
+FRAME_THICK = 0.06  # a form's box: its sides at most this thick (of the image) ...
+FRAME_HOLDS = 0.8  # ... holding this share of the ink that is not the box
 SHEET_MIN_PHOTO = 64  # pixels: a photo of a sheet is at least this on its shorter side
 SHEET_MIN_SURROUND = 0.15  # a photographed sheet: a darker surface this much of the border ...
 SHEET_MIN_STEP = 0.25  # ... darker than the bright part by this (not light falling off) ...
@@ -560,12 +563,29 @@ def _despeckle(grey: np.ndarray) -> np.ndarray:
 
 
 def _unevenly_lit(grey: np.ndarray) -> bool:
-  """The border's SHADOW_BORDER_PERCENTILES lie more than SHADOW_BORDER_SPREAD apart (a
-  shadow over part of the page), or the border's median lies more than VIGNETTE_GAP
-  from the whole image's (a lens's falloff: dark corners and edges, a lit centre; the
-  paper fills most of the image, so on an even page the two medians meet)."""
+  """The border's SHADOW_BORDER_PERCENTILES lie more than SHADOW_BORDER_SPREAD apart
+  (a shadow over part of the page), or the border's median lies more than
+  VIGNETTE_GAP from the whole image's (a lens's falloff: dark corners and edges, a
+  lit centre; the paper fills most of the image, so on an even page the two
+  medians meet).
+
+  A digit that touches the border (tightly cropped) is no shadow: each side of
+  the border is first median-filtered along its length over SHADOW_ALONG of it
+  (a stroke crosses a side in less; a shadow lies along more). A bold digit that
+  fills the image, or a stroke lying along a side, can still pass for uneven
+  light: :func:`_flatten_shadow` then finds that evening it out took the ink
+  away, and keeps the image."""
+  from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
+
   border = _border(grey)
-  low, high = np.percentile(border, SHADOW_BORDER_PERCENTILES)
+  width = max(1, round(0.05 * min(grey.shape)))  # as _border's
+  along = grey.copy()
+  for strip in (np.s_[:width], np.s_[-width:]):
+    size = (1, max(1, round(SHADOW_ALONG * grey.shape[1])))
+    along[strip] = ndimage.median_filter(grey[strip], size=size, mode="nearest")
+    size = (max(1, round(SHADOW_ALONG * grey.shape[0])), 1)
+    along[:, strip] = ndimage.median_filter(grey[:, strip], size=size, mode="nearest")
+  low, high = np.percentile(_border(along), SHADOW_BORDER_PERCENTILES)
   return (
     high - low > SHADOW_BORDER_SPREAD or abs(np.median(grey) - np.median(border)) > VIGNETTE_GAP
   )
@@ -585,7 +605,11 @@ def _flatten_shadow(grey: np.ndarray, invert: str) -> np.ndarray:
   which removes strokes narrower than the window whole, scaled back up; dark
   ink is divided by it (a flat field: ink in the shadow keeps the contrast it
   has in the light), and light ink has it subtracted; what lies within
-  SHADOW_INK of the paper is paper.
+  SHADOW_INK of the paper is paper. The strongest ink in the image's middle half
+  (its darkest 0.5% there, or lightest for light ink) must then lie
+  SHADOW_KEEPS_CONTRAST from the result's border median (the paper), in the
+  median; where it does not, the "light" was bold strokes, evened out with the
+  paper, and the image is kept as it is.
 
   Before this, a digit with the left half of its page in shadow (paper at
   0.45) read 3 times in 10: the border's median was the shadow's, the lit
@@ -616,8 +640,17 @@ def _flatten_shadow(grey: np.ndarray, invert: str) -> np.ndarray:
   # bends) would otherwise be faint lines that the stretch to [0, 1] makes ink.
   if dark:  # flat-field: ink on paper in shadow keeps the contrast it has in the light
     ratio = grey / np.maximum(paper_only, MIN_CONTRAST)
-    return np.clip(ratio / (1.0 - SHADOW_INK), 0.0, 1.0)
-  return np.clip((grey - paper_only - SHADOW_INK) / (1.0 - SHADOW_INK), 0.0, 1.0)
+    flat = np.clip(ratio / (1.0 - SHADOW_INK), 0.0, 1.0)
+  else:
+    flat = np.clip((grey - paper_only - SHADOW_INK) / (1.0 - SHADOW_INK), 0.0, 1.0)
+  # Strokes wider than half the window (a bold digit filling a tight crop) are taken
+  # for the paper and flattened away: then it was not light, and the image stays.
+  height, width = grey.shape
+  centre = np.s_[height // 4 : height - height // 4, width // 4 : width - width // 4]
+  middle = grey[centre]  # where the digit is, and no dark corner of a falloff
+  strong = middle <= np.percentile(middle, 0.5) if dark else middle >= np.percentile(middle, 99.5)
+  contrast = float(np.median(flat[centre][strong]) - np.median(_border(flat)))
+  return flat if (-contrast if dark else contrast) >= SHADOW_KEEPS_CONTRAST else grey
 
 
 def _remove_lighting(grey: np.ndarray) -> np.ndarray:
@@ -1012,9 +1045,14 @@ def _remove_frame_runs(grey: np.ndarray) -> np.ndarray:
 
   A box is two thin bands of long horizontal runs (at least LINE_SPAN of the
   image, at most FRAME_THICK thick) at least a third of the image apart, joined
-  at one end or both by thin bands of long vertical runs, or the same turned
-  by 90 degrees; only those runs are cleared. A digit's own straight strokes
-  (a 7's bar, a 1) make no such box.
+  at one end or both by thin bands of long vertical runs that meet them at
+  corners, or the same turned by 90 degrees; only those runs are cleared. A
+  digit's own straight strokes (a 7's bar, a 1) make no such box, nor do the
+  round ones of a 0 or a 3 that fills the image (tightly cropped): their long
+  runs, top, bottom and side, do not meet at corners. A box holds the digit: at
+  least FRAME_HOLDS of the ink that is not the box lies inside its rectangle (the
+  bold strokes of a tightly cropped 8 met at corners round its loop's hole, and
+  most of the 8 lay outside).
   """
   mask = grey > BOX_THRESHOLD
   height, width = mask.shape
@@ -1023,20 +1061,43 @@ def _remove_frame_runs(grey: np.ndarray) -> np.ndarray:
   row_bands = _thin_bands(rows.any(1), FRAME_THICK * height)
   col_bands = _thin_bands(cols.any(0), FRAME_THICK * width)
 
-  def box(across, along, across_runs, size_across, size_along):
-    """The bands of a box whose two long sides are ``across`` bands (or None)."""
+  def box(across, along, across_runs, along_runs, size_across, size_along):
+    """The bands of a box whose two long sides are ``across`` bands (or None): they
+    span the same stretch, and each side it keeps meets both of them at a corner (its long runs span from one to the
+    other, and both of theirs cross it), as a drawn rectangle's do and a round
+    stroke's do not."""
     if len(across) < 2 or across[-1][0] - across[0][1] < size_across / 3:
       return None
-    ends = np.flatnonzero(across_runs[across[0][0] : across[-1][1]].any(0))
+    first, last = across[0], across[-1]
+    ends = np.flatnonzero(across_runs[first[0] : last[1]].any(0))
     near = FRAME_THICK * size_along
-    sides = [b for b in along if abs(b[0] - ends[0]) <= near or abs(b[1] - ends[-1]) <= near]
-    return ([across[0], across[-1]], sides) if sides else None
+    # A rectangle's two long sides run between the same corners.
+    top, bottom = (np.flatnonzero(across_runs[a:b].any(0)) for a, b in (first, last))
+    if abs(top[0] - bottom[0]) > near or abs(top[-1] - bottom[-1]) > near:
+      return None
+    near_across = FRAME_THICK * size_across
 
-  found = box(row_bands, col_bands, rows, height, width)
+    def corners(band):
+      # A straight side: one line of the band is ink all the way between the long
+      # sides (but for their corners' rounding), where a curved stroke leaves it.
+      between = along_runs[round(first[1] + near_across) : round(last[0] - near_across)]
+      if not between[:, band[0] : band[1]].all(0).any():
+        return False
+      # Each long side's runs cross the side's band: a square corner, not a round one.
+      return all(across_runs[start:end, band[0] : band[1]].any() for start, end in (first, last))
+
+    sides = [
+      b
+      for b in along
+      if (abs(b[0] - ends[0]) <= near or abs(b[1] - ends[-1]) <= near) and corners(b)
+    ]
+    return ([first, last], sides) if sides else None
+
+  found = box(row_bands, col_bands, rows, cols, height, width)
   if found is not None:
     horizontal, vertical = found
   else:
-    turned = box(col_bands, row_bands, cols.T, width, height)
+    turned = box(col_bands, row_bands, cols.T, rows.T, width, height)
     if turned is None:
       return grey
     vertical, horizontal = turned
@@ -1047,8 +1108,16 @@ def _remove_frame_runs(grey: np.ndarray) -> np.ndarray:
     frame[:, start:end] |= cols[:, start:end]
   from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
 
+  cleared = ndimage.binary_dilation(frame, iterations=2)
+  # A box holds what is written in it: the ink left must lie inside the box's
+  # rectangle (a round digit's own strokes, taken for one, leave theirs outside).
+  left = mask & ~cleared
+  box_rows, box_cols = np.nonzero(frame.any(1))[0], np.nonzero(frame.any(0))[0]
+  inside = left[box_rows[0] : box_rows[-1] + 1, box_cols[0] : box_cols[-1] + 1].sum()
+  if inside < FRAME_HOLDS * left.sum():
+    return grey
   grey = grey.copy()
-  grey[ndimage.binary_dilation(frame, iterations=2)] = 0.0
+  grey[cleared] = 0.0
   return grey
 
 

@@ -724,6 +724,64 @@ def test_a_hollow_digit_with_a_speck_in_its_box_is_not_taken_for_a_form_box(mnis
   assert read[:, :8].max() == 0 and read[:, -8:].max() == 0 and read.max() > 0.9
 
 
+def _enlarged(digit, scale, margin=None):
+  """A valid digit enlarged ``scale`` times (bilinear), with its own margins, or cut
+  to its ink (above 0.1) plus ``margin`` pixels: as a user crops a digit tightly."""
+  if margin is not None:
+    rows, cols = np.nonzero((digit > 0.1).any(1))[0], np.nonzero((digit > 0.1).any(0))[0]
+    digit = np.pad(digit, margin)[
+      rows[0] : rows[-1] + 1 + 2 * margin, cols[0] : cols[-1] + 1 + 2 * margin
+    ]
+  big = Image.fromarray(np.uint8(np.round(digit * 255))).resize(
+    (digit.shape[1] * scale, digit.shape[0] * scale), Image.Resampling.BILINEAR
+  )
+  return np.asarray(big, np.float64) / 255
+
+
+def test_no_round_digit_is_taken_for_a_form_box_touching_it(mnist_dir):
+  """Enlarged valid digits lost strokes to the box rule: a 0 four times MNIST's size
+  (#246) lost its right half as a box's sides (then read as 5), and a tightly cropped
+  3 had a rectangle cut out of it. A box's long sides span the same stretch and
+  meet straight sides at square corners, and it holds the rest of the ink."""
+  digits = _valid_digits(mnist_dir)
+  for index in range(300):
+    for grey in (_enlarged(digits[index], 4), _enlarged(digits[index], 6, margin=0)):
+      np.testing.assert_array_equal(images._remove_frame_runs(grey), grey, err_msg=str(index))
+
+
+def test_a_bold_tightly_cropped_8_is_no_box_round_its_loop():
+  """A bold 8 cut to its ink: its strokes met at corners round the upper loop's hole,
+  which looked like a box; most of the 8 lay outside it, and it read as 6."""
+  yy, xx = np.mgrid[:160, :110].astype(np.float64)
+  loops = [np.hypot((yy - cy) / ry, (xx - 55) / rx) for cy, ry, rx in ((42, 40, 42), (116, 44, 52))]
+  eight = (loops[0] <= 1) & (loops[0] >= 0.45) | (loops[1] <= 1) & (loops[1] >= 0.5)
+  grey = eight.astype(np.float64)
+  np.testing.assert_array_equal(images._remove_frame_runs(grey), grey)
+
+
+def test_a_form_box_touching_the_digit_is_still_cleared():
+  """The rule's purpose: a box whose side the digit touches (one component with it)."""
+  page = np.zeros((120, 120))
+  page[10:14, 10:110] = page[106:110, 10:110] = page[10:110, 10:14] = page[10:110, 106:110] = 1
+  digit = np.zeros_like(page, bool)
+  digit[14:80, 40:47] = True  # a 1 standing on the box's top side
+  digit[60:64, 14:47] = True  # with a bar out to its left side
+  cleared = images._remove_frame_runs(np.maximum(page, digit))
+  assert cleared[page > 0].max() == 0 or (cleared[page > 0] > 0).mean() < 0.05
+  assert (cleared[digit & (page == 0)] > 0).mean() > 0.8  # the digit, but where it met the box
+
+
+@_with_mnist(40)
+@given(index=st.integers(0, 4999), scale=st.sampled_from([4, 6, 8]), margin=st.integers(0, 1))
+def test_a_tightly_cropped_bold_digit_is_no_shadow(mnist_dir, index, scale, margin):
+  """A digit cut to its ink, black on white: its strokes on the border were taken for
+  a shadow or a lens's falloff, and evening out the light flattened them away (a 1
+  read as 5 at p = 0.999). The darkest ink is kept."""
+  grey = 1.0 - _enlarged(_valid_digits(mnist_dir)[index], scale, margin=margin)
+  flat = images._flatten_shadow(grey, "auto")
+  assert np.median(flat[grey <= 0.1]) < 0.3 and np.median(images._border(flat)) > 0.7
+
+
 def test_images_without_a_sheet_on_a_desk_are_not_cropped(mnist_dir):
   for digit in _valid_digits(mnist_dir)[:300]:  # white on black: the digit is no sheet
     np.testing.assert_array_equal(images._crop_to_sheet(np.asarray(digit, np.float64)), digit)
@@ -1578,9 +1636,7 @@ def _shadowed(digit, *, side, shadow, share, ramp, size):
   return page, clean
 
 
-@settings(
-  max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@_with_mnist(20)
 @given(
   index=st.integers(0, 99),
   side=st.sampled_from(["left", "right", "top", "bottom"]),
