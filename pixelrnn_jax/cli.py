@@ -466,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     default=None,
     help="read IMAGE arguments as indices into this MNIST split",
   )
-  predict.add_argument("--data-dir", default=None, help="directory of MNIST IDX files")
+  predict.add_argument(
+    "--data-dir", default=None, help="directory of MNIST IDX files (read with --split)"
+  )
   predict.add_argument("--json", action="store_true", help="one JSON object per input")
   predict.add_argument(
     "--invert",

@@ -283,6 +283,11 @@ def predict(args: argparse.Namespace) -> int:
   show = None
   if args.show is not None:
     show = check_show_dir(args.show, images.IMAGE_SUFFIXES)
+  if args.data_dir and not args.split:
+    raise ValueError(
+      f"--data-dir {args.data_dir} is only read with --split: pass --split valid (or"
+      " test) to read examples from it by index, or drop --data-dir for image files"
+    )
   split_images = split_labels = None
   if args.split:
     split_images, split_labels = data.load_mnist(
@@ -295,6 +300,11 @@ def predict(args: argparse.Namespace) -> int:
         if not name.isdigit() or int(name) >= len(split_images):
           raise images.ImageError(f"expected an index 0..{len(split_images) - 1} into {args.split}")
         original, label = split_images[int(name)], int(split_labels[int(name)])
+      elif name.isdigit() and not Path(name).exists():  # meant as an example's index
+        raise images.ImageError(
+          "no such file; to read example N of an MNIST split, pass --split valid (or"
+          " test), e.g. pixelrnn-jax predict --checkpoint pretrained:pixel --split valid " + name
+        )
       else:
         original, label = images.read_image(name), None
       prepared.append((name, original, images.prepare(original, invert=args.invert), label))

@@ -427,23 +427,26 @@ def _read_npy(path: Path) -> np.ndarray:
 
 
 def _as_grey(array, name: str) -> np.ndarray:
-  """<float32>[H, W] in [0, 1] of an array [H, W], [784] (28x28), [1, ..., H, W] or
-  [H, W, 1] (a batch or a channel of one), RGB [H, W, 3] (its :func:`_luminance`), or
+  """<float32>[H, W] in [0, 1] of an array [H, W], [784] (28x28), [1, ..., H, W],
+  [1, 784] or [H, W, 1] (a batch or a channel of one), RGB [H, W, 3] (its :func:`_luminance`), or
   grey-alpha [H, W, 2] and RGBA [H, W, 4] (transparent pixels read as paper, as in a
   PNG: :func:`_composite`)."""
   array = np.asarray(array)
   shape = array.shape
-  if shape == (784,):
-    array = array.reshape(FIELD, FIELD)
   while array.ndim > 2 and array.shape[0] == 1:
     array = array[0]
+  if array.shape in ((784,), (1, 784)):  # a flattened MNIST digit, alone or in a batch of one
+    array = array.reshape(FIELD, FIELD)
   if array.ndim == 3 and array.shape[-1] == 1:
     array = array[..., 0]
   channels = array.shape[-1] if array.ndim == 3 else None
-  if not (array.ndim == 2 or channels in (2, 3, 4)) or min(array.shape) < 1:
+  flattened = array.ndim == 2 and array.shape[1] == FIELD * FIELD  # rows of 784: a batch
+  if not (array.ndim == 2 or channels in (2, 3, 4)) or min(array.shape) < 1 or flattened:
+    several = array.ndim >= 3 or flattened
     raise ImageError(
       f"{name}: shape {shape}, expected a grey image [H, W], or [H, W, C] with C = 2"
       " (grey and alpha), 3 (RGB) or 4 (RGBA)"
+      + (f"; a batch of {array.shape[0]} images? give one image each" if several else "")
     )
   values = _unit_values(array, name)
   if channels == 2:  # grey and alpha: the grey as all three colours

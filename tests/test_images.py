@@ -1835,6 +1835,19 @@ def test_an_array_of_several_images_or_channels_is_refused_naming_its_shape(shap
     images.prepare(np.zeros(shape, np.uint8))
 
 
+@pytest.mark.parametrize("shape", [(4, 28, 28), (3, 784), (2, 1, 28, 28)])
+def test_a_batch_of_images_is_refused_as_a_batch(shape):
+  """A batch saved as one .npy was refused by shape alone: the error now says so."""
+  with pytest.raises(images.ImageError, match=f"a batch of {shape[0]} images"):
+    images.prepare(np.zeros(shape, np.uint8))
+
+
+def test_a_flattened_digit_in_a_batch_of_one_is_read(mnist_dir):
+  """[1, 784] (one row of a flattened batch) was read as a 1x784 image of lines."""
+  digit = _valid_digits(mnist_dir)[4]
+  np.testing.assert_array_equal(images.to_mnist(digit.reshape(1, 784)), images.to_mnist(digit))
+
+
 @pytest.mark.parametrize("shape", ["square", "ruled"])
 def test_a_page_of_lines_or_a_frame_alone_is_refused_as_no_digit(shape):
   """A drawn square (taken for a form's box) was refused as "no ink left once the

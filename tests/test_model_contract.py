@@ -292,6 +292,7 @@ def test_evaluate_flags_are_validated(flags, match, capsys):
   [
     (["--confidence", "0"], "--confidence 0.0: expected a probability in (0, 1]"),
     (["--confidence", "1.5"], "--confidence 1.5"),
+    (["--data-dir", "/x"], "--data-dir /x is only read with --split: pass --split valid"),
   ],
 )
 def test_predict_flags_are_validated(flags, match, capsys, tmp_path):
@@ -300,6 +301,17 @@ def test_predict_flags_are_validated(flags, match, capsys, tmp_path):
   assert cli.main(["predict", "--checkpoint", "pretrained:pixel", str(image), *flags]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and match in err[0]
+
+
+def test_a_missing_file_named_by_a_number_is_pointed_to_split(capsys, tmp_path, monkeypatch):
+  """``predict 0`` (an example's index, without --split) said only "no such file"."""
+  monkeypatch.chdir(tmp_path)
+  assert cli.main(["predict", "--checkpoint", "pretrained:pixel", "0", "nofile.png"]) == 1
+  out = capsys.readouterr().err.splitlines()
+  assert (
+    out[0].startswith("0: error: no such file; to read example N") and "--split valid 0" in out[0]
+  )
+  assert out[1] == "nofile.png: error: no such file"
 
 
 def test_pixels_outside_0_1_are_refused_for_images_and_loaded_models():

@@ -3,6 +3,7 @@
 import difflib
 import hashlib
 import json
+import re
 import shutil
 
 import jax
@@ -218,3 +219,11 @@ def test_the_shipped_permuted_model_names_the_weights_it_was_continued_from():
   assert (
     model_io.card("permuted")["valid_accuracy"] > model_io.card("permuted-v1")["valid_accuracy"]
   )
+
+
+def test_load_pretrained_names_every_shipped_model_with_its_card_accuracy():
+  """Its docstring named only "pixel" and "permuted" while five models shipped."""
+  doc = " ".join(gru_classifier.load_pretrained.__doc__.split())
+  for name in model_io.available():
+    accuracy = f"{100 * model_io.card(name)['valid_accuracy']:.2f}%"
+    assert re.search(rf'``"{re.escape(name)}"`` \([^)]*{re.escape(accuracy)}[^)]*\)', doc), name
