@@ -89,9 +89,19 @@ def _style(points: list) -> str:
   return "o-" if len(points) < SPARSE_POINTS else "-"
 
 
-def learning_curves(run_dir: Path, out: Path) -> Path:
-  plt = _pyplot()
+def learning_curves(run_dir: Path, out: Path) -> Path | None:
+  """Loss, accuracy and error rate against the step, from the run's metrics.jsonl;
+  None (and a warning) when it records no step: nothing to draw."""
   train_lines, valid_lines = run_dir_lib.read_metrics(run_dir)
+  if not train_lines and not valid_lines:
+    log.warning(
+      "%s: no training or valid metrics in %s (a run stopped before its first log"
+      " line, or a copy without it): no learning curves drawn",
+      run_dir,
+      run_dir_lib.METRICS,
+    )
+    return None
+  plt = _pyplot()
   fig, (loss_ax, acc_ax, err_ax) = plt.subplots(1, 3, figsize=(16, 4))
   losses = [l["loss"] for l in train_lines]
   train_style = _style(train_lines)
@@ -311,7 +321,7 @@ def plot_run(
   out = Path(out_dir) if out_dir else run_dir / "plots"
   saved = model_io.read(run_dir)  # a directory that is no run fails here, before any PNG
   params, config = gru_classifier.from_saved(saved), run_dir_lib.saved_config(saved)
-  written = [learning_curves(run_dir, out)]
+  written = [path for path in [learning_curves(run_dir, out)] if path is not None]
   images, labels = data.load_mnist(
     "valid", data_dir=data_dir or config.data_dir, verify=config.verify_data
   )

@@ -476,6 +476,16 @@ def test_plot_reads_a_resumed_run(tmp_path, toy_data, capsys):
   assert plots.learning_curves(tmp_path, tmp_path / "plots").is_file()
 
 
+def test_plot_of_a_run_without_metrics_says_so_and_draws_no_empty_curves(tmp_path, caplog):
+  """A run directory without metrics.jsonl got an empty learning_curves.png (an axis
+  from -0.045 to 0.045) and no word."""
+  from pixelrnn_jax import plots
+
+  assert plots.learning_curves(tmp_path, tmp_path / "plots") is None
+  assert not (tmp_path / "plots").exists()
+  assert f"{tmp_path}: no training or valid metrics in metrics.jsonl" in caplog.text
+
+
 def test_the_loss_plot_names_the_objective_the_run_trained(tmp_path):
   """With a per-step loss the logged loss is the whole objective, not the last step's."""
   import math
