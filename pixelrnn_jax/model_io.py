@@ -141,14 +141,24 @@ def resolve(source: str | os.PathLike) -> Path:
     )
   path = Path(source)
   if path.is_dir() and not _is_step_dir(path):
+    if (path / "state").exists() or path.name.isdigit() and path.parent.name == "checkpoints":
+      raise FileNotFoundError(
+        f"{path}: a step directory without a readable checkpoint (its 'state' item is"
+        f" {'not a directory' if (path / 'state').exists() else 'missing'}: cut short"
+        " or damaged); name another step, or the run directory for its best"
+      )
     directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if any(_is_step_dir(p) for p in directory.iterdir()):
       chosen = checkpoints.chosen_step(directory)
       if chosen is not None:
         return chosen
+    broken = sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
     raise FileNotFoundError(
       f"{path}: no checkpoint in this run directory (expected step directories"
       " checkpoints/<step>/; a run stopped before its first checkpoint has none)"
+      if not broken
+      else f"{path}: none of the checkpoints {broken} can be read (no 'state' directory in"
+      " any: cut short or damaged)"
     )
   if not path.exists():
     raise FileNotFoundError(

@@ -255,6 +255,21 @@ def test_plot_of_a_non_run_is_a_clear_error(tmp_path, capsys):
   assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+@pytest.mark.parametrize("given", ["step", "run"])
+def test_a_damaged_step_directory_is_named_as_one(given, tmp_path, capsys):
+  """A step directory whose ``state`` is a stray file was called "no checkpoint in this
+  run directory" when named itself, and the run holding it too."""
+  step = tmp_path / "checkpoints" / "100"
+  step.mkdir(parents=True)
+  (step / "state").write_bytes(b"\x00garbage")
+  assert cli.main(["evaluate", "--checkpoint", str(step if given == "step" else tmp_path)]) == 2
+  err = capsys.readouterr().err
+  if given == "step":
+    assert f"{step}: a step directory without a readable checkpoint (its 'state' item is not" in err
+  else:
+    assert f"{tmp_path}: none of the checkpoints [100] can be read" in err
+
+
 def test_plot_early_exit_compares_models(run_dir, monkeypatch, tmp_path, capsys):
   workdir, splits = run_dir
   from PIL import Image
