@@ -1406,6 +1406,11 @@ def prepare(image, *, invert: str = "auto") -> Digit:
     raise ValueError(f"invert={invert!r}: expected one of {INVERT}")
   grey = _as_grey(image, "image")
   given = grey.shape
+  if min(given) < MIN_SIDE:  # before "no ink": a 1x1 image is too small, blank or not
+    raise ImageError(
+      f"the image is {given[1]}x{given[0]} pixels: too small to hold a digit (at least"
+      f" {MIN_SIDE} pixels on each side)"
+    )
   grey = _despeckle(np.asarray(_shrink(grey), np.float64))
   reduced = grey.shape != given
   if invert != "no":  # dark ink on a sheet photographed on a darker surface

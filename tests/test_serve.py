@@ -529,7 +529,11 @@ def _png(image) -> bytes:
     (dict(json={"pixels": [0.5] * 784}), 422, "pixels is a flat list of 784 values"),
     (dict(json={"pixels": [[0.0] * 28] * 28}), 422, "no ink: every pixel is within 0.1 of 0.00"),
     (dict(json={"pixels": [[0.5] * 28] * 28}), 422, "no ink"),
-    (dict(json={"pixels": [[0.0] * 28] * 27 + [[0.0] * 27 + [1.5]]}), 422, "pixels[27][27] = 1.5"),
+    (
+      dict(json={"pixels": [[0.0] * 28] * 27 + [[0.0] * 27 + [1.5]]}),
+      422,
+      "pixels[27][27] = 1.5; expected a number in [0, 1]; for 0..255 values, divide each by 255",
+    ),
     (
       dict(json={"pixels": [[0.0] * 28] * 27 + [[0.0] * 27 + ["a"]]}),
       422,

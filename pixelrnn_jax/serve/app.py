@@ -950,7 +950,10 @@ def check_pixels(pixels: Any) -> np.ndarray:
       if not _is_number(value):
         raise RequestError(422, f"pixels[{r}][{c}] is {_a(value)}; expected a number in [0, 1]")
       if not 0 <= value <= 1:  # also NaN, infinities and integers too large for a float
-        raise RequestError(422, f"pixels[{r}][{c}] = {_short(value)}; expected a number in [0, 1]")
+        hint = "; for 0..255 values, divide each by 255" if 1 < value <= 255 else ""
+        raise RequestError(
+          422, f"pixels[{r}][{c}] = {_short(value)}; expected a number in [0, 1]{hint}"
+        )
   array = np.asarray(pixels, np.float32)
   if array.max() - array.min() < images.MIN_CONTRAST:  # the same bar as an image's ink
     raise RequestError(
