@@ -678,3 +678,14 @@ def test_a_half_written_checkpoint_is_ignored_on_resume(tmp_path, toy_data):
   resumed = loop.train_and_evaluate(config.replace(steps=8), workdir, progress=False)
   assert resumed["valid"] == straight["valid"]
   assert not partial.exists() and 8 in _step_names(workdir)
+
+
+@pytest.mark.parametrize("cores", [1, 4])
+def test_more_cpu_devices_than_cores_is_warned_of(cores, monkeypatch, caplog):
+  """``--devices 64`` on 2 cores ran at a fraction of the speed, without a word."""
+  if jax.local_device_count() < 2:
+    pytest.skip("needs 2 JAX devices")
+  monkeypatch.setattr(loop.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+  loop._check_devices(config_lib.Config(devices=2))
+  warned = "devices=2 on 1 CPU cores: the devices share the cores" in caplog.text
+  assert warned == (cores == 1)

@@ -123,6 +123,8 @@ class _StopOnSignal:
 
 
 def _check_devices(config) -> None:
+  """Raises ValueError when JAX has fewer devices than ``config.devices``; warns when
+  CPU devices outnumber the cores (they share them: slower, not faster)."""
   available = jax.local_device_count()
   if config.devices > available:
     raise ValueError(
@@ -130,6 +132,16 @@ def _check_devices(config) -> None:
       f" {jax.default_backend()} device(s); on CPU pass --devices on the"
       " command line (it is set before JAX starts) or call"
       " jax.config.update('jax_num_cpu_devices', N) before any JAX work"
+    )
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  if jax.default_backend() == "cpu" and cores and config.devices > cores:
+    log.warning(
+      "devices=%d on %d CPU cores: the devices share the cores, and each step splits its"
+      " batch %d ways, which is slower than --devices %d",
+      config.devices,
+      cores,
+      config.devices,
+      cores,
     )
 
 
