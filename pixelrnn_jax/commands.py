@@ -377,6 +377,12 @@ def predict(args: argparse.Namespace) -> int:
             show / f"{unique}_seen.png",
             caption=f"left: {name}\nright: the 28x28 digit read\n"
             f"answer {row['label']} ({row['probability']:.1%})"
+            + ("" if label is None else f", true {label}")
+            + (
+              f"\nafter {row['pixels_read']} of {row['pixels_total']} {unit}"
+              if row["pixels_read"] < row["pixels_total"]
+              else ""
+            )
             + (f"\nwarning: {images.short_warning(digit)}" if "warning" in row else ""),
           )
         )

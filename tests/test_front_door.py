@@ -980,3 +980,30 @@ def test_no_arguments_print_the_help_not_an_error(capsys):
   assert out.out.startswith("usage: pixelrnn-jax") and out.err == ""
   for command in ("train", "evaluate", "predict", "serve"):
     assert command in out.out
+
+
+def test_the_show_caption_names_the_true_label_and_where_early_exit_stopped(
+  mnist_dir, tmp_path, monkeypatch
+):
+  """With --split and early exit, the picture's caption gave neither the digit's label
+  nor how many pixels the answer read."""
+  from pixelrnn_jax import images
+
+  captions = []
+  monkeypatch.setattr(
+    images, "save_side_by_side", lambda *a, caption, **k: captions.append(caption) or a[2]
+  )
+  argv = [
+    "predict",
+    "--checkpoint",
+    "pretrained:anytime",
+    "--confidence",
+    "0.5",
+    "--split",
+    "valid",
+  ]
+  argv += ["--data-dir", mnist_dir, "--show", str(tmp_path), "--json", "0"]
+  assert cli.main(argv) == 0
+  label = int(data.load_mnist("valid", data_dir=mnist_dir)[1][0])
+  (caption,) = captions
+  assert re.search(rf"\nanswer \d \(\d+\.\d%\), true {label}\nafter \d+ of 784 pixels$", caption)
