@@ -444,7 +444,7 @@ def _as_grey(array, name: str) -> np.ndarray:
   if not (array.ndim == 2 or channels in (2, 3, 4)) or min(array.shape) < 1 or flattened:
     several = array.ndim >= 3 or flattened
     raise ImageError(
-      f"{name}: shape {shape}, expected a grey image [H, W], or [H, W, C] with C = 2"
+      f"{name}: shape {shape}, expected a grey image [H, W] (or [784]), or [H, W, C] with C = 2"
       " (grey and alpha), 3 (RGB) or 4 (RGBA)"
       + (f"; a batch of {array.shape[0]} images? give one image each" if several else "")
     )

@@ -95,10 +95,12 @@ def learning_curves(run_dir: Path, out: Path) -> Path | None:
   train_lines, valid_lines = run_dir_lib.read_metrics(run_dir)
   if not train_lines and not valid_lines:
     log.warning(
-      "%s: no training or valid metrics in %s (a run stopped before its first log"
-      " line, or a copy without it): no learning curves drawn",
+      "%s: %s (a run stopped before its first log line, or a copy without it): no"
+      " learning curves drawn",
       run_dir,
-      run_dir_lib.METRICS,
+      f"no training or valid metrics in {run_dir_lib.METRICS}"
+      if (run_dir / run_dir_lib.METRICS).exists()
+      else f"no {run_dir_lib.METRICS}",
     )
     return None
   plt = _pyplot()

@@ -483,6 +483,9 @@ def test_plot_of_a_run_without_metrics_says_so_and_draws_no_empty_curves(tmp_pat
 
   assert plots.learning_curves(tmp_path, tmp_path / "plots") is None
   assert not (tmp_path / "plots").exists()
+  assert f"{tmp_path}: no metrics.jsonl (a run stopped" in caplog.text
+  (tmp_path / "metrics.jsonl").write_text('{"event": "resume", "step": 0}\n')
+  assert plots.learning_curves(tmp_path, tmp_path / "plots") is None
   assert f"{tmp_path}: no training or valid metrics in metrics.jsonl" in caplog.text
 
 
