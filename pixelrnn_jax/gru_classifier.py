@@ -745,9 +745,9 @@ def load(source: str | os.PathLike) -> Params:
 
 def load_pretrained(name: str = "pixel") -> Params:
   """Shipped weights by name (``model_io.available()`` lists them): ``"pixel"`` (pixel
-  order, 98.88% valid), ``"permuted"`` (psMNIST, 95.60%), ``"anytime"`` (pixel order,
-  trained to answer after every pixel, 98.62%), and the earlier ``"pixel-v1"`` (98.80%)
-  and ``"permuted-v1"`` (95.42%); the name may also be given as ``"pretrained:pixel"``,
+  order, 99.02% valid), ``"permuted"`` (psMNIST, 95.60%), ``"anytime"`` (pixel order,
+  trained to answer after every pixel, 98.62%), and the earlier ``"pixel-v2"`` (98.88%),
+  ``"pixel-v1"`` (98.80%) and ``"permuted-v1"`` (95.42%); the name may also be given as ``"pretrained:pixel"``,
   as the command line and error hints say.
 
   The same as ``load("pretrained:" + name)``; ``model_io.card(name)`` has their card

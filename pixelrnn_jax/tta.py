@@ -4,7 +4,7 @@ A model trained with random rotations (``--max-rotation``) answers a digit
 turned by a few degrees about as well as the digit itself, and not always in
 the same way; the mean of its log-probabilities over the digit and its turned
 copies is a better answer than any one of them (on the valid split,
-``pretrained:pixel`` scores 98.88% alone and 99.06% over 0 and +-3 degrees: see
+``pretrained:pixel-v2`` scores 98.88% alone and 99.06% over 0 and +-3 degrees: see
 docs/results.md). It costs one read of the whole sequence per view. It is used
 by ``evaluate --tta-rotations`` and, for distillation's teachers, by
 ``train --distill-rotations`` (``training/teachers.py``).

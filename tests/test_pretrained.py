@@ -149,7 +149,9 @@ def test_a_misspelt_pretrained_name_is_refused_with_the_name_it_resembles(data):
     model_io.card(typo)
   message = str(error.value)
   assert f"no pretrained weights named {typo!r}" in message
-  assert "available: ['anytime', 'permuted', 'permuted-v1', 'pixel', 'pixel-v1']" in message
+  assert (
+    "available: ['anytime', 'permuted', 'permuted-v1', 'pixel', 'pixel-v1', 'pixel-v2']" in message
+  )
   closest = difflib.get_close_matches(typo, model_io.available(), n=1, cutoff=0.6)
   if closest:
     assert f" (did you mean pretrained:{closest[0]}?); available" in message
@@ -159,7 +161,9 @@ def test_a_misspelt_pretrained_name_is_refused_with_the_name_it_resembles(data):
     assert "did you mean" not in message
 
 
-@pytest.mark.parametrize("name", ["pixel", "permuted", "anytime", "pixel-v1", "permuted-v1"])
+@pytest.mark.parametrize(
+  "name", ["pixel", "permuted", "anytime", "pixel-v1", "pixel-v2", "permuted-v1"]
+)
 def test_the_hints_spelling_pretrained_name_loads_what_the_bare_name_loads(name):
   """The hint says `did you mean pretrained:pixel?`; the library took only `pixel`."""
   assert model_io.card(f"pretrained:{name}") == model_io.card(name)
