@@ -487,8 +487,13 @@ def _unit_values(array: np.ndarray, name: str) -> np.ndarray:
 # MNIST normalisation
 
 
+def _border_width(shape: tuple[int, ...]) -> int:
+  """Pixels: how far in from each edge :func:`_border` reads (5% of the shorter side)."""
+  return max(1, round(0.05 * min(shape)))
+
+
 def _border(image: np.ndarray) -> np.ndarray:
-  width = max(1, round(0.05 * min(image.shape)))
+  width = _border_width(image.shape)
   return np.concatenate(
     [
       image[:width].ravel(),
@@ -581,7 +586,7 @@ def _unevenly_lit(grey: np.ndarray) -> bool:
   from scipy import ndimage  # noqa: PLC0415 (SciPy loads on first use)
 
   border = _border(grey)
-  width = max(1, round(0.05 * min(grey.shape)))  # as _border's
+  width = _border_width(grey.shape)
   along = grey.copy()
   for strip in (np.s_[:width], np.s_[-width:]):
     size = (1, max(1, round(SHADOW_ALONG * grey.shape[1])))
@@ -1066,9 +1071,9 @@ def _remove_frame_runs(grey: np.ndarray) -> np.ndarray:
 
   def box(across, along, across_runs, along_runs, size_across, size_along):
     """The bands of a box whose two long sides are ``across`` bands (or None): they
-    span the same stretch, and each side it keeps meets both of them at a corner (its long runs span from one to the
-    other, and both of theirs cross it), as a drawn rectangle's do and a round
-    stroke's do not."""
+    span the same stretch, and each side it keeps meets both of them at a corner
+    (its long runs span from one to the other, and both of theirs cross it), as a
+    drawn rectangle's do and a round stroke's do not."""
     if len(across) < 2 or across[-1][0] - across[0][1] < size_across / 3:
       return None
     first, last = across[0], across[-1]
@@ -1257,6 +1262,13 @@ def short_warning(digit: Digit) -> str | None:
   return f"{digit.stacked} digits stacked?" if digit.stacked >= 2 else None
 
 
+def _too_small(given: tuple[int, int]) -> ImageError:
+  return ImageError(
+    f"the image is {given[1]}x{given[0]} pixels: too small to hold a digit (at least"
+    f" {MIN_SIDE} pixels on each side)"
+  )
+
+
 def _check_digit_like(ink_mask: np.ndarray, given: tuple[int, int]) -> None:
   """Refuses ink that cannot be a digit: too small an image (``given``: its (H, W) as
   given, which the message names), or specks (noise).
@@ -1265,11 +1277,8 @@ def _check_digit_like(ink_mask: np.ndarray, given: tuple[int, int]) -> None:
     ImageError: naming what was found.
   """
   height, width = ink_mask.shape
-  if min(height, width) < MIN_SIDE:
-    raise ImageError(
-      f"the image is {given[1]}x{given[0]} pixels: too small to hold a digit (at least"
-      f" {MIN_SIDE} pixels on each side)"
-    )
+  if min(height, width) < MIN_SIDE:  # as given, or once reduced (a 3000x40 strip)
+    raise _too_small(given)
   parts = _components(ink_mask)
   largest = max(parts, key=lambda p: max(p["height"], p["width"]))
   span = max(largest["height"], largest["width"])
@@ -1407,10 +1416,7 @@ def prepare(image, *, invert: str = "auto") -> Digit:
   grey = _as_grey(image, "image")
   given = grey.shape
   if min(given) < MIN_SIDE:  # before "no ink": a 1x1 image is too small, blank or not
-    raise ImageError(
-      f"the image is {given[1]}x{given[0]} pixels: too small to hold a digit (at least"
-      f" {MIN_SIDE} pixels on each side)"
-    )
+    raise _too_small(given)
   grey = _despeckle(np.asarray(_shrink(grey), np.float64))
   reduced = grey.shape != given
   if invert != "no":  # dark ink on a sheet photographed on a darker surface
